@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# torch is installed first, pinned to the CPU build that lies on this machine's disk,
+# so that no later requirement pulls a multi-GB CUDA build. On a GPU machine, install
+# your own torch and then `pip install -e .` instead.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test venv clean bench
+
+$(VENV)/.core: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.core
+
+demo: $(VENV)/.core
+	$(VENV)/bin/vlmkit demo --out runs/demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/bench_clip_cpu.py
+
+clean:
+	rm -rf $(VENV) runs
