@@ -1,0 +1,59 @@
+"""The `vlmkit` command line.
+
+Each area registers its own verbs (`register(subparsers)`), so this file stays a table of
+contents. Every command prints its result (one JSON object for evaluations) on stdout and
+everything else on stderr. A `UserError` ends the run with one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+
+def print_json(obj) -> None:
+    """Print one JSON object on stdout (NaN becomes null so every JSON reader accepts it)."""
+
+    def clean(value):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        return value
+
+    sys.stdout.write(json.dumps(clean(obj), sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlmkit import __version__
+    from vlmkit.commands import register_all
+
+    parser = argparse.ArgumentParser(prog="vlmkit", description="Vision-language models: train, evaluate, serve.")
+    parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register_all(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlmkit.errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as error:
+        print(f"vlmkit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlmkit: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Where each area's CLI verbs are gathered (see cli.py)."""
+from __future__ import annotations
+
+
+def register_all(subparsers) -> None:
+    """Add every verb; each module owns the parsers and handlers of its own verbs."""
+    import importlib
+
+    for module_name in (
+        "vlmkit.data.cli",      # vlmkit data synth
+        "vlmkit.train.cli",     # vlmkit train
+        "vlmkit.tasks.cli",     # vlmkit eval ..., classify, embed
+        "vlmkit.metrics.cli",   # vlmkit score captions|vqa
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:  # area not built yet
+                continue
+            raise
+        module.register(subparsers)
