@@ -1,0 +1,99 @@
+"""Atomic file writing and strict safetensors loading.
+
+Everything a run writes goes to a temporary file in the same folder and is renamed into place,
+so an interrupted run never leaves a half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vlmkit.errors import UserError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_torch_save(path: str | os.PathLike, obj) -> None:
+    """torch.save through a temporary file (optimizer and RNG states; read back with weights_only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors atomically (tied weights are written once per name)."""
+    from safetensors.torch import save as to_bytes
+
+    tensors, seen_storage = {}, set()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in seen_storage:
+            tensor = tensor.clone()  # safetensors refuses two names on one storage
+        seen_storage.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    atomic_write_bytes(path, to_bytes(tensors, metadata=metadata))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Memory-mapped read of a safetensors file (no second copy in memory)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"cannot read weights file {path}: {error}; the file is corrupt or not safetensors") from None
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assumed_format: str) -> None:
+    """Load weights, failing loudly on any missing/unexpected key or shape mismatch."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{name} {tuple(state_dict[name].shape)} vs model {tuple(expected[name].shape)}"
+        for name in set(expected) & set(state_dict)
+        if tuple(state_dict[name].shape) != tuple(expected[name].shape)
+    )
+    if missing or unexpected or mismatched:
+        def listing(names):
+            return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {listing(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {listing(mismatched)}")
+        raise UserError(
+            f"weights in {source} do not fit the model (assumed format: {assumed_format}): " + "; ".join(parts)
+        )
+    model.load_state_dict(state_dict, strict=True, assign=True)

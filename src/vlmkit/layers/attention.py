@@ -1,0 +1,137 @@
+"""Multi-head attention on `F.scaled_dot_product_attention`, with a KV cache for decoding.
+
+Self-attention uses one fused QKV projection; cross-attention projects queries from `x` and
+keys/values from `context` (fused KV). Masks are boolean (True = attend) or additive floats,
+broadcastable to (B, heads, Q, K). During decoding a `LayerCache` keeps this layer's keys and
+values: self-attention appends the new step's, cross-attention computes them once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of one attention layer kept between decoding steps. (B, H, T, Dh)"""
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key is None else self.key.shape[2]
+
+    def reorder(self, beam_indices: torch.Tensor) -> None:
+        """Keep the rows of the surviving beams (beam search)."""
+        if self.key is not None:
+            self.key = self.key.index_select(0, beam_indices)
+            self.value = self.value.index_select(0, beam_indices)
+
+
+class KVCache:
+    """One `LayerCache` per attention layer of a model, created on first use."""
+
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerCache] = {}
+
+    def layer(self, name: str) -> LayerCache:
+        if name not in self.layers:
+            self.layers[name] = LayerCache()
+        return self.layers[name]
+
+    def reorder(self, beam_indices: torch.Tensor) -> None:
+        for cache in self.layers.values():
+            cache.reorder(beam_indices)
+
+    @property
+    def length(self) -> int:
+        """Number of cached self-attention positions (0 before the first step)."""
+        lengths = [cache.length for name, cache in self.layers.items() if not name.endswith(".cross")]
+        return lengths[0] if lengths else 0
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (fused QKV) or cross-attention (separate Q, fused KV)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.is_cross = context_dim is not None
+        self.dropout = dropout
+        if self.is_cross:
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.out = nn.Linear(dim, dim, bias=out_bias)
+
+    def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        batch, length, _ = x.shape
+        # (B, T, parts*D) -> parts x (B, H, T, Dh)
+        x = x.view(batch, length, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return x.unbind(0)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        batch, length, dim = x.shape  # (B, T, D)
+        if self.is_cross:
+            (query,) = self._heads(self.q(x), 1)
+            if cache is not None and cache.key is not None:
+                key, value = cache.key, cache.value  # image keys/values computed once per generation
+            else:
+                key, value = self._heads(self.kv(context), 2)
+                if cache is not None:
+                    cache.key, cache.value = key, value
+        else:
+            query, key, value = self._heads(self.qkv(x), 3)
+            if cache is not None:
+                if cache.key is not None:
+                    key = torch.cat([cache.key, key], dim=2)
+                    value = torch.cat([cache.value, value], dim=2)
+                cache.key, cache.value = key, value
+                if is_causal and mask is None and key.shape[2] != length:
+                    # Causal with a cache: the new queries sit at the end of the key sequence.
+                    from vlmkit.layers.masks import causal_mask
+
+                    mask, is_causal = causal_mask(length, key.shape[2], device=x.device), False
+        out = F.scaled_dot_product_attention(
+            query, key, value,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )  # (B, H, T, Dh)
+        out = out.transpose(1, 2).reshape(batch, length, dim)  # (B, T, D)
+        return self.out(out)
+
+
+def reference_attention(query, key, value, mask=None, is_causal=False) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d) + mask) V written out, the definition tests compare SDPA against."""
+    scores = query @ key.transpose(-2, -1) / query.shape[-1] ** 0.5  # (B, H, Q, K)
+    if is_causal:
+        from vlmkit.layers.masks import causal_mask
+
+        scores = scores.masked_fill(~causal_mask(query.shape[-2], key.shape[-2], scores.device), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1) @ value

@@ -1,0 +1,51 @@
+"""Attention masks, all as booleans where True means "may attend" (SDPA's convention).
+
+Shapes: a mask for queries of length Q over keys of length K is (Q, K), or (B, 1, Q, K) when
+it differs per sample, so it broadcasts over heads. Each builder follows its paper's
+definition and is tested token by token in tests/test_masks.py.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(num_queries: int, num_keys: int | None = None, device=None) -> torch.Tensor:
+    """Query i sees keys j <= i + (K - Q) (the last Q keys are the queries themselves). (Q, K)"""
+    num_keys = num_queries if num_keys is None else num_keys
+    offset = num_keys - num_queries  # keys already in a KV cache
+    query = torch.arange(num_queries, device=device)[:, None]
+    key = torch.arange(num_keys, device=device)[None, :]
+    return key <= query + offset
+
+
+def padding_mask(key_is_real: torch.Tensor) -> torch.Tensor:
+    """From a (B, K) bool/int "real token" mask to a (B, 1, 1, K) attention mask."""
+    return key_is_real.bool()[:, None, None, :]
+
+
+def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """PrefixLM (SimVLM): bidirectional over the first `prefix_lengths[b]` positions, causal after.
+
+    Query i may attend key j iff j < prefix_len or j <= i. (B, 1, L, L)
+    """
+    positions = torch.arange(seq_len, device=prefix_lengths.device)
+    query = positions[None, :, None]  # (1, L, 1)
+    key = positions[None, None, :]  # (1, 1, L)
+    in_prefix = key < prefix_lengths[:, None, None]  # (B, 1, L)
+    return (in_prefix | (key <= query))[:, None]  # (B, 1, L, L)
+
+
+def combine(*masks: torch.Tensor | None) -> torch.Tensor | None:
+    """Logical AND of broadcastable boolean masks; None entries are ignored."""
+    present = [mask for mask in masks if mask is not None]
+    if not present:
+        return None
+    result = present[0]
+    for mask in present[1:]:
+        result = result & mask
+    return result
+
+
+def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> additive float mask (0 where allowed, -inf-like where not)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

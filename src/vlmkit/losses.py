@@ -1,0 +1,85 @@
+"""Training losses shared by the families.
+
+Contrastive (CLIP/ALIGN) and sigmoid (SigLIP) losses gather features from every rank when a
+process group is running, keeping gradients through the gather; with `local_loss` each rank
+scores only its own rows against the global batch, so memory grows linearly with the global
+batch (OpenCLIP's `--local-loss --gather-with-grad`). With no process group they are the
+plain single-process losses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_features(features: torch.Tensor) -> torch.Tensor:
+    """Concatenate (B, D) features from all ranks into (world*B, D), gradients flowing back."""
+    if not _distributed():
+        return features
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(features), dim=0)
+
+
+def contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    local_loss: bool = True,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE over L2-normalised features: (CE(logits) + CE(logits.T)) / 2.
+
+    Returns the loss and the local (B, B_global) image->text logits (for logging accuracy).
+    """
+    image_features = F.normalize(image_features, dim=-1)  # (B, D)
+    text_features = F.normalize(text_features, dim=-1)  # (B, D)
+    scale = logit_scale.exp()
+    batch = image_features.shape[0]
+    if _distributed():
+        all_images, all_texts = gather_features(image_features), gather_features(text_features)  # (G, D)
+        if local_loss:
+            logits_per_image = scale * image_features @ all_texts.T  # (B, G)
+            logits_per_text = scale * text_features @ all_images.T  # (B, G)
+            labels = torch.arange(batch, device=image_features.device) + batch * dist.get_rank()
+        else:
+            logits_per_image = scale * all_images @ all_texts.T  # (G, G)
+            logits_per_text = logits_per_image.T
+            labels = torch.arange(all_images.shape[0], device=image_features.device)
+    else:
+        logits_per_image = scale * image_features @ text_features.T  # (B, B)
+        logits_per_text = logits_per_image.T
+        labels = torch.arange(batch, device=image_features.device)
+    loss = (
+        F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    ) / 2
+    return loss, logits_per_image
+
+
+def sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SigLIP: -logsigmoid(labels * (s * img @ txt.T + b)).sum() / B, labels = 2*eye - 1.
+
+    Distributed, each rank scores its images against every rank's texts (the all-gather
+    variant of the paper's chunked exchange; the sum over all pairs is the same).
+    """
+    image_features = F.normalize(image_features, dim=-1)
+    text_features = F.normalize(text_features, dim=-1)
+    batch = image_features.shape[0]
+    all_texts = gather_features(text_features)  # (G, D)
+    logits = logit_scale.exp() * image_features @ all_texts.T + logit_bias  # (B, G)
+    offset = batch * dist.get_rank() if _distributed() else 0
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(batch), torch.arange(batch) + offset] = 1.0
+    loss = -F.logsigmoid(labels * logits).sum() / batch
+    return loss, logits

@@ -1,0 +1,138 @@
+"""What every model family shares: the output type, capabilities, save/load, convenience API.
+
+A family subclasses `VLModel`, sets `family`, `config_class` and `capabilities`, and
+implements the capability methods it declares (`encode_image`, `encode_text`, `generate`, ...).
+Tasks call `model.require("embed_image", task="zero-shot")` and get a clear error otherwise.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.config import from_dict, to_dict
+from vlmkit.errors import MissingCapability, UserError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+
+
+class VLModel(nn.Module):
+    """Base class of every family: config, capabilities, tokenizer/transform, save and load."""
+
+    family: ClassVar[str] = "base"
+    config_class: ClassVar[type] = object
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = None  # a vlmkit.tokenizers.Tokenizer, attached by load() or the trainer
+        self.transform = None  # a vlmkit.data.transforms.ImageTransform
+
+    # ---- capabilities -------------------------------------------------------------------
+    def require(self, capability: str, task: str) -> None:
+        if capability not in self.capabilities:
+            raise MissingCapability(self.family, capability, task)
+
+    def after_optimizer_step(self) -> None:
+        """Hook for constraints applied after each update (CLIP clamps its temperature)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- save / load --------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "config": to_dict(self.config)}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json, model.safetensors, the tokenizer and preprocessor config (atomically)."""
+        from vlmkit.io import atomic_write_json, save_safetensors
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors(self.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "pt", "family": self.family})
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+        if self.transform is not None:
+            self.transform.save(directory)
+        atomic_write_json(directory / CONFIG_FILE, self.config_dict())
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> "VLModel":
+        return cls(from_dict(cls.config_class, config, where=f"{cls.family} config"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "VLModel":
+        """Load a folder written by `save_pretrained` (no network, no pickle)."""
+        from vlmkit.io import load_safetensors, load_state_dict_strict
+
+        directory = Path(directory)
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        with torch.device("meta"):  # skip random init: every tensor comes from the file
+            model = cls.from_config_dict(meta["config"])
+        load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), "vlmkit")
+        model.attach_preprocessing(directory)
+        return model.eval()
+
+    def attach_preprocessing(self, directory: Path) -> None:
+        """Attach the tokenizer and image transform saved next to the weights, when present."""
+        from vlmkit.data.transforms import ImageTransform
+        from vlmkit.tokenizers import Tokenizer
+
+        if (directory / "tokenizer.json").exists() or (directory / "vocab.json").exists():
+            self.tokenizer = Tokenizer.load(directory)
+        if (directory / "preprocessor_config.json").exists():
+            self.transform = ImageTransform.load(directory)
+
+    # ---- convenience API over the raw tensors ------------------------------------------
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer attached; load it with vlmkit.load(run_folder)")
+        return self.tokenizer(texts)
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """Paths, PIL images or uint8 arrays -> (B, 3, H, W) pixels with the model's transform."""
+        if self.transform is None:
+            raise UserError("this model has no image transform attached; load it with vlmkit.load(run_folder)")
+        return torch.stack([self.transform(image) for image in images])
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
+        """L2-normalised image embeddings (N, D), float32 on the CPU."""
+        self.require("embed_image", task="embed_images")
+        was_training = self.training
+        self.eval()
+        chunks = [
+            F.normalize(self.encode_image(self.preprocess(images[start : start + batch_size]).to(self.device)).float(), dim=-1).cpu()
+            for start in range(0, len(images), batch_size)
+        ]
+        self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings (N, D), float32 on the CPU."""
+        self.require("embed_text", task="embed_texts")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        was_training = self.training
+        self.eval()
+        chunks = [
+            F.normalize(self.encode_text(self.tokenize(texts[start : start + batch_size]).to(self.device)).float(), dim=-1).cpu()
+            for start in range(0, len(texts), batch_size)
+        ]
+        self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.empty(0)

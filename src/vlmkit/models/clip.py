@@ -1,0 +1,143 @@
+"""CLIP and ALIGN: a dual encoder trained with a contrastive (or SigLIP sigmoid) loss.
+
+image -> vision tower -> (B, D)      text -> text tower -> (B, D)
+loss = symmetric cross-entropy over exp(t) * normalised image @ normalised text.T, with the
+temperature t learned, initialised at ln(1/0.07) and clamped to [0, ln 100] after each step.
+ALIGN is the same family with a bidirectional BERT-like text tower pooled at [CLS].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
+from vlmkit.errors import UserError
+from vlmkit.losses import contrastive_loss, sigmoid_loss
+from vlmkit.models.base import ModelOutput, VLModel
+from vlmkit.models.registry import register_config, register_family
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: str = "contrastive"  # contrastive | sigmoid (SigLIP)
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float = -10.0  # sigmoid loss only
+    max_logit_scale: float = math.log(100)
+    local_loss: bool = True
+    label_smoothing: float = 0.0
+
+
+@register_family
+class CLIP(VLModel):
+    family = "clip"
+    config_class = CLIPConfig
+    capabilities = frozenset({"embed_image", "embed_text"})
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__(config)
+        if config.loss not in ("contrastive", "sigmoid"):
+            raise UserError(f"unknown CLIP loss '{config.loss}'; use 'contrastive' or 'sigmoid'")
+        self.visual = build_vision_tower(config.vision, config.embed_dim)
+        self.text = build_text_tower(config.text, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias))) if config.loss == "sigmoid" else None
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, D) image embeddings (not L2-normalised)."""
+        return self.visual(pixels).pooled
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D) text embeddings (not L2-normalised)."""
+        return self.text(tokens).pooled
+
+    def logits(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_per_image (B_img, B_txt), logits_per_text) as CLIP's forward returns them."""
+        image = nn.functional.normalize(self.encode_image(pixels), dim=-1)
+        text = nn.functional.normalize(self.encode_text(tokens), dim=-1)
+        logits = self.logit_scale.exp() * image @ text.T
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return logits, logits.T
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        image = self.encode_image(batch["pixels"])  # (B, D)
+        text = self.encode_text(batch["tokens"])  # (B, D)
+        if self.config.loss == "sigmoid":
+            loss, logits = sigmoid_loss(image, text, self.logit_scale, self.logit_bias)
+        else:
+            loss, logits = contrastive_loss(
+                image, text, self.logit_scale, local_loss=self.config.local_loss, label_smoothing=self.config.label_smoothing
+            )
+        with torch.no_grad():
+            batch_size = logits.shape[0]
+            targets = torch.arange(batch_size, device=logits.device)
+            if logits.shape[1] != batch_size:  # distributed local loss: own rows start at rank*B
+                import torch.distributed as dist
+
+                targets = targets + batch_size * dist.get_rank()
+            accuracy = (logits.argmax(dim=1) == targets).float().mean()
+        return ModelOutput(
+            loss=loss,
+            logs={"loss": loss.item(), "i2t_acc": accuracy.item(), "logit_scale": self.logit_scale.exp().item()},
+        )
+
+    def after_optimizer_step(self) -> None:
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, self.config.max_logit_scale)
+
+
+# ---- named configurations ------------------------------------------------------------------
+def _vit(image_size, patch_size, width, depth, heads, **extra):
+    return {"type": "vit", "image_size": image_size, "patch_size": patch_size, "width": width, "depth": depth, "heads": heads, **extra}
+
+
+def _text(width, depth, heads, **extra):
+    return {"width": width, "depth": depth, "heads": heads, **extra}
+
+
+register_config("clip-tiny", "clip", {
+    # The demo model: 64 px images, a tokenizer trained on the data (vocab set by the trainer).
+    "embed_dim": 128,
+    "vision": _vit(64, 8, 128, 4, 4),
+    "text": _text(128, 3, 4, context_length=32, vocab_size=1024, eos_token_id=1023),
+})
+register_config("clip-vit-b-32", "clip", {
+    "embed_dim": 512, "vision": _vit(224, 32, 768, 12, 12, activation="quick_gelu"),
+    "text": _text(512, 12, 8, activation="quick_gelu"),
+})
+register_config("clip-vit-b-16", "clip", {
+    "embed_dim": 512, "vision": _vit(224, 16, 768, 12, 12, activation="quick_gelu"),
+    "text": _text(512, 12, 8, activation="quick_gelu"),
+})
+register_config("clip-vit-l-14", "clip", {
+    "embed_dim": 768, "vision": _vit(224, 14, 1024, 24, 16, activation="quick_gelu"),
+    "text": _text(768, 12, 12, activation="quick_gelu"),
+})
+register_config("clip-rn50", "clip", {
+    "embed_dim": 1024,
+    "vision": {"type": "resnet", "image_size": 224, "width": 64, "heads": 32, "resnet_layers": [3, 4, 6, 3]},
+    "text": _text(512, 12, 8, activation="quick_gelu"),
+})
+register_config("clip-rn-tiny", "clip", {
+    "embed_dim": 128,
+    "vision": {"type": "resnet", "image_size": 64, "width": 32, "heads": 4, "resnet_layers": [1, 1, 1, 1]},
+    "text": _text(128, 3, 4, context_length=32, vocab_size=1024, eos_token_id=1023),
+})
+register_config("siglip-tiny", "clip", {
+    "embed_dim": 128, "loss": "sigmoid", "init_logit_scale": math.log(10),
+    "vision": _vit(64, 8, 128, 4, 4),
+    "text": _text(128, 3, 4, context_length=32, vocab_size=1024, eos_token_id=1023),
+})
+register_config("align-tiny", "clip", {
+    # ALIGN: a bidirectional BERT-like text tower pooled at [CLS], label smoothing 0.1.
+    "embed_dim": 128, "label_smoothing": 0.1, "init_logit_scale": 0.0,
+    "vision": _vit(64, 8, 128, 4, 4, conv_stem=[32]),
+    "text": _text(128, 3, 4, context_length=32, vocab_size=1024, causal=False, pool="cls",
+                  prenorm=False, embed_norm=True, type_vocab_size=2, eos_token_id=None),
+})
