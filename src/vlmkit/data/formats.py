@@ -1,0 +1,321 @@
+"""Dataset readers: JSONL (the vlmkit contract), OpenCLIP CSV/TSV, COCO captions, WebDataset shards.
+
+Every reader returns the same records: a dict with `image` (an absolute path, or for a member of a
+tar shard a reference `tar://<absolute shard path>::<member name>`), `texts` (a list of captions)
+and whatever optional fields the source carries (`label`, `qa`, `statements`, `objects`, ...).
+Images are referenced, never loaded here; `load_image` opens them later, in the data loader, and
+turns every kind of failure into `CorruptImage` so one bad file costs one sample, not the run.
+
+Malformed input - a missing file, a bad JSON line, a missing caption column, an unknown
+extension - raises `UserError` with one sentence naming the file (and line) and the fix.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vlmkit.errors import UserError
+
+TAR_PREFIX = "tar://"
+_TAR_SEPARATOR = "::"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# Optional contract fields copied from a WebDataset sample's .json (img2dataset's .json also holds
+# url, sha256, exif, ...: kept out of memory on purpose).
+_PASS_THROUGH_JSON_KEYS = ("label", "qa", "statements", "objects")
+
+
+class CorruptImage(UserError):
+    """An image that is missing or cannot be decoded (the loader skips and counts it)."""
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(ref: str | os.PathLike) -> Image.Image:
+    """Open the image a record refers to (a path or a `tar://shard::member` reference) as RGB.
+
+    Raises `CorruptImage` naming the image when it is missing or cannot be decoded, whatever the
+    underlying error (truncated file, not an image, decompression bomb, unreadable shard).
+    """
+    ref = os.fspath(ref)
+    try:
+        if ref.startswith(TAR_PREFIX):
+            source: Any = io.BytesIO(_read_tar_member(ref))
+        else:
+            if not os.path.isfile(ref):
+                raise CorruptImage(f"image '{ref}' does not exist; fix the path in the dataset or remove the record")
+            source = ref
+        with warnings.catch_warnings():
+            # Palette PNGs with transparency warn on convert; the conversion is still right.
+            warnings.simplefilter("ignore")
+            with Image.open(source) as image:
+                image.load()  # decode now, inside the try, so truncated files fail here
+                return image.convert("RGB")
+    except CorruptImage:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, KeyError, tarfile.TarError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CorruptImage(f"image '{ref}' cannot be decoded ({reason}); replace the file or remove the record") from None
+
+
+# Per-process index of tar shards: path -> (stat signature, {member name: (data offset, size)}).
+# Reading a member is then one seek + read, with no tarfile scan per image.
+_TAR_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
+
+
+def _tar_index(tar_path: str) -> dict[str, tuple[int, int]]:
+    stat = os.stat(tar_path)
+    signature = (stat.st_mtime_ns, stat.st_size)
+    cached = _TAR_INDEX.get(tar_path)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    index = {}
+    with tarfile.open(tar_path, mode="r:") as archive:
+        for member in archive:
+            if member.isfile():
+                index[member.name] = (member.offset_data, member.size)
+    _TAR_INDEX[tar_path] = (signature, index)
+    return index
+
+
+def _read_tar_member(ref: str) -> bytes:
+    tar_path, _, member = ref[len(TAR_PREFIX):].rpartition(_TAR_SEPARATOR)
+    if not os.path.isfile(tar_path):
+        raise CorruptImage(f"shard '{tar_path}' of image '{ref}' does not exist; restore the shard or drop it from the pattern")
+    index = _tar_index(tar_path)
+    if member not in index:
+        raise CorruptImage(f"image '{ref}' is not in its shard; rebuild the shard or drop the record")
+    offset, size = index[member]
+    with open(tar_path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+def tar_ref(tar_path: str | os.PathLike, member: str) -> str:
+    """The `image` reference of a tar member, as `read_records` writes it and `load_image` reads it."""
+    return f"{TAR_PREFIX}{os.path.abspath(tar_path)}{_TAR_SEPARATOR}{member}"
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_caption_key: str = "title",
+                 csv_separator: str | None = None, image_root: str | os.PathLike | None = None,
+                 require_text: bool = True) -> list[dict]:
+    """Read an image-text dataset into records with `image` (absolute reference) and `texts`.
+
+    `path` is a `.jsonl` file (the vlmkit contract), a `.json` file (a list of such records, or
+    COCO captions with `images`/`annotations`), a `.csv`/`.tsv` file (OpenCLIP's columns,
+    renamed with `csv_img_key`/`csv_caption_key`; comma or tab detected from the header unless
+    `csv_separator` is given), or WebDataset shards: one `.tar`, a folder of `.tar` files, or a
+    brace pattern such as `shards/{00000..00009}.tar`. Relative image paths are resolved against
+    the dataset file's folder (or `image_root` when given). With `require_text=False` records
+    without a caption get `texts: []` (for question-only datasets) instead of an error.
+    """
+    text = os.fspath(path)
+    if "{" in text and "}" in text:
+        return _read_shards(expand_braces(text), text, require_text)
+    if os.path.isdir(text):
+        shards = sorted(glob.glob(os.path.join(glob.escape(text), "*.tar")))
+        if not shards:
+            raise UserError(f"folder '{text}' holds no .tar shards; point at a .jsonl/.csv file or a folder of WebDataset .tar files")
+        return _read_shards(shards, text, require_text)
+    if not os.path.exists(text):
+        raise UserError(f"dataset '{text}' does not exist; check the path (create the built-in one with `vlmkit data synth --out DIR`)")
+    suffix = Path(text).suffix.lower()
+    if suffix == ".jsonl":
+        records = _read_jsonl(text, image_root, require_text)
+    elif suffix == ".json":
+        records = _read_json(text, image_root, require_text)
+    elif suffix in (".csv", ".tsv"):
+        records = _read_csv(text, csv_img_key, csv_caption_key, csv_separator, image_root)
+    elif suffix == ".tar":
+        return _read_shards([text], text, require_text)
+    else:
+        raise UserError(
+            f"dataset '{text}' has an unknown extension '{suffix or '(none)'}'; use .jsonl, .json (COCO), "
+            f".csv/.tsv, or WebDataset .tar shards"
+        )
+    if not records:
+        raise UserError(f"dataset '{text}' contains no records; add at least one image with a caption")
+    return records
+
+
+def _resolve(image: str, base_dir: str) -> str:
+    return os.path.normpath(image if os.path.isabs(image) else os.path.join(base_dir, image))
+
+
+def _normalise(raw: Any, where: str, base_dir: str, require_text: bool) -> dict:
+    """Validate one JSON record and normalise `text`/`texts` to `texts: list[str]`."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} is a JSON {type(raw).__name__}, not an object; write one {{\"image\": ..., \"text\": ...}} object per line")
+    image = raw.get("image")
+    if not isinstance(image, str) or not image:
+        raise UserError(f"{where} has no \"image\" path; every record needs \"image\": \"<path relative to the file or absolute>\"")
+    texts = raw.get("texts")
+    single = raw.get("text")
+    if texts is None:
+        texts = [] if single is None else [single]
+    elif single is not None and single not in texts:
+        texts = [single, *texts]
+    if not isinstance(texts, list) or not all(isinstance(item, str) for item in texts):
+        raise UserError(f"{where} has a \"texts\" field that is not a list of strings; write \"texts\": [\"caption\", ...]")
+    texts = [item for item in texts if item.strip()]
+    if require_text and not texts:
+        raise UserError(f"{where} has no caption; add \"text\": \"<caption>\" or \"texts\": [\"<caption>\", ...]")
+    record = {key: value for key, value in raw.items() if key not in ("text", "texts", "image")}
+    return {"image": _resolve(image, base_dir), "texts": texts, **record}
+
+
+def _read_jsonl(path: str, image_root, require_text: bool) -> list[dict]:
+    base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path} line {line_number} is not valid JSON ({error.msg} at column {error.colno}); fix or remove that line") from None
+            records.append(_normalise(raw, f"{path} line {line_number}", base_dir, require_text))
+    return records
+
+
+def _read_json(path: str, image_root, require_text: bool) -> list[dict]:
+    base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}); fix the file") from None
+    if isinstance(data, list):
+        return [_normalise(raw, f"{path} item {number}", base_dir, require_text) for number, raw in enumerate(data)]
+    if isinstance(data, dict) and "images" in data and "annotations" in data:
+        return _coco_captions(data, path, base_dir, require_text)
+    raise UserError(f"{path} is neither a list of records nor COCO captions (\"images\" + \"annotations\"); convert it to JSONL")
+
+
+def _coco_captions(data: dict, path: str, base_dir: str, require_text: bool) -> list[dict]:
+    """COCO captions: one record per image with all its captions, in the `images` order."""
+    captions: dict[Any, list[str]] = {}
+    for annotation in data["annotations"]:
+        if "image_id" not in annotation or "caption" not in annotation:
+            raise UserError(f"{path} has an annotation without \"image_id\" and \"caption\"; this reader expects COCO captions")
+        captions.setdefault(annotation["image_id"], []).append(str(annotation["caption"]).strip())
+    records = []
+    for image in data["images"]:
+        if "file_name" not in image or "id" not in image:
+            raise UserError(f"{path} has an image entry without \"id\" and \"file_name\"; this reader expects COCO captions")
+        texts = captions.get(image["id"], [])
+        if not texts and require_text:
+            continue  # COCO test splits list images without captions: nothing to train on
+        records.append({"image": _resolve(image["file_name"], base_dir), "texts": texts, "image_id": image["id"]})
+    return records
+
+
+def _read_csv(path: str, img_key: str, caption_key: str, separator: str | None, image_root) -> list[dict]:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        header = handle.readline()
+        if separator is None:
+            # OpenCLIP's default separator is a tab even for ".csv" files, so detect it.
+            separator = "\t" if path.lower().endswith(".tsv") or "\t" in header else ","
+        handle.seek(0)  # the utf-8-sig decoder drops a BOM again after the rewind
+        reader = csv.DictReader(handle, delimiter=separator)
+        columns = reader.fieldnames or []
+        for key, option in ((img_key, "csv_img_key (--csv-img-key)"), (caption_key, "csv_caption_key (--csv-caption-key)")):
+            if key not in columns:
+                raise UserError(f"{path} has no '{key}' column (it has: {', '.join(columns) or 'none'}); name the right column with {option}")
+        csv_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
+        records = []
+        for row in reader:
+            image, caption = (row.get(img_key) or "").strip(), (row.get(caption_key) or "").strip()
+            if not image or not caption:
+                missing = img_key if not image else caption_key
+                raise UserError(f"{path} line {reader.line_num} has an empty '{missing}' value; fill it in or remove the row")
+            resolved = _resolve(image, csv_dir)
+            # OpenCLIP opens CSV paths relative to the working directory; honour that when only it exists.
+            if image_root is None and not os.path.isabs(image) and not os.path.exists(resolved) and os.path.exists(image):
+                resolved = os.path.abspath(image)
+            records.append({"image": resolved, "texts": [caption]})
+    return records
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces: `{00000..00009}` (zero padding kept) and `{a,b}`, left to right."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        start_text, end_text = numeric.groups()
+        width = len(start_text) if start_text.startswith("0") or len(start_text) == len(end_text) else 0
+        start, end = int(start_text), int(end_text)
+        step = 1 if end >= start else -1
+        options = [str(value).zfill(width) for value in range(start, end + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise UserError(f"shard pattern '{pattern}' has a brace '{{{body}}}' that is neither a range like {{000..009}} nor a list like {{a,b}}; fix the pattern")
+    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset: key = up to the first dot of the basename
+
+
+def _read_shards(shards: list[str], source: str, require_text: bool) -> list[dict]:
+    """img2dataset layout: per key an image (`.jpg`/`.png`/...), a `.txt` caption, optional `.json`."""
+    missing = [shard for shard in shards if not os.path.isfile(shard)]
+    if missing:
+        raise UserError(f"shard '{missing[0]}' of '{source}' does not exist ({len(missing)} of {len(shards)} missing); fix the pattern or the folder")
+    records = []
+    for shard in shards:
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        index: dict[str, tuple[int, int]] = {}
+        try:
+            with tarfile.open(shard, mode="r:") as archive:
+                for member in archive:
+                    match = _KEY_EXT.match(member.name)
+                    if not member.isfile():
+                        continue
+                    index[member.name] = (member.offset_data, member.size)
+                    if match is not None:
+                        samples.setdefault(match.group(1), {})[match.group(2).lower()] = member
+                # load_image reuses this index instead of scanning the shard again.
+                stat = os.stat(shard)
+                _TAR_INDEX[os.path.abspath(shard)] = ((stat.st_mtime_ns, stat.st_size), index)
+                for key, parts in samples.items():
+                    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
+                    if image_ext is None:
+                        raise UserError(f"shard '{shard}' sample '{key}' has no image ({', '.join(sorted(parts))}); rebuild the shard with an image per key")
+                    record: dict = {"image": tar_ref(shard, parts[image_ext].name), "texts": []}
+                    if "json" in parts:
+                        try:
+                            meta = json.loads(archive.extractfile(parts["json"]).read())
+                        except (json.JSONDecodeError, UnicodeDecodeError):
+                            raise UserError(f"shard '{shard}' member '{parts['json'].name}' is not valid JSON; rebuild the shard") from None
+                        record.update({k: meta[k] for k in _PASS_THROUGH_JSON_KEYS if isinstance(meta, dict) and k in meta})
+                        if isinstance(meta, dict) and isinstance(meta.get("caption"), str) and meta["caption"].strip():
+                            record["texts"] = [meta["caption"].strip()]
+                    if "txt" in parts:
+                        caption = archive.extractfile(parts["txt"]).read().decode("utf-8", errors="replace").strip()
+                        record["texts"] = [caption] if caption else record["texts"]
+                    if require_text and not record["texts"]:
+                        raise UserError(f"shard '{shard}' sample '{key}' has no caption (.txt); rebuild the shard with a caption per image")
+                    records.append(record)
+        except tarfile.TarError as error:
+            raise UserError(f"shard '{shard}' is not a readable tar file ({error}); re-download or rebuild it") from None
+    if not records:
+        raise UserError(f"'{source}' contains no samples; check that the shards hold image + .txt pairs")
+    return records

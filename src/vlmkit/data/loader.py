@@ -1,0 +1,153 @@
+"""The torch Dataset the trainer iterates: records -> (pixels, caption), bad images skipped and counted.
+
+Reproducibility: the caption choice and the augmentation of sample `index` at `epoch` come from
+`random.Random(f"{seed}:{epoch}:{index}")` (string seeds hash with SHA-512, identical in every
+process and on every machine), so a resumed run sees exactly the batches it would have seen.
+
+Bad samples: a missing or undecodable image makes `__getitem__` return None (never raise), and
+`collate` drops the Nones and reports `num_skipped` plus, through `ImageTextDataset.collate`, the
+skipped image references. Both run in the same worker process for a given batch, which is how
+the references reach the batch without any cross-process state. `SkipCounter` sums them for the
+end-of-run report.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from typing import Any, Callable, Sequence
+
+import torch
+
+from vlmkit.data.formats import CorruptImage, load_image
+from vlmkit.data.transforms import ImageTransform
+
+logger = logging.getLogger("vlmkit.data")
+
+Tokenizer = Callable[[list[str]], torch.Tensor]  # list of B strings -> LongTensor (B, L)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random generator of one sample at one epoch (same arguments -> same stream, anywhere)."""
+    return random.Random(f"vlmkit-sample:{seed}:{epoch}:{index}")
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Map-style dataset over `read_records` output, yielding preprocessed pixels and one caption.
+
+    `caption="random"` draws one of the record's `texts` per (seed, epoch, index); `"first"`
+    always takes the first. Use `dataset.collate` as the DataLoader's `collate_fn`: it tokenizes
+    the whole batch at once with `tokenizer` (any callable list[str] -> LongTensor (B, L)) and
+    reports skipped images.
+    """
+
+    def __init__(self, records: Sequence[dict], transform: ImageTransform | Callable, tokenizer: Tokenizer | None = None,
+                 caption: str = "random", seed: int = 0):
+        if caption not in ("random", "first"):
+            raise ValueError(f"caption must be 'random' or 'first', not {caption!r}")
+        self.records = records
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.caption = caption
+        self.seed = int(seed)
+        self.epoch = 0
+        # Skips seen by __getitem__ in *this* process and not yet reported by collate.
+        self._pending_skips: list[dict] = []
+        self._transform_takes_rng = isinstance(transform, ImageTransform) or _accepts_rng(transform)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose captions/augmentations __getitem__ produces (call before each epoch)."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict | None:
+        """{"pixels": (3, H, W), "text": str, "index": int}, or None when the image is missing/corrupt."""
+        record = self.records[index]
+        rng = sample_rng(self.seed, self.epoch, index)
+        texts = record.get("texts") or []
+        text = (texts[0] if self.caption == "first" else rng.choice(texts)) if texts else ""
+        try:
+            image = load_image(record["image"])
+        except CorruptImage as error:
+            self._pending_skips.append({"index": index, "image": record["image"], "reason": str(error)})
+            return None
+        pixels = self.transform(image, rng) if self._transform_takes_rng else self.transform(image)  # (3, H, W)
+        return {"pixels": pixels, "text": text, "index": index}
+
+    def collate(self, samples: Sequence[dict | None]) -> dict:
+        """`collate(samples, tokenizer)` plus `skipped`: the references of this batch's bad images."""
+        batch = collate(samples, tokenizer=self.tokenizer, image_size=getattr(self.transform, "image_size", None))
+        skipped, self._pending_skips = self._pending_skips, []
+        batch["skipped"] = [item["image"] for item in skipped]
+        for item in skipped:
+            logger.debug("skipped %s: %s", item["image"], item["reason"])
+        return batch
+
+
+def _accepts_rng(function: Callable) -> bool:
+    """Whether a plain callable transform takes the per-sample `rng` (as ImageTransform does)."""
+    try:
+        return "rng" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def collate(samples: Sequence[dict | None], tokenizer: Tokenizer | None = None, image_size: int | None = None) -> dict:
+    """Stack the good samples: `pixels` (B, 3, H, W), `texts`, `indices` (B,), `tokens` (B, L) when a
+    tokenizer is given (one batched call), and `num_skipped` (the Nones dropped).
+
+    With only bad samples the batch has zero rows (`pixels` (0, 3, S, S) using `image_size`), so
+    the training loop can skip it without special cases.
+    """
+    good = [sample for sample in samples if sample is not None]
+    texts = [sample["text"] for sample in good]
+    if good:
+        pixels = torch.stack([sample["pixels"] for sample in good])  # (B, 3, H, W)
+    else:
+        side = image_size or 0
+        pixels = torch.empty(0, 3, side, side)  # (0, 3, S, S)
+    batch: dict[str, Any] = {
+        "pixels": pixels,
+        "texts": texts,
+        "indices": torch.tensor([sample["index"] for sample in good], dtype=torch.long),  # (B,)
+        "num_skipped": len(samples) - len(good),
+    }
+    if tokenizer is not None:
+        if good:
+            batch["tokens"] = torch.as_tensor(tokenizer(texts), dtype=torch.long)  # (B, L)
+        else:
+            batch["tokens"] = torch.as_tensor(tokenizer([""]), dtype=torch.long)[:0]  # (0, L)
+    return batch
+
+
+class SkipCounter:
+    """Totals of skipped samples over a run, with the first `keep` image references for the report."""
+
+    def __init__(self, keep: int = 10):
+        self.keep = keep
+        self.total = 0
+        self.examples: list[str] = []
+
+    def update(self, batch: dict) -> int:
+        """Add one collated batch's skips; returns how many it had."""
+        count = int(batch.get("num_skipped", 0))
+        self.total += count
+        for image in batch.get("skipped", []):
+            if len(self.examples) < self.keep and image not in self.examples:
+                self.examples.append(image)
+        return count
+
+    def summary(self) -> dict:
+        """{"skipped": total, "skipped_examples": [first few image references]} for the run summary."""
+        return {"skipped": self.total, "skipped_examples": list(self.examples)}
+
+    def message(self) -> str | None:
+        """One sentence for stderr at the end of a run, or None when nothing was skipped."""
+        if not self.total:
+            return None
+        shown = self.examples[:3]
+        more = f" and {self.total - len(shown)} more" if self.total > len(shown) else ""
+        shown = ", ".join(shown) or "(paths not recorded)"
+        return f"skipped {self.total} unreadable image(s): {shown}{more}; fix or remove them from the dataset"

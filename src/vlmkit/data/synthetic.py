@@ -1,0 +1,403 @@
+"""The built-in synthetic dataset: coloured shapes on a plain background.
+
+Every colour x shape pair ("red triangle") is a class, so a model trained on the captions can be
+scored zero-shot on the single-object scenes, and the same records carry VQA questions,
+true/false statements and boxes for the other task families. Generation is deterministic:
+the same arguments give byte-identical files, because every random choice comes from a
+`random.Random` seeded by a string (seed, split, scene index) and nothing depends on time,
+hash randomisation or dictionary order.
+
+Layout of the output folder::
+
+    DIR/train.jsonl  DIR/test.jsonl  DIR/meta.json  DIR/images/{train,test}-NNNNNN.png
+
+`--holdout "red triangle"` keeps that combination out of every train scene *and* out of every
+train text (captions, questions, false statements), while test scenes still show it: a clean
+compositional-generalisation split.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image, ImageDraw
+
+from vlmkit.errors import UserError
+
+# Well separated hues; the RGB values are jittered a little per object (see _render).
+COLOR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (40, 165, 55),
+    "blue": (35, 75, 215),
+    "yellow": (235, 210, 25),
+    "purple": (135, 50, 185),
+    "orange": (245, 135, 20),
+}
+COLORS: tuple[str, ...] = tuple(COLOR_RGB)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+CLASSES: tuple[str, ...] = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
+# Prompt templates for zero-shot evaluation: the first is a caption every single-object scene
+# carries verbatim; the others are the usual CLIP phrasing (the captions themselves say "an orange").
+ZERO_SHOT_TEMPLATES: tuple[str, ...] = ("one {} on a plain background", "a photo of a {}", "a {}")
+
+DEFAULT_N = 8000
+DEFAULT_IMAGE_SIZE = 64
+TRAIN_FRACTION = 0.8
+SINGLE_FRACTION = 0.4  # share of single-object scenes (the zero-shot classification images)
+MAX_OBJECTS = 4
+
+_SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges at no real cost
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+_PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+
+
+def parse_holdout(holdout: Iterable[str]) -> list[str]:
+    """Validate `"<color> <shape>"` strings for `--holdout` and return them normalised and sorted."""
+    result = set()
+    for item in holdout:
+        words = str(item).lower().split()
+        if len(words) != 2 or words[0] not in COLOR_RGB or words[1] not in SHAPES:
+            raise UserError(
+                f"--holdout '{item}' is not a '<color> <shape>' pair; use one of the colours "
+                f"{', '.join(COLORS)} with one of the shapes {', '.join(SHAPES)}, e.g. 'red triangle'"
+            )
+        result.add(f"{words[0]} {words[1]}")
+    if len(result) >= len(CLASSES):
+        raise UserError("--holdout names every colour-shape class, so no train scene is possible; hold out fewer")
+    return sorted(result)
+
+
+# ----------------------------------------------------------------------------- scene layout
+
+
+def _split_plan(num_scenes: int, classes: Sequence[str], rng: random.Random) -> list[tuple[int, str | None]]:
+    """(number of objects, class of the single object or None) for each scene of one split.
+
+    Single-object classes cycle through shuffled copies of the class list so every class gets
+    (almost) the same number of images, which keeps zero-shot accuracy meaningful on small splits.
+    """
+    num_single = round(num_scenes * SINGLE_FRACTION)
+    counts = [1] * num_single + [2 + i % (MAX_OBJECTS - 1) for i in range(num_scenes - num_single)]
+    rng.shuffle(counts)
+    single_classes: list[str] = []
+    while len(single_classes) < num_single:
+        block = list(classes)
+        rng.shuffle(block)
+        single_classes.extend(block)
+    single_iter = iter(single_classes)
+    return [(count, next(single_iter) if count == 1 else None) for count in counts]
+
+
+def _place_objects(names: list[str], size: int, rng: random.Random) -> list[dict]:
+    """Draw sizes and non-overlapping positions (in output pixels) for the named objects."""
+    single = len(names) == 1
+    # Relative side lengths: large for single objects (14-29 px at 64), smaller when crowded.
+    low, high = (0.25, 0.45) if single else (0.22, 0.34)
+    margin = max(1, round(size * 0.03))  # keep objects off the border
+    gap = max(2, round(size * 0.04))     # and apart from each other: boxes never overlap
+    placed: list[dict] = []
+    for name in names:
+        side = rng.uniform(low, high) * size
+        for _attempt in range(400):
+            if _attempt and _attempt % 50 == 0:
+                side *= 0.9  # crowded scene: shrink until it fits
+            side_px = max(6, int(round(side)))
+            x0 = rng.randint(margin, size - margin - side_px)
+            y0 = rng.randint(margin, size - margin - side_px)
+            box = [x0, y0, x0 + side_px, y0 + side_px]
+            if all(
+                box[0] >= other["box"][2] + gap or other["box"][0] >= box[2] + gap
+                or box[1] >= other["box"][3] + gap or other["box"][1] >= box[3] + gap
+                for other in placed
+            ):
+                placed.append({"name": name, "box": box})
+                break
+        else:  # pragma: no cover - 400 tries with shrinking always fits 4 objects
+            raise RuntimeError("could not place objects without overlap")
+    return placed
+
+
+def _star_points(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
+    points = []
+    for k in range(10):
+        r = radius if k % 2 == 0 else radius * 0.45
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
+    return points
+
+
+def _render(objects: list[dict], size: int, rng: random.Random) -> Image.Image:
+    """Paint the objects on a plain light background (drawn at 4x, box-downsampled)."""
+    level = rng.randint(200, 250)
+    background = (level, level, level)
+    scale = _SUPERSAMPLE
+    canvas = Image.new("RGB", (size * scale, size * scale), background)
+    draw = ImageDraw.Draw(canvas)
+    for obj in objects:
+        color, shape = obj["name"].split()
+        fill = tuple(max(0, min(255, channel + rng.randint(-12, 12))) for channel in COLOR_RGB[color])
+        x0, y0, x1, y1 = (coordinate * scale for coordinate in obj["box"])
+        # The -1 keeps the drawn shape inside the box's exclusive right/bottom edge.
+        if shape == "circle":
+            draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+        elif shape == "square":
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+        elif shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+        else:
+            # A star's tips touch a circle; its top tip at the box top, the lower tips near the bottom.
+            radius = (x1 - x0) / 2
+            draw.polygon(_star_points((x0 + x1) / 2, y0 + radius * 1.05, radius * 1.05), fill=fill)
+    return canvas.reduce(scale)
+
+
+# ----------------------------------------------------------------------------- language
+
+
+def _center(obj: dict) -> tuple[float, float]:
+    x0, y0, x1, y1 = obj["box"]
+    return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+def _position_phrase(obj: dict, size: int) -> str:
+    cx, _ = _center(obj)
+    if cx < size / 3:
+        return "on the left"
+    if cx > 2 * size / 3:
+        return "on the right"
+    return "in the middle"
+
+
+def _size_word(obj: dict, size: int) -> str | None:
+    side = obj["box"][2] - obj["box"][0]
+    if side <= 0.31 * size:
+        return "small"
+    if side >= 0.39 * size:
+        return "large"
+    return None  # in between: no size word, so "small"/"large" are never borderline
+
+
+def _a(phrase: str) -> str:
+    """The phrase with its indefinite article: 'a red star', 'an orange star'."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _join(names: list[str]) -> str:
+    phrases = [_a(name) for name in names]
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _horizontal(a: dict, b: dict, size: int) -> str | None:
+    """'left' / 'right' when a is clearly left / right of b, else None (too close to call)."""
+    dx = _center(b)[0] - _center(a)[0]
+    if abs(dx) < 0.2 * size:
+        return None
+    return "left" if dx > 0 else "right"
+
+
+def _vertical(a: dict, b: dict, size: int) -> str | None:
+    dy = _center(b)[1] - _center(a)[1]
+    if abs(dy) < 0.2 * size:
+        return None
+    return "above" if dy > 0 else "below"
+
+
+def _relation_phrase(a: dict, b: dict, size: int) -> str | None:
+    """The dominant, unambiguous spatial relation of a to b ('left of', 'above', ...)."""
+    dx = abs(_center(b)[0] - _center(a)[0])
+    dy = abs(_center(b)[1] - _center(a)[1])
+    if dx >= dy:
+        side = _horizontal(a, b, size)
+        return f"{side} of" if side else None
+    return _vertical(a, b, size)
+
+
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _captions(objects: list[dict], size: int, rng: random.Random) -> list[str]:
+    names = [obj["name"] for obj in sorted(objects, key=lambda obj: _center(obj)[0])]
+    if len(objects) == 1:
+        obj, name = objects[0], objects[0]["name"]
+        where = _position_phrase(obj, size)
+        size_word = _size_word(obj, size)
+        texts = [_a(name), f"a photo of {_a(name)}", f"{_a(name)} {where}", f"one {name} on a plain background"]
+        if size_word:
+            texts += [f"a {size_word} {name}", f"a photo of a {size_word} {name} {where}"]
+        else:
+            texts += [f"a photo of {_a(name)} {where}"]
+        return texts
+    count = _COUNT_WORDS[len(objects)]
+    shuffled = list(names)
+    rng.shuffle(shuffled)
+    texts = [_join(names), f"a photo of {_join(shuffled)}", f"{count} shapes: {_join(names)}"]
+    pairs = [(a, b) for a in objects for b in objects if a is not b and _relation_phrase(a, b, size)]
+    if pairs:
+        a, b = rng.choice(pairs)
+        texts.append(f"{_a(a['name'])} {_relation_phrase(a, b, size)} {_a(b['name'])}")
+    return texts
+
+
+def _question_answers(objects: list[dict], size: int, allowed: Sequence[str], rng: random.Random) -> list[dict]:
+    """Questions whose answers are unambiguous given the objects (see module docstring)."""
+    qa: list[dict] = []
+    colors = [obj["name"].split()[0] for obj in objects]
+    shapes = [obj["name"].split()[1] for obj in objects]
+    qa.append({"question": "how many objects are there?", "answer": str(len(objects)), "type": "count"})
+    asked_shape = rng.choice(SHAPES)
+    qa.append({"question": f"how many {_PLURAL[asked_shape]} are there?",
+               "answer": str(shapes.count(asked_shape)), "type": "count"})
+    for color, shape in zip(colors, shapes):
+        if shapes.count(shape) == 1:
+            qa.append({"question": f"what color is the {shape}?", "answer": color, "type": "color"})
+        if colors.count(color) == 1:
+            qa.append({"question": f"what shape is the {color} object?", "answer": shape, "type": "shape"})
+    # Relations: ask about clearly separated pairs only, the true or the mirrored side at random.
+    relation_questions = []
+    for a in objects:
+        for b in objects:
+            if a is b:
+                continue
+            for relation in (_horizontal(a, b, size), _vertical(a, b, size)):
+                if relation is None:
+                    continue
+                word = {"left": "left of", "right": "right of"}.get(relation, relation)
+                asked, answer = (word, "yes") if rng.random() < 0.5 else (_OPPOSITE[word], "no")
+                relation_questions.append(
+                    {"question": f"is the {a['name']} {asked} the {b['name']}?", "answer": answer, "type": "relation"})
+    rng.shuffle(relation_questions)
+    qa.extend(relation_questions[:3])
+    present = [obj["name"] for obj in objects]
+    absent = [name for name in allowed if name not in present]
+    qa.append({"question": f"is there {_a(rng.choice(present))}?", "answer": "yes", "type": "yesno"})
+    qa.append({"question": f"is there {_a(rng.choice(absent))}?", "answer": "no", "type": "yesno"})
+    return qa
+
+
+def _statements(objects: list[dict], size: int, allowed: Sequence[str], rng: random.Random) -> list[dict]:
+    """Equal numbers of true and false sentences; each false one mutates a true one."""
+    present = [obj["name"] for obj in objects]
+    absent = [name for name in allowed if name not in present]
+    shapes = [name.split()[1] for name in present]
+    count = len(objects)
+    pairs: list[tuple[str, str]] = []
+    wrong_count = rng.choice([k for k in range(1, MAX_OBJECTS + 1) if k != count])
+    pairs.append((
+        "there is one object" if count == 1 else f"there are {_COUNT_WORDS[count]} objects",
+        "there is one object" if wrong_count == 1 else f"there are {_COUNT_WORDS[wrong_count]} objects",
+    ))
+    pairs.append((f"there is {_a(rng.choice(present))}", f"there is {_a(rng.choice(absent))}"))
+    for name in present:
+        color, shape = name.split()
+        others = [c for c in COLORS if c != color and f"{c} {shape}" in allowed]
+        if shapes.count(shape) == 1 and others:
+            pairs.append((f"the {shape} is {color}", f"the {shape} is {rng.choice(others)}"))
+            break
+    relations = [(a, b, _relation_phrase(a, b, size)) for a in objects for b in objects if a is not b]
+    relations = [item for item in relations if item[2]]
+    if relations:
+        a, b, phrase = rng.choice(relations)
+        pairs.append((f"the {a['name']} is {phrase} the {b['name']}",
+                      f"the {a['name']} is {_OPPOSITE[phrase]} the {b['name']}"))
+    statements = [{"text": true, "label": True} for true, _ in pairs]
+    statements += [{"text": false, "label": False} for _, false in pairs]
+    rng.shuffle(statements)
+    return statements
+
+
+def make_scene(seed: int, split: str, index: int, num_objects: int, single_class: str | None,
+               allowed: Sequence[str], image_size: int) -> tuple[Image.Image, dict]:
+    """Render one scene and build its record (without the `image` field).
+
+    `allowed` is the list of colour-shape names this split may show or mention; the scene's
+    own randomness comes from `random.Random(f"{seed}:{split}:{index}")`, so any scene can be
+    regenerated on its own.
+    """
+    rng = random.Random(f"vlmkit-synth:{seed}:{split}:{index}")
+    if single_class is not None:
+        names = [single_class]
+    else:
+        names = rng.sample(list(allowed), num_objects)  # distinct combinations: "the red star" is unique
+    objects = _place_objects(names, image_size, rng)
+    image = _render(objects, image_size, rng)
+    record: dict = {"texts": _captions(objects, image_size, rng)}
+    if single_class is not None:
+        record["label"] = single_class
+    record["qa"] = _question_answers(objects, image_size, allowed, rng)
+    record["statements"] = _statements(objects, image_size, allowed, rng)
+    record["objects"] = objects
+    return image, record
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE,
+             holdout: Iterable[str] = (), progress: bool = True) -> dict:
+    """Write the synthetic dataset (`train.jsonl`, `test.jsonl`, `meta.json`, `images/`) to `out_dir`.
+
+    `n` scenes in total are split 80/20 into train/test; about 40% of each split are single-object
+    scenes (the only ones with a `label`). `holdout` names colour-shape pairs ("red triangle") kept
+    out of train entirely. The JSONL files are written to a temporary name and renamed at the end,
+    so an interrupted run never leaves a half-written JSONL behind. Returns the counts as a dict.
+    """
+    if n < 2:
+        raise UserError(f"--n {n} is too small; the dataset needs at least 2 scenes (one train, one test)")
+    if image_size < 32:
+        raise UserError(f"--image-size {image_size} is too small to draw recognisable shapes; use 32 or more")
+    held = parse_holdout(holdout)
+    train_classes = [name for name in CLASSES if name not in held]
+    if len(train_classes) < MAX_OBJECTS + 1:
+        raise UserError("--holdout leaves too few colour-shape pairs for 4-object train scenes; hold out fewer")
+    out = Path(out_dir)
+    images_dir = out / "images"
+    try:
+        images_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the output folder '{out}' ({error.strerror}); choose a writable --out") from None
+
+    from tqdm import tqdm
+
+    num_train = max(1, min(n - 1, round(n * TRAIN_FRACTION)))
+    splits = {"train": (num_train, train_classes), "test": (n - num_train, list(CLASSES))}
+    counts: dict = {"out": str(out), "n": n, "seed": seed, "image_size": image_size, "holdout": held}
+    written: set[str] = set()
+    bar = tqdm(total=n, desc="synth", unit="scene", file=sys.stderr, disable=not progress, mininterval=0.5)
+    for split, (num_scenes, classes) in splits.items():
+        plan = _split_plan(num_scenes, classes, random.Random(f"vlmkit-synth-plan:{seed}:{split}"))
+        lines = []
+        for index, (num_objects, single_class) in enumerate(plan):
+            image, record = make_scene(seed, split, index, num_objects, single_class, classes, image_size)
+            name = f"{split}-{index:06d}.png"
+            image.save(images_dir / name, format="PNG")
+            written.add(name)
+            lines.append(json.dumps({"image": f"images/{name}", **record}, ensure_ascii=False))
+            bar.update(1)
+        tmp = out / f".{split}.jsonl.tmp"
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(out / f"{split}.jsonl")
+        counts[split] = num_scenes
+        counts[f"{split}_single_object"] = sum(1 for count, _ in plan if count == 1)
+    bar.close()
+    # A previous, larger run in the same folder must not leave stray images behind.
+    for stale in images_dir.iterdir():
+        if re.fullmatch(r"(train|test)-\d{6}\.png", stale.name) and stale.name not in written:
+            stale.unlink()
+    meta = {
+        "name": "vlmkit-synthetic-shapes",
+        "seed": seed, "n": n, "image_size": image_size, "holdout": held,
+        "colors": list(COLORS), "shapes": list(SHAPES), "classes": list(CLASSES),
+        "zero_shot_templates": list(ZERO_SHOT_TEMPLATES),
+        "counts": {key: counts[key] for key in ("train", "test", "train_single_object", "test_single_object")},
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    counts["classes"] = len(CLASSES)
+    return counts
