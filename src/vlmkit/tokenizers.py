@@ -185,10 +185,13 @@ class Tokenizer:
         if self.kind == "bert":
             names.update(bos_id="cls_token", eos_id="sep_token")
         config: dict[str, Any] = {"model_max_length": self.context_length}
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
         for field, key in names.items():
-            token_id = getattr(self, field)
-            if token_id is not None:
-                config[key] = self.backend.id_to_token(token_id)
+            token = None if getattr(self, field) is None else self.backend.id_to_token(getattr(self, field))
+            # Only special tokens: HF registers these as special, so naming CLIP's pad id 0 ("!")
+            # would make it split every "!" out of the text.
+            if token in special:
+                config[key] = token
         if self.kind == "bert" and self.token_to_id("[UNK]") is not None:
             config["unk_token"] = "[UNK]"
         config["vlmkit"] = {
