@@ -1,0 +1,509 @@
+"""PTB tokenization as pycocoevalcap does it, in pure Python.
+
+pycocoevalcap writes every caption of a split on its own line of one file, runs Stanford
+CoreNLP 3.4.1's `PTBTokenizer -preserveLines -lowerCase` over it and drops a list of
+punctuation tokens. This module reproduces that pipeline without Java:
+
+- a longest-match scanner over the same token classes as CoreNLP's lexer (words, contractions,
+  numbers, fractions, abbreviations, URLs, quotes, brackets, smileys, ...), with the same
+  normalisations (`(` -> `-LRB-`, quotes -> `` `` ``/`''`, dashes -> `--`, `…` -> `...`, `£` -> `#`,
+  a space inside a phone number or mixed fraction -> U+00A0);
+- lowercasing *after* those normalisations, which is why `-lrb-` survives the drop list;
+- the drop list itself (`PUNCTUATION`);
+- the cross-caption quirk: because all captions are one document, whether a final abbreviation
+  keeps its period ("the letter b." vs "the letter b") depends on how the *next* caption
+  starts. `tokenize` therefore takes the captions in pycocoevalcap's order.
+
+Plain captions (letters, spaces, commas, a final period) take a fast path of C-level string
+operations; everything else goes through the scanner. Parity with the Java tool is tested on
+thousands of generated captions (tests/metrics/test_ptb.py).
+"""
+from __future__ import annotations
+
+import re
+import sys
+import unicodedata
+
+# Tokens pycocoevalcap removes after tokenization (compared after lowercasing, hence the
+# upper-case bracket names never match: "-lrb-" stays).
+PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                         ".", "?", "!", ",", ":", "-", "--", "...", ";"])
+
+
+def _unicode_class(predicate) -> str:
+    """A regex character class body for the BMP characters satisfying `predicate`."""
+    ranges, start, prev = [], None, None
+    for code in range(0x80, 0x10000):
+        if 0xD800 <= code <= 0xDFFF:
+            ok = False
+        else:
+            ok = predicate(chr(code))
+        if ok and start is None:
+            start = code
+        if not ok and start is not None:
+            ranges.append((start, prev))
+            start = None
+        prev = code
+    if start is not None:
+        ranges.append((start, prev))
+    return "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in ranges)
+
+
+# Java's Character.isLetter / isDigit are the Unicode L* / Nd categories; astral characters
+# are two UTF-16 surrogates to the 2014 lexer and never match, so they are excluded here.
+_L = "A-Za-z" + _unicode_class(lambda c: unicodedata.category(c).startswith("L"))
+_D = "0-9" + _unicode_class(lambda c: unicodedata.category(c) == "Nd")
+LETTER = f"[{_L}]"
+DIGIT = f"[{_D}]"
+# Characters the lexer lets into words besides letters: soft hyphen and combining marks.
+_WORDEXTRA = "\u00ad\u0237-\u024f\u02c2-\u02c5\u02d2-\u02df\u02e5-\u02ff\u0300-\u036f"
+WORD = f"(?:[{_L}{_WORDEXTRA}]|&[aeiouAEIOU](?i:acute|grave|uml);)+"
+SPACE = "[ \t\u00a0\u2000-\u200a\u3000]"
+NEWLINE = "(?:\r|\r?\n|\u2028|\u2029|\u000b|\u000c|\u0085)"
+SPACENL = f"(?:{SPACE}|{NEWLINE})"
+SGML = r"<\/?[A-Za-z!][^>\n]*>"
+SENTEND = f"{SPACENL}(?:{SPACENL}|[A-Z]|{SGML})"
+APOS = "(?:['\u0092\u2019]|&apos;)"
+APOSETC = f"(?:{APOS}|[\u0091\u2018\u201b])"
+HYPHEN = "[-_\u058a\u2010\u2011]"
+LD = f"[{_L}{_D}]"
+
+ABMONTH = "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec"
+ABDAYS = "Mon|Tue|Tues|Wed|Thu|Thurs|Fri"
+ABSTATE = ("Ala|Ariz|[A]rk|Calif|Colo|Conn|Ct|Dak|Del|Fla|Ga|[I]ll|Ind|Kans?|Ky|La|[M]ass|Md|Mich|Minn|"
+           "[M]iss|Mo|Mont|Neb|Nev|Okla|[O]re|Pa|Penn|Tenn|Tex|Va|Vt|[W]ash|Wisc?|Wyo")
+ABCOMP = "Inc|Cos?|Corp|Pp?tys?|Ltd|Plc|Bancorp|Dept|Bhd|Assn|Univ|Intl|Sys"
+ABNUM = "tel|est|ext|sq"
+ABPTIT = r"Jr|Sr|Bros|(?:Ed|Ph)\.D|Blvd|Rd|Esq"
+ABBREV1 = f"(?i:(?:{ABMONTH}|{ABDAYS}|{ABCOMP}|{ABNUM}|{ABPTIT}|etc|al|seq)\\.)|(?:{ABSTATE})\\."
+ABBREV3 = r"(?i:ca|figs?|prop|nos?|art|bldg|pp|op)\."
+ACRO = (r"[A-Za-z](?:\.[A-Za-z])+|(?i:(?:Canada|Sino|Korean|EU|Japan|non)-U\.S|U\.S\.-(?:U\.K|U\.S\.S\.R))")
+ABTITLE = ("Mr|Mrs|Ms|[M]iss|Drs?|Profs?|Sens?|Reps?|Attys?|Lt|Col|Gen|Messrs|Govs?|Adm|Rev|Maj|Sgt|Cpl|"
+           "Pvt|Mt|Capt|Ste?|Ave|Pres|Lieut|Hon|Brig|Co?mdr|Pfc|Spc|Supts?|Det|Gov|Insp|Commr")
+ABBREV4 = f"(?i:{ABTITLE}|vs|Alex|Wm|Jos|Cie|a\\.k\\.a|cf|TREAS|Invt|Elec|Natl|M[ft]g)|{ACRO}"
+ACRONYM_FOLLOWERS = (
+    "About|According|Additionally|After|An|A|As|At|But|Earlier|He|Her|Here|However|If|In|It|Last|Many|More|"
+    r"Mr\.|Ms\.|Now|Once|One|Other|Our|She|Since|So|Some|Such|That|The|Then|There|These|They|This|We|When|"
+    "While|What|Yet|You")
+# The first letter of a follower is a character class: it must be upper case even though the
+# lexer is caseless.
+ACRONYM_FOLLOWERS = "|".join(f"[{w[0]}]{w[1:]}" for w in ACRONYM_FOLLOWERS.split("|"))
+
+NUM = f"{DIGIT}*(?:[.:,\u00ad\u066b\u066c]{DIGIT}+)+|{DIGIT}+"
+APOWORD = (f"{APOS}n{APOS}?|[lLdDjJ]{APOS}|(?i:Dunkin){APOS}|(?i:somethin){APOS}|(?i:ol){APOS}|{APOS}(?i:em)|"
+           f"[A-HJ-XZn]{APOSETC}{LETTER}{{2}}{LETTER}*|{APOS}[2-9]0s|{APOS}(?i:till?)|"
+           f"{LETTER}{LETTER}*[aeiouyAEIOUY]{APOSETC}[aeiouA-Z]{LETTER}*|{APOS}(?i:cause)|(?i:cont'd\\.?|nor'easter|"
+           f"c'mon|e'er|s'mores|ev'ry|li'l|nat'l)")
+MISCSYMBOL = ("[\u00a6\u00a7\u00a8\u00a9\u00ac\u00ae\u00af\u00b0-\u00b3\u00b4-\u00ba\u00d7\u00f7\u0387\u05be\u05c0"
+              "\u05c3\u05c6\u05f3\u05f4\u0600-\u0603\u0606-\u060a\u060c\u0614\u061b\u061e\u066a\u066d\u0703-\u070d"
+              "\u07f6\u07f7\u07f8\u0964\u0965\u0e4f\u1fbd\u2016\u2017\u2020-\u2023\u2030-\u2038\u203b\u203c"
+              "\u2043\u203e-\u2042\u2044\u2207\u207a-\u207f\u208a-\u208e\u2100-\u214f\u2190-\u21ff\u2200-\u2bff"
+              "\u3012\u30fb\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\u2100-\u214f\u25a0-\u25ff"
+              "\u2e80-\u2eff\u00a4\u00a5\u20a1-\u20ab\u20ad-\u20cf\u060b\u0e3f\ufffd\u02b9-\u02bf]")
+
+# Quote normalisation with latexQuotes (the default): left-ish quotes -> ` / ``, others -> ' / ''.
+_QUOTE_SINGLE_LEFT = "\u0091\u2018\u201b\u2039"
+_QUOTE_SINGLE_RIGHT = "\u0092\u2019\u203a"
+_QUOTE_DOUBLE_LEFT = "\u0093\u201c\u00ab"
+_QUOTE_DOUBLE_RIGHT = "\u0094\u201d\u00bb"
+
+
+def _latex_quotes(text: str, left: bool) -> str:
+    text = re.sub(r"&apos;|'", "`" if left else "'", text)
+    text = re.sub(r'"|&quot;', "``" if left else "''", text)
+    text = re.sub(f"[{_QUOTE_SINGLE_LEFT}]", "`", text)
+    text = re.sub(f"[{_QUOTE_SINGLE_RIGHT}]", "'", text)
+    text = re.sub(f"[{_QUOTE_DOUBLE_LEFT}]", "``", text)
+    return re.sub(f"[{_QUOTE_DOUBLE_RIGHT}]", "''", text)
+
+
+def _currency(text: str) -> str:
+    text = text.replace("\u00a2", "cents").replace("\u00a3", "#")
+    return re.sub("[\u0080\u00a4\u20a0\u20ac]", "$", text)
+
+
+_FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
+
+# Actions: how a matched token becomes output text. KEEP returns the text; PUSHBACK1 returns the
+# text and rescans its last character (the sentence-final period of an abbreviation).
+KEEP, DROP = "keep", "drop"
+
+
+try:  # the regex parser moved in Python 3.11
+    from re import _constants as _sre_constants, _parser as _sre_parse
+except ImportError:  # pragma: no cover
+    import sre_constants as _sre_constants  # type: ignore
+    import sre_parse as _sre_parse  # type: ignore
+
+
+def _first_char_test(pattern: str):
+    """A predicate telling whether a match of `pattern` can start with a given character.
+
+    Conservative: anything it does not understand makes it answer True. It only prunes the
+    rules tried at each position, so it affects speed, never results.
+    """
+    c = _sre_constants
+    tests: list = []
+
+    def first_of(items, ignore_case) -> bool:
+        """Add tests for the first character of `items`; return True if `items` can be empty."""
+        for op, arg in items:
+            if op is c.LITERAL:
+                tests.append((lambda ch, v=arg, ic=ignore_case:
+                              ord(ch) == v or (ic and ch.lower() == chr(v).lower())))
+                return False
+            if op is c.IN:
+                members = arg
+
+                def in_class(ch, members=members, ic=ignore_case):
+                    candidates = {ch, ch.lower(), ch.upper()} if ic else {ch}
+                    negate = any(m[0] is c.NEGATE for m in members)
+                    for cand in candidates:
+                        code = ord(cand) if len(cand) == 1 else -1
+                        hit = False
+                        for kind, value in members:
+                            if kind is c.LITERAL and code == value:
+                                hit = True
+                            elif kind is c.RANGE and value[0] <= code <= value[1]:
+                                hit = True
+                            elif kind is c.CATEGORY:
+                                hit = True  # conservative
+                        if hit != negate:
+                            return True
+                    return False
+                tests.append(in_class)
+                return False
+            if op is c.SUBPATTERN:
+                add_flags = arg[1]
+                if not first_of(arg[3], ignore_case or bool(add_flags & re.IGNORECASE)):
+                    return False
+                continue
+            if op is c.BRANCH:
+                empty = False
+                for branch in arg[1]:
+                    empty |= first_of(branch, ignore_case)
+                if not empty:
+                    return False
+                continue
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+                low, _high, body = arg
+                body_empty = first_of(body, ignore_case)
+                if low > 0 and not body_empty:
+                    return False
+                continue
+            if op in (c.AT, c.ASSERT, c.ASSERT_NOT):
+                continue
+            tests.append(lambda ch: True)  # ANY, back-references, ...: give up pruning
+            return False
+        return True
+
+    if first_of(_sre_parse.parse(pattern), False):
+        tests.append(lambda ch: True)
+    return lambda ch: any(test(ch) for test in tests)
+
+
+def _split_top_level(pattern: str) -> list[str]:
+    """Top-level alternatives of a regex, so each competes separately for the longest match."""
+    parts, depth, in_class, escaped, current = [], 0, False, False, []
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]" or (current and current[-1] == "[")
+        elif char == "[":
+            in_class = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _caseless(pattern: str) -> str:
+    """Make literal ASCII letters outside character classes match either case.
+
+    The Java lexer is declared `%caseless`, which affects literals but not character classes
+    (so `[A]rk` still needs a capital A); Python's IGNORECASE would affect both.
+    """
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            width = 6 if pattern[i + 1] == "u" else 4 if pattern[i + 1] == "x" else 2
+            out.append(pattern[i:i + width])
+            i += width
+            continue
+        if in_class:
+            if char == "]" and pattern[i - 1] != "[":
+                in_class = False
+        elif char == "[":
+            in_class = True
+            if pattern[i + 1] == "]":  # a literal "]" first in a class
+                out.append("[]")
+                i += 2
+                continue
+        elif pattern.startswith("(?", i):
+            end = i + 2
+            while pattern[end] not in ":=!)":
+                end += 1
+            if pattern[end - 1] == "<" or pattern.startswith("(?<", i) and pattern[i + 3] not in "=!":
+                pass
+            out.append(pattern[i:end + 1])
+            i = end + 1
+            continue
+        elif char == "{":
+            end = pattern.index("}", i)
+            out.append(pattern[i:end + 1])
+            i = end + 1
+            continue
+        elif char.isascii() and char.isalpha():
+            out.append(f"[{char.lower()}{char.upper()}]")
+            i += 1
+            continue
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def _rule(name, pattern, context=None, out=KEEP):
+    """One lexer rule per top-level alternative: (name, regex, out).
+
+    JFlex picks the longest match (trailing context included) and, on ties, the earliest
+    rule; Python alternation picks the first alternative that works, so each alternative is
+    matched on its own. The trailing context is a capturing look-ahead so its length counts.
+    """
+    rules = []
+    for alternative in _split_top_level(pattern):
+        regex = _caseless(f"(?:{alternative})" + (f"(?=({context}))" if context else ""))
+        compiled = re.compile(regex)
+        rules.append((name, compiled, _first_char_test(compiled.pattern), out))
+    return rules
+
+
+def _no_soft_hyphen(text: str) -> str:
+    return text.replace("\u00ad", "")
+
+
+def _parens(text: str) -> str:
+    return text.replace("(", "-LRB-").replace(")", "-RRB-")
+
+
+def _nbsp(text: str) -> str:
+    return text.replace(" ", "\u00a0")
+
+
+# Rule order matters: on equal match lengths the earlier rule wins, as in JFlex.
+_RULE_GROUPS = [
+    _rule("cannot", "(?i:cannot)", out=lambda t: (t[:3], 3)),
+    _rule("assimilation", "(?i:gonna|wanna|gotta)", context=f"[^{_L}{_D}]|$", out=lambda t: (t[:3], 3)),
+    _rule("sgml", SGML),
+    _rule("dash", "&(?i:MD|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]", out=lambda t: "--"),
+    _rule("amp", "&(?i:amp);", out=lambda t: "&"),
+    _rule("sppunc", "&(?i:HT|TL|UR|LR|QC|QL|QR|odq|cdq|#[0-9]+);"),
+    _rule("word_redaux", WORD, context=f"{APOS}(?:[msdMSD]|(?i:re|ve|ll))", out=_no_soft_hyphen),
+    _rule("sword_sredaux", "[A-Za-z\u00ad]*[A-MO-Za-mo-z]\u00ad*", context=f"(?i:n){APOSETC}(?i:t)",
+          out=_no_soft_hyphen),
+    _rule("word", WORD, out=_no_soft_hyphen),
+    _rule("apoword", APOWORD),
+    _rule("apoword2", f"(?i:y){APOS}", context=LETTER),
+    _rule("fullurl", r"(?i:https?)://[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-]"),
+    _rule("likelyurl", r"(?:(?:(?i:www)\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4})|"
+                       r"(?:(?:[^ \t\n\f\r\"`'<>|.!?(){},\-_$]+\.)+(?i:com|net|org|edu)))"
+                       r"(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?"),
+    _rule("email", r"[a-zA-Z0-9][^ \t\n\f\r\"<>|(){}\u00a0]*@(?:[^ \t\n\f\r\"<>|(){}.\u00a0]+\.)+"
+                   r"[^ \t\n\f\r\"<>|(){}\[\].\u00a0]+"),
+    _rule("redaux_nonletter", f"{APOS}(?:[msdMSD]|(?i:re|ve|ll))", context="[^A-Za-z]|$",
+          out=lambda t: _latex_quotes(t, False)),
+    _rule("sredaux", f"(?i:n){APOSETC}(?i:t)", out=lambda t: _latex_quotes(t, False)),
+    _rule("apos_t", f"{APOS}(?i:t)", context="(?i:is|was)", out=lambda t: _latex_quotes(t, False)),
+    _rule("date", f"{DIGIT}{{1,2}}[\\-/]{DIGIT}{{1,2}}[\\-/]{DIGIT}{{2,4}}"),
+    _rule("number", f"[\\-+]?(?:{NUM})", out=_no_soft_hyphen),
+    _rule("subsupnum", "[\u207a\u207b\u208a\u208b]?(?:[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+|[\u2080-\u2089]+)"),
+    _rule("frac", f"(?:{DIGIT}{{1,4}}[- \u00a0])?{DIGIT}{{1,4}}(?:\\\\?/|\u2044){DIGIT}{{1,4}}", out=_nbsp),
+    _rule("frac2", "[\u00bc\u00bd\u00be\u2153-\u215e]", out=lambda t: _FRACTIONS.get(t, t)),
+    _rule("tbspec", r"-(?i:RRB|LRB|RCB|LCB|RSB|LSB)-|(?i:C\.D\.s|pro-|anti-|S(?:&|&amp;)P-500|S(?:&|&amp;)Ls|"
+                    f"Cap{APOS}n|c{APOS}est)", out=lambda t: re.sub("(?i:&amp;)", "&", t)),
+    _rule("thing3", r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}"),
+    _rule("dolsign", r"[A-Z]*\$|#"),
+    _rule("dolsign2", "[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]",
+          out=_currency),
+    # Before a likely sentence start ("U.S. The ..."), an acronym is emitted with its period and
+    # the period is emitted again; a single letter gives up its period instead.
+    _rule("letter_followed", "[A-Za-z]\\.", context=f"{SPACENL}+(?:{ACRONYM_FOLLOWERS}){SPACENL}",
+          out=lambda t: (t[:1], 1)),
+    _rule("acronym_followed", f"(?:{ACRO})\\.", context=f"{SPACENL}+(?:{ACRONYM_FOLLOWERS}){SPACENL}",
+          out=lambda t: (t, len(t) - 1)),
+    _rule("abbrev1_sentend", f"(?:{ABBREV1})", context=f"{SENTEND}|$", out=lambda t: (t, len(t) - 1)),
+    _rule("abbrev1", ABBREV1),
+    _rule("abbrev3", ABBREV3, context=f"{SPACE}?[0-9]"),
+    _rule("abbrev2", f"[A-Za-z]\\.|(?:{ABBREV4})\\."),
+    _rule("abbrev4", f"(?:{ABBREV4})", context=SPACE),
+    _rule("acro", ACRO, context=SPACENL),
+    _rule("tbspec2", f"{APOS}[0-9][0-9]", context=SPACENL),
+    _rule("word_period", f"{WORD}\\.", context="[,;:]", out=_no_soft_hyphen),
+    _rule("phone", r"(?:\([0-9]{2,3}\)[ \u00a0]?|(?:\+\+?)?(?:[0-9]{2,4}[\- \u00a0])?[0-9]{2,4}[\- \u00a0/])"
+                   r"[0-9]{3,4}[\- \u00a0]?[0-9]{3,5}|(?:(?:\+\+?)?[0-9]{2,4}\.)?[0-9]{2,4}\.[0-9]{3,4}\.[0-9]{3,5}",
+          out=lambda t: _parens(_nbsp(t))),
+    _rule("smiley", r"[<>]?[:;=][\-o\*']?[()DPdpO\\{@|\[\]]", out=_parens),
+    _rule("prog_lang", r"(?i:c\+\+|[cf]#)"),
+    _rule("dblquote_left", '"|&quot;', context="[A-Za-z0-9$]", out=lambda t: _latex_quotes(t, True)),
+    _rule("dblquote", '"|&quot;', out=lambda t: _latex_quotes(t, False)),
+    _rule("plus", r"\+"),
+    _rule("percent_amp", "[%&\u2030\u2031]"),
+    _rule("tilde_caret", r"[~^]"),
+    _rule("bar_backslash", r"[|\\\u007f]"),
+    _rule("lsb", r"\[", out=lambda t: "-LSB-"),
+    _rule("rsb", r"\]", out=lambda t: "-RSB-"),
+    _rule("angle", "[<>]"),
+    _rule("lcb", r"\{", out=lambda t: "-LCB-"),
+    _rule("rcb", r"\}", out=lambda t: "-RCB-"),
+    _rule("lrb", r"\(", out=lambda t: "-LRB-"),
+    _rule("rrb", r"\)", out=lambda t: "-RRB-"),
+    _rule("hyphens", r"-+", out=lambda t: "--" if 3 <= len(t) <= 4 else t),
+    _rule("ldots", "\\.{3,5}|(?:\\.[ \u00a0]){2,4}\\.|[\u0085\u2026]", out=lambda t: "..."),
+    _rule("fnmarks", "@+|#+|_+"),
+    _rule("asts", r"\*+|(?:\\\*){1,3}"),
+    _rule("insentp", "[,;:]"),
+    _rule("qmarks", "[?!]+"),
+    _rule("period", "[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa]"),
+    _rule("equals", "="),
+    _rule("slash", "/"),
+    _rule("hthing_period", f"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:[A-Za-z0-9\u00ad]+|{ACRO}\\.))+\\.",
+          context="[,;:]", out=_no_soft_hyphen),
+    _rule("hthing", f"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:[A-Za-z0-9\u00ad]+|{ACRO}\\.))+", out=_no_soft_hyphen),
+    _rule("thing_period", f"(?:[dDoOlL]{APOSETC}{LD})?{LD}+(?:{HYPHEN}(?:[dDoOlL]{APOSETC}{LD})?{LD}+)*\\.",
+          context="[,;:]"),
+    _rule("thing", f"(?:[dDoOlL]{APOSETC}{LD})?{LD}+(?:{HYPHEN}(?:[dDoOlL]{APOSETC}{LD})?{LD}+)*"),
+    # words joined by periods ("foo.bar", "node.js"): one token in the 3.4.1 lexer
+    _rule("dotted_word", f"{LETTER}[{_L}{_D}]*(?:\\.{LETTER}[{_L}{_D}]*)+"),
+    _rule("thinga_period", r"[A-Z]+(?:(?:[+&]|&(?i:amp);)[A-Z]+)+\.", context="[,;:]",
+          out=lambda t: re.sub("(?i:&amp;)", "&", t)),
+    _rule("thinga", r"[A-Z]+(?:(?:[+&]|&(?i:amp);)[A-Z]+)+", out=lambda t: re.sub("(?i:&amp;)", "&", t)),
+    _rule("left_quote", "'", context="[A-Za-z][^ \t\n\r\u00a0]", out=lambda t: _latex_quotes(t, True)),
+    _rule("redaux", f"{APOS}(?:[msdMSD]|(?i:re|ve|ll))", out=lambda t: _latex_quotes(t, False)),
+    _rule("quotes", f"{APOS}|''|[`\u2018\u2019\u201a\u201b\u201c\u201d\u0091\u0092\u0093\u0094\u201e\u201f"
+                    "\u2039\u203a\u00ab\u00bb]{1,2}", out=lambda t: _latex_quotes(t, False)),
+    _rule("miscsymbol", MISCSYMBOL),
+    _rule("space", f"\\x00|{SPACE}+|[\u200b\u200e\u200f\ufeff]|&(?i:nbsp);", out=DROP),
+    _rule("newline", NEWLINE, out=DROP),
+]
+_RULES = [rule for group in _RULE_GROUPS for rule in group]
+
+
+def _scan(text: str, start: int, end: int) -> list[str]:
+    """Raw tokens of `text[start:end]`; `text[end:]` is only look-ahead context."""
+    tokens: list[str] = []
+    pos = start
+    while pos < end:
+        # Fast path: an ASCII word followed by a space is a token whatever the rules say (no
+        # rule can make it longer or shorter), except the words the lexer splits.
+        simple = _SIMPLE_WORD.match(text, pos)
+        if simple is not None:
+            word = simple.group()
+            if word.lower() not in _SPLIT_WORDS:
+                tokens.append(word)
+                pos = simple.end()
+                continue
+        if text[pos] == " ":
+            pos += 1
+            continue
+        best_total, best, best_end = 0, None, 0
+        for rule in _rules_for(text[pos]):
+            match = rule[1].match(text, pos)
+            if match is None or match.end() == pos:
+                continue
+            total = match.end() - pos + (len(match.group(1)) if match.re.groups else 0)
+            if total > best_total:
+                best_total, best, best_end = total, rule, match.end()
+        if best is None:
+            pos += 1  # untokenizable (e.g. emoji): the lexer deletes it and logs a warning
+            continue
+        out = best[3]
+        token = text[pos:min(best_end, end)]
+        if out is DROP:
+            pos = best_end
+            continue
+        if out is KEEP:
+            result, consumed = token, len(token)
+        else:
+            produced = out(token)
+            result, consumed = produced if isinstance(produced, tuple) else (produced, len(token))
+        tokens.append(result)
+        pos += consumed
+    return tokens
+
+
+_SIMPLE_WORD = re.compile(r"[A-Za-z]+(?=[ \t])")
+_SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta"])
+_FIRST_CHAR_CACHE: dict[str, tuple] = {}
+
+
+def _rules_for(char: str) -> tuple:
+    """The rules whose match can begin with `char` (computed once per character)."""
+    rules = _FIRST_CHAR_CACHE.get(char)
+    if rules is None:
+        rules = tuple(rule for rule in _RULES if rule[2](char))
+        _FIRST_CHAR_CACHE[char] = rules
+    return rules
+
+
+_LINE_BREAKS = re.compile("[\r\n\u2028\u2029\u000b\u000c\u0085]")
+# A "plain" caption: ASCII words separated by single spaces, commas glued to the word before,
+# optionally a final period. Such a caption tokenizes to its lowercased words whatever follows.
+_PLAIN = re.compile(r"[A-Za-z]+(?:,? [A-Za-z]+)*(?: ?\.)?")
+
+
+def _is_plain(caption: str) -> bool:
+    if _PLAIN.fullmatch(caption) is None:
+        return False
+    words = caption.lower().replace(",", "").rstrip(" .").split(" ")
+    if not _SPLIT_WORDS.isdisjoint(words):
+        return False
+    if caption.endswith("."):
+        last = words[-1]
+        # a final abbreviation or single letter keeps or splits its period depending on context
+        if len(last) == 1 or _ABBREV_WORDS.fullmatch(last + "."):
+            return False
+    return True
+
+
+_ABBREV_WORDS = re.compile(f"(?:{ABBREV1})|(?:{ABBREV3})|(?:(?:{ABBREV4})\\.)|(?i:no|nos)\\.", re.IGNORECASE)
+
+
+def tokenize_tokens(captions: list[str]) -> list[list[str]]:
+    """PTB tokens of each caption (lowercased, punctuation dropped), as pycocoevalcap gets them.
+
+    `captions` must be in the order pycocoevalcap feeds them to Java (image by image, each
+    image's captions in order), because a caption's last token can depend on the next caption.
+    """
+    cleaned = [_LINE_BREAKS.sub(" ", caption) for caption in captions]
+    result: list[list[str]] = []
+    for index, caption in enumerate(cleaned):
+        if _is_plain(caption):
+            words = caption.replace(",", " ").replace(".", " ").lower().split()
+            result.append(words)
+            continue
+        following = "\n" + cleaned[index + 1] if index + 1 < len(cleaned) else ""
+        tokens = _scan(caption + following, 0, len(caption))
+        result.append([t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION])
+    return result
+
+
+def tokenize(captions: list[str]) -> list[str]:
+    """pycocoevalcap's tokenized form of each caption: PTB tokens joined by single spaces."""
+    return [" ".join(tokens) for tokens in tokenize_tokens(captions)]
+
+
+__all__ = ["PUNCTUATION", "tokenize", "tokenize_tokens"]
+
+if __name__ == "__main__":  # pragma: no cover - manual inspection helper
+    for line in sys.stdin:
+        print(tokenize([line.rstrip("\n")])[0])
