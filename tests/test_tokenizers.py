@@ -55,7 +55,13 @@ def test_clip_vocabulary_layout_matches_openai(clip_files):
     vocab = json.loads((clip_files / "vocab.json").read_text(encoding="utf-8"))
     assert len(vocab) == 49408 and sorted(vocab.values()) == list(range(49408))
     # OpenAI's order: printable bytes first, then their </w> forms, merges, then the two specials.
-    assert [vocab[t] for t in ("!", "Ā", "!</w>", "<|startoftext|>", "<|endoftext|>")] == [0, 188, 256, SOT, EOT]
+    assert [vocab[t] for t in ("!", "Ā", "!</w>", "<|startoftext|>", "<|endoftext|>")] == [
+        0,
+        188,
+        256,
+        SOT,
+        EOT,
+    ]
     assert (clip_files / "merges.txt").read_text(encoding="utf-8").split("\n")[1] == "i n"
     # Ids published with OpenAI CLIP ("a diagram") and the OpenCLIP README ("a dog").
     assert tok.encode("a diagram") == [SOT, 320, 22697, EOT]
@@ -109,6 +115,18 @@ def test_clip_rules_truncation_padding_and_mask():
     padded = hf_style(["a dog", long_text], context_length=8)
     assert hf_style.attention_mask(padded).tolist() == [[True] * 4 + [False] * 4, [True] * 8]
     assert hf_style.decode(padded[0]) == "a dog"
+
+
+def test_generic_tokenizer_without_end_token():
+    import tokenizers
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 1, "b": 2, "<eos>": 3}, unk_token="a"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = Tokenizer(backend, context_length=3, eos_id=3)  # its pipeline never appends <eos>
+    # Only a sequence that ended with the end token gets it back after truncation.
+    texts = ["", "b b b b", "b <eos>", "b b b <eos>"]
+    assert tok(texts).tolist() == [[0, 0, 0], [2, 2, 2], [2, 3, 0], [2, 2, 3]]
+    assert tok([]).shape == (0, 3)
 
 
 def test_clip_decode_round_trip_ascii_captions(captions):
@@ -178,7 +196,9 @@ def test_train_clip_bpe(captions, corpus):
 
 def test_train_wordpiece(captions):
     start = time.perf_counter()
-    tok = train_wordpiece(captions + [c.upper() + " ça" for c in captions[:100]], vocab_size=400, context_length=12)
+    tok = train_wordpiece(
+        captions + [c.upper() + " ça" for c in captions[:100]], vocab_size=400, context_length=12
+    )
     assert time.perf_counter() - start < 20
     assert tok.kind == "bert" and tok.vocab_size <= 400
     assert [tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
@@ -238,6 +258,10 @@ def test_user_errors_name_the_path(tmp_path):
         Tokenizer.load(bad)
     (bad / "tokenizer_config.json").unlink()
     with pytest.raises(UserError, match=r"\[CLS\] and \[SEP\]"):
+        Tokenizer.load(bad)
+    (bad / "vocab.json").write_text('{"a": 0, "b": 1, "<|startoftext|>": 2, "<|endoftext|>": 3}')
+    (bad / "merges.txt").write_text("#version: 0.2\na c\n")
+    with pytest.raises(UserError, match="do not form a tokenizer"):
         Tokenizer.load(bad)
     with pytest.raises(UserError, match="vocab_size"):
         train_clip_bpe(["a"], vocab_size=300)

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import tokenizers
+import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from vlmkit.errors import UserError
@@ -83,12 +83,13 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.mask_id = bos_id, eos_id, int(pad_id), mask_id
         # CLIP's BPE marks word ends with "</w>"; decoding turns it back into a space (as HF does).
         model = backend.model
-        self._word_suffix = getattr(model, "end_of_word_suffix", None) if isinstance(model, models.BPE) else None
+        self._word_suffix = model.end_of_word_suffix if isinstance(model, models.BPE) else None
 
     def __repr__(self) -> str:
         return (
-            f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, context_length={self.context_length}, "
-            f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id}, mask_id={self.mask_id})"
+            f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
+            f"context_length={self.context_length}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+            f"pad_id={self.pad_id}, mask_id={self.mask_id})"
         )
 
     @property
@@ -124,8 +125,8 @@ class Tokenizer:
         if self.eos_id is not None:
             # An overflowing sequence keeps its end token: [sot] + first L-2 tokens + [eot]. Only
             # sequences that did end with it get it back (a generic tokenizer may add none).
-            ends = np.cumsum(lengths) - 1
-            overflow = (lengths > length) & (flat[ends.clip(min=0)] == self.eos_id)
+            overflow = np.flatnonzero(lengths > length)
+            overflow = overflow[flat[np.cumsum(lengths)[overflow] - 1] == self.eos_id]
             out[overflow, length - 1] = self.eos_id
         return out
 
@@ -163,12 +164,18 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of one id sequence; trailing padding is dropped, special tokens too unless told otherwise."""
-        return self._clean(self.backend.decode(self._strip_padding(ids), skip_special_tokens=skip_special_tokens))
+        return self._clean(
+            self.backend.decode(self._strip_padding(ids), skip_special_tokens=skip_special_tokens)
+        )
 
-    def batch_decode(self, sequences: Iterable[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+    def batch_decode(
+        self, sequences: Iterable[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
+    ) -> list[str]:
         """Texts of a batch of id sequences (a `(B, L)` tensor or lists), as `decode` does each."""
         rows = [self._strip_padding(row) for row in sequences]
-        return [self._clean(t) for t in self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)]
+        return [
+            self._clean(t) for t in self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+        ]
 
     # ----------------------------------------------------------------------------- files
     def save(self, directory: str | Path) -> Path:
@@ -216,7 +223,7 @@ class Tokenizer:
         return [Path(p) for p in self.backend.model.save(str(directory))]
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         """Load a tokenizer folder (or the path of its `tokenizer.json`).
 
         Reads, in this order: a folder written by `save`; an HF folder with `tokenizer.json` (special
@@ -227,7 +234,10 @@ class Tokenizer:
         path = Path(path)
         directory = path.parent if path.is_file() else path
         if not directory.is_dir():
-            raise UserError(f"tokenizer folder {path} does not exist; give the folder that holds tokenizer.json or vocab files")
+            raise UserError(
+                f"tokenizer folder {path} does not exist; "
+                f"give the folder that holds tokenizer.json or the vocabulary files"
+            )
         config = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / CONFIG_FILE)}
         saved = config.get("vlmkit")
         tokenizer_json = path if path.is_file() else directory / "tokenizer.json"
@@ -241,22 +251,38 @@ class Tokenizer:
                     f"re-export it with tokenizers or transformers' save_pretrained"
                 ) from None
             if isinstance(saved, dict):
-                return cls(backend, **saved)
+                try:
+                    return cls(backend, **saved)
+                except (TypeError, ValueError) as error:
+                    raise UserError(
+                        f"the 'vlmkit' entry of {directory / CONFIG_FILE} is invalid ({error}); "
+                        f"re-save the tokenizer with Tokenizer.save"
+                    ) from None
             kind = _infer_kind(backend)
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             vocab = _read_json(directory / "vocab.json")
-            backend, kind = _clip_backend(vocab, _read_merges(directory / "merges.txt")), "clip"
+            if SOT not in vocab or EOT not in vocab:
+                raise UserError(
+                    f"{directory / 'vocab.json'} has no {SOT} / {EOT} entries, so it is not a CLIP "
+                    f"vocabulary; give a CLIP tokenizer folder or one with tokenizer.json"
+                )
+            backend = _build(directory, _clip_backend, vocab, _read_merges(directory / "merges.txt"))
+            kind = "clip"
         elif (directory / "vocab.txt").is_file():
             vocab = _read_vocab_txt(directory / "vocab.txt")
-            backend, kind = _bert_backend(
+            backend = _build(
+                directory,
+                _bert_backend,
                 vocab,
                 lowercase=config.get("do_lower_case", True),
                 strip_accents=config.get("strip_accents"),
                 handle_chinese_chars=config.get("tokenize_chinese_chars", True),
-            ), "bert"
+            )
+            kind = "bert"
         else:
             raise UserError(
-                f"no tokenizer files in {directory}; it needs tokenizer.json, vocab.json + merges.txt, or vocab.txt"
+                f"no tokenizer files in {directory}; "
+                f"it needs tokenizer.json, vocab.json + merges.txt, or vocab.txt"
             )
         return cls(backend, kind=kind, **_special_ids(backend, kind, config))
 
@@ -269,9 +295,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     dict's order is the order of CLIP's first 256 ids, which the library's unordered
     `ByteLevel.alphabet()` cannot give.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
-    return {b: chr(c) for b, c in zip(printable + others, printable + [256 + i for i in range(len(others))])}
+    characters = printable + [256 + i for i in range(len(others))]
+    return {b: chr(c) for b, c in zip(printable + others, characters, strict=True)}
 
 
 def _clip_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
@@ -280,7 +311,9 @@ def _clip_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
     EOT gets the highest id, which CLIP models rely on: they pool text at the argmax token id.
     """
     byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + END_OF_WORD for c in byte_chars] + ["".join(pair) for pair in merges] + [SOT, EOT]
+    tokens = (
+        byte_chars + [c + END_OF_WORD for c in byte_chars] + ["".join(pair) for pair in merges] + [SOT, EOT]
+    )
     # dict.fromkeys keeps the first id of a repeated string (a trained BPE can merge two ways into one).
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
 
@@ -288,7 +321,13 @@ def _clip_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
 def _clip_backend(vocab: dict[str, int], merges: Sequence[tuple[str, str]]) -> tokenizers.Tokenizer:
     """The CLIP pipeline of HF's CLIPTokenizerFast, built from the library's components."""
     backend = tokenizers.Tokenizer(
-        models.BPE(vocab=vocab, merges=list(merges), continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD, fuse_unk=False)
+        models.BPE(
+            vocab=vocab,
+            merges=list(merges),
+            continuing_subword_prefix="",
+            end_of_word_suffix=END_OF_WORD,
+            fuse_unk=False,
+        )
     )
     _set_clip_pipeline(backend)
     # Registered as special so a literal "<|endoftext|>" in a text maps to its id, as in HF.
@@ -314,7 +353,8 @@ def _set_clip_pipeline(backend: tokenizers.Tokenizer) -> None:
 
 
 def _clip_merges_from_asset(path: Path = CLIP_BPE_ASSET) -> list[tuple[str, str]]:
-    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")
     # Line 0 is the "#version" header; CLIP keeps the first 48,894 merges.
     return [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]
 
@@ -334,7 +374,9 @@ def clip_tokenizer(context_length: int = 77, pad_id: int = 0) -> Tokenizer:
     )
 
 
-def train_clip_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 77, pad_id: int = 0) -> Tokenizer:
+def train_clip_bpe(
+    texts: Iterable[str], vocab_size: int, context_length: int = 77, pad_id: int = 0
+) -> Tokenizer:
     """Train a CLIP-style byte-level BPE tokenizer of at most `vocab_size` tokens on `texts`.
 
     Same pipeline and id layout as `clip_tokenizer()`: the 512 byte tokens (with and without
@@ -344,7 +386,10 @@ def train_clip_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 
     """
     num_merges = vocab_size - 2 * 256 - 2
     if num_merges < 1:
-        raise UserError(f"a CLIP BPE vocabulary needs more than 514 tokens (512 bytes + 2 special), got vocab_size={vocab_size}; raise it")
+        raise UserError(
+            f"a CLIP BPE vocabulary needs more than 514 tokens (512 bytes + 2 special), "
+            f"got vocab_size={vocab_size}; raise it"
+        )
     backend = tokenizers.Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD))
     _set_clip_pipeline(backend)
     # The trainer counts the alphabet it sees (up to 512 symbols) in its vocab size; ask for room
@@ -359,26 +404,40 @@ def train_clip_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 
     merges = [tuple(pair) for pair in json.loads(backend.to_str())["model"]["merges"][:num_merges]]
     vocab = _clip_vocab(merges)
     return Tokenizer(
-        _clip_backend(vocab, merges), kind="clip", context_length=context_length,
-        bos_id=vocab[SOT], eos_id=vocab[EOT], pad_id=pad_id,
+        _clip_backend(vocab, merges),
+        kind="clip",
+        context_length=context_length,
+        bos_id=vocab[SOT],
+        eos_id=vocab[EOT],
+        pad_id=pad_id,
     )
 
 
 # --------------------------------------------------------------------------------- BERT
 def _bert_backend(
-    vocab: dict[str, int], lowercase: bool = True, strip_accents: bool | None = None, handle_chinese_chars: bool = True
+    vocab: dict[str, int],
+    lowercase: bool = True,
+    strip_accents: bool | None = None,
+    handle_chinese_chars: bool = True,
 ) -> tokenizers.Tokenizer:
     """BERT's WordPiece pipeline (as HF's BertTokenizerFast builds it) over a given vocabulary."""
     backend = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     _set_bert_pipeline(backend, lowercase, strip_accents, handle_chinese_chars)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BERT_SPECIALS if t in vocab])
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in BERT_SPECIALS if t in vocab]
+    )
     _set_bert_template(backend)
     return backend
 
 
-def _set_bert_pipeline(backend: tokenizers.Tokenizer, lowercase: bool, strip_accents: bool | None, handle_chinese_chars: bool) -> None:
+def _set_bert_pipeline(
+    backend: tokenizers.Tokenizer, lowercase: bool, strip_accents: bool | None, handle_chinese_chars: bool
+) -> None:
     backend.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=handle_chinese_chars, strip_accents=strip_accents, lowercase=lowercase
+        clean_text=True,
+        handle_chinese_chars=handle_chinese_chars,
+        strip_accents=strip_accents,
+        lowercase=lowercase,
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##")
@@ -403,16 +462,26 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, context_length: int =
     [CLS] ... [SEP] padded with [PAD].
     """
     if vocab_size <= len(BERT_SPECIALS):
-        raise UserError(f"a WordPiece vocabulary needs more than {len(BERT_SPECIALS)} tokens, got vocab_size={vocab_size}; raise it")
+        raise UserError(
+            f"a WordPiece vocabulary needs more than {len(BERT_SPECIALS)} tokens, "
+            f"got vocab_size={vocab_size}; raise it"
+        )
     backend = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     _set_bert_pipeline(backend, lowercase=True, strip_accents=None, handle_chinese_chars=True)
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False
+    )
     backend.train_from_iterator(texts, trainer)
     _set_bert_template(backend)
     ids = {t: backend.token_to_id(t) for t in BERT_SPECIALS}
     return Tokenizer(
-        backend, kind="bert", context_length=context_length,
-        bos_id=ids["[CLS]"], eos_id=ids["[SEP]"], pad_id=ids["[PAD]"], mask_id=ids["[MASK]"],
+        backend,
+        kind="bert",
+        context_length=context_length,
+        bos_id=ids["[CLS]"],
+        eos_id=ids["[SEP]"],
+        pad_id=ids["[PAD]"],
+        mask_id=ids["[MASK]"],
     )
 
 
@@ -429,11 +498,13 @@ def _read_json(path: Path) -> dict:
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     merges = []
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if number == 1 and line.startswith("#version") or not line.strip():
+        if (number == 1 and line.startswith("#version")) or not line.strip():
             continue
         pair = line.split()
         if len(pair) != 2:
-            raise UserError(f"{path} line {number} is not a merge ('left right'); fix or re-export merges.txt")
+            raise UserError(
+                f"{path} line {number} is not a merge ('left right'); fix or re-export merges.txt"
+            )
         merges.append((pair[0], pair[1]))
     return merges
 
@@ -441,6 +512,17 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
 def _read_vocab_txt(path: Path) -> dict[str, int]:
     # One token per line, the id is the line number (BERT's format; tokens may contain spaces).
     return {token: i for i, token in enumerate(path.read_text(encoding="utf-8").rstrip("\n").split("\n"))}
+
+
+def _build(directory: Path, builder, *args, **kwargs) -> tokenizers.Tokenizer:
+    try:
+        return builder(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as error:  # the library rejects e.g. merges of tokens missing from the vocab
+        raise UserError(
+            f"the vocabulary files in {directory} do not form a tokenizer ({error}); fix or re-export them"
+        ) from None
 
 
 def _infer_kind(backend: tokenizers.Tokenizer) -> str:
