@@ -11,6 +11,7 @@ def register_all(subparsers) -> None:
         "vlmkit.train.cli",     # vlmkit train
         "vlmkit.tasks.cli",     # vlmkit eval ..., classify, embed
         "vlmkit.metrics.cli",   # vlmkit score captions|vqa
+        "vlmkit.demo",          # vlmkit demo
     ):
         try:
             module = importlib.import_module(module_name)

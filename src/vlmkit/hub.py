@@ -1,0 +1,46 @@
+"""`vlmkit.load(path)`: find out what a folder or file holds and load it, with no network.
+
+Today: vlmkit run/model folders (config.json with a "family" key). The interop package adds
+HF transformers and OpenCLIP formats (see vlmkit.interop).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmkit.errors import UserError
+
+
+def load(path, device: str | None = None, **kwargs):
+    """Load a model with its tokenizer and image transform attached, in eval mode."""
+    source = Path(path)
+    if not source.exists():
+        raise UserError(f"model path {source} does not exist; give a run folder written by 'vlmkit train'")
+    model = None
+    config_file = source / "config.json" if source.is_dir() else None
+    if config_file is not None and config_file.exists():
+        try:
+            meta = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{config_file} is not valid JSON ({error}); the folder is damaged") from None
+        if "family" in meta:
+            from vlmkit.models.registry import get_family
+
+            if not (source / "model.safetensors").exists():
+                raise UserError(f"{source} has a config.json but no model.safetensors; the run has not saved weights yet")
+            model = get_family(meta["family"]).from_pretrained(source)
+    if model is None:
+        model = _load_foreign(source, **kwargs)
+    if device:
+        model.to(device)
+    return model
+
+
+def _load_foreign(source: Path, **kwargs):
+    try:
+        from vlmkit.interop import load_foreign
+    except ImportError:
+        load_foreign = None
+    if load_foreign is None:
+        raise UserError(f"{source} is not a vlmkit model folder (no config.json with a 'family' key)")
+    return load_foreign(source, **kwargs)

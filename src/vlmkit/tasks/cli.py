@@ -1,0 +1,144 @@
+"""Task verbs: `vlmkit eval ...`, `vlmkit classify`, `vlmkit embed`.
+
+Evaluations print one JSON object on stdout; progress and notes go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Evaluation sub-verbs other areas add: name -> (help, add_arguments, handler).
+EVALUATIONS: dict[str, tuple] = {}
+
+
+def evaluation(name: str, help: str):
+    """Register an `vlmkit eval NAME` sub-verb: decorate `handler(args)`, with `.arguments(parser)` set."""
+
+    def decorate(handler):
+        EVALUATIONS[name] = (help, getattr(handler, "arguments", lambda parser: None), handler)
+        return handler
+
+    return decorate
+
+
+def _records(path: str):
+    from vlmkit.data.formats import read_records
+
+    return read_records(path)
+
+
+def _model(path: str):
+    import vlmkit
+
+    return vlmkit.load(path)
+
+
+def _zeroshot_arguments(parser):
+    parser.add_argument("--label-key", default="label", help="record field holding the class name (default: label)")
+    parser.add_argument("--templates", help="file with one prompt template per line, each with '{}'")
+
+
+def _zeroshot(args) -> dict:
+    from vlmkit.tasks.zeroshot import evaluate_zeroshot, read_templates
+
+    templates = read_templates(args.templates)
+    return evaluate_zeroshot(_model(args.model), _records(args.data), label_key=args.label_key, templates=templates)
+
+
+def _retrieval(args) -> dict:
+    from vlmkit.tasks.retrieval import evaluate_retrieval
+
+    return evaluate_retrieval(_model(args.model), _records(args.data))
+
+
+def _linear_probe_arguments(parser):
+    parser.add_argument("--train", required=True, help="records with labels to fit the probe on")
+    parser.add_argument("--test", required=True, help="records with labels to score the probe on")
+    parser.add_argument("--label-key", default="label")
+
+
+def _linear_probe(args) -> dict:
+    from vlmkit.tasks.linear_probe import evaluate_linear_probe
+
+    model = _model(args.model)
+    return evaluate_linear_probe(model, _records(args.train), _records(args.test), label_key=args.label_key)
+
+
+_zeroshot.arguments = _zeroshot_arguments
+_linear_probe.arguments = _linear_probe_arguments
+evaluation("zeroshot", "zero-shot classification with prompt ensembling")(_zeroshot)
+evaluation("retrieval", "image-text retrieval recall@1/5/10 both ways")(_retrieval)
+evaluation("linear-probe", "logistic regression on frozen image features")(_linear_probe)
+
+
+def register(subparsers) -> None:
+    evaluate = subparsers.add_parser("eval", help="evaluate a model; prints one JSON object")
+    tasks = evaluate.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name, (help_text, add_arguments, handler) in EVALUATIONS.items():
+        parser = tasks.add_parser(name, help=help_text)
+        parser.add_argument("--model", required=True, help="run folder or checkpoint")
+        if name != "linear-probe":
+            parser.add_argument("--data", required=True, help="evaluation records (JSONL, CSV, shards)")
+        add_arguments(parser)
+        parser.set_defaults(func=_printing(handler))
+
+    classify = subparsers.add_parser("classify", help="zero-shot classify images among given labels")
+    classify.add_argument("images", nargs="+")
+    classify.add_argument("--model", required=True)
+    classify.add_argument("--labels", nargs="+", required=True, help='class names, e.g. "red circle" "blue square"')
+    classify.add_argument("--templates", help="file with one prompt template per line")
+    classify.add_argument("--top", type=int, default=3, help="how many labels to list per image")
+    classify.set_defaults(func=_printing(_classify))
+
+    embed = subparsers.add_parser("embed", help="write normalised image and text embeddings to safetensors")
+    embed.add_argument("--model", required=True)
+    embed.add_argument("--data", required=True)
+    embed.add_argument("--out", required=True, help="output .safetensors file")
+    embed.set_defaults(func=_printing(_embed))
+
+
+def _printing(handler):
+    def run(args: argparse.Namespace) -> int:
+        from vlmkit.cli import print_json
+
+        print_json(handler(args))
+        return 0
+
+    return run
+
+
+def _classify(args) -> dict:
+    from vlmkit.tasks.zeroshot import read_templates, zeroshot_logits
+    from vlmkit.data.formats import load_image
+
+    images = [load_image(path) for path in args.images]  # a bad path fails here, with its name
+    model = _model(args.model)
+    probabilities = zeroshot_logits(model, images, args.labels, read_templates(args.templates)).softmax(dim=-1)
+    top = min(args.top, len(args.labels))
+    results = []
+    for path, row in zip(args.images, probabilities):
+        values, indices = row.topk(top)
+        results.append({
+            "image": path,
+            "label": args.labels[indices[0]],
+            "top": [{"label": args.labels[i], "probability": round(v.item(), 4)} for v, i in zip(values, indices)],
+        })
+    return {"predictions": results}
+
+
+def _embed(args) -> dict:
+    from vlmkit.io import save_safetensors
+    import torch
+
+    model = _model(args.model)
+    records = _records(args.data)
+    tensors = {}
+    if records and "embed_image" in model.capabilities:
+        tensors["image_embeddings"] = model.embed_images([record["image"] for record in records])
+    texts = [text for record in records for text in record.get("texts", [])]
+    if texts and "embed_text" in model.capabilities:
+        tensors["text_embeddings"] = model.embed_texts(texts)
+        tensors["text_to_image"] = torch.tensor([i for i, record in enumerate(records) for _ in record.get("texts", [])])
+    out = Path(args.out)
+    save_safetensors(tensors, out, metadata={"source": str(args.data), "model": str(args.model)})
+    return {"out": str(out), **{name: list(tensor.shape) for name, tensor in tensors.items()}}

@@ -1,0 +1,70 @@
+"""Zero-shot classification with prompt ensembling (CLIP / CLIP_benchmark protocol).
+
+Each class embedding is the re-normalised mean of its L2-normalised template embeddings;
+logits = 100 * image @ classes.T; scored with top-1, top-5 and mean per-class recall.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vlmkit.errors import UserError
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a rendering of a {}.",
+)
+
+
+def read_templates(path: str | Path | None) -> tuple[str, ...]:
+    """Templates from a file (one per line, each with one '{}'), or the defaults."""
+    if path is None:
+        return DEFAULT_TEMPLATES
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"templates file {path} does not exist")
+    templates = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    bad = [template for template in templates if "{}" not in template]
+    if not templates or bad:
+        raise UserError(f"templates file {path} needs one template per line, each with a '{{}}' for the class name"
+                        + (f" (bad line: {bad[0]!r})" if bad else ""))
+    return templates
+
+
+@torch.no_grad()
+def class_embeddings(model, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(C, D) normalised class embeddings, each the mean over its filled-in templates."""
+    prompts = [template.format(name) for name in classnames for template in templates]
+    embeddings = model.embed_texts(prompts).view(len(classnames), len(templates), -1)  # (C, T, D), each row normalised
+    return F.normalize(embeddings.mean(dim=1), dim=-1)  # (C, D)
+
+
+def zeroshot_logits(model, images: Sequence, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+    """(N, C) logits = 100 * image embeddings @ class embeddings."""
+    model.require("embed_image", task="zero-shot classification")
+    model.require("embed_text", task="zero-shot classification")
+    weights = class_embeddings(model, classnames, templates)
+    return 100.0 * model.embed_images(images) @ weights.T
+
+
+def evaluate_zeroshot(model, records: Sequence[dict], label_key: str = "label", templates: Sequence[str] = DEFAULT_TEMPLATES) -> dict:
+    """Top-1/top-5/mean per-class recall over the records that carry a label; classes = distinct labels."""
+    from vlmkit.metrics.classification import zeroshot_scores
+
+    labelled = [record for record in records if record.get(label_key) is not None]
+    left_out = len(records) - len(labelled)
+    if left_out:
+        print(f"vlmkit: zero-shot leaves out {left_out} record(s) without a '{label_key}'", file=sys.stderr)
+    if not labelled:
+        raise UserError(f"no record has a '{label_key}' field; choose the label field with --label-key")
+    classnames = sorted({str(record[label_key]) for record in labelled})
+    targets = torch.tensor([classnames.index(str(record[label_key])) for record in labelled])
+    logits = zeroshot_logits(model, [record["image"] for record in labelled], classnames, templates)
+    return {**zeroshot_scores(logits, targets), "n": len(labelled), "classes": len(classnames)}
