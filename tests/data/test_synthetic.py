@@ -133,6 +133,29 @@ def test_statements_are_balanced_and_true_ones_hold(synth_dir):
             elif match := re.fullmatch(r"there (?:is|are) (\w+) objects?", item["text"]):
                 count = ["one", "two", "three", "four"].index(match.group(1)) + 1
                 assert item["label"] == (count == len(names))
+            elif match := re.fullmatch(r"the (\w+) is (\w+)", item["text"]):
+                (owner,) = [name for name in names if name.endswith(" " + match.group(1))]
+                assert item["label"] == (owner == f"{match.group(2)} {match.group(1)}")
+            elif match := re.fullmatch(r"the (\w+ \w+) is (left of|right of|above|below) the (\w+ \w+)", item["text"]):
+                assert item["label"] == _holds(record, *match.groups())
+            else:
+                pytest.fail(f"unexpected statement {item['text']!r}")
+
+
+def _holds(record, first, relation, second):
+    by_name = {obj["name"]: obj for obj in record["objects"]}
+    (ax, ay), (bx, by) = _centre(by_name[first]), _centre(by_name[second])
+    return {"left of": ax < bx, "right of": ax > bx, "above": ay < by, "below": ay > by}[relation]
+
+
+def test_relation_captions_are_true(synth_dir):
+    seen = 0
+    for record in read(synth_dir / "train.jsonl"):
+        for text in record["texts"]:
+            if match := re.fullmatch(r"an? (\w+ \w+) (left of|right of|above|below) an? (\w+ \w+)", text):
+                assert _holds(record, *match.groups())
+                seen += 1
+    assert seen > 50
 
 
 def test_holdout_stays_out_of_train_but_not_test(tmp_path):
