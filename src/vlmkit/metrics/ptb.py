@@ -408,12 +408,19 @@ def _scan(text: str, start: int, end: int) -> list[str]:
         simple = _SIMPLE_WORD.match(text, pos)
         if simple is not None:
             word = simple.group()
-            if word.lower() not in _SPLIT_WORDS:
+            lowered = word.lower()
+            if lowered not in _SPLIT_WORDS and (
+                    text[simple.end()] != "." or (len(word) > 1 and lowered not in _ABBREVIATION_WORDS)):
                 tokens.append(word)
                 pos = simple.end()
                 continue
-        if text[pos] == " ":
-            pos += 1
+        punctuation = _SIMPLE_PUNCTUATION.match(text, pos)
+        if punctuation is not None:
+            tokens.append(punctuation.group())
+            pos = punctuation.end()
+            continue
+        if text[pos] in " \t":
+            pos = _SPACES.match(text, pos).end()
             continue
         best_total, best, best_end = 0, None, 0
         for rule in _rules_for(text[pos]):
@@ -441,7 +448,11 @@ def _scan(text: str, start: int, end: int) -> list[str]:
     return tokens
 
 
-_SIMPLE_WORD = re.compile(r"[A-Za-z]+(?=[ \t])")
+_SPACES = re.compile(f"{SPACE}+")
+# Words and punctuation whose tokenization no rule can change: a word followed by a space, or
+# by `,;!?` and a space, or by a final period (unless the word could be an abbreviation).
+_SIMPLE_WORD = re.compile(r"[A-Za-z]+(?=[ \t]|[,;!?]+(?:[ \t\n]|$)|\.(?:\n|$))")
+_SIMPLE_PUNCTUATION = re.compile(r"(?:[,;]|[!?]+)(?=[ \t\n]|$)|\.(?=\n|$)")
 _SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta"])
 _FIRST_CHAR_CACHE: dict[str, tuple] = {}
 
@@ -455,6 +466,19 @@ def _rules_for(char: str) -> tuple:
     return rules
 
 
+def _abbreviation_words() -> frozenset:
+    """Lower-cased words that some abbreviation rule could join with a following period."""
+    words = set()
+    for source in (ABMONTH, ABDAYS, ABSTATE, ABCOMP, ABNUM, ABTITLE,
+                   "etc|al|seq|ca|fig|figs|prop|no|nos|art|bldg|pp|op|vs|Alex|Wm|Jos|Cie|cf|TREAS|Invt|Elec|"
+                   "Natl|Mfg|Mtg|Jr|Sr|Bros|Blvd|Rd|Esq|Kan|Kans|Co|Cos|Pty|Ptys|Ppty|Pptys|Wis|Wisc|Dr|Drs|Prof|Profs|"
+                   "Sen|Sens|Rep|Reps|Atty|Attys|Gov|Govs|St|Ste|Supt|Supts|Cmdr|Comdr|Sept|Tues|Thurs"):
+        for word in source.split("|"):
+            words.add(re.sub(r"[\[\]?]", "", word).lower())
+    return frozenset(words)
+
+
+_ABBREVIATION_WORDS = _abbreviation_words()
 _LINE_BREAKS = re.compile("[\r\n\u2028\u2029\u000b\u000c\u0085]")
 # A "plain" caption: ASCII words separated by single spaces, commas glued to the word before,
 # optionally a final period. Such a caption tokenizes to its lowercased words whatever follows.

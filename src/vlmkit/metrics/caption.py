@@ -1,0 +1,99 @@
+"""Caption metrics as papers report them: pycocoevalcap's BLEU-1..4, ROUGE-L, CIDEr-D, METEOR.
+
+`score_captions` validates the input, PTB-tokenizes predictions and references in the order
+pycocoevalcap's COCOEvalCap does (image by image, in prediction order: the order matters, see
+`vlmkit.metrics.ptb`), then runs the scorers. BLEU, ROUGE-L and CIDEr-D are pure numpy and
+equal pycocoevalcap's to 1e-9 or better; METEOR runs the jar shipped with pycocoevalcap.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Iterable, Mapping, Sequence
+
+from vlmkit.errors import UserError
+from vlmkit.metrics.bleu import bleu_scores
+from vlmkit.metrics.cider import cider_scores
+from vlmkit.metrics.ptb import tokenize
+from vlmkit.metrics.rouge import rouge_l_scores
+
+METRICS = ("bleu", "rouge", "cider", "meteor", "spice")
+DEFAULT_METRICS = ("bleu", "rouge", "cider")
+
+
+def validate_captions(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> None:
+    """Raise UserError naming the first malformed entry; nothing is ever dropped silently."""
+    if not predictions:
+        raise UserError("there are no predictions to score; pass at least one {image_id: caption}")
+    for image_id, caption in predictions.items():
+        if not isinstance(caption, str) or not caption.strip():
+            raise UserError(f"the prediction for image {image_id!r} is empty or not a string; "
+                            f"give every image a non-empty caption")
+        if image_id not in references:
+            raise UserError(f"image {image_id!r} has a prediction but no references; "
+                            f"check that predictions and references use the same image ids")
+    for image_id, refs in references.items():
+        if image_id not in predictions:
+            raise UserError(f"image {image_id!r} has references but no prediction; "
+                            f"predict every reference image or remove it from the references")
+        if isinstance(refs, str) or not isinstance(refs, Sequence) or len(refs) == 0:
+            raise UserError(f"the references of image {image_id!r} must be a non-empty list of captions")
+        for caption in refs:
+            if not isinstance(caption, str) or not caption.strip():
+                raise UserError(f"image {image_id!r} has an empty or non-string reference caption; "
+                                f"remove it or fill it in")
+
+
+def _check_metrics(metrics: Iterable[str]) -> list[str]:
+    chosen = [m.strip().lower() for m in metrics if m.strip()]
+    for metric in chosen:
+        if metric not in METRICS:
+            raise UserError(f"unknown caption metric '{metric}'; choose from {', '.join(METRICS[:4])}")
+    if "spice" in chosen:
+        raise UserError("SPICE is not available: it needs Java 8, the spice-1.0.jar and a Stanford CoreNLP "
+                        "3.6.0 model download at run time (pycocoevalcap's get_stanford_models), which "
+                        "vlmkit does not fetch; leave 'spice' out of --metrics")
+    if not chosen:
+        raise UserError("no caption metric chosen; use e.g. --metrics bleu,rouge,cider")
+    return chosen
+
+
+def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
+                   metrics: Iterable[str] = DEFAULT_METRICS, per_image: bool = False) -> dict:
+    """Corpus caption scores: keys "BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr", "METEOR" (as asked), "n".
+
+    `predictions` maps an image id to one caption, `references` maps the same ids to lists of
+    captions (raw text; tokenization is done here). With `per_image=True` the result also holds
+    "per_image": {image_id: {metric: score}}. Scores are fractions (CIDEr around 0-10), exactly
+    pycocoevalcap's.
+    """
+    chosen = _check_metrics(metrics)
+    validate_captions(predictions, references)
+    image_ids = list(predictions)
+    hypotheses = tokenize([predictions[i] for i in image_ids])
+    flat = tokenize([caption for i in image_ids for caption in references[i]])
+    grouped, start = [], 0
+    for image_id in image_ids:
+        stop = start + len(references[image_id])
+        grouped.append(flat[start:stop])
+        start = stop
+
+    result: dict = {}
+    per: dict[str, list[float]] = {}
+    if "bleu" in chosen:
+        corpus, scores = bleu_scores(hypotheses, grouped)
+        for k in range(4):
+            result[f"BLEU-{k + 1}"] = corpus[k]
+            per[f"BLEU-{k + 1}"] = scores[k]
+    if "rouge" in chosen:
+        result["ROUGE-L"], per["ROUGE-L"] = rouge_l_scores(hypotheses, grouped)
+    if "cider" in chosen:
+        result["CIDEr"], per["CIDEr"] = cider_scores(hypotheses, grouped)
+    if "meteor" in chosen:
+        from vlmkit.metrics.meteor import Meteor
+
+        with Meteor() as meteor:
+            result["METEOR"], per["METEOR"] = meteor.compute_score(hypotheses, grouped)
+    result["n"] = len(image_ids)
+    if per_image:
+        result["per_image"] = {image_id: {name: values[index] for name, values in per.items()}
+                               for index, image_id in enumerate(image_ids)}
+    return result

@@ -1,0 +1,70 @@
+"""CIDEr-D exactly as pycocoevalcap computes it (`Cider()`: n = 1..4, sigma = 6).
+
+Each sentence becomes, per n-gram order, a tf-idf vector: raw counts times
+log(N) - log(max(1, df)), with df the number of *evaluated images* whose references contain the
+n-gram (so the idf depends on the evaluated set, and one image alone scores 0). A hypothesis is
+compared with each reference by a clipped cosine: sum(min(h, r) * r) / (|h| |r|), multiplied by
+a Gaussian penalty exp(-(l_h - l_r)^2 / (2 sigma^2)); the image score is the mean over orders
+and references, times 10. Quirk kept: the reference's "length" counts *bigrams* (a loop-index
+slip in pycocoevalcap), i.e. max(0, words - 1).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from vlmkit.metrics.ngrams import count_ngrams, unique_sorted
+
+
+def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0
+                 ) -> tuple[float, list[float]]:
+    """Corpus CIDEr-D (mean of image scores) and per-image scores, for tokenized strings."""
+    num_hyp = len(hypotheses)
+    sentences = [h.split() for h in hypotheses]
+    ref_image_list, ref_count_per_image = [], []
+    for image, refs in enumerate(references):
+        sentences.extend(r.split() for r in refs)
+        ref_image_list.extend([image] * len(refs))
+        ref_count_per_image.append(len(refs))
+    ref_image = np.asarray(ref_image_list, dtype=np.int64)
+    num_refs = np.asarray(ref_count_per_image, dtype=np.float64)
+    counts = count_ngrams(sentences, n)
+    image_of_sentence = np.concatenate([np.arange(num_hyp, dtype=np.int64), ref_image])
+
+    # Document frequency: images whose references contain the gram.
+    is_ref = counts.sentence >= num_hyp
+    image_gram = unique_sorted(ref_image[counts.sentence[is_ref] - num_hyp] * counts.num_grams + counts.gram[is_ref])
+    df = np.bincount(image_gram % counts.num_grams, minlength=counts.num_grams).astype(np.float64)
+    log_n = np.log(float(num_hyp))
+    weight = counts.count * (log_n - np.log(np.maximum(1.0, df[counts.gram])))  # tf * idf per row
+
+    num_sentences = len(sentences)
+    squared = np.bincount(counts.sentence * n + counts.order, weights=weight * weight,
+                          minlength=num_sentences * n)
+    norm = np.sqrt(squared).reshape(num_sentences, n)
+    length = np.maximum(counts.lengths - 1, 0).astype(np.float64)  # bigram count (see module doc)
+
+    # Every hypothesis gram meets every reference of its image.
+    hyp_rows = np.nonzero(~is_ref)[0]
+    refs_of_hyp = num_refs[counts.sentence[hyp_rows]].astype(np.int64)
+    first_ref = np.concatenate([[0], np.cumsum(num_refs.astype(np.int64))[:-1]]) + num_hyp
+    row = np.repeat(hyp_rows, refs_of_hyp)
+    within = np.arange(len(row)) - np.repeat(np.cumsum(refs_of_hyp) - refs_of_hyp, refs_of_hyp)
+    ref_sentence = first_ref[counts.sentence[row]] + within
+    query = ref_sentence * counts.num_grams + counts.gram[row]
+    position = np.minimum(np.searchsorted(counts.key, query), len(counts.key) - 1)
+    found = counts.key[position] == query
+    ref_weight = np.where(found, weight[position], 0.0)
+    hyp_weight = weight[row]
+    products = np.minimum(hyp_weight, ref_weight) * ref_weight
+    dot = np.bincount(ref_sentence * n + counts.order[row], weights=products, minlength=num_sentences * n)
+    dot = dot.reshape(num_sentences, n)[num_hyp:]                      # (R, n)
+
+    hyp_of_ref = ref_image
+    denominator = norm[hyp_of_ref] * norm[num_hyp:]                    # (R, n)
+    similarity = np.where(denominator != 0, dot / np.where(denominator != 0, denominator, 1.0), dot)
+    delta = length[hyp_of_ref] - length[num_hyp:]
+    similarity = similarity * (np.e ** (-(delta ** 2) / (2 * sigma ** 2)))[:, None]
+    per_image_sum = np.stack([np.bincount(hyp_of_ref, weights=similarity[:, k], minlength=num_hyp)
+                              for k in range(n)], axis=1)
+    scores = per_image_sum.mean(axis=1) / num_refs * 10.0
+    return float(np.mean(scores)), [float(s) for s in scores]

@@ -1,0 +1,91 @@
+"""ROUGE-L exactly as pycocoevalcap computes it (`Rouge()`, beta = 1.2).
+
+Per image: LCS between the hypothesis and each reference on space-split tokens; precision and
+recall are maximised *separately* over references, then F = (1 + b^2) P R / (R + b^2 P). The
+corpus score is the mean of image scores. Tokens are `str.split(" ")` here (not `split()`), as
+in the reference, so a token holding a non-breaking space stays whole.
+
+The LCS lengths of all (hypothesis, reference) pairs are computed together with the
+bit-parallel algorithm of Allison & Dix (1986), one numpy step per hypothesis word.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_BETA = 1.2
+
+
+def _lcs_python(a: list[str], b: list[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def lcs_lengths(pairs_a: list[list[str]], pairs_b: list[list[str]]) -> np.ndarray:
+    """LCS length of each pair (a[i], b[i]); vectorised when every b has at most 63 tokens."""
+    count = len(pairs_a)
+    result = np.zeros(count, dtype=np.int64)
+    if count == 0:
+        return result
+    fast = [i for i in range(count) if len(pairs_b[i]) <= 63]
+    slow = sorted(set(range(count)) - set(fast))
+    for i in slow:
+        result[i] = _lcs_python(pairs_a[i], pairs_b[i])
+    if not fast:
+        return result
+    vocab: dict[str, int] = {}
+    a_len = max(len(pairs_a[i]) for i in fast)
+    b_len = max(len(pairs_b[i]) for i in fast)
+    a_ids = np.full((len(fast), max(a_len, 1)), -1, dtype=np.int64)
+    b_ids = np.full((len(fast), max(b_len, 1)), -2, dtype=np.int64)
+    for row, i in enumerate(fast):
+        a_ids[row, :len(pairs_a[i])] = [vocab.setdefault(t, len(vocab)) for t in pairs_a[i]]
+        b_ids[row, :len(pairs_b[i])] = [vocab.setdefault(t, len(vocab)) for t in pairs_b[i]]
+    bit = np.left_shift(np.uint64(1), np.arange(b_ids.shape[1], dtype=np.uint64))
+    v = np.full(len(fast), np.iinfo(np.uint64).max, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for step in range(a_ids.shape[1]):
+            # bitmask of the positions in b equal to the current word of a
+            match = ((b_ids == a_ids[:, step:step + 1]) * bit).sum(axis=1, dtype=np.uint64)
+            u = v & match
+            v = (v + u) | (v - u)
+    b_lengths = np.array([len(pairs_b[i]) for i in fast], dtype=np.uint64)
+    mask = (np.uint64(1) << b_lengths) - np.uint64(1)
+    zeros = ~v & mask
+    result[fast] = _popcount(zeros)
+    return result
+
+
+def _popcount(values: np.ndarray) -> np.ndarray:
+    bytes_view = values.astype("<u8").view(np.uint8).reshape(-1, 8)
+    return np.unpackbits(bytes_view, axis=1).sum(axis=1).astype(np.int64)
+
+
+def rouge_l_scores(hypotheses: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    """Corpus ROUGE-L (mean of image scores) and per-image scores, for tokenized strings."""
+    hyp_tokens = [h.split(" ") for h in hypotheses]
+    pairs_a, pairs_b, owner = [], [], []
+    for image, refs in enumerate(references):
+        for ref in refs:
+            pairs_a.append(hyp_tokens[image])
+            pairs_b.append(ref.split(" "))
+            owner.append(image)
+    lcs = lcs_lengths(pairs_a, pairs_b).astype(np.float64)
+    owner_arr = np.asarray(owner, dtype=np.int64)
+    hyp_len = np.array([len(t) for t in pairs_a], dtype=np.float64)
+    ref_len = np.array([len(t) for t in pairs_b], dtype=np.float64)
+    precision = np.full(len(hypotheses), -np.inf)
+    recall = np.full(len(hypotheses), -np.inf)
+    np.maximum.at(precision, owner_arr, lcs / hyp_len)
+    np.maximum.at(recall, owner_arr, lcs / ref_len)
+    scores = []
+    for p, r in zip(precision.tolist(), recall.tolist()):
+        if p != 0 and r != 0:
+            scores.append(((1 + _BETA ** 2) * p * r) / float(r + _BETA ** 2 * p))
+        else:
+            scores.append(0.0)
+    return float(np.mean(np.array(scores))), scores
