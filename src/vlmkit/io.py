@@ -96,4 +96,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
         raise UserError(
             f"weights in {source} do not fit the model (assumed format: {assumed_format}): " + "; ".join(parts)
         )
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    # A model built on the meta device takes the loaded tensors as they are (no copy); a real
+    # model is copied into, so optimizers holding its parameters stay attached.
+    on_meta = any(tensor.is_meta for tensor in expected.values())
+    model.load_state_dict(state_dict, strict=True, assign=on_meta)

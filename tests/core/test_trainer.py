@@ -1,0 +1,116 @@
+"""The training loop: exact resume, atomic checkpoints, skipped samples, strict recipes."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.data.formats import read_records
+
+from conftest import FAST
+
+
+def _train(run, data, *extra, resume=False):
+    args = ["train", "--out", str(run)]
+    if not resume:
+        args += ["--recipe", "clip-tiny", "--data", str(data)]
+    else:
+        args += ["--resume"]
+    return main(args + FAST + list(extra))
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(synth, tmp_path):
+    data = synth / "train.jsonl"
+    whole = tmp_path / "whole"
+    assert _train(whole, data, "steps=12", "save_every=6", "keep_checkpoints=5") == 0
+    # Recreate the state of a run that died right after its step-6 checkpoint.
+    broken = tmp_path / "broken"
+    shutil.copytree(whole, broken)
+    shutil.rmtree(broken / "checkpoints" / "step-0000012")
+    (broken / "checkpoints" / "latest").write_text("step-0000006")
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    (broken / "metrics.jsonl").write_text("\n".join(lines[:8]) + "\n")  # two lines past the checkpoint
+    assert _train(broken, data, resume=True) == 0
+    assert len(_losses(whole)) == 12
+    assert _losses(broken) == _losses(whole)  # bit-identical, step by step
+    a, b = vlmkit.load(whole), vlmkit.load(broken)
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+
+
+def test_run_folder_loads_with_tokenizer_and_transform(synth, tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, synth / "train.jsonl", "steps=2") == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "metrics.jsonl", "loss_curve.png"):
+        assert (run / name).exists(), name
+    model = vlmkit.load(run)
+    records = read_records(synth / "test.jsonl")[:3]
+    images = model.embed_images([record["image"] for record in records])
+    texts = model.embed_texts(["a red circle", "a blue square"])
+    assert images.shape == (3, 32) and texts.shape == (2, 32)
+    assert torch.allclose(images.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert model.tokenize(["a red circle"]).shape == (1, model.config.text.context_length)
+    assert model.transform(records[0]["image"]).shape == (3, 64, 64)
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(synth, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    (data / records[0]["image"]).write_bytes(b"not a png")
+    (data / records[1]["image"]).unlink()
+    # 40 records, 8 per step, 5 steps = exactly one epoch: each bad sample is seen once.
+    assert _train(tmp_path / "run", data / "train.jsonl", "steps=5") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["skipped"] == 2
+    assert len(records) == 40
+
+
+def test_unknown_recipe_key_exits_2_with_one_line_and_writes_nothing(synth, tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmkit", "train", "--recipe", "clip-tiny", "--data", str(synth / "train.jsonl"),
+         "--out", str(run), "stepz=3"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "stepz" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--recipe", "nope", "--data", "x.jsonl", "--out", "r"], "unknown recipe"),
+    (["train", "--recipe", "clip-tiny", "--data", "/no/such.jsonl", "--out", "r"], "/no/such.jsonl"),
+    (["eval", "zeroshot", "--model", "/no/such/run", "--data", "x.jsonl"], "/no/such/run"),
+    (["train", "--out", "/no/such/run", "--resume"], "--resume"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path, capsys):
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert needle in error and "\n" not in error
+
+
+def test_training_twice_into_the_same_folder_needs_resume(synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, synth / "train.jsonl", "steps=1") == 0
+    assert _train(run, synth / "train.jsonl", "steps=1") == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_checkpoints_are_complete_and_pruned(synth, tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, synth / "train.jsonl", "steps=6", "save_every=2", "keep_checkpoints=2") == 0
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step-0000004", "step-0000006"]
+    for name in kept:
+        assert {p.name for p in (run / "checkpoints" / name).iterdir()} == {"model.safetensors", "state.pt"}
+    assert not list(run.rglob("*.tmp"))
