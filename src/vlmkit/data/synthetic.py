@@ -346,8 +346,9 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
 
     `n` scenes in total are split 80/20 into train/test; about 40% of each split are single-object
     scenes (the only ones with a `label`). `holdout` names colour-shape pairs ("red triangle") kept
-    out of train entirely. The JSONL files are written to a temporary name and renamed at the end,
-    so an interrupted run never leaves a half-written JSONL behind. Returns the counts as a dict.
+    out of train entirely. The JSONL files are written last (to a temporary name, then renamed),
+    so an interrupted run never leaves a JSONL that points at missing or stale images. Returns
+    the counts (scenes and single-object scenes per split) as a dict.
     """
     if n < 2:
         raise UserError(f"--n {n} is too small; the dataset needs at least 2 scenes (one train, one test)")
@@ -366,14 +367,20 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
 
     from tqdm import tqdm
 
+    # An interrupted run must not leave old JSONL files pointing at half-overwritten images:
+    # drop them first, write the new ones only once every image is on disk.
+    for name in ("train.jsonl", "test.jsonl", "meta.json"):
+        (out / name).unlink(missing_ok=True)
+
     num_train = max(1, min(n - 1, round(n * TRAIN_FRACTION)))
     splits = {"train": (num_train, train_classes), "test": (n - num_train, list(CLASSES))}
     counts: dict = {"out": str(out), "n": n, "seed": seed, "image_size": image_size, "holdout": held}
     written: set[str] = set()
+    jsonl_lines: dict[str, list[str]] = {}
     bar = tqdm(total=n, desc="synth", unit="scene", file=sys.stderr, disable=not progress, mininterval=0.5)
     for split, (num_scenes, classes) in splits.items():
         plan = _split_plan(num_scenes, classes, random.Random(f"vlmkit-synth-plan:{seed}:{split}"))
-        lines = []
+        lines = jsonl_lines[split] = []
         for index, (num_objects, single_class) in enumerate(plan):
             image, record = make_scene(seed, split, index, num_objects, single_class, classes, image_size)
             name = f"{split}-{index:06d}.png"
@@ -381,12 +388,13 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
             written.add(name)
             lines.append(json.dumps({"image": f"images/{name}", **record}, ensure_ascii=False))
             bar.update(1)
-        tmp = out / f".{split}.jsonl.tmp"
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(out / f"{split}.jsonl")
         counts[split] = num_scenes
         counts[f"{split}_single_object"] = sum(1 for count, _ in plan if count == 1)
     bar.close()
+    for split, lines in jsonl_lines.items():
+        tmp = out / f".{split}.jsonl.tmp"
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(out / f"{split}.jsonl")
     # A previous, larger run in the same folder must not leave stray images behind.
     for stale in images_dir.iterdir():
         if re.fullmatch(r"(train|test)-\d{6}\.png", stale.name) and stale.name not in written:
