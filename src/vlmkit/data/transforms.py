@@ -9,10 +9,11 @@ caller passes, so an augmentation is reproducible from (seed, epoch, index).
 
 Two deliberate differences from OpenCLIP, both no-ops on RGB images: the image is converted
 to RGB *before* resizing (OpenCLIP resizes first, so palette images get nearest-neighbour
-resampling and RGBA images are resized with premultiplied alpha). HF `CLIPImageProcessor` also
-differs slightly: it floors the center-crop offset (`(h - th) // 2`), so on images whose
-resized size leaves an odd margin of 3, 7, ... pixels it crops one pixel off ours; and it
-normalizes in its own float order. `tests/data/test_transforms.py` measures both.
+resampling and RGBA images are resized with premultiplied alpha). HF `CLIPImageProcessor`
+(transformers 5.x, PIL backend) gives bit-identical tensors (max difference 0.0) except where the
+resized image exceeds the crop by 3, 7, 11, ... pixels: HF floors the crop offset
+(`(h - th) // 2`) where torchvision rounds half to even, so its crop sits one pixel earlier.
+`tests/data/test_transforms.py` checks both facts.
 
 The configuration round-trips through `preprocessor_config.json` with HF CLIPImageProcessor keys,
 so HF files load too; vlmkit's training-augmentation settings live under the "vlmkit" key.
