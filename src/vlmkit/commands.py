@@ -9,7 +9,9 @@ def register_all(subparsers) -> None:
     for module_name in (
         "vlmkit.data.cli",      # vlmkit data synth
         "vlmkit.train.cli",     # vlmkit train
+        "vlmkit.tasks.generative_cli",  # vlmkit caption, ask (+ eval caption|vqa|reasoning)
         "vlmkit.tasks.cli",     # vlmkit eval ..., classify, embed
+        "vlmkit.interop.cli",   # vlmkit convert
         "vlmkit.metrics.cli",   # vlmkit score captions|vqa
         "vlmkit.demo",          # vlmkit demo
     ):

@@ -10,26 +10,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmkit.metrics.ngrams import count_ngrams
+from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams
 
 _TINY = 1e-15
 _SMALL = 1e-9
 
 
-def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4
-                ) -> tuple[list[float], list[list[float]]]:
+def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
+                counts: NgramCounts | None = None) -> tuple[list[float], list[list[float]]]:
     """Corpus BLEU-1..n and per-hypothesis BLEU-1..n (`per[k][i]`) for tokenized strings.
 
-    Words are `str.split()` (any whitespace), as in the reference.
+    Words are `str.split()` (any whitespace), as in the reference. `counts` may be passed in
+    when already computed by `count_caption_ngrams` (CIDEr-D needs the same counts).
     """
     num_hyp = len(hypotheses)
-    sentences = [h.split() for h in hypotheses]
-    ref_image = []
-    for image, refs in enumerate(references):
-        sentences.extend(r.split() for r in refs)
-        ref_image.extend([image] * len(refs))
-    ref_image = np.asarray(ref_image, dtype=np.int64)
-    counts = count_ngrams(sentences, n)
+    ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), [len(refs) for refs in references])
+    if counts is None:
+        counts = count_caption_ngrams(hypotheses, references, n)
     lengths = counts.lengths
     hyp_len = lengths[:num_hyp]
     ref_len = lengths[num_hyp:]

@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmkit.metrics.ngrams import count_ngrams, unique_sorted
+from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, unique_sorted
 
 
-def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0
-                 ) -> tuple[float, list[float]]:
-    """Corpus CIDEr-D (mean of image scores) and per-image scores, for tokenized strings."""
+def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0,
+                 counts: NgramCounts | None = None) -> tuple[float, list[float]]:
+    """Corpus CIDEr-D (mean of image scores) and per-image scores, for tokenized strings.
+
+    `counts` may be passed in when already computed by `count_caption_ngrams`.
+    """
     num_hyp = len(hypotheses)
-    sentences = [h.split() for h in hypotheses]
-    ref_image_list, ref_count_per_image = [], []
-    for image, refs in enumerate(references):
-        sentences.extend(r.split() for r in refs)
-        ref_image_list.extend([image] * len(refs))
-        ref_count_per_image.append(len(refs))
-    ref_image = np.asarray(ref_image_list, dtype=np.int64)
+    ref_count_per_image = [len(refs) for refs in references]
+    ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), ref_count_per_image)
     num_refs = np.asarray(ref_count_per_image, dtype=np.float64)
-    counts = count_ngrams(sentences, n)
+    if counts is None:
+        counts = count_caption_ngrams(hypotheses, references, n)
+    num_sentences = len(counts.lengths)
     image_of_sentence = np.concatenate([np.arange(num_hyp, dtype=np.int64), ref_image])
 
     # Document frequency: images whose references contain the gram.
@@ -37,7 +37,6 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     log_n = np.log(float(num_hyp))
     weight = counts.count * (log_n - np.log(np.maximum(1.0, df[counts.gram])))  # tf * idf per row
 
-    num_sentences = len(sentences)
     squared = np.bincount(counts.sentence * n + counts.order, weights=weight * weight,
                           minlength=num_sentences * n)
     norm = np.sqrt(squared).reshape(num_sentences, n)

@@ -25,6 +25,17 @@ class NgramCounts:
     lengths: np.ndarray   # (S,) number of words per sentence
 
 
+def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: int = 4) -> NgramCounts:
+    """N-gram counts of the hypotheses (sentences 0..H-1) then all references, image by image.
+
+    Sentences are split with `str.split()` like pycocoevalcap's BLEU and CIDEr scorers.
+    """
+    sentences = [h.split() for h in hypotheses]
+    for refs in references:
+        sentences.extend(r.split() for r in refs)
+    return count_ngrams(sentences, n)
+
+
 def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
     """Count the 1..n-grams of every sentence (a list of words)."""
     vocab: dict[str, int] = {}

@@ -82,8 +82,24 @@ def _case(rng: random.Random, text: str) -> str:
     return text
 
 
-def random_caption(rng: random.Random, tricky: float = 0.5) -> str:
-    """One caption: a template sentence, with probability `tricky` per slot of a hard fragment."""
+_COCO_ENDINGS = [".", ".", ".", "", " ."]
+
+
+def random_caption(rng: random.Random, tricky: float = 0.5, style: str = "varied") -> str:
+    """One caption: a template sentence, with probability `tricky` per slot of a hard fragment.
+
+    `style="coco"` imitates COCO captions (sentence case, plain spacing, a period or nothing at
+    the end); `"varied"` also varies case, spacing and the final punctuation.
+    """
+    if style == "coco":
+        words = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)]
+        if rng.random() < 0.5:
+            words.append(rng.choice(_PLACES))
+        if rng.random() < tricky:
+            fragment = rng.choice(_TRICKY[rng.choice(list(_TRICKY))])
+            words.insert(rng.randrange(len(words) + 1), fragment)
+        text = " ".join(words)
+        return text[:1].upper() + text[1:] + rng.choice(_COCO_ENDINGS)
     words = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)]
     if rng.random() < 0.5:
         words.append(rng.choice(_PLACES))
@@ -103,7 +119,7 @@ def random_caption(rng: random.Random, tricky: float = 0.5) -> str:
     return text
 
 
-def random_corpus(n_images: int, n_refs: int = 5, seed: int = 0, tricky: float = 0.5
+def random_corpus(n_images: int, n_refs: int = 5, seed: int = 0, tricky: float = 0.5, style: str = "varied"
                   ) -> tuple[dict[int, str], dict[int, list[str]]]:
     """`(predictions, references)` for `n_images` images with `n_refs` references each.
 
@@ -114,7 +130,7 @@ def random_corpus(n_images: int, n_refs: int = 5, seed: int = 0, tricky: float =
     predictions: dict[int, str] = {}
     references: dict[int, list[str]] = {}
     for image_id in range(n_images):
-        refs = [random_caption(rng, tricky) for _ in range(n_refs)]
+        refs = [random_caption(rng, tricky, style) for _ in range(n_refs)]
         references[image_id] = refs
         if rng.random() < 0.5:
             words = rng.choice(refs).split()
@@ -125,5 +141,5 @@ def random_corpus(n_images: int, n_refs: int = 5, seed: int = 0, tricky: float =
                     words.insert(rng.randrange(len(words) + 1), rng.choice(["a", "the", "dog", "red", "is"]))
             predictions[image_id] = " ".join(words) or "a"
         else:
-            predictions[image_id] = random_caption(rng, tricky)
+            predictions[image_id] = random_caption(rng, tricky, style)
     return predictions, references

@@ -50,6 +50,31 @@ class VLModel(nn.Module):
     def after_optimizer_step(self) -> None:
         """Hook for constraints applied after each update (CLIP clamps its temperature)."""
 
+    # ---- training hooks (the trainer is family-agnostic) ----------------------------------
+    @classmethod
+    def adapt_config_to_tokenizer(cls, config: dict[str, Any], tokenizer) -> dict[str, Any]:
+        """Fit a config dict's text side to the tokenizer it is trained with (vocab, special ids)."""
+        if "text" in config:
+            text = config["text"]
+            text["vocab_size"] = tokenizer.vocab_size
+            text["eos_token_id"] = tokenizer.eos_id if text.get("eos_token_id", 0) is not None else None
+            text["pad_token_id"] = tokenizer.pad_id
+            tokenizer.context_length = text.get("context_length", tokenizer.context_length)
+        return config
+
+    def training_dataset(self, records: list[dict], transform, tokenizer, seed: int, caption: str = "random"):
+        """The dataset the trainer iterates: needs `set_epoch(epoch)`, `__getitem__`, `collate(samples)`.
+
+        The default pairs each image with one of its captions; families trained on other record
+        fields (questions, statements) return their own dataset.
+        """
+        from vlmkit.data.loader import ImageTextDataset
+
+        records = [record for record in records if record.get("texts")]
+        if not records:
+            raise UserError("no training record has captions ('text' or 'texts')")
+        return ImageTextDataset(records, transform, tokenizer=tokenizer, caption=caption, seed=seed)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -12,7 +12,14 @@ from typing import Any
 
 from vlmkit.errors import UserError
 
-FAMILY_MODULES = ("vlmkit.models.clip",)
+# One module per family; importing it registers the family and its named configurations.
+FAMILY_MODULES = (
+    "vlmkit.models.clip",
+    "vlmkit.models.text_encoder",
+    "vlmkit.models.virtex",
+    "vlmkit.models.simvlm",
+    "vlmkit.models.vqa",
+)
 
 _FAMILIES: dict[str, type] = {}
 _CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -29,7 +36,11 @@ def register_config(name: str, family: str, config: dict[str, Any]) -> None:
 
 def _load_families() -> None:
     for module in FAMILY_MODULES:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:  # a real missing dependency inside the family: report it
+                raise
 
 
 def get_family(name: str):

@@ -111,9 +111,8 @@ class Trainer:
         from vlmkit.data.formats import read_records
 
         records = read_records(self.data)
-        records = [record for record in records if record.get("texts")]
         if not records:
-            raise UserError(f"{self.data} has no records with captions; a training record needs 'text' or 'texts'")
+            raise UserError(f"{self.data} holds no records")
         return records
 
     def _tokenizer(self, records):
@@ -132,15 +131,12 @@ class Trainer:
         from vlmkit.config import apply_overrides
         from vlmkit.models.registry import build_model, named_config
 
+        from vlmkit.models.registry import get_family
+
         family, config = named_config(self.recipe.model)
-        overrides = dict(self.recipe.model_overrides)
-        if "text" in config:  # the text tower follows the tokenizer it is trained with
-            overrides.setdefault("text.vocab_size", tokenizer.vocab_size)
-            overrides.setdefault("text.eos_token_id", tokenizer.eos_id)
-            overrides.setdefault("text.pad_token_id", tokenizer.pad_id)
-        config = apply_overrides(config, overrides)
-        if "text" in config:
-            tokenizer.context_length = config["text"].get("context_length", tokenizer.context_length)
+        # The model follows the tokenizer it is trained with; explicit overrides still win.
+        config = get_family(family).adapt_config_to_tokenizer(config, tokenizer)
+        config = apply_overrides(config, dict(self.recipe.model_overrides))
         torch.manual_seed(self.recipe.seed)
         return build_model(family, config)
 
@@ -152,10 +148,10 @@ class Trainer:
         return train, ImageTransform(image_size=size)
 
     def _apply_locks(self, model) -> None:
-        if self.recipe.lock_image:
+        if self.recipe.lock_image and hasattr(model, "visual"):
             model.visual.requires_grad_(False)
             model.visual.eval()  # frozen BatchNorm statistics too
-        if self.recipe.lock_text:
+        if self.recipe.lock_text and hasattr(model, "text"):
             model.text.requires_grad_(False)
             model.text.eval()
 
@@ -202,7 +198,7 @@ class Trainer:
 
     # ---- the loop ----
     def train(self) -> dict:
-        from vlmkit.data.loader import ImageTextDataset, SkipCounter
+        from vlmkit.data.loader import SkipCounter
         from vlmkit.models.base import VLModel
 
         recipe, info, run = self.recipe, self.info, self.run
@@ -245,10 +241,10 @@ class Trainer:
         use_bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and info.device.type == "cuda")
         autocast = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-        dataset = ImageTextDataset(records, train_transform, tokenizer=tokenizer, caption=recipe.caption, seed=recipe.seed)
+        dataset = model.training_dataset(records, train_transform, tokenizer, seed=recipe.seed, caption=recipe.caption)
         loader = DataLoader(
             EpochKeyed(dataset),
-            batch_sampler=StepBatches(SampleStream(len(records), recipe.seed), recipe, start_step, info),
+            batch_sampler=StepBatches(SampleStream(len(dataset), recipe.seed), recipe, start_step, info),
             collate_fn=dataset.collate,
             num_workers=recipe.num_workers,
             persistent_workers=False,
