@@ -83,10 +83,21 @@ class VLModel(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {"family": self.family, "config": to_dict(self.config)}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json, model.safetensors, the tokenizer and preprocessor config (atomically)."""
+    def save_pretrained(self, directory: str | Path, format: str = "vlmkit") -> None:
+        """Write config.json, model.safetensors, the tokenizer and preprocessor config (atomically).
+
+        `format="hf"` writes an HF transformers folder instead (CLIPModel's config and key names),
+        which `transformers.CLIPModel.from_pretrained` loads; see `vlmkit.interop`.
+        """
         from vlmkit.io import atomic_write_json, save_safetensors
 
+        if format == "hf":
+            from vlmkit.interop import export_hf
+
+            export_hf(self, Path(directory))
+            return
+        if format != "vlmkit":
+            raise UserError(f"unknown save format '{format}'; use 'vlmkit' or 'hf'")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors(self.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "pt", "family": self.family})
