@@ -25,15 +25,30 @@ class NgramCounts:
     lengths: np.ndarray   # (S,) number of words per sentence
 
 
+def encode_words(sentences: list[str], separator: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer ids of the words of every sentence (flat) and the word count of each sentence.
+
+    `separator=None` splits like `str.split()`, `" "` like `str.split(" ")`. The loops run in C
+    (`map`, `dict.fromkeys`), which is what makes this several times faster than a Python loop.
+    """
+    split = str.split if separator is None else (lambda text: text.split(separator))
+    token_lists = list(map(split, sentences))
+    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    words = [word for tokens in token_lists for word in tokens]
+    vocab = {word: index for index, word in enumerate(dict.fromkeys(words))}
+    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
+    return ids, lengths
+
+
 def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: int = 4) -> NgramCounts:
     """N-gram counts of the hypotheses (sentences 0..H-1) then all references, image by image.
 
     Sentences are split with `str.split()` like pycocoevalcap's BLEU and CIDEr scorers.
     """
-    sentences = [h.split() for h in hypotheses]
+    sentences = list(hypotheses)
     for refs in references:
-        sentences.extend(r.split() for r in refs)
-    return count_ngrams(sentences, n)
+        sentences.extend(refs)
+    return count_ngrams_encoded(*encode_words(sentences), n)
 
 
 def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
@@ -41,9 +56,13 @@ def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
     vocab: dict[str, int] = {}
     token_ids = [vocab.setdefault(word, len(vocab)) for words in sentences for word in words]
     lengths = np.fromiter((len(words) for words in sentences), dtype=np.int64, count=len(sentences))
-    tokens = np.asarray(token_ids, dtype=np.int64)
-    sentence_of_token = np.repeat(np.arange(len(sentences), dtype=np.int64), lengths)
-    vocab_size = max(len(vocab), 1)
+    return count_ngrams_encoded(np.asarray(token_ids, dtype=np.int64), lengths, n)
+
+
+def count_ngrams_encoded(tokens: np.ndarray, lengths: np.ndarray, n: int = 4) -> NgramCounts:
+    """Count the 1..n-grams of sentences given as flat word ids and per-sentence lengths."""
+    sentence_of_token = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    vocab_size = int(tokens.max()) + 1 if len(tokens) else 1
 
     sentence_parts, gram_parts, order_parts = [], [], []
     offset = 0
@@ -55,7 +74,7 @@ def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
             # the k-gram starting at i is the (k-1)-gram at i followed by token i+k-1; re-index
             # with np.unique so ids stay small whatever n and the vocabulary size
             combined = previous[:len(tokens) - k + 1] * vocab_size + tokens[k - 1:]
-            sort_index = np.argsort(combined, kind="stable")
+            sort_index = np.argsort(combined)
             sorted_combined = combined[sort_index]
             new_group = np.r_[True, sorted_combined[1:] != sorted_combined[:-1]]
             ids = np.empty(len(combined), dtype=np.int64)
@@ -73,7 +92,7 @@ def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
     order = np.concatenate(order_parts) if order_parts else np.zeros(0, np.int64)
     num_grams = max(offset, 1)
     key = sentence * num_grams + gram
-    sort_index = np.argsort(key, kind="stable")
+    sort_index = np.argsort(key)
     sorted_key = key[sort_index]
     starts = np.nonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])[0] if len(key) else np.zeros(0, np.int64)
     unique_key = sorted_key[starts]

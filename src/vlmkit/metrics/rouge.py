@@ -45,19 +45,25 @@ def lcs_lengths(pairs_a: list[list[str]], pairs_b: list[list[str]]) -> np.ndarra
     for row, i in enumerate(fast):
         a_ids[row, :len(pairs_a[i])] = [vocab.setdefault(t, len(vocab)) for t in pairs_a[i]]
         b_ids[row, :len(pairs_b[i])] = [vocab.setdefault(t, len(vocab)) for t in pairs_b[i]]
+    b_lengths = np.array([len(pairs_b[i]) for i in fast], dtype=np.int64)
+    result[fast] = _lcs_bit_parallel(a_ids, b_ids, b_lengths)
+    return result
+
+
+def _lcs_bit_parallel(a_ids: np.ndarray, b_ids: np.ndarray, b_lengths: np.ndarray) -> np.ndarray:
+    """LCS lengths of padded id rows (a padding never equals b padding; b rows <= 63 words)."""
+    if len(a_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
     bit = np.left_shift(np.uint64(1), np.arange(b_ids.shape[1], dtype=np.uint64))
-    v = np.full(len(fast), np.iinfo(np.uint64).max, dtype=np.uint64)
+    v = np.full(len(a_ids), np.iinfo(np.uint64).max, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for step in range(a_ids.shape[1]):
             # bitmask of the positions in b equal to the current word of a
-            match = ((b_ids == a_ids[:, step:step + 1]) * bit).sum(axis=1, dtype=np.uint64)
+            match = np.bitwise_or.reduce(np.where(b_ids == a_ids[:, step:step + 1], bit, np.uint64(0)), axis=1)
             u = v & match
             v = (v + u) | (v - u)
-    b_lengths = np.array([len(pairs_b[i]) for i in fast], dtype=np.uint64)
-    mask = (np.uint64(1) << b_lengths) - np.uint64(1)
-    zeros = ~v & mask
-    result[fast] = _popcount(zeros)
-    return result
+    mask = (np.uint64(1) << b_lengths.astype(np.uint64)) - np.uint64(1)
+    return _popcount(~v & mask)
 
 
 def _popcount(values: np.ndarray) -> np.ndarray:
@@ -67,21 +73,34 @@ def _popcount(values: np.ndarray) -> np.ndarray:
 
 def rouge_l_scores(hypotheses: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
     """Corpus ROUGE-L (mean of image scores) and per-image scores, for tokenized strings."""
-    hyp_tokens = [h.split(" ") for h in hypotheses]
-    pairs_a, pairs_b, owner = [], [], []
-    for image, refs in enumerate(references):
-        for ref in refs:
-            pairs_a.append(hyp_tokens[image])
-            pairs_b.append(ref.split(" "))
-            owner.append(image)
-    lcs = lcs_lengths(pairs_a, pairs_b).astype(np.float64)
-    owner_arr = np.asarray(owner, dtype=np.int64)
-    hyp_len = np.array([len(t) for t in pairs_a], dtype=np.float64)
-    ref_len = np.array([len(t) for t in pairs_b], dtype=np.float64)
-    precision = np.full(len(hypotheses), -np.inf)
-    recall = np.full(len(hypotheses), -np.inf)
-    np.maximum.at(precision, owner_arr, lcs / hyp_len)
-    np.maximum.at(recall, owner_arr, lcs / ref_len)
+    from vlmkit.metrics.ngrams import encode_words
+
+    num_hyp = len(hypotheses)
+    owner = np.repeat(np.arange(num_hyp, dtype=np.int64), [len(refs) for refs in references])
+    sentences = list(hypotheses)
+    for refs in references:
+        sentences.extend(refs)
+    ids, lengths = encode_words(sentences, " ")
+    hyp_len, ref_len = lengths[:num_hyp][owner], lengths[num_hyp:]
+    # padded (sentence, position) matrix of word ids; padding differs between the two sides
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    width = max(int(lengths.max()) if len(lengths) else 1, 1)
+    matrix = np.full((len(lengths), width), -1, dtype=np.int64)
+    matrix[np.repeat(np.arange(len(lengths)), lengths), np.arange(len(ids)) - np.repeat(starts, lengths)] = ids
+    a_ids = matrix[:num_hyp][owner]
+    b_ids = np.where(matrix[num_hyp:] >= 0, matrix[num_hyp:], -2)
+    lcs = np.zeros(len(owner), dtype=np.int64)
+    fast = ref_len <= 63
+    lcs[fast] = _lcs_bit_parallel(a_ids[fast, :max(int(hyp_len.max()), 1)],
+                                  b_ids[fast, :min(width, 63)], ref_len[fast])
+    for pair in np.nonzero(~fast)[0]:
+        lcs[pair] = _lcs_python(list(a_ids[pair, :hyp_len[pair]]), list(b_ids[pair, :ref_len[pair]]))
+
+    lcs = lcs.astype(np.float64)
+    precision = np.full(num_hyp, -np.inf)
+    recall = np.full(num_hyp, -np.inf)
+    np.maximum.at(precision, owner, lcs / hyp_len)
+    np.maximum.at(recall, owner, lcs / ref_len)
     scores = []
     for p, r in zip(precision.tolist(), recall.tolist()):
         if p != 0 and r != 0:
