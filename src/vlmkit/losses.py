@@ -83,3 +83,16 @@ def sigmoid_loss(
     labels[torch.arange(batch), torch.arange(batch) + offset] = 1.0
     loss = -F.logsigmoid(labels * logits).sum() / batch
     return loss, logits
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy averaged over the target positions where `target_mask` is True.
+
+    logits (B, T, V) predict targets (B, T); padding and everything after the end token are
+    masked out by the caller (never by comparing with a pad id, which may be a real token).
+    """
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), reduction="none", label_smoothing=label_smoothing
+    )  # (B*T,)
+    weights = target_mask.flatten().to(loss.dtype)
+    return (loss * weights).sum() / weights.sum().clamp(min=1.0)
