@@ -62,6 +62,19 @@ class VLModel(nn.Module):
             tokenizer.context_length = text.get("context_length", tokenizer.context_length)
         return config
 
+    @classmethod
+    def adapt_config_to_data(cls, config: dict[str, Any], records: list[dict]) -> dict[str, Any]:
+        """Fit a config dict to the training records before the model is built (default: unchanged).
+
+        Families whose shape depends on the data (a VQA answer vocabulary) override it.
+        """
+        return config
+
+    @classmethod
+    def tokenizer_texts(cls, records: list[dict]) -> list[str]:
+        """The texts a tokenizer trained for this family learns from: the captions by default."""
+        return [text for record in records for text in record.get("texts", [])]
+
     def training_dataset(self, records: list[dict], transform, tokenizer, seed: int, caption: str = "random"):
         """The dataset the trainer iterates: needs `set_epoch(epoch)`, `__getitem__`, `collate(samples)`.
 

@@ -120,14 +120,17 @@ class Trainer:
 
         recipe = self.recipe
         if recipe.tokenizer in ("bpe", "wordpiece"):
-            captions = [text for record in records for text in record["texts"]]
+            from vlmkit.models.registry import get_family, named_config
+
+            # The family says which record texts its vocabulary needs (captions by default).
+            captions = get_family(named_config(recipe.model)[0]).tokenizer_texts(records)
             train = tokenizers.train_clip_bpe if recipe.tokenizer == "bpe" else tokenizers.train_wordpiece
             return train(captions, vocab_size=recipe.vocab_size)
         if recipe.tokenizer == "clip":
             return tokenizers.clip_tokenizer()
         return tokenizers.Tokenizer.load(recipe.tokenizer)
 
-    def _new_model(self, tokenizer):
+    def _new_model(self, tokenizer, records=None):
         from vlmkit.config import apply_overrides
         from vlmkit.models.registry import build_model, named_config
 
@@ -136,6 +139,8 @@ class Trainer:
         family, config = named_config(self.recipe.model)
         # The model follows the tokenizer it is trained with; explicit overrides still win.
         config = get_family(family).adapt_config_to_tokenizer(config, tokenizer)
+        if records is not None:  # e.g. a VQA head sized to the training answers
+            config = get_family(family).adapt_config_to_data(config, records)
         config = apply_overrides(config, dict(self.recipe.model_overrides))
         torch.manual_seed(self.recipe.seed)
         return build_model(family, config)
@@ -216,7 +221,7 @@ class Trainer:
             if (run / CONFIG_FILE).exists() and latest_checkpoint(run) is not None:
                 raise UserError(f"{run} already holds a trained run; pass --resume to continue it or choose another --out")
             tokenizer = self._tokenizer(records)
-            model = self._new_model(tokenizer)
+            model = self._new_model(tokenizer, records)
         model: VLModel
         train_transform, eval_transform = self._image_transforms(model)
         model.tokenizer, model.transform = tokenizer, eval_transform
