@@ -76,7 +76,22 @@ class TextTransformer(nn.Module):
             return (tokens == self.eos_token_id).int().argmax(dim=1)
         return tokens.argmax(dim=1)
 
+    def trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Drop trailing columns that are padding in every row (exact for causal towers).
+
+        Every row holds its end token before any padding, so a block of all-pad columns at the
+        end lies after every row's end token and cannot reach a pooled feature through the
+        causal mask. Short captions in a 77-token context then cost what they are.
+        """
+        is_pad = (tokens == self.pad_token_id).all(dim=0)  # (L,)
+        if not bool(is_pad[-1]):
+            return tokens
+        keep = int((~is_pad).nonzero().max()) + 1 if bool((~is_pad).any()) else 1
+        return tokens[:, :keep]
+
     def forward(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None, output_hidden_states: bool = False) -> TextOutput:
+        if self.causal and token_types is None and self.pool in ("eos", "argmax"):
+            tokens = self.trim_padding(tokens)
         batch, length = tokens.shape  # (B, L)
         x = self.token_embedding(tokens) + self.positional_embedding[:length].to(self.token_embedding.weight.dtype)  # (B, L, W)
         if self.type_embedding is not None:

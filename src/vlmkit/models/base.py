@@ -50,6 +50,10 @@ class VLModel(nn.Module):
     def after_optimizer_step(self) -> None:
         """Hook for constraints applied after each update (CLIP clamps its temperature)."""
 
+    def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A random batch of the shape `forward` takes; the registry-wide tests run every family on it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement dummy_batch for the model tests")
+
     # ---- training hooks (the trainer is family-agnostic) ----------------------------------
     @classmethod
     def adapt_config_to_tokenizer(cls, config: dict[str, Any], tokenizer) -> dict[str, Any]:

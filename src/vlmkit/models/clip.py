@@ -87,6 +87,18 @@ class CLIP(VLModel):
             logs={"loss": loss.item(), "i2t_acc": accuracy.item(), "logit_scale": self.logit_scale.exp().item()},
         )
 
+    def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        vision, text = self.config.vision, self.config.text
+        pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
+        tokens = torch.randint(1, text.vocab_size - 2, (batch_size, text.context_length), generator=generator)
+        end = text.eos_token_id if text.eos_token_id is not None else text.vocab_size - 1
+        for row in range(batch_size):
+            length = 3 + (row * 4) % (text.context_length - 4)  # texts of different lengths, padded
+            tokens[row, length] = end
+            tokens[row, length + 1 :] = text.pad_token_id
+        return {"pixels": pixels, "tokens": tokens}
+
     def after_optimizer_step(self) -> None:
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.config.max_logit_scale)
