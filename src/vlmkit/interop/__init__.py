@@ -1,0 +1,107 @@
+"""Read and write the public checkpoint formats, with no network and strict key checking.
+
+`load_foreign(path)` recognises, in this order:
+- an OpenCLIP hub folder (`open_clip_config.json` + `open_clip_model.safetensors`),
+- a sentence-transformers folder (`modules.json`) or an HF BertModel folder -> `text_encoder`,
+- an HF transformers CLIPModel folder (`config.json` with model_type "clip") -> `clip`,
+- an OpenAI / OpenCLIP state dict file (`.safetensors`, `.pt`, `.pth`, `.bin`) -> `clip`,
+and returns the model in eval mode with its tokenizer and image transform attached. Every format
+is a list of key-mapping rules (`interop.mapping`) used both to load and to export.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmkit.errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+EXPORT_FORMATS = ("vlmkit", "hf", "openclip")
+
+
+def detect_format(source: Path) -> str:
+    """"hf-clip", "bert", or "openclip" for a path, or a UserError saying what was expected."""
+    from vlmkit.interop import bert, hf_clip, openclip
+    from vlmkit.interop.files import read_json
+
+    source = Path(source)
+    if source.is_dir():
+        if (source / openclip.OPENCLIP_CONFIG).is_file():
+            return "openclip"
+        if (source / "modules.json").is_file():
+            return "bert"
+        if (source / "config.json").is_file():
+            config = read_json(source / "config.json")
+            if hf_clip.is_hf_clip(config):
+                return "hf-clip"
+            if bert.is_bert(config):
+                return "bert"
+            raise UserError(
+                f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
+                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, OpenCLIP"
+            )
+        raise UserError(
+            f"{source} is not a model folder (no config.json, modules.json or {openclip.OPENCLIP_CONFIG}); "
+            f"give a vlmkit run folder, an HF CLIP or BERT folder, or an OpenCLIP weights file"
+        )
+    if source.suffix in WEIGHT_SUFFIXES:
+        return "openclip"
+    raise UserError(
+        f"{source} is not a known checkpoint file (expected {', '.join(WEIGHT_SUFFIXES)}); "
+        f"give an OpenAI/OpenCLIP weights file or a model folder"
+    )
+
+
+def load_foreign(source: Path, model_name: str | None = None, activation: str | None = None,
+                 pool: str | None = None, dtype=None, **unknown):
+    """Load an HF CLIP / HF BERT / sentence-transformers folder or an OpenAI/OpenCLIP state dict.
+
+    Detects the format (`detect_format`), converts the keys strictly (a missing, unexpected or
+    mis-shaped tensor is a UserError naming the keys and the assumed format), attaches the
+    tokenizer and image transform, and returns the model in eval mode. Options: `model_name` and
+    `activation` for OpenCLIP files, `pool` ("mean" | "cls") for BERT, `dtype` (default float32)
+    for all; an option that does not apply to the detected format is an error.
+    """
+    from vlmkit.interop import bert, hf_clip, openclip
+    from vlmkit.interop.common import reject_kwargs
+
+    if unknown:
+        raise UserError(f"unknown load option(s) {', '.join(sorted(unknown))}; known: model_name, activation, pool, dtype")
+    source = Path(source)
+    kind = detect_format(source)
+    if kind == "openclip":
+        reject_kwargs({"pool": pool}, openclip.FORMAT_NAME)
+        return openclip.load(source, model_name=model_name, activation=activation, dtype=dtype)
+    if kind == "bert":
+        reject_kwargs({"model_name": model_name, "activation": activation}, bert.FORMAT_NAME)
+        return bert.load(source, pool=pool, dtype=dtype)
+    reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_clip.FORMAT_NAME)
+    return hf_clip.load(source, dtype=dtype)
+
+
+def export_hf(model, directory: Path) -> None:
+    """Write `model` as an HF transformers folder: CLIPModel for CLIP, BertModel (+ sentence-transformers files) for a text encoder."""
+    from vlmkit.interop import bert, hf_clip
+
+    if model.family == "clip":
+        hf_clip.export(model, Path(directory))
+    elif model.family == "text_encoder":
+        bert.export(model, Path(directory))
+    else:
+        raise UserError(f"the '{model.family}' family has no HF transformers format in vlmkit; save it with format='vlmkit'")
+
+
+def export(model, directory: Path, to: str) -> None:
+    """Save `model` into `directory` as "vlmkit", "hf" or "openclip"."""
+    from vlmkit.interop import openclip
+
+    if to == "openclip":
+        if model.family != "clip":
+            raise UserError(f"only CLIP models can be written in the OpenCLIP format, not '{model.family}'")
+        openclip.export(model, Path(directory))
+    elif to in ("hf", "vlmkit"):
+        model.save_pretrained(directory, format=to)
+    else:
+        raise UserError(f"unknown format '{to}'; use one of {', '.join(EXPORT_FORMATS)}")
+
+
+__all__ = ["detect_format", "load_foreign", "export_hf", "export"]
