@@ -1,7 +1,7 @@
 """`vlmkit.load(path)`: find out what a folder or file holds and load it, with no network.
 
-Today: vlmkit run/model folders (config.json with a "family" key). The interop package adds
-HF transformers and OpenCLIP formats (see vlmkit.interop).
+vlmkit run/model folders (config.json with a "family" key) load here; anything else goes to
+`vlmkit.interop.load_foreign` (HF CLIP, HF BERT / sentence-transformers, OpenAI/OpenCLIP files).
 """
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ def load(path, device: str | None = None, **kwargs):
     """Load a model with its tokenizer and image transform attached, in eval mode."""
     source = Path(path)
     if not source.exists():
-        raise UserError(f"model path {source} does not exist; give a run folder written by 'vlmkit train'")
+        raise UserError(
+            f"model path {source} does not exist; give a run folder written by 'vlmkit train', an HF CLIP or "
+            f"BERT/sentence-transformers folder, or an OpenAI/OpenCLIP weights file"
+        )
     model = None
     config_file = source / "config.json" if source.is_dir() else None
     if config_file is not None and config_file.exists():
@@ -28,6 +31,8 @@ def load(path, device: str | None = None, **kwargs):
 
             if not (source / "model.safetensors").exists():
                 raise UserError(f"{source} has a config.json but no model.safetensors; the run has not saved weights yet")
+            if any(value is not None for value in kwargs.values()):
+                raise UserError(f"load options {', '.join(sorted(kwargs))} apply to foreign checkpoints, not to the vlmkit folder {source}")
             model = get_family(meta["family"]).from_pretrained(source)
     if model is None:
         model = _load_foreign(source, **kwargs)
