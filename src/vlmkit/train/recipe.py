@@ -49,6 +49,10 @@ class Recipe:
     compile: bool = False
     lock_image: bool = False  # freeze the image tower (LiT-style)
     lock_text: bool = False  # freeze the text tower
+    # Pretrained towers (LiT): a checkpoint vlmkit.load reads (sentence-transformers/BERT folder, HF or
+    # OpenCLIP CLIP, vlmkit run). init_text also brings its tokenizer (the `tokenizer` key is then unused).
+    init_text: str | None = None
+    init_image: str | None = None
     # Bookkeeping.
     seed: int = 0
     save_every: int = 500

@@ -119,6 +119,8 @@ class Trainer:
         from vlmkit import tokenizers
 
         recipe = self.recipe
+        if self._towers().tokenizer is not None:  # a pretrained text tower brings its own tokenizer
+            return self._towers().tokenizer
         if recipe.tokenizer in ("bpe", "wordpiece"):
             from vlmkit.models.registry import get_family, named_config
 
@@ -137,13 +139,24 @@ class Trainer:
         from vlmkit.models.registry import get_family
 
         family, config = named_config(self.recipe.model)
+        config = self._towers().configure(config, dict(self.recipe.model_overrides))  # init_text / init_image
         # The model follows the tokenizer it is trained with; explicit overrides still win.
         config = get_family(family).adapt_config_to_tokenizer(config, tokenizer)
         if records is not None:  # e.g. a VQA head sized to the training answers
             config = get_family(family).adapt_config_to_data(config, records)
         config = apply_overrides(config, dict(self.recipe.model_overrides))
         torch.manual_seed(self.recipe.seed)
-        return build_model(family, config)
+        model = build_model(family, config)
+        self._towers().load_into(model)
+        return model
+
+    def _towers(self):
+        """Pretrained towers named by the recipe's init_text / init_image (loaded once; empty if none)."""
+        if not hasattr(self, "_pretrained_towers"):
+            from vlmkit.interop.towers import PretrainedTowers
+
+            self._pretrained_towers = PretrainedTowers(self.recipe.init_text, self.recipe.init_image)
+        return self._pretrained_towers
 
     def _image_transforms(self, model):
         from vlmkit.data.transforms import ImageTransform
