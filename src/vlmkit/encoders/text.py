@@ -83,6 +83,10 @@ class TextTransformer(nn.Module):
         end lies after every row's end token and cannot reach a pooled feature through the
         causal mask. Short captions in a 77-token context then cost what they are.
         """
+        if self.pad_token_id == self.eos_token_id:
+            # Padding with the end token itself (HF's openai tokenizer): every row keeps up to its
+            # pooled end token, which an all-"pad" column may still be for one of the rows.
+            return tokens[:, : int(self.end_positions(tokens).max()) + 1]
         is_pad = (tokens == self.pad_token_id).all(dim=0)  # (L,)
         if not bool(is_pad[-1]):
             return tokens
