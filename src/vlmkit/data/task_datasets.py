@@ -1,0 +1,133 @@
+"""Training datasets for the generative and question-answering families.
+
+They extend `ImageTextDataset` (image loading, caching, augmentation and skip reporting stay
+there) with what each family trains on: a (prefix, suffix) pair for PrefixLM models, and a
+question with VQA soft answer scores or a statement with a true/false label for the
+classification heads. Every random choice comes from the sample's own seeded generator, so a
+resumed run sees the same samples.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+from vlmkit.data.loader import ImageTextDataset
+
+
+def record_texts(records: Sequence[dict], questions: bool = True, statements: bool = False) -> list[str]:
+    """Captions, plus questions and answers (and statements) of the records: a tokenizer corpus."""
+    texts = []
+    for record in records:
+        texts.extend(record.get("texts") or [])
+        if questions:
+            for item in record.get("qa") or []:
+                texts.append(item["question"])
+                texts.extend(answers_of(item))
+        if statements:
+            texts.extend(item["text"] for item in record.get("statements") or [])
+    return texts
+
+
+def answers_of(item: dict) -> list[str]:
+    """The human answers of one `qa` entry: its `answers` list (VQA v2) or its single `answer`."""
+    answers = item.get("answers")
+    if answers:
+        return [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
+    return [str(item["answer"])]
+
+
+def soft_scores(answers: Sequence[str]) -> dict[str, float]:
+    """VQA v2 soft targets: min(1, count / 3) per normalised answer (1.0 when there is one answer)."""
+    from vlmkit.metrics.vqa import normalize_answer
+
+    counts = Counter(normalize_answer(answer) for answer in answers)
+    if len(answers) == 1:
+        return {answer: 1.0 for answer in counts}
+    return {answer: min(1.0, count / 3.0) for answer, count in counts.items()}
+
+
+def _task_rng(seed: int, epoch: int, index: int) -> random.Random:
+    # Separate from the caption/augmentation stream of ImageTextDataset.
+    return random.Random(f"vlmkit-task:{seed}:{epoch}:{index}")
+
+
+class PrefixDataset(ImageTextDataset):
+    """(prefix, suffix) samples for a PrefixLM: caption with no prefix (or split at a random word),
+    or question -> answer. `collate` adds `prefix_tokens` (B, P) to the usual batch."""
+
+    def __init__(self, records, transform, tokenizer, config, seed: int = 0, caption: str = "random"):
+        super().__init__(records, transform, tokenizer=tokenizer, caption=caption, seed=seed, cache_images=True)
+        self.config = config
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = super().__getitem__(index)
+        if sample is None:
+            return None
+        record, rng = self.records[index], _task_rng(self.seed, self.epoch, index)
+        qa = record.get("qa") or []
+        if qa and (not sample["text"] or rng.random() < self.config.qa_fraction):
+            item = rng.choice(qa)
+            sample["prefix"], sample["text"] = item["question"], rng.choice(answers_of(item))
+        elif self.config.prefix_split and rng.random() < self.config.prefix_split:
+            words = sample["text"].split()
+            cut = rng.randint(1, max(len(words) - 1, 1))
+            sample["prefix"], sample["text"] = " ".join(words[:cut]), " ".join(words[cut:])
+        else:
+            sample["prefix"] = None
+        return sample
+
+    def collate(self, samples) -> dict:
+        from vlmkit.models.simvlm import empty_prefix
+
+        batch = super().collate(samples)
+        prefixes = [sample["prefix"] for sample in samples if sample is not None]
+        prefix_tokens = empty_prefix(len(prefixes), self.config)  # (B, P)
+        given = [row for row, prefix in enumerate(prefixes) if prefix is not None]
+        if given:
+            prefix_tokens[given] = self.tokenizer([prefixes[row] for row in given], context_length=self.config.prefix_length)
+        batch["prefix_tokens"] = prefix_tokens
+        return batch
+
+
+class QuestionStatementDataset(ImageTextDataset):
+    """Samples for the VQA classifier and the true/false reasoning head.
+
+    Each sample is a question (with soft scores over `answers`, the answer vocabulary) or, with
+    probability `statement_fraction` when the record has statements, a statement with its label.
+    `collate` adds `answer_scores` (B, A), `statement_labels` (B,) and `is_statement` (B,).
+    """
+
+    def __init__(self, records, transform, tokenizer, answers: Sequence[str], statement_fraction: float,
+                 seed: int = 0):
+        super().__init__(records, transform, tokenizer=tokenizer, caption="first", seed=seed, cache_images=True)
+        self.answer_index = {answer: i for i, answer in enumerate(answers)}
+        self.statement_fraction = statement_fraction
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = super().__getitem__(index)
+        if sample is None:
+            return None
+        record, rng = self.records[index], _task_rng(self.seed, self.epoch, index)
+        qa, statements = record.get("qa") or [], record.get("statements") or []
+        scores = torch.zeros(len(self.answer_index))
+        if statements and (not qa or rng.random() < self.statement_fraction):
+            item = rng.choice(statements)
+            sample.update(text=item["text"], is_statement=True, label=float(bool(item["label"])), scores=scores)
+        else:
+            item = rng.choice(qa)
+            for answer, score in soft_scores(answers_of(item)).items():
+                if answer in self.answer_index:  # answers outside the vocabulary count as all-zero targets
+                    scores[self.answer_index[answer]] = score
+            sample.update(text=item["question"], is_statement=False, label=0.0, scores=scores)
+        return sample
+
+    def collate(self, samples) -> dict:
+        batch = super().collate(samples)
+        good = [sample for sample in samples if sample is not None]
+        batch["answer_scores"] = torch.stack([s["scores"] for s in good]) if good else torch.zeros(0, len(self.answer_index))
+        batch["statement_labels"] = torch.tensor([s["label"] for s in good], dtype=torch.float)
+        batch["is_statement"] = torch.tensor([s["is_statement"] for s in good], dtype=torch.bool)
+        return batch

@@ -1,0 +1,336 @@
+"""Batched decoding shared by every generative family: greedy, beam search and sampling.
+
+A family describes one decoding step as a function and `generate` does the rest:
+
+    step_fn(tokens, cache, rows) -> logits (N, V) of the next token
+
+- `tokens` (N, T): every row's full sequence so far (prompt + generated). With a cache the
+  family feeds only `tokens[:, cache.length:]` to its network; without one it re-runs the whole
+  sequence (the reference the cache is tested against).
+- `cache`: a `KVCache` (or None when `use_cache=False`), reordered here when beams are reordered.
+- `rows` (N,): the input sample each row belongs to, so the family can pick image features
+  (`features[rows]`) when beam search has expanded the batch.
+
+Everything inside a step is vectorised over rows and beams; the only Python loop is over time.
+Scores: the sum of the chosen tokens' log-probabilities for greedy/sampling (under the processed
+distribution), and the length-normalised beam score for beam search (HF's definition:
+sum log p / generated_length ** length_penalty).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Sequence
+
+import torch
+
+from vlmkit.errors import UserError
+from vlmkit.layers.attention import KVCache
+
+StepFn = Callable[[torch.Tensor, "KVCache | None", torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings (names and meanings follow HF transformers' GenerationConfig)."""
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0  # stop tokens are forbidden before this many new tokens
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    early_stopping: bool = True  # beam search stops once num_beams hypotheses are finished
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    top_p: float = 1.0  # 1.0 = no nucleus filtering
+    repetition_penalty: float = 1.0  # CTRL's penalty on already generated tokens (1.0 = off)
+    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the end token
+    seed: int | None = None  # seeds the sampler: the same seed gives the same samples
+    use_cache: bool = True
+
+    def validate(self) -> "GenerationConfig":
+        """Raise UserError naming the first invalid setting."""
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be between 0 and max_new_tokens"),
+            (self.num_beams >= 1, "num_beams must be at least 1"),
+            (self.temperature > 0, "temperature must be positive (use do_sample=False for greedy decoding)"),
+            (self.top_k >= 0, "top_k must be 0 (off) or positive"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be positive (1.0 = off)"),
+            (not (self.do_sample and self.num_beams > 1), "beam sampling is not supported; use num_beams=1 with do_sample"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"generation setting invalid: {message}")
+        return self
+
+    @classmethod
+    def from_kwargs(cls, base: "GenerationConfig | None" = None, **kwargs) -> "GenerationConfig":
+        """`base` (or the defaults) updated with keyword settings; unknown names are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UserError(f"unknown generation setting(s) {', '.join(unknown)}; valid ones are: {', '.join(sorted(known))}")
+        if "stop_token_ids" in kwargs and kwargs["stop_token_ids"] is not None:
+            kwargs["stop_token_ids"] = tuple(int(t) for t in kwargs["stop_token_ids"])
+        return replace(base or cls(), **{k: v for k, v in kwargs.items() if v is not None}).validate()
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # (B, T_new) generated ids; after a stop token the row holds pad ids
+    scores: torch.Tensor  # (B,) see the module docstring
+    texts: list[str] = field(default_factory=list)  # decoded up to (not including) the first stop token
+    lengths: torch.Tensor | None = None  # (B,) generated tokens including the stop token
+
+
+# ---- logits processing (all vectorised over rows) ------------------------------------------
+def _process_logits(logits: torch.Tensor, generated: torch.Tensor, step: int, config: GenerationConfig,
+                    stop_ids: torch.Tensor) -> torch.Tensor:
+    """Repetition penalty and the min-length rule on raw logits (N, V); generated (N, t)."""
+    logits = logits.float()
+    if config.repetition_penalty != 1.0 and generated.shape[1]:
+        seen = logits.gather(1, generated)  # (N, t)
+        # CTRL: shrink the logit of every token already generated, whatever its sign.
+        seen = torch.where(seen < 0, seen * config.repetition_penalty, seen / config.repetition_penalty)
+        logits = logits.scatter(1, generated, seen)
+    if step < config.min_new_tokens:
+        logits[:, stop_ids] = float("-inf")
+    return logits
+
+
+def _warp_for_sampling(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) filtering, as HF orders them."""
+    logits = logits / config.temperature
+    if config.top_k and config.top_k < logits.shape[-1]:
+        kth = logits.topk(config.top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (keep at least one).
+        drop = (probs.cumsum(dim=-1) - probs) >= config.top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+# ---- the entry point --------------------------------------------------------------------------
+@torch.no_grad()
+def generate(
+    step_fn: StepFn,
+    prompt_tokens: torch.Tensor,
+    config: GenerationConfig | None = None,
+    *,
+    eos_token_id: int,
+    pad_token_id: int = 0,
+    tokenizer=None,
+    **settings,
+) -> GenerationOutput:
+    """Decode up to `max_new_tokens` after `prompt_tokens` (B, T0) with the family's `step_fn`.
+
+    Greedy when `num_beams == 1` and not `do_sample`; beam search when `num_beams > 1`;
+    temperature/top-k/top-p sampling when `do_sample`. Generation of a row ends at
+    `eos_token_id` or any of `stop_token_ids`. With a `tokenizer` the output carries texts.
+    Keyword `settings` override fields of `config`.
+    """
+    config = GenerationConfig.from_kwargs(config, **settings)
+    device = prompt_tokens.device
+    stop_ids = torch.tensor(sorted({int(eos_token_id), *config.stop_token_ids}), device=device)
+    if config.num_beams > 1:
+        tokens, scores, lengths = _beam_search(step_fn, prompt_tokens, config, stop_ids, pad_token_id)
+    else:
+        tokens, scores, lengths = _greedy_or_sample(step_fn, prompt_tokens, config, stop_ids, pad_token_id)
+    texts = decode_texts(tokenizer, tokens.cpu(), lengths.cpu(), stop_ids.tolist()) if tokenizer is not None else []
+    return GenerationOutput(tokens=tokens, scores=scores, texts=texts, lengths=lengths)
+
+
+def _greedy_or_sample(step_fn: StepFn, prompt: torch.Tensor, config: GenerationConfig, stop_ids: torch.Tensor,
+                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, device = prompt.shape[0], prompt.device
+    cache = KVCache() if config.use_cache else None
+    rows = torch.arange(batch, device=device)
+    generator = None
+    if config.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(2**62, (1,)).item()))
+    sequence = prompt
+    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, device=device)
+    for step in range(config.max_new_tokens):
+        logits = _process_logits(step_fn(sequence, cache, rows), generated, step, config, stop_ids)  # (B, V)
+        log_probs = logits.log_softmax(dim=-1)
+        if config.do_sample:
+            probs = _warp_for_sampling(logits, config).softmax(dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+        else:
+            next_token = logits.argmax(dim=-1)  # (B,)
+        chosen = log_probs.gather(1, next_token[:, None]).squeeze(1)
+        scores = scores + torch.where(finished, 0.0, chosen)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        is_stop = torch.isin(next_token, stop_ids) & ~finished
+        lengths = torch.where(is_stop, step + 1, lengths)
+        finished = finished | is_stop
+        generated = torch.cat([generated, next_token[:, None]], dim=1)  # (B, t+1)
+        sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+        if bool(finished.all()):
+            break
+    return generated, scores, lengths
+
+
+def _beam_search(step_fn: StepFn, prompt: torch.Tensor, config: GenerationConfig, stop_ids: torch.Tensor,
+                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HF-style beam search: 2K candidates per sample, stop-token candidates ranked in the top K
+    become finished hypotheses (length-normalised), the best K others continue."""
+    batch, device = prompt.shape[0], prompt.device
+    beams, max_new = config.num_beams, config.max_new_tokens
+    cache = KVCache() if config.use_cache else None
+    rows = torch.arange(batch, device=device)
+    # The first step runs once per sample; its cache and rows are then copied to every beam.
+    logits = step_fn(prompt, cache, rows)  # (B, V)
+    vocab = logits.shape[-1]
+    expand = rows.repeat_interleave(beams)  # (B*K,)
+    if cache is not None:
+        cache.reorder(expand)
+    logits = logits.index_select(0, expand)
+    rows, sequence = expand, prompt.index_select(0, expand)
+    beam_scores = torch.full((batch, beams), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0  # identical beams at first: only one may expand
+    history = torch.full((batch, beams, max_new), pad_id, dtype=torch.long, device=device)
+    pool_scores = torch.full((batch, beams), float("-inf"), device=device)  # finished hypotheses
+    pool_tokens = torch.full((batch, beams, max_new), pad_id, dtype=torch.long, device=device)
+    pool_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    offsets = (torch.arange(batch, device=device) * beams)[:, None]  # (B, 1)
+    for step in range(max_new):
+        if step:
+            logits = step_fn(sequence, cache, rows)  # (B*K, V)
+        logits = _process_logits(logits, history.view(batch * beams, -1)[:, :step], step, config, stop_ids)
+        candidates = beam_scores.view(-1, 1) + logits.log_softmax(dim=-1)  # (B*K, V)
+        top_scores, top_index = candidates.view(batch, beams * vocab).topk(2 * beams, dim=-1)  # (B, 2K)
+        source_beam, token = top_index // vocab, top_index % vocab  # (B, 2K)
+        candidate_history = history.gather(1, source_beam[..., None].expand(-1, -1, max_new)).clone()  # (B, 2K, T)
+        candidate_history[:, :, step] = token
+        # Finished hypotheses: stop tokens among the top K candidates of samples still running.
+        is_stop = torch.isin(token, stop_ids)
+        rank = torch.arange(2 * beams, device=device)[None, :]
+        add = is_stop & (rank < beams) & ~done[:, None] & torch.isfinite(top_scores)
+        length = step + 1
+        normalised = torch.where(add, top_scores / length**config.length_penalty, float("-inf"))
+        merged_scores = torch.cat([pool_scores, normalised], dim=1)  # (B, 3K)
+        merged_tokens = torch.cat([pool_tokens, candidate_history], dim=1)
+        merged_lengths = torch.cat([pool_lengths, torch.full_like(token, length)], dim=1)
+        pool_scores, keep = merged_scores.topk(beams, dim=1)
+        pool_tokens = merged_tokens.gather(1, keep[..., None].expand(-1, -1, max_new))
+        pool_lengths = merged_lengths.gather(1, keep)
+        # Running beams: the best K candidates that are not stop tokens.
+        running_scores = torch.where(is_stop, float("-inf"), top_scores)
+        running_scores, pick = running_scores.topk(beams, dim=1)  # (B, K)
+        beam_scores = running_scores
+        history = candidate_history.gather(1, pick[..., None].expand(-1, -1, max_new))
+        parent = (source_beam.gather(1, pick) + offsets).view(-1)  # (B*K,) row of each new beam's parent
+        next_token = token.gather(1, pick).view(-1)
+        sequence = torch.cat([sequence.index_select(0, parent), next_token[:, None]], dim=1)
+        if cache is not None:
+            cache.reorder(parent)
+        # A sample is done when its pool is full (early stopping) or, HF's heuristic, when no
+        # running beam can beat the worst finished hypothesis at the current length.
+        pool_full = torch.isfinite(pool_scores).all(dim=1)
+        if config.early_stopping:
+            done = done | pool_full
+        else:
+            best_running = beam_scores[:, 0] / length**config.length_penalty
+            done = done | (pool_full & (best_running <= pool_scores[:, -1]))
+        if bool(done.all()):
+            break
+    # Samples still running at the length limit also offer their live beams as hypotheses.
+    length = min(step + 1, max_new)
+    live = torch.where(done[:, None], float("-inf"), beam_scores / length**config.length_penalty)
+    merged_scores = torch.cat([pool_scores, live], dim=1)
+    merged_tokens = torch.cat([pool_tokens, history], dim=1)
+    merged_lengths = torch.cat([pool_lengths, torch.full_like(pool_lengths, length)], dim=1)
+    best_score, best = merged_scores.max(dim=1)  # (B,)
+    tokens = merged_tokens[torch.arange(batch, device=device), best]  # (B, T)
+    lengths = merged_lengths[torch.arange(batch, device=device), best]
+    width = int(lengths.max().item()) if batch else 0
+    return tokens[:, :width], best_score, lengths
+
+
+def decode_texts(tokenizer, tokens: torch.Tensor, lengths: torch.Tensor, stop_ids: Sequence[int]) -> list[str]:
+    """Texts of generated rows, cut before the first stop token."""
+    stops = set(int(t) for t in stop_ids)
+    rows = []
+    for row, n in zip(tokens.tolist(), lengths.tolist()):
+        row = row[:n]
+        rows.append(row[:-1] if row and row[-1] in stops else row)
+    return tokenizer.batch_decode(rows)
+
+
+def left_padded_prompts(tokenizer, prompts: Sequence[str], bos_id: int, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder prompts `[bos] + prompt tokens` (no end token), left-padded to one length.
+
+    Returns tokens (B, T0) and `num_pad` (B,): how many pad slots each row starts with, which a
+    decoder uses to mask those keys and to start its positions at the first real token.
+    """
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        rows.append([bos_id] + ids)
+    width = max(len(row) for row in rows)
+    tokens = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], dtype=torch.long, device=device)
+    num_pad = torch.tensor([width - len(row) for row in rows], dtype=torch.long, device=device)
+    return tokens, num_pad
+
+
+class Generative:
+    """Mixin giving a family `generate(pixels, prompt=None, **decoding) -> list[str]`.
+
+    The family implements `decoding_setup(pixels, prompts) -> (step_fn, prompt_tokens)` and sets
+    `default_generation` (a GenerationConfig); this class owns settings, batching and texts.
+    """
+
+    default_generation = GenerationConfig()
+
+    def decoding_setup(self, pixels: torch.Tensor, prompts: list[str] | None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def max_new_tokens_allowed(self, prompt_tokens: torch.Tensor) -> int:
+        """How many tokens fit after the prompt (the decoder's context length bounds it)."""
+        return self.config.text.context_length - prompt_tokens.shape[1]
+
+    @torch.no_grad()
+    def generate_output(self, pixels: torch.Tensor, prompt: str | Sequence[str] | None = None, **decoding) -> GenerationOutput:
+        """Like `generate`, but returns the ids, scores and texts (a `GenerationOutput`)."""
+        from vlmkit.errors import UserError
+
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer attached; load it with vlmkit.load(run_folder)")
+        batch = pixels.shape[0]
+        prompts = None
+        if prompt is not None:
+            prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+            if len(prompts) != batch:
+                raise UserError(f"got {len(prompts)} prompts for {batch} images; give one prompt, or one per image")
+        was_training = self.training
+        self.eval()
+        try:
+            config = GenerationConfig.from_kwargs(self.default_generation, **decoding)
+            step_fn, prompt_tokens = self.decoding_setup(pixels.to(self.device), prompts)
+            room = self.max_new_tokens_allowed(prompt_tokens)
+            if room < 1:
+                raise UserError(f"the prompt leaves no room to generate within the model's context of {self.config.text.context_length} tokens; shorten it")
+            config = replace(config, max_new_tokens=min(config.max_new_tokens, room),
+                             min_new_tokens=min(config.min_new_tokens, room))
+            return generate(step_fn, prompt_tokens, config, eos_token_id=self.config.text.eos_token_id,
+                            pad_token_id=self.config.text.pad_token_id, tokenizer=self.tokenizer)
+        finally:
+            self.train(was_training)
+
+    def generate(self, pixels: torch.Tensor, prompt: str | Sequence[str] | None = None, **decoding) -> list[str]:
+        """Texts generated for images `pixels` (B, 3, H, W), each continuing its `prompt` (if any).
+
+        `decoding` takes any `GenerationConfig` field: num_beams, max_new_tokens, do_sample, top_p...
+        """
+        return self.generate_output(pixels, prompt=prompt, **decoding).texts

@@ -1,0 +1,144 @@
+"""Discriminative VQA and visual reasoning: a fusion encoder with two classification heads.
+
+image -> ViT -> tokens (B, N, Dv)          question / statement -> bidirectional text tower (B, L, D)
+fused = fusion blocks (self-attention over text, cross-attention to the image tokens) (B, L, D)
+pooled = fused[:, 0] (the start token)
+- VQA as classification over an answer vocabulary (VQA v2 style): BCE against soft scores
+  min(1, #humans who gave the answer / 3), scaled by the number of answers as in the VQA v2
+  baselines; the answer vocabulary is the most frequent training answers.
+- Visual reasoning (NLVR-style): a true/false logit for a statement about the image.
+
+The generative formulation of the same questions is SimVLM with the question as prefix
+(`vlmkit eval vqa` scores both the same way).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
+from vlmkit.errors import UserError
+from vlmkit.layers.masks import padding_mask
+from vlmkit.layers.mlp import MLP
+from vlmkit.layers.transformer import Transformer
+from vlmkit.models.base import ModelOutput, VLModel
+from vlmkit.models.registry import register_config, register_family
+
+# The answers of the built-in synthetic data: the default vocabulary before training sets it.
+SYNTHETIC_ANSWERS = ("0", "1", "2", "3", "4", "yes", "no", "red", "green", "blue", "yellow", "purple", "orange",
+                     "circle", "square", "triangle", "star")
+
+
+@dataclass
+class VQAConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=lambda: TextConfig(causal=False, pool="cls", eos_token_id=None))
+    fusion_depth: int = 2
+    answers: tuple[str, ...] = SYNTHETIC_ANSWERS  # normalised answers, the classifier's classes
+    max_answers: int = 3129  # VQA v2's usual vocabulary size: the most frequent training answers
+    statement_fraction: float = 0.5  # training: share of samples that are statements (records with both)
+
+
+@register_family
+class VQAClassifier(VLModel):
+    family = "vqa"
+    config_class = VQAConfig
+    capabilities = frozenset({"vqa_classify", "reasoning", "answer"})
+
+    def __init__(self, config: VQAConfig) -> None:
+        super().__init__(config)
+        if not config.answers:
+            raise UserError("the VQA model needs an answer vocabulary; train it on records with 'qa' or set answers")
+        width = config.text.width
+        self.visual = build_vision_tower(config.vision, None)
+        self.text = build_text_tower(config.text, None)
+        self.fusion = Transformer(width, config.fusion_depth, config.text.heads, mlp_ratio=config.text.mlp_ratio,
+                                  activation=config.text.activation, context_dim=config.vision.width)
+        self.answer_head = MLP(width, 2 * width, out_dim=len(config.answers))
+        self.reasoning_head = MLP(width, width, out_dim=1)
+
+    @classmethod
+    def adapt_config_to_data(cls, config, records):
+        """The answer vocabulary: the `max_answers` most frequent normalised training answers."""
+        from vlmkit.data.task_datasets import answers_of
+        from vlmkit.metrics.vqa import normalize_answer
+
+        counts = Counter(normalize_answer(a) for record in records for item in record.get("qa") or [] for a in answers_of(item))
+        if counts:
+            limit = config.get("max_answers", VQAConfig.max_answers)
+            config["answers"] = [answer for answer, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+        return config
+
+    @classmethod
+    def tokenizer_texts(cls, records):
+        from vlmkit.data.task_datasets import record_texts
+
+        return record_texts(records, questions=True, statements=True)
+
+    def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
+        from vlmkit.data.task_datasets import QuestionStatementDataset
+
+        records = [record for record in records if record.get("qa") or record.get("statements")]
+        if not records:
+            raise UserError("no training record has questions ('qa') or statements ('statements') for the VQA model")
+        return QuestionStatementDataset(records, transform, tokenizer, self.config.answers, self.config.statement_fraction, seed=seed)
+
+    def fused(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled image+text feature. (B, D)"""
+        image = self.visual.norm_post(self.visual(pixels).tokens)  # (B, N, Dv)
+        text = self.text(tokens).tokens  # (B, L, D)
+        mask = padding_mask(self.text.real_tokens(tokens))  # (B, 1, 1, L)
+        return self.fusion(text, mask=mask, context=image)[:, 0]  # (B, D)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        pooled = self.fused(batch["pixels"], batch["tokens"])  # (B, D)
+        answer_logits = self.answer_head(pooled)  # (B, A)
+        truth_logits = self.reasoning_head(pooled)[:, 0]  # (B,)
+        is_statement = batch["is_statement"]  # (B,) bool
+        is_question = ~is_statement
+        logs = {}
+        loss = pooled.new_zeros(())
+        if is_question.any():
+            scores = batch["answer_scores"][is_question]  # (Bq, A)
+            vqa = F.binary_cross_entropy_with_logits(answer_logits[is_question], scores) * scores.shape[1]
+            loss = loss + vqa
+            best = answer_logits[is_question].argmax(-1, keepdim=True)
+            logs.update(vqa_loss=vqa.item(), vqa_acc=scores.gather(1, best).mean().item())
+        if is_statement.any():
+            labels = batch["statement_labels"][is_statement]
+            truth = F.binary_cross_entropy_with_logits(truth_logits[is_statement], labels)
+            loss = loss + truth
+            logs.update(reasoning_loss=truth.item(), reasoning_acc=((truth_logits[is_statement] > 0).float() == labels).float().mean().item())
+        logs["loss"] = loss.item()
+        return ModelOutput(loss=loss, logs=logs, logits=answer_logits)
+
+    def example_targets(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """Targets that make a batch of (pixels, tokens) trainable: half questions, half statements."""
+        scores = torch.zeros(batch_size, len(self.config.answers))
+        scores[:, 0] = 1.0
+        return {"answer_scores": scores, "statement_labels": torch.ones(batch_size),
+                "is_statement": torch.arange(batch_size) % 2 == 1}
+
+    @torch.no_grad()
+    def answer(self, pixels: torch.Tensor, questions: list[str], **_) -> list[str]:
+        """The highest-scoring vocabulary answer for each (image, question)."""
+        pooled = self.fused(pixels.to(self.device), self.tokenize(questions).to(self.device))
+        return [self.config.answers[i] for i in self.answer_head(pooled).argmax(-1).tolist()]
+
+    @torch.no_grad()
+    def verify(self, pixels: torch.Tensor, statements: list[str]) -> torch.Tensor:
+        """Probability that each statement is true of its image. (B,)"""
+        pooled = self.fused(pixels.to(self.device), self.tokenize(statements).to(self.device))
+        return torch.sigmoid(self.reasoning_head(pooled)[:, 0]).cpu()
+
+
+register_config("vqa-tiny", "vqa", {
+    "vision": {"type": "vit", "image_size": 64, "patch_size": 8, "width": 128, "depth": 3, "heads": 4},
+    "text": {"width": 128, "depth": 2, "heads": 4, "context_length": 24, "vocab_size": 1024, "causal": False,
+             "pool": "cls", "eos_token_id": 1023},
+    "fusion_depth": 2,
+})

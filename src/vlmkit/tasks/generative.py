@@ -1,0 +1,194 @@
+"""Captioning, VQA and visual-reasoning evaluation, with the baselines they are compared to.
+
+Tasks ask a model for capabilities, never for its class:
+- `evaluate_caption` needs "generate" and scores with the pycocoevalcap metrics
+  (`vlmkit.metrics.caption.score_captions`);
+- `evaluate_vqa` needs "answer" (SimVLM generates with the question as prefix; the VQA
+  classifier picks from its answer vocabulary) and scores VQA accuracy: the soft accuracy
+  where a question has several human answers, normalised exact match where it has one;
+- `evaluate_reasoning` needs "reasoning" and scores true/false accuracy.
+Baselines: `nearest_neighbour_captions` (the consensus caption of the k training images
+closest in pixel space, Devlin et al. 2015) and `majority_answers` (the most frequent training
+answer of each question type).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from vlmkit.errors import UserError
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _pixels(model, images: Sequence) -> torch.Tensor:
+    return model.preprocess(list(images)).to(model.device)
+
+
+def caption_references(records: Sequence[dict]) -> dict[str, list[str]]:
+    """{image id: its captions}; the id is the record's `id` if present, else its position."""
+    refs = {str(record.get("id", index)): list(record.get("texts") or []) for index, record in enumerate(records)}
+    refs = {key: value for key, value in refs.items() if value}
+    if not refs:
+        raise UserError("no evaluation record has captions ('text' or 'texts'); caption evaluation needs references")
+    return refs
+
+
+@torch.no_grad()
+def generate_captions(model, records: Sequence[dict], batch_size: int = 64, **decoding) -> dict[str, str]:
+    """{image id: generated caption} for every record with captions."""
+    model.require("generate", task="caption")
+    ids = list(caption_references(records))
+    by_id = {str(record.get("id", index)): record for index, record in enumerate(records)}
+    predictions = {}
+    for chunk in _batches(ids, batch_size):
+        texts = model.generate(_pixels(model, [by_id[i]["image"] for i in chunk]), **decoding)
+        predictions.update(zip(chunk, texts))
+    return predictions
+
+
+def evaluate_caption(model, records: Sequence[dict], batch_size: int = 64, metrics=("bleu", "rouge", "cider"),
+                     **decoding) -> dict:
+    """Caption metrics of the model's generated captions: "BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr", "n"."""
+    from vlmkit.metrics.caption import score_captions
+
+    predictions = generate_captions(model, records, batch_size=batch_size, **decoding)
+    # An empty generation still counts: score it as a placeholder word instead of rejecting the set.
+    predictions = {key: text if text.strip() else "<empty>" for key, text in predictions.items()}
+    return score_captions(predictions, caption_references(records), metrics=metrics)
+
+
+def _pixel_features(records: Sequence[dict], side: int = 16) -> np.ndarray:
+    """Downsampled, standardised RGB pixels: the features of the nearest-neighbour baseline. (N, 3*side*side)"""
+    from vlmkit.data.formats import load_image
+
+    rows = [np.asarray(load_image(record["image"]).resize((side, side)), dtype=np.float32).ravel() for record in records]
+    features = np.stack(rows)
+    features -= features.mean(axis=1, keepdims=True)
+    return features / (np.linalg.norm(features, axis=1, keepdims=True) + 1e-6)
+
+
+def _overlap(a: str, b: str) -> float:
+    """Unigram + bigram F1 between two captions (the consensus criterion)."""
+    def grams(text):
+        words = text.lower().split()
+        return Counter(words) + Counter(zip(words, words[1:]))
+
+    ga, gb = grams(a), grams(b)
+    common = sum((ga & gb).values())
+    return 2 * common / max(sum(ga.values()) + sum(gb.values()), 1)
+
+
+def nearest_neighbour_captions(train_records: Sequence[dict], records: Sequence[dict], k: int = 5) -> dict[str, str]:
+    """{image id: caption} borrowed from the k nearest training images (cosine on pixels):
+    among their captions, the one that agrees most with the others (consensus re-ranking)."""
+    train = [record for record in train_records if record.get("texts")]
+    if not train:
+        raise UserError("the nearest-neighbour baseline needs training records with captions")
+    ids = list(caption_references(records))
+    by_id = {str(record.get("id", index)): record for index, record in enumerate(records)}
+    train_features = _pixel_features(train)
+    predictions = {}
+    for chunk in _batches(ids, 256):
+        similarity = _pixel_features([by_id[i] for i in chunk]) @ train_features.T  # (b, N_train)
+        neighbours = np.argsort(-similarity, axis=1)[:, :k]
+        for image_id, row in zip(chunk, neighbours):
+            pool = [caption for index in row for caption in train[index]["texts"]]
+            predictions[image_id] = max(pool, key=lambda c: sum(_overlap(c, other) for other in pool))
+    return predictions
+
+
+def evaluate_caption_baseline(train_records: Sequence[dict], records: Sequence[dict], k: int = 5,
+                              metrics=("bleu", "rouge", "cider")) -> dict:
+    """Caption metrics of the nearest-neighbour baseline (same scorer as `evaluate_caption`)."""
+    from vlmkit.metrics.caption import score_captions
+
+    return score_captions(nearest_neighbour_captions(train_records, records, k), caption_references(records), metrics=metrics)
+
+
+# ---- VQA ------------------------------------------------------------------------------------------
+def vqa_items(records: Sequence[dict]) -> list[tuple[str, dict, dict]]:
+    """(question id, record, qa entry) for every question; ids are "record:question"."""
+    items = [(f"{record.get('id', index)}:{q}", record, item)
+             for index, record in enumerate(records) for q, item in enumerate(record.get("qa") or [])]
+    if not items:
+        raise UserError("no evaluation record has questions ('qa'); VQA evaluation needs them")
+    return items
+
+
+def score_vqa(predictions: dict[str, str], items) -> dict:
+    """{"accuracy", "per_question_type", "n"} with the official VQA accuracy (see module docstring)."""
+    from vlmkit.data.task_datasets import answers_of
+    from vlmkit.metrics.vqa import vqa_accuracy
+
+    references = {qid: {"answers": answers_of(item), "question_type": item.get("type", "unknown")} for qid, _, item in items}
+    result = vqa_accuracy(predictions, references)
+    return {"accuracy": result["accuracy"], "per_question_type": result["per_question_type"], "n": result["n"]}
+
+
+@torch.no_grad()
+def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, **decoding) -> dict:
+    """VQA accuracy of the model's answers, overall and per question type.
+
+    `batch_size` counts images; each image is preprocessed once and shared by its questions.
+    """
+    model.require("answer", task="vqa")
+    items = vqa_items(records)
+    predictions = {}
+    with_questions = [(index, record) for index, record in enumerate(records) if record.get("qa")]
+    for chunk in _batches(with_questions, batch_size):
+        pixels = _pixels(model, [record["image"] for _, record in chunk])  # (b, 3, H, W)
+        owner = torch.tensor([row for row, (_, record) in enumerate(chunk) for _ in record["qa"]], device=pixels.device)
+        questions = [item["question"] for _, record in chunk for item in record["qa"]]
+        qids = [f"{record.get('id', index)}:{q}" for index, record in chunk for q in range(len(record["qa"]))]
+        predictions.update(zip(qids, model.answer(pixels.index_select(0, owner), questions, **decoding)))
+    return score_vqa(predictions, items)
+
+
+def majority_answers(train_records: Sequence[dict], records: Sequence[dict]) -> dict[str, str]:
+    """{question id: the most frequent training answer of its question type} (ties: alphabetical)."""
+    from vlmkit.data.task_datasets import answers_of
+    from vlmkit.metrics.vqa import normalize_answer
+
+    counts: dict[str, Counter] = {}
+    for record in train_records:
+        for item in record.get("qa") or []:
+            counts.setdefault(item.get("type", "unknown"), Counter()).update(normalize_answer(a) for a in answers_of(item))
+    overall = sum(counts.values(), Counter())
+    if not overall:
+        raise UserError("the majority-answer baseline needs training records with questions ('qa')")
+
+    def best(counter: Counter) -> str:
+        return min(counter.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+    majority = {qtype: best(counter) for qtype, counter in counts.items()}
+    fallback = best(overall)
+    return {qid: majority.get(item.get("type", "unknown"), fallback) for qid, _, item in vqa_items(records)}
+
+
+def evaluate_vqa_baseline(train_records: Sequence[dict], records: Sequence[dict]) -> dict:
+    """VQA accuracy of the per-question-type majority answer."""
+    return score_vqa(majority_answers(train_records, records), vqa_items(records))
+
+
+# ---- visual reasoning ------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_reasoning(model, records: Sequence[dict], batch_size: int = 128) -> dict:
+    """{"accuracy", "n"}: how often the model's true/false call matches each statement's label."""
+    model.require("reasoning", task="reasoning")
+    items = [(record, item) for record in records for item in record.get("statements") or []]
+    if not items:
+        raise UserError("no evaluation record has statements ('statements'); reasoning evaluation needs them")
+    correct = 0
+    for chunk in _batches(items, batch_size):
+        pixels = _pixels(model, [record["image"] for record, _ in chunk])
+        probabilities = model.verify(pixels, [item["text"] for _, item in chunk])
+        labels = torch.tensor([bool(item["label"]) for _, item in chunk])
+        correct += int(((probabilities > 0.5) == labels).sum())
+    return {"accuracy": correct / len(items), "n": len(items)}

@@ -1,0 +1,144 @@
+"""Generative verbs: `vlmkit caption`, `vlmkit ask`, `vlmkit baseline`, and `vlmkit eval caption|vqa|reasoning`.
+
+Importing this module registers the eval sub-verbs with `vlmkit.tasks.cli.evaluation`
+(commands.py imports it before tasks.cli builds the `eval` parser). Every verb prints one
+JSON object on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+
+from vlmkit.tasks.cli import evaluation
+
+
+def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--beams", type=int, default=None, help="beam search with this many beams (default: greedy)")
+    group.add_argument("--max-new-tokens", type=int, default=None)
+    group.add_argument("--min-new-tokens", type=int, default=None)
+    group.add_argument("--length-penalty", type=float, default=None)
+    group.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
+    group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--repetition-penalty", type=float, default=None)
+    group.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
+    group.add_argument("--batch-size", type=int, default=None)
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    settings = {
+        "num_beams": args.beams, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens,
+        "length_penalty": args.length_penalty, "do_sample": True if args.sample else None,
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+    }
+    return {key: value for key, value in settings.items() if value is not None}
+
+
+def _batch(args, default: int) -> dict:
+    return {"batch_size": args.batch_size or default}
+
+
+def _model(path: str):
+    import vlmkit
+
+    return vlmkit.load(path)
+
+
+def _records(path: str):
+    from vlmkit.data.formats import read_records
+
+    return read_records(path)
+
+
+def _eval_caption(args) -> dict:
+    from vlmkit.tasks.generative import evaluate_caption
+
+    return evaluate_caption(_model(args.model), _records(args.data), **_batch(args, 64), **_decoding(args))
+
+
+def _eval_vqa(args) -> dict:
+    from vlmkit.tasks.generative import evaluate_vqa
+
+    model = _model(args.model)
+    decoding = _decoding(args)
+    if "generate" not in model.capabilities and decoding:
+        from vlmkit.errors import UserError
+
+        raise UserError(f"decoding options apply to generative models; the '{model.family}' model classifies answers, drop them")
+    return evaluate_vqa(model, _records(args.data), **_batch(args, 16), **decoding)
+
+
+def _eval_reasoning(args) -> dict:
+    from vlmkit.tasks.generative import evaluate_reasoning
+
+    return evaluate_reasoning(_model(args.model), _records(args.data), **_batch(args, 128))
+
+
+_eval_caption.arguments = _decoding_arguments
+_eval_vqa.arguments = _decoding_arguments
+_eval_reasoning.arguments = lambda parser: parser.add_argument("--batch-size", type=int, default=None)
+evaluation("caption", "caption metrics (BLEU-1..4, ROUGE-L, CIDEr) of generated captions")(_eval_caption)
+evaluation("vqa", "VQA accuracy, overall and per question type")(_eval_vqa)
+evaluation("reasoning", "true/false accuracy on statements about each image")(_eval_reasoning)
+
+
+def register(subparsers) -> None:
+    from vlmkit.tasks.cli import _printing
+
+    caption = subparsers.add_parser("caption", help="caption images with a generative model")
+    caption.add_argument("images", nargs="+")
+    caption.add_argument("--model", required=True, help="run folder")
+    caption.add_argument("--prompt", default=None, help="text the caption continues (default: none)")
+    _decoding_arguments(caption)
+    caption.set_defaults(func=_printing(_caption))
+
+    ask = subparsers.add_parser("ask", help="answer a question about an image")
+    ask.add_argument("image")
+    ask.add_argument("question")
+    ask.add_argument("--model", required=True, help="run folder")
+    _decoding_arguments(ask)
+    ask.set_defaults(func=_printing(_ask))
+
+    baseline = subparsers.add_parser("baseline", help="model-free baselines: caption-nn, vqa-majority")
+    baseline.add_argument("kind", choices=["caption-nn", "vqa-majority"])
+    baseline.add_argument("--train", required=True, help="training records the baseline borrows from")
+    baseline.add_argument("--data", required=True, help="evaluation records")
+    baseline.add_argument("--k", type=int, default=5, help="caption-nn: neighbours for the consensus caption")
+    baseline.set_defaults(func=_printing(_baseline))
+
+
+def _load_images(paths):
+    from vlmkit.data.formats import load_image
+
+    return [load_image(path) for path in paths]  # a bad path fails here, naming it
+
+
+def _caption(args) -> dict:
+    images = _load_images(args.images)
+    model = _model(args.model)
+    model.require("generate", task="caption")
+    decoding = _decoding(args)
+    size = (args.batch_size or 32)
+    captions = []
+    for start in range(0, len(images), size):
+        captions += model.generate(model.preprocess(images[start : start + size]).to(model.device), prompt=args.prompt, **decoding)
+    return {"captions": [{"image": path, "caption": text} for path, text in zip(args.images, captions)]}
+
+
+def _ask(args) -> dict:
+    images = _load_images([args.image])
+    model = _model(args.model)
+    model.require("answer", task="ask")
+    answer = model.answer(model.preprocess(images).to(model.device), [args.question], **_decoding(args))[0]
+    return {"image": args.image, "question": args.question, "answer": answer}
+
+
+def _baseline(args) -> dict:
+    from vlmkit.tasks.generative import evaluate_caption_baseline, evaluate_vqa_baseline
+
+    train, data = _records(args.train), _records(args.data)
+    if args.kind == "caption-nn":
+        return evaluate_caption_baseline(train, data, k=args.k)
+    return evaluate_vqa_baseline(train, data)

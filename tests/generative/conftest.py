@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from vlmkit.data.synthetic import generate
+
+TEXTS = ["a red circle on the left", "a blue square", "how many objects are there?", "what color is the star?",
+         "a green triangle and a yellow star", "there are two objects", "yes", "no", "2", "red", "star"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from vlmkit.tokenizers import train_clip_bpe
+
+    return train_clip_bpe(TEXTS, vocab_size=600, context_length=24)
+
+
+def tiny_model(name: str, tokenizer, **overrides):
+    """A registered tiny config made smaller still, fitted to `tokenizer`, in eval mode."""
+    from vlmkit.config import apply_overrides
+    from vlmkit.data.transforms import ImageTransform
+    from vlmkit.models.registry import get_family, named_config
+
+    family, config = named_config(name)
+    cls = get_family(family)
+    config = cls.adapt_config_to_tokenizer(config, tokenizer)
+    config = apply_overrides(config, {"text.width": 64, "text.depth": 2, **overrides})
+    torch.manual_seed(0)
+    model = cls.from_config_dict(config)
+    model.tokenizer, model.transform = tokenizer, ImageTransform(config["vision"]["image_size"])
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """The built-in dataset, small: generated once per session."""
+    out = tmp_path_factory.mktemp("gen-synth")
+    generate(out, n=1000, seed=5, progress=False)
+    return out
