@@ -34,7 +34,9 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     # Clip: for every (image, gram) the largest count in any of its references.
     is_ref = counts.sentence >= num_hyp
     ref_rows = np.nonzero(is_ref)[0]
-    image_key = ref_image[counts.sentence[ref_rows] - num_hyp] * counts.num_grams + counts.gram[ref_rows]
+    # (order, image, gram) keys of the reference rows: nearly sorted already (see ngrams)
+    image_key = counts.keys(ref_image[counts.sentence[ref_rows] - num_hyp], num_hyp,
+                            gram=counts.gram[ref_rows], order=counts.order[ref_rows])
     order_by_key = np.argsort(image_key, kind="stable")
     image_key = image_key[order_by_key]
     ref_count = counts.count[ref_rows][order_by_key]
@@ -45,7 +47,9 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
         max_key, max_count = image_key, ref_count
 
     hyp_rows = np.nonzero(~is_ref)[0]
-    query = counts.sentence[hyp_rows] * counts.num_grams + counts.gram[hyp_rows]
+    # a hypothesis's sentence index is its image index
+    query = counts.keys(counts.sentence[hyp_rows], num_hyp, gram=counts.gram[hyp_rows],
+                        order=counts.order[hyp_rows])
     if len(max_key):
         position = np.minimum(np.searchsorted(max_key, query), len(max_key) - 1)
         clip = np.where(max_key[position] == query, max_count[position], 0)
@@ -57,13 +61,20 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     guess = np.maximum(0, hyp_len[None, :] - np.arange(n)[:, None])  # (n, num_hyp)
 
     # Closest reference length, ties to the shorter one: minimise (|r - c|, r).
-    closest = np.empty(num_hyp, dtype=np.int64)
-    start = 0
-    for image, refs in enumerate(references):
-        stop = start + len(refs)
-        candidates = ref_len[start:stop]
-        closest[image] = min((abs(int(r) - int(hyp_len[image])), int(r)) for r in candidates)[1]
-        start = stop
+    # Encoded as |r - c| * scale + r, so one minimum per image (references are contiguous).
+    ref_counts = np.fromiter(map(len, references), dtype=np.int64, count=num_hyp)
+    if num_hyp and ref_counts.min() > 0:
+        scale = int(ref_len.max()) + 1
+        encoded = np.abs(ref_len - hyp_len[ref_image]) * scale + ref_len
+        closest = np.minimum.reduceat(encoded, np.cumsum(ref_counts) - ref_counts) % scale
+    else:  # an image without references: as the reference, min() of nothing fails
+        closest = np.empty(num_hyp, dtype=np.int64)
+        start = 0
+        for image, refs in enumerate(references):
+            stop = start + len(refs)
+            candidates = ref_len[start:stop]
+            closest[image] = min((abs(int(r) - int(hyp_len[image])), int(r)) for r in candidates)[1]
+            start = stop
 
     per_image = _combine(correct.astype(np.float64), guess.astype(np.float64),
                          hyp_len.astype(np.float64), closest.astype(np.float64), n)

@@ -12,7 +12,7 @@ from typing import Hashable, Iterable, Mapping, Sequence
 from vlmkit.errors import UserError
 from vlmkit.metrics.bleu import bleu_scores
 from vlmkit.metrics.cider import cider_scores
-from vlmkit.metrics.ngrams import count_caption_ngrams
+from vlmkit.metrics.ngrams import count_caption_ngrams, encode_both
 from vlmkit.metrics.ptb import tokenize
 from vlmkit.metrics.rouge import rouge_l_scores
 
@@ -80,14 +80,16 @@ def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hash
     result: dict = {}
     per: dict[str, list[float]] = {}
     # BLEU and CIDEr-D share one n-gram count of the whole set
-    counts = count_caption_ngrams(hypotheses, grouped) if {"bleu", "cider"} & set(chosen) else None
+    # ...and all scorers one encoding of the words into integers
+    by_space, by_whitespace = encode_both(hypotheses + flat)
+    counts = count_caption_ngrams(hypotheses, grouped, encoded=by_whitespace) if {"bleu", "cider"} & set(chosen) else None
     if "bleu" in chosen:
         corpus, scores = bleu_scores(hypotheses, grouped, counts=counts)
         for k in range(4):
             result[f"BLEU-{k + 1}"] = corpus[k]
             per[f"BLEU-{k + 1}"] = scores[k]
     if "rouge" in chosen:
-        result["ROUGE-L"], per["ROUGE-L"] = rouge_l_scores(hypotheses, grouped)
+        result["ROUGE-L"], per["ROUGE-L"] = rouge_l_scores(hypotheses, grouped, encoded=by_space)
     if "cider" in chosen:
         result["CIDEr"], per["CIDEr"] = cider_scores(hypotheses, grouped, counts=counts)
     if "meteor" in chosen:

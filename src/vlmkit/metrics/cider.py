@@ -32,8 +32,9 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
 
     # Document frequency: images whose references contain the gram.
     is_ref = counts.sentence >= num_hyp
-    image_gram = unique_sorted(ref_image[counts.sentence[is_ref] - num_hyp] * counts.num_grams + counts.gram[is_ref])
-    df = np.bincount(image_gram % counts.num_grams, minlength=counts.num_grams).astype(np.float64)
+    image_gram = unique_sorted(counts.keys(ref_image[counts.sentence[is_ref] - num_hyp], num_hyp,
+                                           gram=counts.gram[is_ref], order=counts.order[is_ref]))
+    df = np.bincount(counts.decode(image_gram, num_hyp)[2], minlength=counts.num_grams).astype(np.float64)
     log_n = np.log(float(num_hyp))
     weight = counts.count * (log_n - np.log(np.maximum(1.0, df[counts.gram])))  # tf * idf per row
 
@@ -49,7 +50,7 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     row = np.repeat(hyp_rows, refs_of_hyp)
     within = np.arange(len(row)) - np.repeat(np.cumsum(refs_of_hyp) - refs_of_hyp, refs_of_hyp)
     ref_sentence = first_ref[counts.sentence[row]] + within
-    query = ref_sentence * counts.num_grams + counts.gram[row]
+    query = counts.keys(ref_sentence, gram=counts.gram[row], order=counts.order[row])
     position = np.minimum(np.searchsorted(counts.key, query), len(counts.key) - 1)
     found = counts.key[position] == query
     ref_weight = np.where(found, weight[position], 0.0)

@@ -2,53 +2,112 @@
 
 The reference scorers build one Python dict of tuple n-grams per sentence and loop over them
 per (hypothesis, reference) pair; that is where their time goes. Here every token becomes an
-integer, every n-gram an integer id (built order by order with `np.unique`, so ids never
-overflow), and per-sentence counts come from one sort of (sentence, n-gram) keys.
+integer, every n-gram of order k an integer id (the (k-1)-gram id times the vocabulary size
+plus the last word, renumbered densely so ids never overflow), and per-sentence counts come
+from sorting (order, sentence, n-gram) keys.
+
+Sorting is what costs here, so the keys are laid out *order-major*: within one order the
+occurrences already come sentence by sentence, only the few n-grams of each sentence are out of
+order, and numpy's stable sort (timsort) finishes such nearly sorted data in a fraction of the
+time of a general sort. The same layout, with images in place of sentences, serves BLEU's
+clipping and CIDEr's document frequencies (`NgramCounts.keys`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
+
+# Dense renumbering through a lookup table while it stays this small (entries); above it, sort.
+_TABLE_LIMIT = 1 << 24
 
 
 @dataclass
 class NgramCounts:
-    """Distinct (sentence, n-gram) pairs with their counts, sorted by key = sentence * size + gram."""
+    """Distinct (sentence, n-gram) pairs with their counts, sorted by `key` (order-major).
 
-    sentence: np.ndarray  # (P,) sentence index
-    gram: np.ndarray      # (P,) n-gram id, unique across orders
-    order: np.ndarray     # (P,) n-gram order minus one (0..n-1)
-    count: np.ndarray     # (P,) occurrences of the n-gram in the sentence
-    key: np.ndarray       # (P,) sentence * num_grams + gram, ascending
-    num_grams: int
-    lengths: np.ndarray   # (S,) number of words per sentence
+    `gram` ids of order k lie in [gram_offset[k], gram_offset[k] + order_size[k]).
+    """
+
+    sentence: np.ndarray     # (P,) sentence index
+    gram: np.ndarray         # (P,) n-gram id, unique across orders
+    order: np.ndarray        # (P,) n-gram order minus one (0..n-1)
+    count: np.ndarray        # (P,) occurrences of the n-gram in the sentence
+    key: np.ndarray          # (P,) self.keys(sentence), ascending
+    num_grams: int           # distinct n-grams of all orders
+    lengths: np.ndarray      # (S,) number of words per sentence
+    gram_offset: np.ndarray  # (n,) first id of each order
+    order_size: np.ndarray   # (n,) distinct n-grams of each order
+
+    def keys(self, group: np.ndarray, num_groups: int | None = None, gram: np.ndarray | None = None,
+             order: np.ndarray | None = None) -> np.ndarray:
+        """Integer key of (order, group, n-gram), increasing in that order, one per entry.
+
+        `group` is a sentence index by default, or e.g. the image of each row (`num_groups`
+        images); `gram`/`order` default to this table's rows.
+        """
+        gram = self.gram if gram is None else gram
+        order = self.order if order is None else order
+        num_groups = len(self.lengths) if num_groups is None else num_groups
+        offset = self.gram_offset[order]
+        return (num_groups - 1) * offset + group * self.order_size[order] + gram
+
+    def decode(self, key: np.ndarray, num_groups: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order, group, gram) of keys made by `keys` with the same `num_groups`."""
+        num_groups = len(self.lengths) if num_groups is None else num_groups
+        order = np.searchsorted(self.gram_offset * num_groups, key, side="right") - 1
+        within = key - self.gram_offset[order] * num_groups
+        size = self.order_size[order]
+        group = within // size
+        return order, group, within - group * size + self.gram_offset[order]
 
 
 def encode_words(sentences: list[str], separator: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Integer ids of the words of every sentence (flat) and the word count of each sentence.
 
-    `separator=None` splits like `str.split()`, `" "` like `str.split(" ")`. The loops run in C
-    (`map`, `dict.fromkeys`), which is what makes this several times faster than a Python loop.
+    `separator=None` splits like `str.split()`, `" "` like `str.split(" ")`.
     """
-    split = str.split if separator is None else (lambda text: text.split(separator))
-    token_lists = list(map(split, sentences))
+    return encode_both(sentences)[0 if separator == " " else 1]
+
+
+def encode_both(sentences: list[str]) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`encode_words` with `" "` and with `None`, sharing the work when they agree.
+
+    Everything runs in C: joining with spaces and splitting on spaces gives every sentence's
+    `split(" ")` words in one list; `dict.fromkeys` and `map` build the ids. Tokenized captions
+    are single-space separated, so `split()` gives the same words unless a word is empty (an
+    empty sentence) or holds other whitespace (a non-breaking space from PTB); then, and only
+    then, the `split()` encoding is computed on its own.
+    """
+    words = " ".join(sentences).split(" ") if sentences else []
+    lengths = np.fromiter(map(str.count, sentences, repeat(" ")), dtype=np.int64, count=len(sentences)) + 1
+    vocab = {word: index for index, word in enumerate(dict.fromkeys(words))}
+    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
+    by_space = (ids, lengths)
+    if all(len(word.split()) == 1 and word.split()[0] == word for word in vocab):
+        return by_space, by_space
+    token_lists = list(map(str.split, sentences))
     lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
     words = [word for tokens in token_lists for word in tokens]
     vocab = {word: index for index, word in enumerate(dict.fromkeys(words))}
     ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
-    return ids, lengths
+    return by_space, (ids, lengths)
 
 
-def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: int = 4) -> NgramCounts:
+def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: int = 4,
+                         encoded: tuple[np.ndarray, np.ndarray] | None = None) -> NgramCounts:
     """N-gram counts of the hypotheses (sentences 0..H-1) then all references, image by image.
 
-    Sentences are split with `str.split()` like pycocoevalcap's BLEU and CIDEr scorers.
+    Sentences are split with `str.split()` like pycocoevalcap's BLEU and CIDEr scorers;
+    `encoded` is that split already done (`encode_both(...)[1]`).
     """
-    sentences = list(hypotheses)
-    for refs in references:
-        sentences.extend(refs)
-    return count_ngrams_encoded(*encode_words(sentences), n)
+    if encoded is None:
+        sentences = list(hypotheses)
+        for refs in references:
+            sentences.extend(refs)
+        encoded = encode_words(sentences)
+    return count_ngrams_encoded(*encoded, n)
 
 
 def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
@@ -59,52 +118,71 @@ def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
     return count_ngrams_encoded(np.asarray(token_ids, dtype=np.int64), lengths, n)
 
 
+def _renumber(codes: np.ndarray, bound: int) -> tuple[np.ndarray, int]:
+    """Dense ids (0..m-1, in increasing code order) of integer codes in [0, bound)."""
+    if len(codes) == 0:
+        return codes, 0
+    if bound <= _TABLE_LIMIT:
+        # no sort: mark the codes present, number them, look every code up
+        present = np.zeros(bound, dtype=bool)
+        present[codes] = True
+        distinct = np.flatnonzero(present)
+        table = np.empty(bound, dtype=np.int64)
+        table[distinct] = np.arange(len(distinct))
+        return table[codes], len(distinct)
+    sort_index = np.argsort(codes)
+    sorted_codes = codes[sort_index]
+    new_group = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+    ids = np.empty(len(codes), dtype=np.int64)
+    ids[sort_index] = np.cumsum(new_group) - 1
+    return ids, int(new_group.sum())
+
+
 def count_ngrams_encoded(tokens: np.ndarray, lengths: np.ndarray, n: int = 4) -> NgramCounts:
     """Count the 1..n-grams of sentences given as flat word ids and per-sentence lengths."""
-    sentence_of_token = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    num_sentences = len(lengths)
+    sentence_of_token = np.repeat(np.arange(num_sentences, dtype=np.int64), lengths)
     vocab_size = int(tokens.max()) + 1 if len(tokens) else 1
 
-    sentence_parts, gram_parts, order_parts = [], [], []
-    offset = 0
-    previous = tokens
+    sentence_parts, local_parts, sizes = [], [], []
+    previous, previous_size = tokens, vocab_size
     for k in range(1, n + 1):
         if k == 1:
-            ids = tokens
+            ids, size = _renumber(tokens, vocab_size)
         else:
-            # the k-gram starting at i is the (k-1)-gram at i followed by token i+k-1; re-index
-            # with np.unique so ids stay small whatever n and the vocabulary size
+            # the k-gram starting at i is the (k-1)-gram at i followed by token i+k-1
             combined = previous[:len(tokens) - k + 1] * vocab_size + tokens[k - 1:]
-            sort_index = np.argsort(combined)
-            sorted_combined = combined[sort_index]
-            new_group = np.r_[True, sorted_combined[1:] != sorted_combined[:-1]]
-            ids = np.empty(len(combined), dtype=np.int64)
-            ids[sort_index] = np.cumsum(new_group) - 1
+            ids, size = _renumber(combined, previous_size * vocab_size)
         starts = sentence_of_token[:len(ids)]
         valid = starts == sentence_of_token[k - 1:k - 1 + len(ids)]  # does not cross a sentence end
         sentence_parts.append(starts[valid])
-        gram_parts.append(ids[valid] + offset)
-        order_parts.append(np.full(int(valid.sum()), k - 1, dtype=np.int64))
-        offset += int(ids.max()) + 1 if len(ids) else 0
-        previous = ids
+        local_parts.append(ids[valid])
+        sizes.append(max(size, 1))
+        previous, previous_size = ids, max(size, 1)
 
-    sentence = np.concatenate(sentence_parts) if sentence_parts else np.zeros(0, np.int64)
-    gram = np.concatenate(gram_parts) if gram_parts else np.zeros(0, np.int64)
-    order = np.concatenate(order_parts) if order_parts else np.zeros(0, np.int64)
-    num_grams = max(offset, 1)
-    key = sentence * num_grams + gram
-    sort_index = np.argsort(key)
-    sorted_key = key[sort_index]
-    starts = np.nonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])[0] if len(key) else np.zeros(0, np.int64)
-    unique_key = sorted_key[starts]
-    first = sort_index[starts]
+    order_size = np.asarray(sizes, dtype=np.int64)
+    gram_offset = np.concatenate([[0], np.cumsum(order_size)[:-1]]).astype(np.int64)
+    # order-major keys: order k occupies [S * offset_k, S * (offset_k + size_k)), sentence-major
+    # inside, so each order's block is already sorted up to the n-grams within a sentence
+    key = np.concatenate([gram_offset[k] * num_sentences + sentence_parts[k] * order_size[k] + local_parts[k]
+                          for k in range(n)]) if n else np.zeros(0, np.int64)
+    key = np.sort(key, kind="stable")
+    if len(key):
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    else:
+        starts = np.zeros(0, np.int64)
+    unique_key = key[starts]
     count = np.diff(np.r_[starts, len(key)])
-    return NgramCounts(sentence=sentence[first], gram=gram[first], order=order[first], count=count,
-                       key=unique_key, num_grams=num_grams, lengths=lengths)
+    counts = NgramCounts(sentence=unique_key, gram=unique_key, order=unique_key, count=count, key=unique_key,
+                         num_grams=int(order_size.sum()), lengths=lengths, gram_offset=gram_offset,
+                         order_size=order_size)
+    counts.order, counts.sentence, counts.gram = counts.decode(unique_key)
+    return counts
 
 
 def unique_sorted(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (sort-based; numpy 2's hash-based `np.unique` is slower here)."""
-    values = np.sort(values)
+    """Sorted distinct values of nearly sorted data (stable sort = timsort, fast on runs)."""
+    values = np.sort(values, kind="stable")
     if len(values) == 0:
         return values
     return values[np.r_[True, values[1:] != values[:-1]]]
@@ -112,7 +190,8 @@ def unique_sorted(values: np.ndarray) -> np.ndarray:
 
 def lookup(counts: NgramCounts, sentence: np.ndarray, gram: np.ndarray) -> np.ndarray:
     """Count of each (sentence, gram) query in `counts` (0 where absent)."""
-    query = sentence * counts.num_grams + gram
+    order = np.searchsorted(counts.gram_offset, gram, side="right") - 1
+    query = counts.keys(sentence, gram=gram, order=order)
     position = np.searchsorted(counts.key, query)
     position = np.minimum(position, len(counts.key) - 1)
     found = counts.key[position] == query if len(counts.key) else np.zeros(len(query), bool)

@@ -24,6 +24,8 @@ import re
 import sys
 import unicodedata
 
+import numpy as np
+
 # Tokens pycocoevalcap removes after tokenization (compared after lowercasing, hence the
 # upper-case bracket names never match: "-lrb-" stays).
 PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
@@ -403,6 +405,14 @@ def _scan(text: str, start: int, end: int) -> list[str]:
     tokens: list[str] = []
     pos = start
     while pos < end:
+        # Fastest path: a run of such words, each with the spaces after it, in one regex call
+        # (exactly what the per-word path below would do word by word; scanning only depends
+        # on the position, so jumping over the run changes nothing).
+        run = _WORD_RUN.match(text, pos)
+        if run is not None:
+            tokens.extend(run.group().split())
+            pos = run.end()
+            continue
         # Fast path: an ASCII word followed by a space is a token whatever the rules say (no
         # rule can make it longer or shorter), except the words the lexer splits.
         simple = _SIMPLE_WORD.match(text, pos)
@@ -454,6 +464,10 @@ _SPACES = re.compile(f"{SPACE}+")
 _SIMPLE_WORD = re.compile(r"[A-Za-z]+(?=[ \t]|[,;!?]+(?:[ \t\n]|$)|\.(?:\n|$))")
 _SIMPLE_PUNCTUATION = re.compile(r"(?:[,;]|[!?]+)(?=[ \t\n]|$)|\.(?=\n|$)")
 _SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta"])
+# Words (not split by the lexer) each followed by a space or tab and then by all the spaces
+# after it: the tokens are the words. ASCII flag: case-insensitivity must not reach e.g. U+212A.
+_NOT_SPLIT_WORD = r"(?!(?:cannot|gonna|wanna|gotta)(?![A-Za-z]))"
+_WORD_RUN = re.compile(f"(?:{_NOT_SPLIT_WORD}[A-Za-z]+(?=[ \t]){SPACE}+)+", re.IGNORECASE | re.ASCII)
 _FIRST_CHAR_CACHE: dict[str, tuple] = {}
 
 
@@ -500,6 +514,7 @@ def _is_plain(caption: str) -> bool:
 
 
 _ABBREV_WORDS = re.compile(f"(?:{ABBREV1})|(?:{ABBREV3})|(?:(?:{ABBREV4})\\.)|(?i:no|nos)\\.", re.IGNORECASE)
+_OTHER_LINE_BREAKS = re.compile("[\r\u2028\u2029\u000b\u000c\u0085]")
 
 
 def tokenize_tokens(captions: list[str]) -> list[list[str]]:
@@ -521,9 +536,87 @@ def tokenize_tokens(captions: list[str]) -> list[list[str]]:
     return result
 
 
+def non_plain_lines(captions: list[str]) -> list[int]:
+    """Indices of the captions `_is_plain` rejects, for captions without line breaks.
+
+    The same test as `_is_plain`, written as local conditions on the code points of all
+    captions at once (numpy), because a regex or Python check per caption costs more than the
+    whole rest of the tokenization of plain captions. `_PLAIN` holds exactly when every
+    character is an ASCII letter, space, comma or period, the line starts with a letter, and:
+    a comma follows a letter and precedes a space; a space follows a letter and precedes a
+    letter or the final period, or follows a comma and precedes a letter; a period is the last
+    character and follows a letter, or a space that follows a letter.
+    """
+    count = len(captions)
+    text = "\n".join(captions) + "\n"
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int32)
+    folded = codes | 32  # ASCII upper case -> lower case
+    letter = (folded >= 97) & (folded <= 122)
+    space, comma, period, newline = codes == 32, codes == 44, codes == 46, codes == 10
+
+    def before(mask, fill=False):  # mask[i - 1] at i
+        return np.concatenate([[fill], mask[:-1]])
+
+    def after(mask, fill=False):  # mask[i + 1] at i
+        return np.concatenate([mask[1:], [fill]])
+
+    letter_before, letter_after = before(letter), after(letter)
+    final_period_after = after(period & after(newline, True))
+    bad = ~(letter | space | comma | period | newline)
+    bad |= comma & ~(letter_before & after(space))
+    bad |= space & ~((letter_before & (letter_after | final_period_after)) | (before(comma) & letter_after))
+    bad |= period & ~(after(newline, True) & (letter_before | (before(space) & before(letter_before))))
+    bad |= before(newline, True) & ~letter  # a line starts with a letter (so is not empty)
+    line_end = np.flatnonzero(newline)
+    non_plain = np.zeros(count, dtype=bool)
+    non_plain[np.searchsorted(line_end, np.flatnonzero(bad))] = True
+
+    # the words the lexer splits ("cannot" -> "can not"), as whole words, in any case
+    lowered = np.where(letter, folded, codes).astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
+    for word in _SPLIT_WORDS:
+        position = lowered.find(word)
+        while position >= 0:
+            stop = position + len(word)
+            if (position == 0 or not letter[position - 1]) and not letter[stop]:
+                non_plain[np.searchsorted(line_end, position)] = True
+            position = lowered.find(word, stop)
+
+    # a final single letter or abbreviation before the final period ("plan B.", "etc .")
+    candidates = np.flatnonzero(~non_plain & (codes[line_end - 1] == 46) & (line_end > 0))
+    word_end = line_end[candidates] - 1
+    word_end -= space[word_end - 1]
+    word_starts = np.flatnonzero(letter & ~letter_before)
+    word_start = word_starts[np.searchsorted(word_starts, word_end) - 1]
+    words = [lowered[a:b] for a, b in zip(word_start.tolist(), word_end.tolist())]
+    abbreviations = {w for w in set(words) if len(w) == 1 or _ABBREV_WORDS.fullmatch(w + ".")}
+    if abbreviations:
+        non_plain[candidates[[w in abbreviations for w in words]]] = True
+    return np.flatnonzero(non_plain).tolist()
+
+
 def tokenize(captions: list[str]) -> list[str]:
-    """pycocoevalcap's tokenized form of each caption: PTB tokens joined by single spaces."""
-    return [" ".join(tokens) for tokens in tokenize_tokens(captions)]
+    """pycocoevalcap's tokenized form of each caption: PTB tokens joined by single spaces.
+
+    Same result as joining `tokenize_tokens`, computed in bulk: plain captions (the vast
+    majority in caption data) are lowercased and stripped of their commas and final period
+    with whole-text string operations; only the other captions go through the scanner.
+    """
+    if not captions:
+        return []
+    text = "\n".join(captions)
+    if text.count("\n") != len(captions) - 1 or _OTHER_LINE_BREAKS.search(text):
+        captions = [_LINE_BREAKS.sub(" ", caption) for caption in captions]
+        text = "\n".join(captions)
+    # For a plain caption ("A dog, a cat ." / "a dog.") this is exactly its tokens joined by
+    # spaces; the other lines are overwritten below.
+    lines = text.lower().replace(",", "").replace(" .", "").replace(".", "").split("\n")
+    last = len(captions) - 1
+    for index in non_plain_lines(captions):
+        following = "\n" + captions[index + 1] if index < last else ""
+        caption = captions[index]
+        tokens = _scan(caption + following, 0, len(caption))
+        lines[index] = " ".join([t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION])
+    return lines
 
 
 __all__ = ["PUNCTUATION", "tokenize", "tokenize_tokens"]

@@ -71,16 +71,23 @@ def _popcount(values: np.ndarray) -> np.ndarray:
     return np.unpackbits(bytes_view, axis=1).sum(axis=1).astype(np.int64)
 
 
-def rouge_l_scores(hypotheses: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
-    """Corpus ROUGE-L (mean of image scores) and per-image scores, for tokenized strings."""
+def rouge_l_scores(hypotheses: list[str], references: list[list[str]],
+                   encoded: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, list[float]]:
+    """Corpus ROUGE-L (mean of image scores) and per-image scores, for tokenized strings.
+
+    `encoded` may hold the `split(" ")` word ids of hypotheses then references
+    (`vlmkit.metrics.ngrams.encode_both(...)[0]`).
+    """
     from vlmkit.metrics.ngrams import encode_words
 
     num_hyp = len(hypotheses)
     owner = np.repeat(np.arange(num_hyp, dtype=np.int64), [len(refs) for refs in references])
-    sentences = list(hypotheses)
-    for refs in references:
-        sentences.extend(refs)
-    ids, lengths = encode_words(sentences, " ")
+    if encoded is None:
+        sentences = list(hypotheses)
+        for refs in references:
+            sentences.extend(refs)
+        encoded = encode_words(sentences, " ")
+    ids, lengths = encoded
     hyp_len, ref_len = lengths[:num_hyp][owner], lengths[num_hyp:]
     # padded (sentence, position) matrix of word ids; padding differs between the two sides
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
