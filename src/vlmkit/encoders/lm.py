@@ -100,3 +100,17 @@ class DecoderLM(nn.Module):
         x = self.final_norm(x)
         weight = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
         return x @ weight.T  # (B, T, V)
+
+
+def random_tokens(vocab_size: int, context_length: int, eos_token_id: int, pad_token_id: int, batch_size: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Random texts of different lengths, each ended and padded like a tokenizer's output. (B, L)
+
+    For `dummy_batch` (the registry-wide model tests) of families with a text side.
+    """
+    tokens = torch.randint(1, vocab_size - 2, (batch_size, context_length), generator=generator)
+    for row in range(batch_size):
+        length = 3 + (row * 4) % (context_length - 4)
+        tokens[row, length] = eos_token_id
+        tokens[row, length + 1 :] = pad_token_id
+    return tokens

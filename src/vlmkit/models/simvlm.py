@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
-from vlmkit.encoders.lm import real_tokens_through_end
+from vlmkit.encoders.lm import random_tokens, real_tokens_through_end
 from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig
 from vlmkit.layers.attention import KVCache
@@ -117,6 +117,16 @@ class SimVLM(Generative, VLModel):
         with torch.no_grad():
             correct = ((logits.argmax(-1) == targets) & target_mask).sum() / target_mask.sum().clamp(min=1)
         return ModelOutput(loss=loss, logs={"loss": loss.item(), "token_acc": correct.item()}, logits=logits)
+
+    def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random suffixes; every other row also has a random (padded) prefix, the others none."""
+        generator = torch.Generator().manual_seed(seed)
+        config, text = self.config, self.config.text
+        pixels = torch.randn(batch_size, 3, config.vision.image_size, config.vision.image_size, generator=generator)
+        tokens = random_tokens(text.vocab_size, text.context_length, text.eos_token_id, text.pad_token_id, batch_size, generator)
+        prefix = random_tokens(text.vocab_size, config.prefix_length, text.eos_token_id, text.pad_token_id, batch_size, generator)
+        prefix[1::2] = empty_prefix(batch_size, config)[1::2]
+        return {"pixels": pixels, "tokens": tokens, "prefix_tokens": prefix}
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
         from vlmkit.data.task_datasets import PrefixDataset

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
-from vlmkit.encoders.lm import DecoderLM, real_tokens_through_end
+from vlmkit.encoders.lm import DecoderLM, random_tokens, real_tokens_through_end
 from vlmkit.generation import Generative, GenerationConfig, left_padded_prompts
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import padding_mask
@@ -66,6 +66,13 @@ class VirTex(Generative, VLModel):
         with torch.no_grad():
             correct = ((logits.argmax(-1) == targets) & target_mask).sum() / target_mask.sum().clamp(min=1)
         return ModelOutput(loss=loss, logs={"loss": loss.item(), "token_acc": correct.item()}, logits=logits)
+
+    def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        vision, text = self.config.vision, self.config.text
+        pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
+        tokens = random_tokens(text.vocab_size, text.context_length, text.eos_token_id, text.pad_token_id, batch_size, generator)
+        return {"pixels": pixels, "tokens": tokens}
 
     def decoding_setup(self, pixels: torch.Tensor, prompts: list[str] | None):
         """Image context once; a step runs the decoder on the new tokens (all of them without a cache)."""

@@ -116,12 +116,21 @@ class VQAClassifier(VLModel):
         logs["loss"] = loss.item()
         return ModelOutput(loss=loss, logs=logs, logits=answer_logits)
 
-    def example_targets(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """Targets that make a batch of (pixels, tokens) trainable: half questions, half statements."""
-        scores = torch.zeros(batch_size, len(self.config.answers))
-        scores[:, 0] = 1.0
-        return {"answer_scores": scores, "statement_labels": torch.ones(batch_size),
-                "is_statement": torch.arange(batch_size) % 2 == 1}
+    def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random questions/statements: even rows are questions (soft scores), odd rows statements."""
+        from vlmkit.encoders.lm import random_tokens
+
+        generator = torch.Generator().manual_seed(seed)
+        vision, text = self.config.vision, self.config.text
+        end = text.eos_token_id if text.eos_token_id is not None else text.vocab_size - 1
+        scores = torch.rand(batch_size, len(self.config.answers), generator=generator).round()
+        return {
+            "pixels": torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator),
+            "tokens": random_tokens(text.vocab_size, text.context_length, end, text.pad_token_id, batch_size, generator),
+            "answer_scores": scores,
+            "statement_labels": torch.randint(0, 2, (batch_size,), generator=generator).float(),
+            "is_statement": torch.arange(batch_size) % 2 == 1,
+        }
 
     @torch.no_grad()
     def answer(self, pixels: torch.Tensor, questions: list[str], **_) -> list[str]:
