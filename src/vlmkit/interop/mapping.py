@@ -123,20 +123,21 @@ def to_ours(
         else:
             fmt.check_skipped(key, state[key])
     converted, mismatched = {}, []
-    if not missing:
-        for rule in fmt.rules:
-            parts = [state[key] for key in rule.theirs]
-            target = expected.get(rule.ours)
-            try:
-                tensor = rule.join(*parts)
-            except RuntimeError:  # e.g. q, k and v of different widths cannot be fused
-                tensor = None
-            if target is None or tensor is None or tuple(tensor.shape) != tuple(target.shape):
-                shapes = ", ".join(f"{key} {tuple(part.shape)}" for key, part in zip(rule.theirs, parts))
-                wanted_shape = "no such tensor" if target is None else tuple(target.shape)
-                mismatched.append(f"{shapes} (model expects {wanted_shape})")
-                continue
-            converted[rule.ours] = tensor
+    for rule in fmt.rules:
+        if any(key not in state for key in rule.theirs):
+            continue  # already reported as missing
+        parts = [state[key] for key in rule.theirs]
+        target = expected.get(rule.ours)
+        try:
+            tensor = rule.join(*parts)
+        except RuntimeError:  # e.g. q, k and v of different widths cannot be fused
+            tensor = None
+        if target is None or tensor is None or tuple(tensor.shape) != tuple(target.shape):
+            shapes = ", ".join(f"{key} {tuple(part.shape)}" for key, part in zip(rule.theirs, parts))
+            wanted_shape = "no such tensor" if target is None else tuple(target.shape)
+            mismatched.append(f"{shapes} (model expects {wanted_shape})")
+            continue
+        converted[rule.ours] = tensor
     if missing or unexpected or mismatched:
         parts = []
         if missing:
