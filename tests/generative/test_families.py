@@ -1,0 +1,91 @@
+"""VirTex, SimVLM and the VQA/reasoning classifier: masks, consistency of training and decoding, save/load."""
+import pytest
+import torch
+
+from tests.generative.conftest import tiny_model
+from vlmkit.errors import MissingCapability, UserError
+from vlmkit.layers.attention import KVCache
+
+
+def test_simvlm_prefix_lm_mask_token_by_token(tokenizer):
+    model = tiny_model("simvlm-tiny", tokenizer)
+    num_image, suffix_length = 3, 4
+    prefix_is_real = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, False, False]])
+    mask = model.attention_mask(num_image, prefix_is_real, suffix_length)  # (B, 1, L, L)
+    prefix_end = num_image + prefix_is_real.shape[1]
+    length = prefix_end + suffix_length
+    assert mask.shape == (3, 1, length, length)
+    for b in range(3):
+        for i in range(length):
+            for j in range(length):
+                key_is_prefix_padding = num_image <= j < prefix_end and not prefix_is_real[b, j - num_image]
+                in_prefix = j < prefix_end  # image + prompt: seen by everyone, in both directions
+                expected = not key_is_prefix_padding and (in_prefix or j <= i)
+                assert bool(mask[b, 0, i, j]) == expected, (b, i, j)
+    # Spot checks of the definition: image sees the prompt, the prompt never sees the answer.
+    assert bool(mask[1, 0, 0, prefix_end - 1]) and not bool(mask[1, 0, prefix_end - 1, prefix_end])
+
+
+@pytest.mark.parametrize("name", ["virtex-tiny", "simvlm-tiny"])
+def test_decoding_steps_reproduce_the_training_forward_logits(name, tokenizer):
+    """Teacher-forced logits of forward() equal those of the cached step function, token by token."""
+    model = tiny_model(name, tokenizer)
+    batch = model.dummy_batch(2, seed=1)
+    batch.pop("prefix_tokens", None)  # both paths without a prompt
+    batch["tokens"] = tokenizer(["a red circle on the left", "a blue square"])
+    with torch.no_grad():
+        expected = model(batch).logits  # (B, L-1, V)
+        step, prompt_tokens = model.decoding_setup(batch["pixels"], None)
+        cache, rows = KVCache(), torch.arange(2)
+        tokens = batch["tokens"]
+        for t in range(5):
+            logits = step(tokens[:, : t + 1], cache, rows)
+            assert torch.allclose(logits, expected[:, t], atol=1e-4), t
+    assert torch.equal(prompt_tokens[:, 0], tokens[:, 0])
+
+
+@pytest.mark.parametrize("name", ["virtex-tiny", "simvlm-tiny", "vqa-tiny"])
+def test_save_load_round_trip_keeps_outputs(name, tokenizer, tmp_path):
+    from vlmkit.models.registry import get_family
+
+    model = tiny_model(name, tokenizer)
+    model.save_pretrained(tmp_path)
+    loaded = get_family(model.family).from_pretrained(tmp_path)
+    pixels = model.dummy_batch(2)["pixels"]
+    if "generate" in model.capabilities:
+        assert model.generate_output(pixels, max_new_tokens=5).tokens.tolist() == loaded.generate_output(pixels, max_new_tokens=5).tokens.tolist()
+    if "answer" in model.capabilities:
+        questions = ["how many objects are there?", "what color is the star?"]
+        assert model.answer(pixels, questions) == loaded.answer(pixels, questions)
+    if "reasoning" in model.capabilities:
+        assert torch.equal(model.verify(pixels, ["there is a red star"] * 2), loaded.verify(pixels, ["there is a red star"] * 2))
+
+
+def test_vqa_answer_vocabulary_comes_from_the_training_answers():
+    from vlmkit.models.vqa import VQAClassifier
+
+    records = [{"qa": [{"question": "q", "answer": "Two", "type": "count"}, {"question": "q", "answer": "yes", "type": "yesno"}]},
+               {"qa": [{"question": "q", "answers": ["yes", "yes", "no"], "type": "yesno"}]}]
+    config = VQAClassifier.adapt_config_to_data({"max_answers": 2}, records)
+    assert config["answers"] == ["yes", "2"]  # normalised ("Two" -> "2"), most frequent first, capped
+
+
+def test_soft_scores_follow_vqa_v2():
+    from vlmkit.data.task_datasets import soft_scores
+
+    assert soft_scores(["yes"] * 2 + ["no"] * 8) == {"yes": pytest.approx(2 / 3), "no": 1.0}
+    assert soft_scores(["Two"]) == {"2": 1.0}
+
+
+def test_capabilities_are_checked_by_tasks(tokenizer):
+    from vlmkit.tasks.generative import evaluate_reasoning
+
+    model = tiny_model("virtex-tiny", tokenizer)
+    with pytest.raises(MissingCapability, match="'virtex' model family cannot 'reasoning'"):
+        evaluate_reasoning(model, [{"image": "x.png", "statements": [{"text": "t", "label": True}]}])
+
+
+def test_prompt_count_mismatch_is_a_user_error(tokenizer):
+    model = tiny_model("virtex-tiny", tokenizer)
+    with pytest.raises(UserError, match="2 prompts for 3 images"):
+        model.generate(model.dummy_batch(3)["pixels"], prompt=["a", "b"])
