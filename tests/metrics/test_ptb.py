@@ -45,3 +45,20 @@ def test_final_abbreviation_depends_on_the_next_caption():
     assert tokenize(["the letter B.", "The end"])[0] == "the letter b"
     assert tokenize(["the letter B.", "foo"])[0] == "the letter b."
     assert tokenize(["made by Acme Inc.", "Foo"])[0] == "made by acme inc."
+
+
+def test_bulk_plain_detection_and_tokenize_match_the_per_caption_path():
+    """`tokenize` (bulk plain-caption path) equals the per-caption `tokenize_tokens` path."""
+    from vlmkit.metrics import ptb
+
+    rng = random.Random(7)
+    captions = [random_caption(rng, tricky=t, style=s) for t, s in [(0.7, "varied"), (0.1, "coco"), (0.9, "coco")]
+                for _ in range(3000)]
+    captions += ["a b.", "a b .", "x y  .", "A dog etc.", "A dog etc .", "cannot go", "I cannot.", "dog Mr.",
+                 "dog Mrs .", "Ark.", "ark", "x\ny", "a\rb", "a, b, c.", "a ,b", "Cannot", "gonna be", "a gonnab.",
+                 "Mass.", "mass.", "Ill.", "no.", "nos .", "figs.", "K.", "\u212a.", "a \u212aan.", "a, .", "a b,",
+                 " a b", "a b ", "", "a..", "\U0001f600 x.", "plan B.", "the end"]
+    cleaned = [ptb._LINE_BREAKS.sub(" ", c) for c in captions]
+    expected_non_plain = [i for i, c in enumerate(cleaned) if not ptb._is_plain(c)]
+    assert ptb.non_plain_lines(cleaned) == expected_non_plain
+    assert tokenize(captions) == [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
