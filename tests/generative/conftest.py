@@ -14,8 +14,13 @@ def tokenizer():
     return train_clip_bpe(TEXTS, vocab_size=600, context_length=24)
 
 
-def tiny_model(name: str, tokenizer, **overrides):
-    """A registered tiny config made smaller still, fitted to `tokenizer`, in eval mode."""
+@pytest.fixture
+def tiny_model():
+    """`tiny_model(name, tokenizer)`: a registered tiny config made smaller still, fitted to the tokenizer."""
+    return _tiny_model
+
+
+def _tiny_model(name: str, tokenizer, **overrides):
     from vlmkit.config import apply_overrides
     from vlmkit.data.transforms import ImageTransform
     from vlmkit.models.registry import get_family, named_config

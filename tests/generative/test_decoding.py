@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from tests.generative.conftest import tiny_model
 from vlmkit.encoders.lm import DecoderLM
 from vlmkit.errors import UserError
 from vlmkit.generation import GenerationConfig, generate
@@ -41,7 +40,7 @@ def _image(model, batch=3, seed=0):
 
 @pytest.mark.parametrize("name", GENERATIVE)
 @pytest.mark.parametrize("beams", [1, 3])
-def test_cached_and_uncached_decoding_give_identical_tokens(name, beams, tokenizer):
+def test_cached_and_uncached_decoding_give_identical_tokens(name, beams, tokenizer, tiny_model):
     model = tiny_model(name, tokenizer)
     pixels = _image(model)
     cached = model.generate_output(pixels, num_beams=beams, max_new_tokens=8, use_cache=True)
@@ -51,7 +50,7 @@ def test_cached_and_uncached_decoding_give_identical_tokens(name, beams, tokeniz
 
 
 @pytest.mark.parametrize("name", GENERATIVE)
-def test_cached_decoding_with_prompts_of_different_lengths(name, tokenizer):
+def test_cached_decoding_with_prompts_of_different_lengths(name, tokenizer, tiny_model):
     model = tiny_model(name, tokenizer)
     prompts = ["a", "how many objects are there?", "a red"]
     pixels = _image(model)
@@ -65,7 +64,7 @@ def test_cached_decoding_with_prompts_of_different_lengths(name, tokenizer):
 
 
 @pytest.mark.parametrize("name", GENERATIVE)
-def test_beam_search_with_one_beam_is_greedy(name, tokenizer):
+def test_beam_search_with_one_beam_is_greedy(name, tokenizer, tiny_model):
     model = tiny_model(name, tokenizer)
     pixels = _image(model)
     greedy = model.generate_output(pixels, max_new_tokens=8)
@@ -94,7 +93,7 @@ def test_beam_search_finds_a_better_sequence_than_greedy():
     assert bool((beam.scores >= greedy.scores - 1e-5).all())
 
 
-def test_seeded_sampling_is_reproducible_and_seeds_differ(tokenizer):
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tokenizer, tiny_model):
     model = tiny_model("virtex-tiny", tokenizer)
     pixels = _image(model, batch=4)
     first = model.generate_output(pixels, do_sample=True, seed=7, top_p=0.9, temperature=1.5, max_new_tokens=8)

@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-from tests.generative.conftest import tiny_model
 from vlmkit.errors import MissingCapability, UserError
 from vlmkit.layers.attention import KVCache
 
 
-def test_simvlm_prefix_lm_mask_token_by_token(tokenizer):
+def test_simvlm_prefix_lm_mask_token_by_token(tokenizer, tiny_model):
     model = tiny_model("simvlm-tiny", tokenizer)
     num_image, suffix_length = 3, 4
     prefix_is_real = torch.tensor([[True, True, False, False], [True, True, True, True], [True, False, False, False]])
@@ -27,7 +26,7 @@ def test_simvlm_prefix_lm_mask_token_by_token(tokenizer):
 
 
 @pytest.mark.parametrize("name", ["virtex-tiny", "simvlm-tiny"])
-def test_decoding_steps_reproduce_the_training_forward_logits(name, tokenizer):
+def test_decoding_steps_reproduce_the_training_forward_logits(name, tokenizer, tiny_model):
     """Teacher-forced logits of forward() equal those of the cached step function, token by token."""
     model = tiny_model(name, tokenizer)
     batch = model.dummy_batch(2, seed=1)
@@ -45,7 +44,7 @@ def test_decoding_steps_reproduce_the_training_forward_logits(name, tokenizer):
 
 
 @pytest.mark.parametrize("name", ["virtex-tiny", "simvlm-tiny", "vqa-tiny"])
-def test_save_load_round_trip_keeps_outputs(name, tokenizer, tmp_path):
+def test_save_load_round_trip_keeps_outputs(name, tokenizer, tmp_path, tiny_model):
     from vlmkit.models.registry import get_family
 
     model = tiny_model(name, tokenizer)
@@ -77,7 +76,7 @@ def test_soft_scores_follow_vqa_v2():
     assert soft_scores(["Two"]) == {"2": 1.0}
 
 
-def test_capabilities_are_checked_by_tasks(tokenizer):
+def test_capabilities_are_checked_by_tasks(tokenizer, tiny_model):
     from vlmkit.tasks.generative import evaluate_reasoning
 
     model = tiny_model("virtex-tiny", tokenizer)
@@ -85,7 +84,7 @@ def test_capabilities_are_checked_by_tasks(tokenizer):
         evaluate_reasoning(model, [{"image": "x.png", "statements": [{"text": "t", "label": True}]}])
 
 
-def test_prompt_count_mismatch_is_a_user_error(tokenizer):
+def test_prompt_count_mismatch_is_a_user_error(tokenizer, tiny_model):
     model = tiny_model("virtex-tiny", tokenizer)
     with pytest.raises(UserError, match="2 prompts for 3 images"):
         model.generate(model.dummy_batch(3)["pixels"], prompt=["a", "b"])
