@@ -72,13 +72,14 @@ def encode_words(sentences: list[str], separator: str | None = None) -> tuple[np
 
 
 def encode_both(sentences: list[str]) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """`encode_words` with `" "` and with `None`, sharing the work when they agree.
+    """`encode_words` with `" "` and with `None`, sharing the work.
 
     Everything runs in C: joining with spaces and splitting on spaces gives every sentence's
     `split(" ")` words in one list; `dict.fromkeys` and `map` build the ids. Tokenized captions
     are single-space separated, so `split()` gives the same words unless a word is empty (an
-    empty sentence) or holds other whitespace (a non-breaking space from PTB); then, and only
-    then, the `split()` encoding is computed on its own.
+    empty sentence) or holds other whitespace (a non-breaking space from PTB); only then is
+    the `split()` encoding derived, with numpy, from the per-word `split()` of the few distinct
+    words (`_split_encoding`).
     """
     words = " ".join(sentences).split(" ") if sentences else []
     lengths = np.fromiter(map(str.count, sentences, repeat(" ")), dtype=np.int64, count=len(sentences)) + 1
@@ -87,13 +88,32 @@ def encode_both(sentences: list[str]) -> tuple[tuple[np.ndarray, np.ndarray], tu
     by_space = (ids, lengths)
     if all(len(word.split()) == 1 and word.split()[0] == word for word in vocab):
         return by_space, by_space
-    token_lists = list(map(str.split, sentences))
-    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
-    words = [word for tokens in token_lists for word in tokens]
-    vocab = {word: index for index, word in enumerate(dict.fromkeys(words))}
-    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
-    return by_space, (ids, lengths)
+    return by_space, _split_encoding(vocab, ids, lengths)
 
+
+def _split_encoding(vocab: dict[str, int], ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The `str.split()` encoding from the `split(" ")` one (`vocab` in first-occurrence order).
+
+    Each space-separated word becomes its `split()` parts (none for an empty word, several
+    across a non-breaking space). Numbering the parts while walking `vocab` in order gives
+    every part the id of its first occurrence in the text, i.e. exactly the ids that encoding
+    the `split()` words directly gives.
+    """
+    part_vocab: dict[str, int] = {}
+    parts_of_word: list[list[int]] = []
+    for word in vocab:  # insertion order = first occurrence
+        parts_of_word.append([part_vocab.setdefault(part, len(part_vocab)) for part in word.split()])
+    num_parts = np.fromiter(map(len, parts_of_word), dtype=np.int64, count=len(parts_of_word))
+    flat_parts = np.fromiter((p for parts in parts_of_word for p in parts), dtype=np.int64,
+                             count=int(num_parts.sum()))
+    first_part = np.cumsum(num_parts) - num_parts
+    count = num_parts[ids]  # parts of each word occurrence
+    start = np.repeat(first_part[ids], count)
+    within = np.arange(len(start)) - np.repeat(np.cumsum(count) - count, count)
+    split_ids = flat_parts[start + within]
+    sentence = np.repeat(np.arange(len(lengths)), lengths)
+    split_lengths = np.bincount(sentence, weights=count, minlength=len(lengths)).astype(np.int64)
+    return split_ids, split_lengths
 
 def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: int = 4,
                          encoded: tuple[np.ndarray, np.ndarray] | None = None) -> NgramCounts:

@@ -611,12 +611,61 @@ def tokenize(captions: list[str]) -> list[str]:
     # spaces; the other lines are overwritten below.
     lines = text.lower().replace(",", "").replace(" .", "").replace(".", "").split("\n")
     last = len(captions) - 1
+    memo: dict[str, list[str]] = {}  # per call, so timings never profit from an earlier call
     for index in non_plain_lines(captions):
         following = "\n" + captions[index + 1] if index < last else ""
-        caption = captions[index]
-        tokens = _scan(caption + following, 0, len(caption))
-        lines[index] = " ".join([t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION])
+        lines[index] = " ".join(_scan_segmented(captions[index], following, memo))
     return lines
+
+
+# Where a caption can be cut into independently scanned segments: a space followed by a
+# character that no rule can take in after a space (see `_scan_segmented`): anything but a
+# space or line break, a digit, a period, an ASCII capital and "<".
+_SEGMENT_BREAK = re.compile(f" (?![{_D}A-Z.<]|{SPACENL}|$)")
+
+
+def _segment_tokens(segment: str) -> list[str]:
+    """Kept, lowercased tokens of a segment that is followed by a space and a lowercase letter."""
+    tokens = _scan(segment + " a", 0, len(segment) + 1)
+    return [t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION]
+
+
+def _scan_segmented(caption: str, following: str, memo: dict[str, list[str]]) -> list[str]:
+    """Kept, lowercased tokens of one caption, scanning each distinct segment once per `memo`.
+
+    Same result as `_scan(caption + following, 0, len(caption))` filtered like
+    `tokenize_tokens`, because a space followed by a character `c` matched by `_SEGMENT_BREAK`
+    (not a space or line break, digit, period, ASCII capital or "<") is always a token
+    boundary, and nothing scanned before it looks past `c` or tells one such `c` from another:
+
+    - the scanner has no look-behind, so the tokens after the boundary depend only on the text
+      from the boundary on;
+    - the only rules whose match or trailing context can take in a space are `space` (stops
+      at `c`, which is not a space), `frac`/`phone` (need a digit after the space), `ldots`
+      (a period), the sentence-start contexts (`SENTEND`: a space, a line break, a capital or
+      `<`; acronym followers: capitalised words), `abbrev3` (a digit), one-character contexts
+      (the space itself), and `sgml`, whose `[^>\n]*` can run on indefinitely: captions
+      containing `<` are therefore scanned whole. The fast paths of `_scan` look no further
+      than the character after a space either.
+
+    So the tokens of every segment but the last are the same as in front of " a"; the last one
+    sees the real following text (the next caption matters there). Captions differ but their
+    segments (words and the odd fragment) repeat, which is what makes the memo pay.
+    """
+    if "<" in caption:
+        tokens = _scan(caption + following, 0, len(caption))
+        return [t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION]
+    segments = _SEGMENT_BREAK.split(caption)
+    result: list[str] = []
+    for segment in segments[:-1]:
+        tokens = memo.get(segment)
+        if tokens is None:
+            tokens = memo[segment] = _segment_tokens(segment)
+        result += tokens
+    tail = segments[-1]
+    tokens = _scan(tail + following, 0, len(tail))
+    result += [t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION]
+    return result
 
 
 __all__ = ["PUNCTUATION", "tokenize", "tokenize_tokens"]
