@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vlmkit.errors import UserError
-from vlmkit.interop.files import find_hf_weights, float32, read_json, read_weights
+from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
 from vlmkit.interop.hf_clip import mlp_ratio
 from vlmkit.interop.mapping import BlockNames, Format, block_rules, check_position_ids, module, rename
 
@@ -162,7 +162,7 @@ def load(directory: Path, pool: str | None = None, dtype: torch.dtype | None = N
     config_file = transformer / "config.json"
     config = config_from_bert(read_json(config_file), pool or st_pool or "cls", str(config_file))
     weights = find_hf_weights(transformer)
-    state, notes = _normalise_keys(float32(read_weights(weights), dtype))
+    state, notes = _normalise_keys(cast_floats(read_weights(weights), dtype))
     config["pooler"] = "pooler.dense.weight" in state
 
     def make_format(model) -> Format:

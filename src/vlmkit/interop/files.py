@@ -90,7 +90,7 @@ def find_hf_weights(directory: Path) -> Path:
     raise UserError(f"{directory} has a config.json but no weights; it needs one of {', '.join(HF_WEIGHT_FILES)}")
 
 
-def float32(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Floating tensors cast to `dtype` (float32 by default: fp16 checkpoints compute in fp32)."""
     dtype = dtype or torch.float32
     return {key: value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value for key, value in state.items()}

@@ -113,7 +113,7 @@ def clip_format(config) -> Format:
 def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     """A vlmkit CLIP model from an HF CLIPModel folder, with its tokenizer and image transform."""
     from vlmkit.interop.common import attach_preprocessing, build_and_load, reject_kwargs
-    from vlmkit.interop.files import find_hf_weights, float32, read_json, read_weights
+    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
 
     reject_kwargs(unused, FORMAT_NAME)
     hf = read_json(directory / "config.json")
@@ -124,7 +124,7 @@ def load(directory: Path, dtype: torch.dtype | None = None, **unused):
         )
     config = config_from_hf(hf, str(directory / "config.json"))
     weights = find_hf_weights(directory)
-    state = float32(read_weights(weights), dtype)
+    state = cast_floats(read_weights(weights), dtype)
     model = build_and_load("clip", config, state, lambda built: clip_format(built.config), str(weights))
     attach_preprocessing(model, directory, image_size=config["vision"]["image_size"])
     return model

@@ -171,7 +171,7 @@ def load(source: Path, model_name: str | None = None, activation: str | None = N
     """
     from vlmkit.data.transforms import ImageTransform
     from vlmkit.interop.common import build_and_load
-    from vlmkit.interop.files import float32, read_json, read_weights
+    from vlmkit.interop.files import cast_floats, read_json, read_weights
     from vlmkit.tokenizers import clip_tokenizer
 
     folder_config = None
@@ -182,7 +182,7 @@ def load(source: Path, model_name: str | None = None, activation: str | None = N
             raise UserError(f"{source} has {OPENCLIP_CONFIG} but no weights; it needs one of {', '.join(OPENCLIP_WEIGHTS)}")
     else:
         weights = source
-    state = float32(read_weights(weights), dtype)
+    state = cast_floats(read_weights(weights), dtype)
     spec = _spec_for_name(model_name) if model_name else infer_architecture(state, str(weights))
     config = config_from_spec(spec, _activation(model_name, activation, folder_config))
     assumed = f"{FORMAT_NAME}, {model_name or 'architecture inferred from shapes'}"
