@@ -9,7 +9,7 @@ import pytest
 
 from vlmkit.cli import main
 
-from conftest import FAST
+from core_helpers import FAST
 
 
 def _rows(run):

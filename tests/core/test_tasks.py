@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from vlmkit.cli import main
 
-from conftest import FAST
+from core_helpers import FAST
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import vlmkit
 from vlmkit.cli import main
 from vlmkit.data.formats import read_records
 
-from conftest import FAST
+from core_helpers import FAST
 
 
 def _train(run, data, *extra, resume=False):
