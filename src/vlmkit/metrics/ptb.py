@@ -20,6 +20,7 @@ thousands of generated captions (tests/metrics/test_ptb.py).
 """
 from __future__ import annotations
 
+import bisect
 import re
 import sys
 import unicodedata
@@ -138,6 +139,9 @@ except ImportError:  # pragma: no cover
     import sre_parse as _sre_parse  # type: ignore
 
 
+_CLASS_ANSWERS: dict[tuple, dict[str, bool]] = {}
+
+
 def _first_char_test(pattern: str):
     """A predicate telling whether a match of `pattern` can start with a given character.
 
@@ -155,24 +159,43 @@ def _first_char_test(pattern: str):
                               ord(ch) == v or (ic and ch.lower() == chr(v).lower())))
                 return False
             if op is c.IN:
-                members = arg
+                negate = any(kind is c.NEGATE for kind, _ in arg)
+                category = any(kind is c.CATEGORY for kind, _ in arg)  # conservative: any char
+                # the class's code points as sorted, merged [low, high] ranges, for a binary
+                # search (a loop over a class of hundreds of ranges made the first call of
+                # `_rules_for` on each new character slow)
+                spans = sorted([(value, value) if kind is c.LITERAL else value
+                                for kind, value in arg if kind is c.LITERAL or kind is c.RANGE])
+                lows: list[int] = []
+                highs: list[int] = []
+                for low, high in spans:
+                    if highs and low <= highs[-1] + 1:
+                        highs[-1] = max(highs[-1], high)
+                    else:
+                        lows.append(low)
+                        highs.append(high)
 
-                def in_class(ch, members=members, ic=ignore_case):
+                def in_class(ch, lows=lows, highs=highs, negate=negate, category=category, ic=ignore_case):
                     candidates = {ch, ch.lower(), ch.upper()} if ic else {ch}
-                    negate = any(m[0] is c.NEGATE for m in members)
                     for cand in candidates:
-                        code = ord(cand) if len(cand) == 1 else -1
-                        hit = False
-                        for kind, value in members:
-                            if kind is c.LITERAL and code == value:
-                                hit = True
-                            elif kind is c.RANGE and value[0] <= code <= value[1]:
-                                hit = True
-                            elif kind is c.CATEGORY:
-                                hit = True  # conservative
+                        hit = category
+                        if not hit and len(cand) == 1:
+                            code = ord(cand)
+                            index = bisect.bisect_right(lows, code) - 1
+                            hit = index >= 0 and code <= highs[index]
                         if hit != negate:
                             return True
                     return False
+
+                # the same classes recur across rules (letters, digits, [aA], ...): answer each
+                # (class, character) question once
+                answers = _CLASS_ANSWERS.setdefault((tuple(lows), tuple(highs), negate, category, ignore_case), {})
+
+                def in_class(ch, answers=answers, compute=in_class):
+                    answer = answers.get(ch)
+                    if answer is None:
+                        answer = answers[ch] = compute(ch)
+                    return answer
                 tests.append(in_class)
                 return False
             if op is c.SUBPATTERN:
