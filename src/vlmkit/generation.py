@@ -18,6 +18,7 @@ sum log p / generated_length ** length_penalty).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Sequence
 
@@ -265,7 +266,11 @@ def decode_texts(tokenizer, tokens: torch.Tensor, lengths: torch.Tensor, stop_id
     for row, n in zip(tokens.tolist(), lengths.tolist()):
         row = row[:n]
         rows.append(row[:-1] if row and row[-1] in stops else row)
-    return tokenizer.batch_decode(rows)
+    # HF's clean_up_tokenization_spaces: word-level BPEs decode "circle ," for "circle,".
+    return [_PUNCTUATION_SPACE.sub(r"\1", text) for text in tokenizer.batch_decode(rows)]
+
+
+_PUNCTUATION_SPACE = re.compile(r" ([.,!?;:]|'s|n't|'m|'re|'ve)(?=\s|$)")
 
 
 def left_padded_prompts(tokenizer, prompts: Sequence[str], bos_id: int, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
