@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams
+from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_table
 
 _TINY = 1e-15
 _SMALL = 1e-9
@@ -33,18 +33,7 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
 
     # Clip: for every (image, gram) the largest count in any of its references.
     is_ref = counts.sentence >= num_hyp
-    ref_rows = np.nonzero(is_ref)[0]
-    # (order, image, gram) keys of the reference rows: nearly sorted already (see ngrams)
-    image_key = counts.keys(ref_image[counts.sentence[ref_rows] - num_hyp], num_hyp,
-                            gram=counts.gram[ref_rows], order=counts.order[ref_rows])
-    order_by_key = np.argsort(image_key, kind="stable")
-    image_key = image_key[order_by_key]
-    ref_count = counts.count[ref_rows][order_by_key]
-    if len(image_key):
-        boundaries = np.r_[0, np.nonzero(np.diff(image_key))[0] + 1]
-        max_key, max_count = image_key[boundaries], np.maximum.reduceat(ref_count, boundaries)
-    else:
-        max_key, max_count = image_key, ref_count
+    max_key, max_count, _ = reference_table(counts, ref_image, num_hyp)
 
     hyp_rows = np.nonzero(~is_ref)[0]
     # a hypothesis's sentence index is its image index

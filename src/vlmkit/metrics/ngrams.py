@@ -196,8 +196,52 @@ def count_ngrams_encoded(tokens: np.ndarray, lengths: np.ndarray, n: int = 4) ->
     counts = NgramCounts(sentence=unique_key, gram=unique_key, order=unique_key, count=count, key=unique_key,
                          num_grams=int(order_size.sum()), lengths=lengths, gram_offset=gram_offset,
                          order_size=order_size)
-    counts.order, counts.sentence, counts.gram = counts.decode(unique_key)
+    # Decode (order, sentence, gram) block by block: the keys stay order-major after sorting,
+    # so each order is one slice and its divisions are by a scalar (same numbers as `decode`).
+    bounds = np.searchsorted(unique_key, gram_offset * num_sentences)
+    bounds = np.r_[bounds, len(unique_key)]
+    order = np.empty(len(unique_key), dtype=np.int64)
+    sentence = np.empty(len(unique_key), dtype=np.int64)
+    gram = np.empty(len(unique_key), dtype=np.int64)
+    for k in range(n):
+        a, b = bounds[k], bounds[k + 1]
+        within = unique_key[a:b] - gram_offset[k] * num_sentences
+        order[a:b] = k
+        np.floor_divide(within, order_size[k], out=sentence[a:b])
+        gram[a:b] = within - sentence[a:b] * order_size[k] + gram_offset[k]
+    counts.order, counts.sentence, counts.gram = order, sentence, gram
     return counts
+
+
+def reference_table(counts: NgramCounts, ref_image: np.ndarray, num_hyp: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct (order, image, gram) of the references: its key, its largest count in any
+    one reference of the image, and its gram id (sorted by key; keys as `counts.keys` with
+    `num_hyp` groups). Needed by BLEU (clipping) and CIDEr-D (document frequency), so it is
+    computed once per `counts` and `ref_image`.
+
+    `counts` holds the hypotheses (sentences 0..num_hyp-1) then the references, and
+    `ref_image[j]` is the image of reference j.
+    """
+    cached = getattr(counts, "_reference_table", None)
+    if cached is not None and cached[0] == num_hyp and np.array_equal(cached[1], ref_image):
+        return cached[2]
+    ref_rows = np.flatnonzero(counts.sentence >= num_hyp)
+    gram = counts.gram[ref_rows]
+    # (order, image, gram) keys of the reference rows: nearly sorted already (timsort is fast)
+    image_key = counts.keys(ref_image[counts.sentence[ref_rows] - num_hyp], num_hyp,
+                            gram=gram, order=counts.order[ref_rows])
+    order_by_key = np.argsort(image_key, kind="stable")
+    image_key = image_key[order_by_key]
+    ref_count = counts.count[ref_rows][order_by_key]
+    if len(image_key):
+        boundaries = np.r_[0, np.flatnonzero(image_key[1:] != image_key[:-1]) + 1]
+        table = (image_key[boundaries], np.maximum.reduceat(ref_count, boundaries),
+                 gram[order_by_key[boundaries]])
+    else:
+        table = (image_key, ref_count, gram)
+    counts._reference_table = (num_hyp, ref_image, table)
+    return table
 
 
 def unique_sorted(values: np.ndarray) -> np.ndarray:
