@@ -70,7 +70,7 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     corpus = _combine(correct.sum(1, keepdims=True).astype(np.float64),
                       guess.sum(1, keepdims=True).astype(np.float64),
                       np.array([float(hyp_len.sum())]), np.array([float(closest.sum())]), n)
-    return [float(v[0]) for v in corpus], [[float(x) for x in row] for row in per_image]
+    return corpus[:, 0].tolist(), per_image.tolist()  # Python floats, as before
 
 
 def _combine(correct: np.ndarray, guess: np.ndarray, test_len: np.ndarray, ref_len: np.ndarray,

@@ -51,21 +51,26 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     block_start = np.flatnonzero(np.r_[len(hyp_key) > 0, hyp_key[1:] != hyp_key[:-1]])  # one per (order, image)
     block_size = np.diff(np.r_[block_start, len(hyp_rows)])
     block_image = counts.sentence[hyp_rows[block_start]]
+    block_order = counts.order[hyp_rows[block_start]]
     copies = np.repeat(np.arange(len(block_start)), ref_counts[block_image])  # one per (block, reference)
     copy_ref = np.arange(len(copies)) - np.repeat(np.cumsum(ref_counts[block_image]) - ref_counts[block_image],
                                                   ref_counts[block_image])
+    copy_sentence = first_ref[block_image[copies]] + copy_ref
     copy_size = block_size[copies]
     copy_offset = np.cumsum(copy_size) - copy_size
     within = np.arange(int(copy_size.sum())) - np.repeat(copy_offset, copy_size)
     row = hyp_rows[np.repeat(block_start[copies], copy_size) + within]
-    ref_sentence = np.repeat(first_ref[block_image[copies]] + copy_ref, copy_size)
-    query = counts.keys(ref_sentence, gram=counts.gram[row], order=counts.order[row])
+    # the key of (reference, gram) is the hypothesis row's key with the sentence index moved
+    # from the image to the reference: key + (reference - image) * (size of the order)
+    shift = (copy_sentence - block_image[copies]) * counts.order_size[block_order[copies]]
+    query = counts.key[row] + np.repeat(shift, copy_size)
     position = np.minimum(np.searchsorted(counts.key, query), len(counts.key) - 1)
     found = counts.key[position] == query
     ref_weight = np.where(found, weight[position], 0.0)
     hyp_weight = weight[row]
     products = np.minimum(hyp_weight, ref_weight) * ref_weight
-    dot = np.bincount(ref_sentence * n + counts.order[row], weights=products, minlength=num_sentences * n)
+    dot = np.bincount(np.repeat(copy_sentence * n + block_order[copies], copy_size), weights=products,
+                      minlength=num_sentences * n)
     dot = dot.reshape(num_sentences, n)[num_hyp:]                      # (R, n)
 
     hyp_of_ref = ref_image

@@ -686,6 +686,9 @@ def _scan_segmented(caption: str, following: str, memo: dict[str, list[str]]) ->
             tokens = memo[segment] = _segment_tokens(segment)
         result += tokens
     tail = segments[-1]
+    if _is_plain(tail):  # e.g. "grass." or "table .": lowercased words whatever follows
+        result += tail.replace(",", " ").replace(".", " ").lower().split()
+        return result
     tokens = _scan(tail + following, 0, len(tail))
     result += [t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION]
     return result

@@ -54,12 +54,17 @@ def _lcs_bit_parallel(a_ids: np.ndarray, b_ids: np.ndarray, b_lengths: np.ndarra
     """LCS lengths of padded id rows (a padding never equals b padding; b rows <= 63 words)."""
     if len(a_ids) == 0:
         return np.zeros(0, dtype=np.int64)
-    bit = np.left_shift(np.uint64(1), np.arange(b_ids.shape[1], dtype=np.uint64))
+    width = b_ids.shape[1]
+    nbytes = next(size for size in (1, 2, 4, 8) if 8 * size >= width)
+    if width < 8 * nbytes:  # pad b to a whole unsigned integer of bits; -3 never equals an a id
+        b_ids = np.concatenate([b_ids, np.full((len(b_ids), 8 * nbytes - width), -3, b_ids.dtype)], axis=1)
     v = np.full(len(a_ids), np.iinfo(np.uint64).max, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for step in range(a_ids.shape[1]):
-            # bitmask of the positions in b equal to the current word of a
-            match = np.bitwise_or.reduce(np.where(b_ids == a_ids[:, step:step + 1], bit, np.uint64(0)), axis=1)
+            # bitmask of the positions in b equal to the current word of a: bit j <- column j
+            # (packbits in little bit order, read as a little-endian integer)
+            equal = b_ids == a_ids[:, step:step + 1]
+            match = np.packbits(equal, axis=1, bitorder="little").view(f"<u{nbytes}")[:, 0].astype(np.uint64)
             u = v & match
             v = (v + u) | (v - u)
     mask = (np.uint64(1) << b_lengths.astype(np.uint64)) - np.uint64(1)
