@@ -160,3 +160,18 @@ def test_bad_settings_are_user_errors():
         GenerationConfig.from_kwargs(beams=3)
     with pytest.raises(UserError, match="top_p"):
         GenerationConfig.from_kwargs(top_p=0.0)
+
+
+def test_sampling_follows_the_warped_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    step = lambda tokens, cache, rows: probs.log().expand(tokens.shape[0], 4)  # noqa: E731
+    start = torch.zeros(20000, 1, dtype=torch.long)
+
+    def frequencies(**settings):
+        out = generate(step, start, max_new_tokens=1, eos_token_id=3, do_sample=True, seed=0, **settings)
+        return torch.bincount(out.tokens[:, 0], minlength=4) / len(start)
+
+    assert torch.allclose(frequencies(), probs, atol=0.015)
+    assert torch.allclose(frequencies(top_p=0.7), torch.tensor([0.625, 0.375, 0, 0]), atol=0.015)  # 0.5 + 0.3 kept
+    sharpened = probs[:2] ** 2 / (probs[:2] ** 2).sum()  # temperature 0.5 on the top 2
+    assert torch.allclose(frequencies(top_k=2, temperature=0.5), torch.cat([sharpened, torch.zeros(2)]), atol=0.015)
