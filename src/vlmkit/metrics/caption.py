@@ -69,8 +69,9 @@ def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hash
     chosen = _check_metrics(metrics)
     validate_captions(predictions, references)
     image_ids = list(predictions)
-    hypotheses = tokenize([predictions[i] for i in image_ids])
-    flat = tokenize([caption for i in image_ids for caption in references[i]])
+    segments: dict = {}  # both tokenizations meet the same words: scan each once
+    hypotheses = tokenize([predictions[i] for i in image_ids], segments)
+    flat = tokenize([caption for i in image_ids for caption in references[i]], segments)
     grouped, start = [], 0
     for image_id in image_ids:
         stop = start + len(references[image_id])

@@ -24,6 +24,7 @@ import bisect
 import re
 import sys
 import unicodedata
+from itertools import repeat
 
 import numpy as np
 
@@ -617,12 +618,14 @@ def non_plain_lines(captions: list[str]) -> list[int]:
     return np.flatnonzero(non_plain).tolist()
 
 
-def tokenize(captions: list[str]) -> list[str]:
+def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
     """pycocoevalcap's tokenized form of each caption: PTB tokens joined by single spaces.
 
     Same result as joining `tokenize_tokens`, computed in bulk: plain captions (the vast
     majority in caption data) are lowercased and stripped of their commas and final period
-    with whole-text string operations; only the other captions go through the scanner.
+    with whole-text string operations; only the other captions go through the scanner, each
+    distinct segment once (`_scan_segmented`). `memo` (segment -> tokens) may be shared by
+    calls on the same data, e.g. predictions then references; by default it is per call.
     """
     if not captions:
         return []
@@ -634,10 +637,10 @@ def tokenize(captions: list[str]) -> list[str]:
     # spaces; the other lines are overwritten below.
     lines = text.lower().replace(",", "").replace(" .", "").replace(".", "").split("\n")
     last = len(captions) - 1
-    memo: dict[str, list[str]] = {}  # per call, so timings never profit from an earlier call
+    memo = {} if memo is None else memo  # segment -> its kept tokens (None: none)
     for index in non_plain_lines(captions):
         following = "\n" + captions[index + 1] if index < last else ""
-        lines[index] = " ".join(_scan_segmented(captions[index], following, memo))
+        lines[index] = _scan_segmented(captions[index], following, memo)
     return lines
 
 
@@ -647,14 +650,18 @@ def tokenize(captions: list[str]) -> list[str]:
 _SEGMENT_BREAK = re.compile(f" (?![{_D}A-Z.<]|{SPACENL}|$)")
 
 
-def _segment_tokens(segment: str) -> list[str]:
-    """Kept, lowercased tokens of a segment that is followed by a space and a lowercase letter."""
-    tokens = _scan(segment + " a", 0, len(segment) + 1)
-    return [t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION]
+def _kept(tokens: list[str]) -> str | None:
+    """Tokens as pycocoevalcap keeps them: lowercased, punctuation dropped, joined by spaces;
+    None when none is kept (an empty string would be one empty token)."""
+    kept = [t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION]
+    return " ".join(kept) if kept else None
 
 
-def _scan_segmented(caption: str, following: str, memo: dict[str, list[str]]) -> list[str]:
-    """Kept, lowercased tokens of one caption, scanning each distinct segment once per `memo`.
+_MISSING = object()
+
+
+def _scan_segmented(caption: str, following: str, memo: dict) -> str:
+    """Kept tokens of one caption (as `_kept`), scanning each distinct segment once per `memo`.
 
     Same result as `_scan(caption + following, 0, len(caption))` filtered like
     `tokenize_tokens`, because a space followed by a character `c` matched by `_SEGMENT_BREAK`
@@ -676,22 +683,19 @@ def _scan_segmented(caption: str, following: str, memo: dict[str, list[str]]) ->
     segments (words and the odd fragment) repeat, which is what makes the memo pay.
     """
     if "<" in caption:
-        tokens = _scan(caption + following, 0, len(caption))
-        return [t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION]
+        return _kept(_scan(caption + following, 0, len(caption))) or ""
     segments = _SEGMENT_BREAK.split(caption)
-    result: list[str] = []
-    for segment in segments[:-1]:
-        tokens = memo.get(segment)
-        if tokens is None:
-            tokens = memo[segment] = _segment_tokens(segment)
-        result += tokens
-    tail = segments[-1]
-    if _is_plain(tail):  # e.g. "grass." or "table .": lowercased words whatever follows
-        result += tail.replace(",", " ").replace(".", " ").lower().split()
-        return result
-    tokens = _scan(tail + following, 0, len(tail))
-    result += [t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION]
-    return result
+    tail = segments.pop()
+    parts = list(map(memo.get, segments, repeat(_MISSING)))
+    if _MISSING in parts:
+        for position, segment in enumerate(segments):
+            if parts[position] is _MISSING:
+                parts[position] = memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
+    if _is_plain(tail):  # e.g. "grass." or "table .": its lowercased words whatever follows
+        parts.append(tail.lower().replace(",", "").replace(" .", "").replace(".", ""))
+    else:
+        parts.append(_kept(_scan(tail + following, 0, len(tail))))
+    return " ".join([part for part in parts if part is not None])  # no tokens, no space
 
 
 __all__ = ["PUNCTUATION", "tokenize", "tokenize_tokens"]
