@@ -114,3 +114,93 @@ def test_spice_and_unknown_metrics_are_clear_errors():
         score_captions({1: "a"}, {1: ["a"]}, metrics=["spice"])
     with pytest.raises(UserError, match="unknown caption metric 'blue'"):
         score_captions({1: "a"}, {1: ["a"]}, metrics=["blue"])
+
+
+def _split_encoding_directly(sentences):
+    """The `str.split()` encoding computed word by word (what `encode_both` used to do)."""
+    token_lists = [s.split() for s in sentences]
+    words = [word for tokens in token_lists for word in tokens]
+    vocab = {word: index for index, word in enumerate(dict.fromkeys(words))}
+    return np.array([vocab[w] for w in words], dtype=np.int64), np.array([len(t) for t in token_lists], dtype=np.int64)
+
+
+def test_split_encoding_derived_from_space_encoding_is_exact():
+    from vlmkit.metrics.ngrams import encode_both
+    from vlmkit.metrics.synthetic import random_caption
+
+    rng = random.Random(5)
+    for tricky, style in [(0.1, "coco"), (0.7, "varied"), (0.9, "varied")]:
+        sentences = tokenize([random_caption(rng, tricky=tricky, style=style) for _ in range(3000)])
+        sentences += ["", "a\u00a0b c", "", "x", "a b\u00a0a", "\u00a0", "b\u00a0\u00a0c d"]
+        ids, lengths = encode_both(sentences)[1]
+        expected_ids, expected_lengths = _split_encoding_directly(sentences)
+        assert ids.tolist() == expected_ids.tolist() and lengths.tolist() == expected_lengths.tolist()
+
+
+def test_bit_parallel_lcs_agrees_for_every_width():
+    from vlmkit.metrics.rouge import _lcs_python
+
+    rng = random.Random(1)
+    for width in (1, 7, 8, 9, 16, 17, 32, 33, 63):
+        a = [[rng.choice("abcde") for _ in range(rng.randint(0, width))] for _ in range(200)]
+        b = [[rng.choice("abcdf") for _ in range(rng.randint(0, width))] for _ in range(200)]
+        assert lcs_lengths(a, b).tolist() == [_lcs_python(x, y) for x, y in zip(a, b)], width
+
+
+def _cider_by_pairs(hyps, refs, counts, n=4, sigma=6.0):
+    """CIDEr-D from the same counts with the plain formulas: a dict per sentence and order."""
+    import math
+    from collections import defaultdict
+
+    num_hyp = len(hyps)
+    vec = defaultdict(dict)
+    for s, g, o, c in zip(counts.sentence.tolist(), counts.gram.tolist(), counts.order.tolist(), counts.count.tolist()):
+        vec[s, o][g] = c
+    df = defaultdict(int)
+    first = num_hyp
+    for image, image_refs in enumerate(refs):
+        grams = set()
+        for j in range(len(image_refs)):
+            for o in range(n):
+                grams.update(vec[first + j, o])
+        for g in grams:
+            df[g] += 1
+        first += len(image_refs)
+    log_n = math.log(float(num_hyp))
+
+    def weights(s, o):
+        return {g: c * (log_n - math.log(max(1.0, df[g]))) for g, c in vec[s, o].items()}
+
+    scores, first = [], num_hyp
+    for image, image_refs in enumerate(refs):
+        total = 0.0
+        for j in range(len(image_refs)):
+            for o in range(n):
+                h, r = weights(image, o), weights(first + j, o)
+                dot = sum(min(v, r.get(g, 0.0)) * r.get(g, 0.0) for g, v in h.items())
+                norm = math.sqrt(sum(v * v for v in h.values())) * math.sqrt(sum(v * v for v in r.values()))
+                sim = dot / norm if norm != 0 else dot
+                delta = max(int(counts.lengths[image]) - 1, 0) - max(int(counts.lengths[first + j]) - 1, 0)
+                total += sim * math.e ** (-(delta ** 2) / (2 * sigma ** 2))
+        scores.append(total / n / len(image_refs) * 10.0)
+        first += len(image_refs)
+    return scores
+
+
+def test_cider_sorted_layout_and_shared_reference_table_match_plain_formulas():
+    """CIDEr-D's (order, image, reference, gram) row layout and the reference table it shares
+    with BLEU give the plain per-pair formulas' scores, with BLEU run first or not."""
+    from vlmkit.metrics.ngrams import count_caption_ngrams
+
+    predictions, references = random_corpus(120, 5, seed=4, tricky=0.5)
+    rng = random.Random(4)
+    ids = list(predictions)
+    refs = [tokenize(references[i][:rng.randint(1, 5)]) for i in ids]
+    hyps = tokenize([predictions[i] for i in ids])
+    counts = count_caption_ngrams(hyps, refs)
+    expected = _cider_by_pairs(hyps, refs, counts)
+    alone = cider_scores(hyps, refs, counts=counts)[1]
+    bleu_scores(hyps, refs, counts=counts)  # fills the shared table
+    after_bleu = cider_scores(hyps, refs, counts=counts)[1]
+    np.testing.assert_allclose(alone, expected, rtol=0, atol=1e-12)
+    assert after_bleu == alone

@@ -62,3 +62,74 @@ def test_bulk_plain_detection_and_tokenize_match_the_per_caption_path():
     expected_non_plain = [i for i, c in enumerate(cleaned) if not ptb._is_plain(c)]
     assert ptb.non_plain_lines(cleaned) == expected_non_plain
     assert tokenize(captions) == [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+
+
+def _fragment_captions(sgml: bool = True):
+    """Every tricky fragment before/after lowercase words, capitals, digits, periods, "<", ..."""
+    captions = []
+    for fragments in _TRICKY.values():
+        for fragment in fragments:
+            captions += [f"a {fragment} b", f"A {fragment} The end.", f"x {fragment} 5 y", f"x {fragment} . y",
+                         f"{fragment} (a) b", f"the {fragment}", f"no. {fragment} \u00e9t\u00e9 x",
+                         f"{fragment}  two  spaces", f"U.S. {fragment} etc. also"]
+            if sgml:
+                captions.append(f"{fragment} <b> c")
+    return captions
+
+
+def test_segment_memo_equals_whole_caption_scanning():
+    """`_scan_segmented` (each distinct segment scanned once, plain tails skipped) equals scanning
+    the whole caption, on the generated corpora and every tricky fragment in many contexts,
+    with and without a memo shared across calls."""
+    from vlmkit.metrics import ptb
+
+    rng = random.Random(11)
+    captions = [random_caption(rng, tricky=t, style=s) for t, s in [(0.7, "varied"), (0.1, "coco"), (0.9, "coco"),
+                                                                     (0.9, "varied")] for _ in range(2500)]
+    captions += _fragment_captions()
+    captions += ["a \u00ad b", "x \u00ad", "\u00ad", "a , b", "etc. a", "Mr. a b.", "a b. c", "1 1/2 a", "x . . . y"]
+    cleaned = [ptb._LINE_BREAKS.sub(" ", c) for c in captions]
+    expected = [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+    shared: dict = {}
+    for index, caption in enumerate(cleaned):
+        following = "\n" + cleaned[index + 1] if index + 1 < len(cleaned) else ""
+        assert ptb._scan_segmented(caption, following, {}) == expected[index], caption
+        assert ptb._scan_segmented(caption, following, shared) == expected[index], caption
+    assert tokenize(captions) == expected
+    assert tokenize(captions, shared) == expected
+
+
+def test_segment_breaks_never_split_a_token(java_ptb):
+    """The segment boundaries hold against the Java tokenizer itself, fragment by fragment.
+
+    (Without the "<b>" contexts: captions holding "<" are scanned whole, and the scanner, before
+    and after segmenting alike, keeps the period of "the letter a. <b> c" where Java drops it.)
+    """
+    captions = _fragment_captions(sgml=False)
+    assert tokenize(captions) == java_ptb(captions)
+
+
+def test_first_character_pruning_is_unchanged_by_the_class_cache():
+    """The cached binary-search class test answers as the plain loop over the class members."""
+    from vlmkit.metrics import ptb
+
+    c = ptb._sre_constants
+    chars = [chr(code) for code in range(0x20, 0x3000, 7) if not 0xD800 <= code <= 0xDFFF] + ["\U0001f600", "\u0130"]
+    for pattern in (ptb.LETTER, ptb.DIGIT, ptb.MISCSYMBOL, "[^A-Za-z]", "(?i:[a-c\u00e9])", "(?i:[^xy])"):
+        parsed = ptb._sre_parse.parse(pattern)
+        op, members = parsed[0] if parsed[0][0] is c.IN else parsed[0][1][3][0]
+        ignore_case = "(?i:" in pattern
+
+        def loop(ch):  # the original member-by-member test
+            candidates = {ch, ch.lower(), ch.upper()} if ignore_case else {ch}
+            negate = any(m[0] is c.NEGATE for m in members)
+            for cand in candidates:
+                code = ord(cand) if len(cand) == 1 else -1
+                hit = any((kind is c.LITERAL and code == value) or (kind is c.RANGE and value[0] <= code <= value[1])
+                          or kind is c.CATEGORY for kind, value in members)
+                if hit != negate:
+                    return True
+            return False
+
+        test = ptb._first_char_test(pattern)
+        assert [test(ch) for ch in chars] == [loop(ch) for ch in chars], pattern
