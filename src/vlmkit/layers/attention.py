@@ -111,10 +111,12 @@ class Attention(nn.Module):
                     value = torch.cat([cache.value, value], dim=2)
                 cache.key, cache.value = key, value
                 if is_causal and mask is None and key.shape[2] != length:
-                    # Causal with a cache: the new queries sit at the end of the key sequence.
-                    from vlmkit.layers.masks import causal_mask
+                    if length == 1:  # one new query (a decoding step) sees every cached key: no mask needed
+                        is_causal = False
+                    else:  # causal with a cache: the new queries sit at the end of the key sequence
+                        from vlmkit.layers.masks import causal_mask
 
-                    mask, is_causal = causal_mask(length, key.shape[2], device=x.device), False
+                        mask, is_causal = causal_mask(length, key.shape[2], device=x.device), False
         out = F.scaled_dot_product_attention(
             query, key, value,
             attn_mask=mask,
