@@ -81,11 +81,13 @@ class DecoderLM(nn.Module):
         """
         batch, length = tokens.shape  # (B, T)
         offset = (cache.length if cache is not None else 0) if position_offset is None else position_offset
-        positions = torch.arange(length, device=tokens.device) + (offset[:, None] if torch.is_tensor(offset) else offset)
-        positions = positions.clamp(min=0)  # left padding sits at negative positions: any row will do, it is masked
-        if not torch.is_tensor(offset) and offset + length > self.context_length:
-            raise ValueError(f"sequence of {offset + length} tokens exceeds the decoder's context length {self.context_length}")
-        x = self.token_embedding(tokens) + self.positional_embedding[positions].to(self.token_embedding.weight.dtype)  # (B, T, D)
+        if torch.is_tensor(offset):  # per-row offsets; left padding sits at negative positions (masked, any row will do)
+            positions = self.positional_embedding[(torch.arange(length, device=tokens.device) + offset[:, None]).clamp(min=0)]
+        else:
+            if offset + length > self.context_length:
+                raise ValueError(f"sequence of {offset + length} tokens exceeds the decoder's context length {self.context_length}")
+            positions = self.positional_embedding[offset : offset + length]
+        x = self.token_embedding(tokens) + positions.to(self.token_embedding.weight.dtype)  # (B, T, D)
         is_causal = mask is None
         if mask is not None:
             keys = (cache.length if cache is not None else 0) + length

@@ -93,7 +93,9 @@ class VirTex(Generative, VLModel):
                 pads = num_pad.index_select(0, rows)  # (N,)
                 key_is_real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= pads[:, None]
                 mask, offset = padding_mask(key_is_real), start - pads
-            logits = self.decoder(tokens[:, start:], context=context.index_select(0, rows), mask=mask, cache=cache, position_offset=offset)
+            # Once cached, the image keys/values come from the cache (already reordered for beams).
+            step_context = context if start else context.index_select(0, rows)
+            logits = self.decoder(tokens[:, start:], context=step_context, mask=mask, cache=cache, position_offset=offset)
             return logits[:, -1]  # (N, V)
 
         return step, prompt_tokens
