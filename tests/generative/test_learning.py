@@ -1,0 +1,55 @@
+"""Short real training runs on the built-in data, with fixed seeds and margins over baselines.
+
+The longer runs behind the README figures use the recipes as they are; these use a small
+dataset and few steps so the folder stays within a few minutes on two shared CPU cores.
+"""
+import pytest
+
+import vlmkit
+from vlmkit.cli import main
+from vlmkit.data.formats import read_records
+from vlmkit.tasks.generative import (evaluate_caption, evaluate_caption_baseline, evaluate_reasoning, evaluate_vqa,
+                                     evaluate_vqa_baseline)
+
+pytestmark = pytest.mark.slow
+
+
+def _train(recipe, data, out, *overrides):
+    assert main(["train", "--recipe", recipe, "--data", str(data / "train.jsonl"), "--out", str(out),
+                 "log_every=50", "warmup_steps=20", *overrides]) == 0
+    return vlmkit.load(out)
+
+
+@pytest.fixture(scope="module")
+def vqa_run(synth_data, tmp_path_factory):
+    return _train("vqa-tiny", synth_data, tmp_path_factory.mktemp("vqa-run"), "steps=400", "save_every=400")
+
+
+def test_vqa_classifier_beats_the_majority_answer(vqa_run, synth_data):
+    train, test = read_records(synth_data / "train.jsonl"), read_records(synth_data / "test.jsonl")
+    model = evaluate_vqa(vqa_run, test)
+    majority = evaluate_vqa_baseline(train, test)
+    print("vqa", model, "majority", majority)
+    assert model["n"] == majority["n"] > 1000
+    # A short run learns counting and colours first (shape, yes/no and relations need longer runs).
+    # Measured (seed 0, 400 steps): overall 0.425 vs 0.366, count 0.50 vs 0.37, colour 0.34 vs 0.17.
+    assert model["accuracy"] > majority["accuracy"] + 0.03
+    assert model["per_question_type"]["count"] > majority["per_question_type"]["count"] + 0.08
+    assert model["per_question_type"]["color"] > majority["per_question_type"]["color"] + 0.08
+
+
+def test_reasoning_head_beats_chance(vqa_run, synth_data):
+    result = evaluate_reasoning(vqa_run, read_records(synth_data / "test.jsonl"))
+    print("reasoning", result)
+    # True and false statements are balanced: chance is 0.5. Measured (seed 0, 400 steps): 0.542 on 1412.
+    assert result["n"] > 1000 and result["accuracy"] > 0.52
+
+
+def test_captioner_beats_the_nearest_neighbour_caption(synth_data, tmp_path):
+    train, test = read_records(synth_data / "train.jsonl"), read_records(synth_data / "test.jsonl")
+    model = _train("virtex-tiny", synth_data, tmp_path / "virtex", "steps=150", "save_every=150")
+    captions = evaluate_caption(model, test)
+    baseline = evaluate_caption_baseline(train, test)
+    print("captions", captions, "nearest neighbour", baseline)
+    assert captions["n"] == baseline["n"] == len(test)
+    assert captions["CIDEr"] > baseline["CIDEr"] + 0.1
