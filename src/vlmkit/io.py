@@ -72,6 +72,24 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read weights file {path}: {error}; the file is corrupt or not safetensors") from None
 
 
+def name_listing(names: list[str], limit: int = 8) -> str:
+    """The first `limit` names and how many more, for one-line error messages."""
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def key_mismatch_error(source: str, assumed_format: str, missing: list[str], unexpected: list[str],
+                       mismatched: list[str], hint: str = "") -> UserError:
+    """The one-sentence error of every strict load: which keys, which file, which format was assumed."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {name_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {name_listing(unexpected)}")
+    if mismatched:
+        parts.append(f"shape mismatches: {name_listing(mismatched, 4)}")
+    return UserError(f"weights in {source} do not fit the model (assumed format: {assumed_format}): " + "; ".join(parts) + hint)
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assumed_format: str) -> None:
     """Load weights, failing loudly on any missing/unexpected key or shape mismatch."""
     expected = model.state_dict()
@@ -83,19 +101,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
         if tuple(state_dict[name].shape) != tuple(expected[name].shape)
     )
     if missing or unexpected or mismatched:
-        def listing(names):
-            return ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {listing(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {listing(mismatched)}")
-        raise UserError(
-            f"weights in {source} do not fit the model (assumed format: {assumed_format}): " + "; ".join(parts)
-        )
+        raise key_mismatch_error(source, assumed_format, missing, unexpected, mismatched)
     # A model built on the meta device takes the loaded tensors as they are (no copy); a real
     # model is copied into, so optimizers holding its parameters stay attached.
     on_meta = any(tensor.is_meta for tensor in expected.values())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmkit.errors import UserError
+from vlmkit.io import key_mismatch_error, name_listing
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -100,10 +101,6 @@ class Format:
     notes: list[str] = field(default_factory=list)
 
 
-def _listing(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
 def to_ours(
     state: Mapping[str, torch.Tensor], fmt: Format, expected: Mapping[str, torch.Tensor], source: str
 ) -> dict[str, torch.Tensor]:
@@ -139,17 +136,8 @@ def to_ours(
             continue
         converted[rule.ours] = tensor
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {_listing(mismatched, 4)}")
-        raise UserError(
-            f"weights in {source} do not fit the model (assumed format: {fmt.name}): " + "; ".join(parts)
-            + "; check that the file is this format, or give the architecture explicitly"
-        )
+        raise key_mismatch_error(source, fmt.name, missing, unexpected, mismatched,
+                                 hint="; check that the file is this format, or give the architecture explicitly")
     return converted
 
 
@@ -158,7 +146,7 @@ def to_theirs(state: Mapping[str, torch.Tensor], fmt: Format) -> dict[str, torch
     uncovered = sorted(set(state) - {rule.ours for rule in fmt.rules})
     if uncovered:
         raise UserError(
-            f"this model has tensors the {fmt.name} format has no place for: {_listing(uncovered)}; "
+            f"this model has tensors the {fmt.name} format has no place for: {name_listing(uncovered)}; "
             f"save it in vlmkit's format instead"
         )
     out: dict[str, torch.Tensor] = {}
