@@ -114,3 +114,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(_batch(model)).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_pooled_only_vit_computes_the_same_embedding():
+    # The last block computing only the [CLS] row is an optimisation, never a change of result.
+    torch.manual_seed(0)
+    vit = vlmkit.create_model("clip-tiny").visual.eval()
+    pixels = torch.randn(4, 3, 64, 64)
+    full, fast = vit(pixels).pooled, vit(pixels, pooled_only=True).pooled
+    assert torch.allclose(full, fast, atol=1e-6), (full - fast).abs().max()
+    vit.train()
+    torch.manual_seed(1)
+    loss_full = vit(pixels).pooled.square().sum()
+    grads_full = torch.autograd.grad(loss_full, list(vit.parameters()), allow_unused=True)
+    loss_fast = vit(pixels, pooled_only=True).pooled.square().sum()
+    grads_fast = torch.autograd.grad(loss_fast, list(vit.parameters()), allow_unused=True)
+    for a, b in zip(grads_full, grads_fast):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)

@@ -13,7 +13,7 @@ from core_helpers import FAST
 @pytest.fixture(scope="module")
 def run(synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    assert main(["train", "--recipe", "clip-tiny", "--data", str(synth / "train.jsonl"), "--out", str(out), "steps=3", *FAST]) == 0
+    assert main(["train", "--recipe", "clip-vit-tiny", "--data", str(synth / "train.jsonl"), "--out", str(out), "steps=3", *FAST]) == 0
     return out
 
 

@@ -17,7 +17,7 @@ from core_helpers import FAST
 def _train(run, data, *extra, resume=False):
     args = ["train", "--out", str(run)]
     if not resume:
-        args += ["--recipe", "clip-tiny", "--data", str(data)]
+        args += ["--recipe", "clip-vit-tiny", "--data", str(data)]
     else:
         args += ["--resume"]
     return main(args + FAST + list(extra))
@@ -77,7 +77,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(synth, tmp_path, cap
 def test_unknown_recipe_key_exits_2_with_one_line_and_writes_nothing(synth, tmp_path):
     run = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "vlmkit", "train", "--recipe", "clip-tiny", "--data", str(synth / "train.jsonl"),
+        [sys.executable, "-m", "vlmkit", "train", "--recipe", "clip-vit-tiny", "--data", str(synth / "train.jsonl"),
          "--out", str(run), "stepz=3"],
         capture_output=True, text=True,
     )
@@ -89,7 +89,7 @@ def test_unknown_recipe_key_exits_2_with_one_line_and_writes_nothing(synth, tmp_
 
 @pytest.mark.parametrize("args,needle", [
     (["train", "--recipe", "nope", "--data", "x.jsonl", "--out", "r"], "unknown recipe"),
-    (["train", "--recipe", "clip-tiny", "--data", "/no/such.jsonl", "--out", "r"], "/no/such.jsonl"),
+    (["train", "--recipe", "clip-vit-tiny", "--data", "/no/such.jsonl", "--out", "r"], "/no/such.jsonl"),
     (["eval", "zeroshot", "--model", "/no/such/run", "--data", "x.jsonl"], "/no/such/run"),
     (["train", "--out", "/no/such/run", "--resume"], "--resume"),
 ])

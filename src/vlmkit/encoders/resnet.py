@@ -93,7 +93,7 @@ class ModifiedResNet(nn.Module):
         layers += [Bottleneck(self._in_planes, planes) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-    def forward(self, pixels: torch.Tensor, output_hidden_states: bool = False) -> VisionOutput:
+    def forward(self, pixels: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False) -> VisionOutput:
         x = F.relu(self.bn1(self.conv1(pixels)))
         x = F.relu(self.bn2(self.conv2(x)))
         x = self.avgpool(F.relu(self.bn3(self.conv3(x))))  # (B, width, H/4, W/4)

@@ -91,9 +91,12 @@ class VisionTransformer(nn.Module):
             positions = resample_grid_positions(positions, tuple(grid))
         return x + positions.to(x.dtype)
 
-    def forward(self, pixels: torch.Tensor, output_hidden_states: bool = False) -> VisionOutput:
+    def forward(self, pixels: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False) -> VisionOutput:
+        """`pooled_only`: the caller needs only `pooled`, so with [CLS] pooling the last block
+        computes the [CLS] row alone (exact; `tokens` is then just that row)."""
         x = self.norm_pre(self.embed(pixels))  # (B, 1+N, W)
-        hidden = self.transformer(x, return_all=output_hidden_states)
+        cls_only = pooled_only and self.pool == "cls" and not output_hidden_states
+        hidden = self.transformer(x, return_all=output_hidden_states, last_layer_queries=1 if cls_only else None)
         tokens = hidden[-1] if output_hidden_states else hidden  # (B, 1+N, W)
         pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)  # (B, W)
         pooled = self.proj(self.norm_post(pooled))  # (B, D)

@@ -68,10 +68,11 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
         self.residual_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
-    def _residual(self, x, norm, sublayer, scale):
+    def _residual(self, x, norm, sublayer, scale, num_queries=None):
+        residual = x if num_queries is None else x[:, :num_queries]  # (B, N, D): the rows that ask
         if self.prenorm:
-            return x + self.drop_path(scale(self.residual_dropout(sublayer(norm(x)))))
-        return norm(x + self.drop_path(scale(self.residual_dropout(sublayer(x)))))
+            return residual + self.drop_path(scale(self.residual_dropout(sublayer(norm(x)))))
+        return norm(residual + self.drop_path(scale(self.residual_dropout(sublayer(x)))))
 
     def forward(
         self,
@@ -82,9 +83,14 @@ class TransformerBlock(nn.Module):
         context_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         name: str = "",
+        num_queries: int | None = None,
     ) -> torch.Tensor:
+        """`num_queries`: compute outputs for the first N positions only (see Attention)."""
         self_cache = cache.layer(name + ".self") if cache is not None else None
-        x = self._residual(x, self.norm1, lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache), self.scale1)
+        x = self._residual(
+            x, self.norm1, lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache, num_queries=num_queries),
+            self.scale1, num_queries,
+        )
         if self.cross_attn is not None and context is not None:
             cross_cache = cache.layer(name + ".cross") if cache is not None else None
             x = self._residual(
@@ -113,13 +119,18 @@ class Transformer(nn.Module):
         context_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_all: bool = False,
+        last_layer_queries: int | None = None,
     ):
+        """`last_layer_queries=N`: the last block computes only the first N positions (e.g. the
+        [CLS] token a pooled embedding needs), skipping its MLP and output projection elsewhere."""
         hidden_states = [x]
+        last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
+            num_queries = last_layer_queries if index == last else None
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, is_causal, context, context_mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, is_causal, context, context_mask, use_reentrant=False, num_queries=num_queries)
             else:
-                x = block(x, mask, is_causal, context, context_mask, cache, name=f"block{index}")
+                x = block(x, mask, is_causal, context, context_mask, cache, name=f"block{index}", num_queries=num_queries)
             if return_all:
                 hidden_states.append(x)
         return hidden_states if return_all else x

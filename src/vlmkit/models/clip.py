@@ -50,7 +50,7 @@ class CLIP(VLModel):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D) image embeddings (not L2-normalised)."""
-        return self.visual(pixels).pooled
+        return self.visual(pixels, pooled_only=True).pooled
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, D) text embeddings (not L2-normalised)."""
