@@ -26,7 +26,7 @@ from vlmkit.generation import Generative, GenerationConfig
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import causal_mask, combine, padding_mask, prefix_lm_mask
 from vlmkit.layers.transformer import Transformer
-from vlmkit.losses import lm_loss
+from vlmkit.losses import lm_output
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
 
@@ -113,10 +113,7 @@ class SimVLM(Generative, VLModel):
         logits = self.head(hidden[:, image.shape[1] + P :])  # (B, S-1, V): suffix positions only
         targets = suffix[:, 1:]
         target_mask = real_tokens_through_end(suffix, self.config.text.eos_token_id)[:, 1:]
-        loss = lm_loss(logits, targets, target_mask, self.config.label_smoothing)
-        with torch.no_grad():
-            correct = ((logits.argmax(-1) == targets) & target_mask).sum() / target_mask.sum().clamp(min=1)
-        return ModelOutput(loss=loss, logs={"loss": loss.item(), "token_acc": correct.item()}, logits=logits)
+        return lm_output(logits, targets, target_mask, self.config.label_smoothing)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random suffixes; every other row also has a random (padded) prefix, the others none."""

@@ -18,7 +18,7 @@ from vlmkit.encoders.lm import DecoderLM, random_tokens, real_tokens_through_end
 from vlmkit.generation import Generative, GenerationConfig, left_padded_prompts
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import padding_mask
-from vlmkit.losses import lm_loss
+from vlmkit.losses import lm_output
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
 
@@ -62,10 +62,7 @@ class VirTex(Generative, VLModel):
         logits = self.decoder(tokens[:, :-1], context=context)  # (B, L-1, V)
         targets = tokens[:, 1:]  # (B, L-1)
         target_mask = real_tokens_through_end(tokens, self.config.text.eos_token_id)[:, 1:]  # up to [eot]
-        loss = lm_loss(logits, targets, target_mask, self.config.label_smoothing)
-        with torch.no_grad():
-            correct = ((logits.argmax(-1) == targets) & target_mask).sum() / target_mask.sum().clamp(min=1)
-        return ModelOutput(loss=loss, logs={"loss": loss.item(), "token_acc": correct.item()}, logits=logits)
+        return lm_output(logits, targets, target_mask, self.config.label_smoothing)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
