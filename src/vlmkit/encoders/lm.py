@@ -19,16 +19,6 @@ from vlmkit.layers.masks import causal_mask, combine
 from vlmkit.layers.transformer import TransformerBlock
 
 
-def real_tokens_through_end(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, L) bool: True up to and including the first end token (what an LM is trained on).
-
-    Padding is found from the end token, not by comparing with the pad id, because a trained
-    CLIP-style BPE pads with id 0, which is also a real byte token.
-    """
-    is_end = tokens == eos_token_id
-    return (is_end.long().cumsum(dim=1) - is_end.long()) == 0  # (B, L)
-
-
 class DecoderLM(nn.Module):
     """Causal transformer LM; `cross_attention_every=N` puts a cross-attention sublayer in blocks N-1, 2N-1, ..."""
 

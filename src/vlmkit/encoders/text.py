@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlmkit.layers.masks import padding_mask
+from vlmkit.layers.masks import padding_mask, real_tokens_through_end
 from vlmkit.layers.transformer import Transformer
 
 
@@ -66,8 +66,7 @@ class TextTransformer(nn.Module):
         """(B, L) bool: True for tokens that are not padding."""
         if self.causal and self.eos_token_id is not None:
             # Causal CLIP text may pad with the end token itself; real = up to the first end token.
-            is_end = tokens == self.eos_token_id
-            return (is_end.cumsum(dim=1) - is_end.long()) == 0
+            return real_tokens_through_end(tokens, self.eos_token_id)
         return tokens != self.pad_token_id
 
     def end_positions(self, tokens: torch.Tensor) -> torch.Tensor:

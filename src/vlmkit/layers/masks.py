@@ -35,6 +35,16 @@ def prefix_lm_mask(prefix_lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     return (in_prefix | (key <= query))[:, None]  # (B, 1, L, L)
 
 
+def real_tokens_through_end(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, L) bool: True up to and including the first end token (what an LM is trained on).
+
+    Padding is found from the end token, not by comparing with the pad id, because a trained
+    CLIP-style BPE pads with id 0, which is also a real byte token.
+    """
+    is_end = tokens == eos_token_id
+    return (is_end.long().cumsum(dim=1) - is_end.long()) == 0  # (B, L)
+
+
 def combine(*masks: torch.Tensor | None) -> torch.Tensor | None:
     """Logical AND of broadcastable boolean masks; None entries are ignored."""
     present = [mask for mask in masks if mask is not None]

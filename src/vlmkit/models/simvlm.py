@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
-from vlmkit.encoders.lm import random_tokens, real_tokens_through_end
+from vlmkit.encoders.lm import random_tokens
+from vlmkit.layers.masks import real_tokens_through_end
 from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig
 from vlmkit.layers.attention import KVCache

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
-from vlmkit.encoders.lm import DecoderLM, random_tokens, real_tokens_through_end
+from vlmkit.encoders.lm import DecoderLM, random_tokens
+from vlmkit.layers.masks import real_tokens_through_end
 from vlmkit.generation import Generative, GenerationConfig, left_padded_prompts
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import padding_mask
