@@ -9,7 +9,9 @@ import tempfile
 
 import pytest
 
-REFERENCE_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "pycocoevalcap.json")
+# The reference numbers of ../shared/reference/pycocoevalcap.json (3 images x 3 refs, from
+# pycocoevalcap 1.2), kept in the repo so the tests never depend on a folder beside the checkout.
+REFERENCE_JSON = os.path.join(os.path.dirname(__file__), "data", "pycocoevalcap_reference.json")
 
 
 def _pycocoevalcap_dir():
