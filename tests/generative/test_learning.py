@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def _train(recipe, data, out, *overrides):
     assert main(["train", "--recipe", recipe, "--data", str(data / "train.jsonl"), "--out", str(out),
-                 "log_every=50", "warmup_steps=20", *overrides]) == 0
+                 "log_every=50", "warmup_steps=20", "threads=1", *overrides]) == 0  # the thresholds were set on 1-thread runs
     return vlmkit.load(out)
 
 
