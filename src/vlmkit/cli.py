@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmkit import __version__
     from vlmkit.commands import register_all
 
-    parser = argparse.ArgumentParser(prog="vlmkit", description="Vision-language models: train, evaluate, serve.")
+    parser = argparse.ArgumentParser(prog="vlmkit", description="Vision-language models: train, evaluate, caption, score.")
     parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register_all(subparsers)

@@ -15,10 +15,4 @@ def register_all(subparsers) -> None:
         "vlmkit.metrics.cli",   # vlmkit score captions|vqa
         "vlmkit.demo",          # vlmkit demo
     ):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name:  # area not built yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)

@@ -36,11 +36,7 @@ def register_config(name: str, family: str, config: dict[str, Any]) -> None:
 
 def _load_families() -> None:
     for module in FAMILY_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name != module:  # a real missing dependency inside the family: report it
-                raise
+        importlib.import_module(module)
 
 
 def get_family(name: str):
