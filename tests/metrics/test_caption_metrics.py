@@ -204,3 +204,41 @@ def test_cider_sorted_layout_and_shared_reference_table_match_plain_formulas():
     after_bleu = cider_scores(hyps, refs, counts=counts)[1]
     np.testing.assert_allclose(alone, expected, rtol=0, atol=1e-12)
     assert after_bleu == alone
+
+
+def test_bit_parallel_lcs_same_with_16_and_64_bit_ids():
+    """The 16-bit comparison path (small vocabularies) equals the 64-bit one (large ids)."""
+    from vlmkit.metrics.rouge import _lcs_bit_parallel
+
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 6, size=(300, 20))
+    b = rng.integers(0, 6, size=(300, 40))
+    b_len = rng.integers(0, 41, size=300)
+    b = np.where(np.arange(40)[None, :] < b_len[:, None], b, -2)
+    small = _lcs_bit_parallel(a, b, b_len)
+    shift = 1 << 40  # ids far above the 16-bit range keep the 64-bit path
+    large = _lcs_bit_parallel(a + shift, np.where(b >= 0, b + shift, b), b_len)
+    assert small.tolist() == large.tolist()
+
+
+class _Caption(str):
+    pass
+
+
+@pytest.mark.parametrize("references", [
+    {1: ("a dog", "a cat")}, {1: [_Caption("a dog")]}, {1: ["a dog", _Caption("a cat ")]},
+])
+def test_validation_fast_path_accepts_what_the_full_checks_accept(references):
+    assert score_captions({1: "a dog"}, references, metrics=("bleu",))["n"] == 1
+
+
+@pytest.mark.parametrize("references, message", [
+    ({1: ("a dog", " ")}, "empty or non-string reference"),
+    ({1: ["a dog", 3]}, "empty or non-string reference"),
+    ({1: "a dog"}, "must be a non-empty list"),
+    ({1: []}, "must be a non-empty list"),
+    ({1: ["a dog"], 2: ("a cat",)}, "image 2 has references but no prediction"),
+])
+def test_validation_fast_path_rejects_what_the_full_checks_reject(references, message):
+    with pytest.raises(UserError, match=message):
+        score_captions({1: "a dog"}, references)

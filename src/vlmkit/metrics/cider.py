@@ -25,8 +25,6 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     ref_count_per_image = [len(refs) for refs in references]
     ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), ref_count_per_image)
     num_refs = np.asarray(ref_count_per_image, dtype=np.float64)
-    ref_counts = np.asarray(ref_count_per_image, dtype=np.int64)
-    first_ref = np.cumsum(ref_counts) - ref_counts + num_hyp  # sentence index of each image's first reference
     if counts is None:
         counts = count_caption_ngrams(hypotheses, references, n)
     num_sentences = len(counts.lengths)
@@ -42,35 +40,28 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     norm = np.sqrt(squared).reshape(num_sentences, n)
     length = np.maximum(counts.lengths - 1, 0).astype(np.float64)  # bigram count (see module doc)
 
-    # Every hypothesis gram meets every reference of its image. The rows are laid out as
-    # (order, image, reference, gram), i.e. in increasing key order, so the look-ups below
-    # search sorted queries (several times faster than scattered ones); each (reference,
-    # order) still sums its products in gram order, as before.
-    hyp_rows = np.flatnonzero(~is_ref)  # sorted by (order, image, gram)
-    hyp_key = counts.order[hyp_rows] * num_hyp + counts.sentence[hyp_rows]
-    block_start = np.flatnonzero(np.r_[len(hyp_key) > 0, hyp_key[1:] != hyp_key[:-1]])  # one per (order, image)
-    block_size = np.diff(np.r_[block_start, len(hyp_rows)])
-    block_image = counts.sentence[hyp_rows[block_start]]
-    block_order = counts.order[hyp_rows[block_start]]
-    copies = np.repeat(np.arange(len(block_start)), ref_counts[block_image])  # one per (block, reference)
-    copy_ref = np.arange(len(copies)) - np.repeat(np.cumsum(ref_counts[block_image]) - ref_counts[block_image],
-                                                  ref_counts[block_image])
-    copy_sentence = first_ref[block_image[copies]] + copy_ref
-    copy_size = block_size[copies]
-    copy_offset = np.cumsum(copy_size) - copy_size
-    within = np.arange(int(copy_size.sum())) - np.repeat(copy_offset, copy_size)
-    row = hyp_rows[np.repeat(block_start[copies], copy_size) + within]
-    # the key of (reference, gram) is the hypothesis row's key with the sentence index moved
-    # from the image to the reference: key + (reference - image) * (size of the order)
-    shift = (copy_sentence - block_image[copies]) * counts.order_size[block_order[copies]]
-    query = counts.key[row] + np.repeat(shift, copy_size)
-    position = np.minimum(np.searchsorted(counts.key, query), len(counts.key) - 1)
-    found = counts.key[position] == query
-    ref_weight = np.where(found, weight[position], 0.0)
-    hyp_weight = weight[row]
+    # dot[reference, order] = sum over the grams of the reference of min(h, r) * r, h being the
+    # hypothesis weight of the same gram (0 when the hypothesis lacks it). The reference rows
+    # are walked in key order, (order, reference, gram), and each looks up its image's
+    # hypothesis row: key - (reference - image) * (size of the order) is that row's key, and
+    # these queries come out sorted (several times faster to search than scattered ones).
+    # Only grams present on both sides give non-zero products, and they are summed in gram
+    # order per (reference, order) as when walking the hypothesis grams; the zero products
+    # in between leave a float sum unchanged, so the result is the same to the last bit.
+    hyp_rows = np.flatnonzero(~is_ref)
+    ref_rows = np.flatnonzero(is_ref)
+    hyp_key = counts.key[hyp_rows]
+    ref_sentence = counts.sentence[ref_rows]
+    ref_order = counts.order[ref_rows]
+    query = counts.key[ref_rows] - (ref_sentence - ref_image[ref_sentence - num_hyp]) * counts.order_size[ref_order]
+    if len(hyp_key):
+        position = np.minimum(np.searchsorted(hyp_key, query), len(hyp_key) - 1)
+        hyp_weight = np.where(hyp_key[position] == query, weight[hyp_rows][position], 0.0)
+    else:
+        hyp_weight = np.zeros(len(query))
+    ref_weight = weight[ref_rows]
     products = np.minimum(hyp_weight, ref_weight) * ref_weight
-    dot = np.bincount(np.repeat(copy_sentence * n + block_order[copies], copy_size), weights=products,
-                      minlength=num_sentences * n)
+    dot = np.bincount(ref_sentence * n + ref_order, weights=products, minlength=num_sentences * n)
     dot = dot.reshape(num_sentences, n)[num_hyp:]                      # (R, n)
 
     hyp_of_ref = ref_image
