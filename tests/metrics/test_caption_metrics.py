@@ -242,3 +242,36 @@ def test_validation_fast_path_accepts_what_the_full_checks_accept(references):
 def test_validation_fast_path_rejects_what_the_full_checks_reject(references, message):
     with pytest.raises(UserError, match=message):
         score_captions({1: "a dog"}, references)
+
+
+@pytest.mark.parametrize("empty_hypotheses", [False, True])
+def test_reference_join_matches_dict_lookups(empty_hypotheses):
+    """`reference_join`'s grouped sort gives the clip counts and hypothesis rows that dict
+    look-ups on (order, image, gram) give, and the reference table BLEU and CIDEr-D share."""
+    from vlmkit.metrics.ngrams import count_caption_ngrams, reference_join
+
+    predictions, references = random_corpus(150, 4, seed=7, tricky=0.5)
+    rng = random.Random(7)
+    ids = list(predictions)
+    refs = [tokenize(references[i][:rng.randint(1, 4)]) for i in ids]
+    hyps = [""] * len(ids) if empty_hypotheses else tokenize([predictions[i] for i in ids])
+    counts = count_caption_ngrams(hyps, refs)
+    num_hyp = len(hyps)
+    ref_image = np.repeat(np.arange(num_hyp), [len(r) for r in refs])
+    join = reference_join(counts, ref_image, num_hyp)
+
+    rows = list(zip(counts.sentence.tolist(), counts.order.tolist(), counts.gram.tolist(), counts.count.tolist()))
+    image_of = lambda s: s if s < num_hyp else int(ref_image[s - num_hyp])  # noqa: E731
+    hyp_row, largest = {}, {}
+    for row, (s, o, g, c) in enumerate(rows):
+        if s < num_hyp:
+            hyp_row[o, s, g] = row
+        else:
+            largest[o, image_of(s), g] = max(largest.get((o, image_of(s), g), 0), c)
+    assert join.hyp_clip.tolist() == [largest.get((o, s, g), 0) for s, o, g, _ in rows if s < num_hyp]
+    assert join.ref_match.tolist() == [hyp_row.get((o, image_of(s), g), -1) for s, o, g, _ in rows if s >= num_hyp]
+    table = sorted((counts.keys(np.array([i]), num_hyp, gram=np.array([g]), order=np.array([o]))[0], c, g)
+                   for (o, i, g), c in largest.items())
+    assert join.key.tolist() == [t[0] for t in table]
+    assert join.max_count.tolist() == [t[1] for t in table]
+    assert join.gram.tolist() == [t[2] for t in table]

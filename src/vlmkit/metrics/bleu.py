@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_table
+from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_join
 
 _TINY = 1e-15
 _SMALL = 1e-9
@@ -31,19 +31,10 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     hyp_len = lengths[:num_hyp]
     ref_len = lengths[num_hyp:]
 
-    # Clip: for every (image, gram) the largest count in any of its references.
+    # Clip: for every hypothesis gram the largest count in any one reference of its image.
     is_ref = counts.sentence >= num_hyp
-    max_key, max_count, _ = reference_table(counts, ref_image, num_hyp)
-
     hyp_rows = np.nonzero(~is_ref)[0]
-    # a hypothesis's sentence index is its image index
-    query = counts.keys(counts.sentence[hyp_rows], num_hyp, gram=counts.gram[hyp_rows],
-                        order=counts.order[hyp_rows])
-    if len(max_key):
-        position = np.minimum(np.searchsorted(max_key, query), len(max_key) - 1)
-        clip = np.where(max_key[position] == query, max_count[position], 0)
-    else:
-        clip = np.zeros(len(query), dtype=np.int64)
+    clip = reference_join(counts, ref_image, num_hyp).hyp_clip  # per hypothesis row, in row order
     matched = np.minimum(counts.count[hyp_rows], clip)
     correct = np.bincount(counts.order[hyp_rows] * num_hyp + counts.sentence[hyp_rows], weights=matched,
                           minlength=n * num_hyp).reshape(n, num_hyp).round().astype(np.int64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_table
+from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_join
 
 
 def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0,
@@ -31,7 +31,8 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
 
     # Document frequency: images whose references contain the gram.
     is_ref = counts.sentence >= num_hyp
-    df = np.bincount(reference_table(counts, ref_image, num_hyp)[2], minlength=counts.num_grams).astype(np.float64)
+    join = reference_join(counts, ref_image, num_hyp)
+    df = np.bincount(join.gram, minlength=counts.num_grams).astype(np.float64)
     log_n = np.log(float(num_hyp))
     weight = counts.count * (log_n - np.log(np.maximum(1.0, df[counts.gram])))  # tf * idf per row
 
@@ -41,24 +42,17 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     length = np.maximum(counts.lengths - 1, 0).astype(np.float64)  # bigram count (see module doc)
 
     # dot[reference, order] = sum over the grams of the reference of min(h, r) * r, h being the
-    # hypothesis weight of the same gram (0 when the hypothesis lacks it). The reference rows
-    # are walked in key order, (order, reference, gram), and each looks up its image's
-    # hypothesis row: key - (reference - image) * (size of the order) is that row's key, and
-    # these queries come out sorted (several times faster to search than scattered ones).
-    # Only grams present on both sides give non-zero products, and they are summed in gram
-    # order per (reference, order) as when walking the hypothesis grams; the zero products
-    # in between leave a float sum unchanged, so the result is the same to the last bit.
-    hyp_rows = np.flatnonzero(~is_ref)
+    # hypothesis weight of the same gram in its image (0 when the hypothesis lacks it; the
+    # matching row comes from `reference_join`). The reference rows are in key order, (order,
+    # reference, gram), so each (reference, order) sums its products in gram order, as when
+    # walking the hypothesis grams: only grams on both sides give non-zero products, and the
+    # zero products in between leave a float sum unchanged, so the result is the same to the
+    # last bit.
     ref_rows = np.flatnonzero(is_ref)
-    hyp_key = counts.key[hyp_rows]
     ref_sentence = counts.sentence[ref_rows]
     ref_order = counts.order[ref_rows]
-    query = counts.key[ref_rows] - (ref_sentence - ref_image[ref_sentence - num_hyp]) * counts.order_size[ref_order]
-    if len(hyp_key):
-        position = np.minimum(np.searchsorted(hyp_key, query), len(hyp_key) - 1)
-        hyp_weight = np.where(hyp_key[position] == query, weight[hyp_rows][position], 0.0)
-    else:
-        hyp_weight = np.zeros(len(query))
+    match = join.ref_match
+    hyp_weight = np.where(match >= 0, weight[match], 0.0)
     ref_weight = weight[ref_rows]
     products = np.minimum(hyp_weight, ref_weight) * ref_weight
     dot = np.bincount(ref_sentence * n + ref_order, weights=products, minlength=num_sentences * n)
