@@ -164,28 +164,26 @@ class VLModel(nn.Module):
         return torch.stack([self.transform(image) for image in images])
 
     @torch.no_grad()
+    def _embed_in_batches(self, items: Sequence[Any], batch_size: int, to_inputs, encode) -> torch.Tensor:
+        """Encode `items` chunk by chunk in eval mode; L2-normalised float32 rows on the CPU."""
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [
+                F.normalize(encode(to_inputs(items[start : start + batch_size]).to(self.device)).float(), dim=-1).cpu()
+                for start in range(0, len(items), batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
     def embed_images(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised image embeddings (N, D), float32 on the CPU."""
         self.require("embed_image", task="embed_images")
-        was_training = self.training
-        self.eval()
-        chunks = [
-            F.normalize(self.encode_image(self.preprocess(images[start : start + batch_size]).to(self.device)).float(), dim=-1).cpu()
-            for start in range(0, len(images), batch_size)
-        ]
-        self.train(was_training)
-        return torch.cat(chunks) if chunks else torch.empty(0)
+        return self._embed_in_batches(images, batch_size, self.preprocess, self.encode_image)
 
-    @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised text embeddings (N, D), float32 on the CPU."""
         self.require("embed_text", task="embed_texts")
         texts = [texts] if isinstance(texts, str) else list(texts)
-        was_training = self.training
-        self.eval()
-        chunks = [
-            F.normalize(self.encode_text(self.tokenize(texts[start : start + batch_size]).to(self.device)).float(), dim=-1).cpu()
-            for start in range(0, len(texts), batch_size)
-        ]
-        self.train(was_training)
-        return torch.cat(chunks) if chunks else torch.empty(0)
+        return self._embed_in_batches(texts, batch_size, self.tokenize, self.encode_text)
