@@ -17,13 +17,41 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each rank's gradient for this rank's rows.
+
+    torch.distributed.nn's all_gather emulates reduce-scatter with scatter calls on gloo, and
+    two of those in one backward left a gloo thread joinable at exit (SIGABRT, about one run
+    in ten); an all-reduce (gloo) or reduce-scatter (NCCL) has no such problem.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        features = features.contiguous()
+        gathered = [torch.empty_like(features) for _ in range(world)]
+        dist.all_gather(gathered, features)
+        return torch.cat(gathered, dim=0)  # (world*B, D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grad = grad.contiguous()
+        rows = grad.shape[0] // world
+        if dist.get_backend() == dist.Backend.NCCL:
+            local = torch.empty((rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(local, grad)
+            return local
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad[rank * rows : (rank + 1) * rows]  # (B, D)
+
+
 def gather_features(features: torch.Tensor) -> torch.Tensor:
     """Concatenate (B, D) features from all ranks into (world*B, D), gradients flowing back."""
     if not _distributed():
         return features
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(features), dim=0)
+    return _GatherWithGrad.apply(features)
 
 
 def contrastive_loss(
