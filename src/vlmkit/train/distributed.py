@@ -44,6 +44,7 @@ def setup() -> DistInfo:
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 
 
