@@ -327,7 +327,6 @@ class Trainer:
             plot_loss_curve(run / METRICS_FILE, run / "loss_curve.png")
             if skips.message():
                 print(f"vlmkit: {skips.message()}", file=sys.stderr)
-        del trained  # DDP holds the process group: release it before the group goes
         distributed.teardown()
         return {"run": str(run), "steps": step, "loss": last_logs.get("loss"), "samples_per_s": last_logs.get("samples_per_s"), **skips.summary()}
 
