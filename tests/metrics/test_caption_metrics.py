@@ -293,3 +293,50 @@ def test_renumber_table_and_sort_paths_agree():
             ngrams._TABLE_LIMIT = limit
         assert table_size == sort_size and table_ids.dtype == sort_ids.dtype == np.int64
         assert table_ids.tolist() == sort_ids.tolist()
+
+
+@pytest.mark.parametrize("image_keys_fit", [True, False])
+def test_image_layout_counts_and_join_equal_sentence_layout(image_keys_fit, monkeypatch):
+    """`count_caption_ngrams` (one sort in (order, image, gram, slot) layout, join included)
+    gives the same (sentence, gram) counts as `count_ngrams_encoded`, the same join as
+    `reference_join` on those, each sentence's rows in the same gram order, and `lookup` works;
+    also on the fallback path for key ranges that would overflow, and with images that have
+    no reference."""
+    from vlmkit.metrics import ngrams
+
+    if not image_keys_fit:
+        monkeypatch.setattr(ngrams, "_IMAGE_KEY_LIMIT", 1)
+    predictions, references = random_corpus(200, 5, seed=11, tricky=0.5)
+    rng = random.Random(11)
+    ids = list(predictions)
+    refs = [tokenize(references[i][:rng.randint(0, 5)]) for i in ids]
+    hyps = tokenize([predictions[i] for i in ids])
+    hyps[3] = ""
+    sentences = hyps + [r for image_refs in refs for r in image_refs]
+    encoded = ngrams.encode_words(sentences)
+    counts = ngrams.count_caption_ngrams(hyps, refs, encoded=encoded)
+    plain = ngrams.count_ngrams_encoded(*encoded)
+    num_hyp = len(hyps)
+    ref_image = np.repeat(np.arange(num_hyp), [len(r) for r in refs])
+
+    def rows(c):
+        return [(s, o, g, n) for s, o, g, n in zip(c.sentence.tolist(), c.order.tolist(), c.gram.tolist(),
+                                                  c.count.tolist())]
+    assert np.all(np.diff(counts.key) > 0)
+    # same rows, and within each (sentence, order) the same sequence of grams
+    assert sorted(rows(counts)) == sorted(rows(plain))
+    by_sentence: dict = {}
+    for s, o, g, _ in rows(counts):
+        by_sentence.setdefault((s, o), []).append(g)
+    assert all(grams == sorted(grams) for grams in by_sentence.values())
+
+    join = ngrams.reference_join(counts, ref_image, num_hyp)  # the one computed with the counts
+    counts_again = ngrams.count_caption_ngrams(hyps, refs, encoded=encoded)
+    counts_again._reference_join = None
+    recomputed = ngrams.reference_join(counts_again, ref_image, num_hyp)
+    for field in ("key", "max_count", "gram", "hyp_clip", "ref_match"):
+        assert getattr(join, field).tolist() == getattr(recomputed, field).tolist(), field
+
+    query_sentence, query_gram = plain.sentence[::7], plain.gram[::7]
+    assert ngrams.lookup(counts, query_sentence, query_gram).tolist() == plain.count[::7].tolist()
+    assert ngrams.lookup(plain, query_sentence, query_gram).tolist() == plain.count[::7].tolist()

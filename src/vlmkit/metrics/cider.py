@@ -44,7 +44,8 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     # dot[reference, order] = sum over the grams of the reference of min(h, r) * r, h being the
     # hypothesis weight of the same gram in its image (0 when the hypothesis lacks it; the
     # matching row comes from `reference_join`). The reference rows are in key order, (order,
-    # reference, gram), so each (reference, order) sums its products in gram order, as when
+    # reference, gram) or (order, image, gram, slot) (`ngrams._count_and_join`); either way each
+    # (reference, order) sums its products in gram order, as when
     # walking the hypothesis grams: only grams on both sides give non-zero products, and the
     # zero products in between leave a float sum unchanged, so the result is the same to the
     # last bit.

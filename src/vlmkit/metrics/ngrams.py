@@ -28,17 +28,21 @@ class NgramCounts:
     """Distinct (sentence, n-gram) pairs with their counts, sorted by `key` (order-major).
 
     `gram` ids of order k lie in [gram_offset[k], gram_offset[k] + order_size[k]).
+    `key_slots` is 0 when `key` is `keys(sentence)` (`count_ngrams_encoded`); for caption
+    counts (`count_caption_ngrams`) it is the number of sentence slots per image and `key` is
+    the image-layout key of `_count_and_join`, (order, image, gram, slot).
     """
 
     sentence: np.ndarray     # (P,) sentence index
     gram: np.ndarray         # (P,) n-gram id, unique across orders
     order: np.ndarray        # (P,) n-gram order minus one (0..n-1)
     count: np.ndarray        # (P,) occurrences of the n-gram in the sentence
-    key: np.ndarray          # (P,) self.keys(sentence), ascending
+    key: np.ndarray          # (P,) self.keys(sentence) or the image-layout key, ascending
     num_grams: int           # distinct n-grams of all orders
     lengths: np.ndarray      # (S,) number of words per sentence
     gram_offset: np.ndarray  # (n,) first id of each order
     order_size: np.ndarray   # (n,) distinct n-grams of each order
+    key_slots: int = 0       # 0: sentence layout; else slots per image of the image layout
 
     def keys(self, group: np.ndarray, num_groups: int | None = None, gram: np.ndarray | None = None,
              order: np.ndarray | None = None) -> np.ndarray:
@@ -120,14 +124,16 @@ def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: 
     """N-gram counts of the hypotheses (sentences 0..H-1) then all references, image by image.
 
     Sentences are split with `str.split()` like pycocoevalcap's BLEU and CIDEr scorers;
-    `encoded` is that split already done (`encode_both(...)[1]`).
+    `encoded` is that split already done (`encode_both(...)[1]`). The rows come in image layout
+    and the hypothesis/reference join is computed with them (`_count_and_join`).
     """
     if encoded is None:
         sentences = list(hypotheses)
         for refs in references:
             sentences.extend(refs)
         encoded = encode_words(sentences)
-    return count_ngrams_encoded(*encoded, n)
+    refs_per_image = np.fromiter(map(len, references), dtype=np.int64, count=len(references))
+    return _count_and_join(*encoded, len(hypotheses), refs_per_image, n)
 
 
 def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
@@ -161,13 +167,14 @@ def _renumber(codes: np.ndarray, bound: int) -> tuple[np.ndarray, int]:
     return ids, int(new_group.sum())
 
 
-def count_ngrams_encoded(tokens: np.ndarray, lengths: np.ndarray, n: int = 4) -> NgramCounts:
-    """Count the 1..n-grams of sentences given as flat word ids and per-sentence lengths."""
+def _gram_ids(tokens: np.ndarray, lengths: np.ndarray, n: int):
+    """Per order k = 1..n: (first token index, dense k-gram id) of the k-grams inside a sentence,
+    plus the sentence of every token, the sizes of the orders and their first ids."""
     num_sentences = len(lengths)
     sentence_of_token = np.repeat(np.arange(num_sentences, dtype=np.int64), lengths)
     vocab_size = int(tokens.max()) + 1 if len(tokens) else 1
 
-    sentence_parts, local_parts, sizes = [], [], []
+    positions, local_parts, sizes = [], [], []
     previous, previous_size = tokens, vocab_size
     for k in range(1, n + 1):
         if k == 1:
@@ -178,41 +185,134 @@ def count_ngrams_encoded(tokens: np.ndarray, lengths: np.ndarray, n: int = 4) ->
             ids, size = _renumber(combined, previous_size * vocab_size)
         starts = sentence_of_token[:len(ids)]
         valid = starts == sentence_of_token[k - 1:k - 1 + len(ids)]  # does not cross a sentence end
-        sentence_parts.append(starts[valid])
+        positions.append(np.flatnonzero(valid))
         local_parts.append(ids[valid])
         sizes.append(max(size, 1))
         previous, previous_size = ids, max(size, 1)
 
     order_size = np.asarray(sizes, dtype=np.int64)
     gram_offset = np.concatenate([[0], np.cumsum(order_size)[:-1]]).astype(np.int64)
-    # order-major keys: order k occupies [S * offset_k, S * (offset_k + size_k)), sentence-major
-    # inside, so each order's block is already sorted up to the n-grams within a sentence
-    key = np.concatenate([gram_offset[k] * num_sentences + sentence_parts[k] * order_size[k] + local_parts[k]
-                          for k in range(n)]) if n else np.zeros(0, np.int64)
-    key = np.sort(key, kind="stable")
+    return sentence_of_token, positions, local_parts, order_size, gram_offset
+
+
+def _unique_counts(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of a sorted key and how often each occurs."""
     if len(key):
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     else:
         starts = np.zeros(0, np.int64)
-    unique_key = key[starts]
-    count = np.diff(np.r_[starts, len(key)])
+    return key[starts], np.diff(np.r_[starts, len(key)])
+
+
+def count_ngrams_encoded(tokens: np.ndarray, lengths: np.ndarray, n: int = 4) -> NgramCounts:
+    """Count the 1..n-grams of sentences given as flat word ids and per-sentence lengths."""
+    num_sentences = len(lengths)
+    sentence_of_token, positions, local_parts, order_size, gram_offset = _gram_ids(tokens, lengths, n)
+    # order-major keys: order k occupies [S * offset_k, S * (offset_k + size_k)), sentence-major
+    # inside, so each order's block is already sorted up to the n-grams within a sentence
+    key = np.concatenate([gram_offset[k] * num_sentences + sentence_of_token[positions[k]] * order_size[k]
+                          + local_parts[k] for k in range(n)]) if n else np.zeros(0, np.int64)
+    unique_key, count = _unique_counts(np.sort(key, kind="stable"))
     counts = NgramCounts(sentence=unique_key, gram=unique_key, order=unique_key, count=count, key=unique_key,
                          num_grams=int(order_size.sum()), lengths=lengths, gram_offset=gram_offset,
                          order_size=order_size)
     # Decode (order, sentence, gram) block by block: the keys stay order-major after sorting,
     # so each order is one slice and its divisions are by a scalar (same numbers as `decode`).
-    bounds = np.searchsorted(unique_key, gram_offset * num_sentences)
-    bounds = np.r_[bounds, len(unique_key)]
-    order = np.empty(len(unique_key), dtype=np.int64)
-    sentence = np.empty(len(unique_key), dtype=np.int64)
-    gram = np.empty(len(unique_key), dtype=np.int64)
+    counts.order, counts.sentence, counts.gram = _decode_blocks(unique_key, gram_offset * num_sentences,
+                                                                gram_offset, order_size)
+    return counts
+
+
+def _decode_blocks(key: np.ndarray, block_start: np.ndarray, gram_offset: np.ndarray, order_size: np.ndarray):
+    """(order, group, gram) of ascending keys `block_start[k] + group * order_size[k] + local gram`."""
+    n = len(order_size)
+    bounds = np.r_[np.searchsorted(key, block_start), len(key)]
+    order = np.empty(len(key), dtype=np.int64)
+    group = np.empty(len(key), dtype=np.int64)
+    gram = np.empty(len(key), dtype=np.int64)
     for k in range(n):
         a, b = bounds[k], bounds[k + 1]
-        within = unique_key[a:b] - gram_offset[k] * num_sentences
+        within = key[a:b] - block_start[k]
         order[a:b] = k
-        np.floor_divide(within, order_size[k], out=sentence[a:b])
-        gram[a:b] = within - sentence[a:b] * order_size[k] + gram_offset[k]
-    counts.order, counts.sentence, counts.gram = order, sentence, gram
+        np.floor_divide(within, order_size[k], out=group[a:b])
+        gram[a:b] = within - group[a:b] * order_size[k] + gram_offset[k]
+    return order, group, gram
+
+
+# Above this key range the image layout would overflow int64: count by sentence, join apart.
+_IMAGE_KEY_LIMIT = 1 << 62
+
+
+def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_per_image: np.ndarray,
+                    n: int = 4) -> NgramCounts:
+    """`count_ngrams_encoded` and `reference_join` of hypotheses then references from one sort.
+
+    Every n-gram occurrence gets the key ((order, image, gram), slot), the slot being 0 for the
+    image's hypothesis and 1 + j for its reference j, i.e. `reference_join`'s key times the
+    number of slots plus the slot. Sorting these keys once gives both results:
+
+    - equal keys are the occurrences of one n-gram in one sentence (a slot is one sentence), so
+      the distinct keys and their multiplicities are exactly the (sentence, n-gram) counts;
+    - rows with the same key divided by the number of slots form `reference_join`'s groups,
+      already sorted by that key with the hypothesis row (slot 0) first, which is what its
+      stable sort of (hypothesis rows, then reference rows) gives.
+
+    The rows are therefore in (order, image, gram, slot) order instead of (order, sentence,
+    gram). Every consumer sums per (sentence, order) (CIDEr-D's norms and dots, BLEU's clipped
+    counts); a sentence lies in one image and one slot, so its rows still come in increasing
+    gram order and every float sum is the same to the last bit. `key` holds the image-layout
+    keys (`key_slots` is the number of slots).
+    """
+    num_sentences = len(lengths)
+    slots = int(refs_per_image.max(initial=0)) + 1
+    sentence_of_token, positions, local_parts, order_size, gram_offset = _gram_ids(tokens, lengths, n)
+    if n == 0 or int(order_size.sum()) * max(num_hyp, 1) * slots >= _IMAGE_KEY_LIMIT:
+        counts = count_ngrams_encoded(tokens, lengths, n)
+        reference_join(counts, np.repeat(np.arange(num_hyp, dtype=np.int64), refs_per_image), num_hyp)
+        return counts
+    # (image, slot) of every sentence as image * slots + slot
+    ref_first = np.cumsum(refs_per_image) - refs_per_image
+    ref_slot = np.arange(num_sentences - num_hyp) - np.repeat(ref_first, refs_per_image) + 1
+    place = np.concatenate([np.arange(num_hyp, dtype=np.int64) * slots,
+                            np.repeat(np.arange(num_hyp, dtype=np.int64) * slots, refs_per_image) + ref_slot])
+    place_of_token = place[sentence_of_token]
+    keys = []
+    for k in range(n):
+        where = place_of_token[positions[k]]
+        image = where // slots
+        # ((offset_k * H + image * size_k + gram) * slots + slot
+        keys.append((gram_offset[k] * num_hyp + image * order_size[k] + local_parts[k]) * slots + (where - image * slots))
+    key, count = _unique_counts(np.sort(np.concatenate(keys), kind="stable"))
+
+    group_key = key // slots
+    slot = key - group_key * slots
+    order, image, gram = _decode_blocks(group_key, gram_offset * num_hyp, gram_offset, order_size)
+    is_hyp = slot == 0
+    sentence = np.where(is_hyp, image, num_hyp - 1 + ref_first[image] + slot)
+    counts = NgramCounts(sentence=sentence, gram=gram, order=order, count=count, key=key,
+                         num_grams=int(order_size.sum()), lengths=lengths, gram_offset=gram_offset,
+                         order_size=order_size, key_slots=slots)
+
+    ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), refs_per_image)
+    if len(key) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        counts._reference_join = (num_hyp, ref_image, ReferenceJoin(empty, empty, empty, empty, empty))
+        return counts
+    new_group = np.empty(len(key), dtype=bool)
+    new_group[0] = True
+    np.not_equal(group_key[1:], group_key[:-1], out=new_group[1:])
+    group_start = np.flatnonzero(new_group)
+    group_of = np.cumsum(new_group) - 1
+    # largest reference count per group (hypothesis rows count 0; a count is at least 1)
+    group_max = np.maximum.reduceat(np.where(is_hyp, 0, count), group_start)
+    led_by_hyp = is_hyp[group_start]
+    group_hyp_row = np.where(led_by_hyp, group_start, -1)
+    # a group holds a reference unless it is a lone hypothesis row (hypothesis keys are unique)
+    has_ref = ~is_hyp[np.r_[group_start[1:], len(key)] - 1]
+    join = ReferenceJoin(key=group_key[group_start][has_ref], max_count=group_max[has_ref],
+                         gram=gram[group_start][has_ref], hyp_clip=group_max[group_of[is_hyp]],
+                         ref_match=group_hyp_row[group_of[~is_hyp]])
+    counts._reference_join = (num_hyp, ref_image, join)
     return counts
 
 
@@ -307,7 +407,12 @@ def lookup(counts: NgramCounts, sentence: np.ndarray, gram: np.ndarray) -> np.nd
     """Count of each (sentence, gram) query in `counts` (0 where absent)."""
     order = np.searchsorted(counts.gram_offset, gram, side="right") - 1
     query = counts.keys(sentence, gram=gram, order=order)
-    position = np.searchsorted(counts.key, query)
-    position = np.minimum(position, len(counts.key) - 1)
-    found = counts.key[position] == query if len(counts.key) else np.zeros(len(query), bool)
-    return np.where(found, counts.count[position] if len(counts.key) else 0, 0)
+    row_key, row_count = counts.key, counts.count
+    if counts.key_slots:  # image layout: sort the rows by their sentence keys first
+        row_key = counts.keys(counts.sentence)
+        by_key = np.argsort(row_key)
+        row_key, row_count = row_key[by_key], row_count[by_key]
+    position = np.searchsorted(row_key, query)
+    position = np.minimum(position, len(row_key) - 1)
+    found = row_key[position] == query if len(row_key) else np.zeros(len(query), bool)
+    return np.where(found, row_count[position] if len(row_key) else 0, 0)
