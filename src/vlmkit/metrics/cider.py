@@ -34,7 +34,10 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     join = reference_join(counts, ref_image, num_hyp)
     df = np.bincount(join.gram, minlength=counts.num_grams).astype(np.float64)
     log_n = np.log(float(num_hyp))
-    weight = counts.count * (log_n - np.log(np.maximum(1.0, df[counts.gram])))  # tf * idf per row
+    # tf * idf per row; the idf is computed per gram and gathered (the same value for every row
+    # of a gram as computing it per row, with one log per distinct gram instead of per row)
+    idf = log_n - np.log(np.maximum(1.0, df))
+    weight = counts.count * idf[counts.gram]
 
     squared = np.bincount(counts.sentence * n + counts.order, weights=weight * weight,
                           minlength=num_sentences * n)

@@ -51,28 +51,51 @@ def lcs_lengths(pairs_a: list[list[str]], pairs_b: list[list[str]]) -> np.ndarra
 
 
 def _lcs_bit_parallel(a_ids: np.ndarray, b_ids: np.ndarray, b_lengths: np.ndarray) -> np.ndarray:
-    """LCS lengths of padded id rows (a padding never equals b padding; b rows <= 63 words)."""
+    """LCS lengths of padded id rows (ids >= 0; a padding negative and never equal to b padding;
+    b rows <= 63 words).
+
+    Rows are processed in groups by the number of bytes their b needs (up to 8, 16, 32 or 63
+    words), each group with unsigned integers of that size and only as many steps as its
+    longest a. Both are exact: the additions carry only towards higher bits, so bits below the
+    integer size never depend on the bits cut off above them (and bits at or above b's length
+    are masked off at the end anyway); an a column that is padding in every row of a group
+    matches nothing and leaves every row unchanged.
+    """
+    result = np.zeros(len(a_ids), dtype=np.int64)
     if len(a_ids) == 0:
-        return np.zeros(0, dtype=np.int64)
-    width = b_ids.shape[1]
-    nbytes = next(size for size in (1, 2, 4, 8) if 8 * size >= width)
-    if width < 8 * nbytes:  # pad b to a whole unsigned integer of bits; -3 never equals an a id
-        b_ids = np.concatenate([b_ids, np.full((len(b_ids), 8 * nbytes - width), -3, b_ids.dtype)], axis=1)
-    # The comparisons below read the whole b matrix once per word of a: with a small vocabulary
+        return result
+    # The comparisons below read the b matrix once per word of a: with a small vocabulary
     # 16-bit ids move a quarter of the memory of 64-bit ones (same equalities; paddings fit).
     if max(int(a_ids.max(initial=0)), int(b_ids.max(initial=0))) < np.iinfo(np.int16).max:
         a_ids, b_ids = a_ids.astype(np.int16), b_ids.astype(np.int16)
-    v = np.full(len(a_ids), np.iinfo(np.uint64).max, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for step in range(a_ids.shape[1]):
-            # bitmask of the positions in b equal to the current word of a: bit j <- column j
-            # (packbits in little bit order, read as a little-endian integer)
-            equal = b_ids == a_ids[:, step:step + 1]
-            match = np.packbits(equal, axis=1, bitorder="little").view(f"<u{nbytes}")[:, 0].astype(np.uint64)
-            u = v & match
-            v = (v + u) | (v - u)
-    mask = (np.uint64(1) << b_lengths.astype(np.uint64)) - np.uint64(1)
-    return _popcount(~v & mask)
+    needed = np.select([b_lengths <= 8, b_lengths <= 16, b_lengths <= 32], [1, 2, 4], 8)
+    for nbytes in (1, 2, 4, 8):
+        rows = np.flatnonzero(needed == nbytes)
+        if len(rows) == 0:
+            continue
+        bits = 8 * nbytes
+        b = b_ids[rows, :bits]
+        if b.shape[1] < bits:  # pad b to a whole unsigned integer of bits; -3 never equals an a id
+            b = np.concatenate([b, np.full((len(b), bits - b.shape[1]), -3, b.dtype)], axis=1)
+        a = a_ids[rows]
+        used = np.flatnonzero((a >= 0).any(axis=0))
+        steps = int(used[-1]) + 1 if len(used) else 0
+        dtype = np.dtype(f"<u{nbytes}")
+        v = np.full(len(rows), np.iinfo(dtype).max, dtype=dtype)
+        with np.errstate(over="ignore"):
+            for step in range(steps):
+                # bitmask of the positions in b equal to the current word of a: bit j <- column j
+                # (packbits in little bit order, read as a little-endian integer; a row is a
+                # whole number of bytes, so packing the flat array packs each row on its own,
+                # and far faster than packing along axis 1)
+                equal = b == a[:, step:step + 1]
+                match = np.packbits(equal.reshape(-1), bitorder="little").view(dtype)
+                u = v & match
+                v = (v + u) | (v - u)
+        v = v.astype(np.uint64)
+        mask = (np.uint64(1) << b_lengths[rows].astype(np.uint64)) - np.uint64(1)
+        result[rows] = _popcount(~v & mask)
+    return result
 
 
 def _popcount(values: np.ndarray) -> np.ndarray:
@@ -117,10 +140,9 @@ def rouge_l_scores(hypotheses: list[str], references: list[list[str]],
     recall = np.full(num_hyp, -np.inf)
     np.maximum.at(precision, owner, lcs / hyp_len)
     np.maximum.at(recall, owner, lcs / ref_len)
-    scores = []
-    for p, r in zip(precision.tolist(), recall.tolist()):
-        if p != 0 and r != 0:
-            scores.append(((1 + _BETA ** 2) * p * r) / float(r + _BETA ** 2 * p))
-        else:
-            scores.append(0.0)
-    return float(np.mean(np.array(scores))), scores
+    # the reference's per-image formula, elementwise: the same float64 operations in the same
+    # order as Python floats (numpy does not fuse them), so the same bits
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f_score = ((1 + _BETA ** 2) * precision * recall) / (recall + _BETA ** 2 * precision)
+    scores = np.where((precision != 0) & (recall != 0), f_score, 0.0)
+    return float(np.mean(scores)), scores.tolist()
