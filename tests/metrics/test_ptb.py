@@ -133,3 +133,32 @@ def test_first_character_pruning_is_unchanged_by_the_class_cache():
 
         test = ptb._first_char_test(pattern)
         assert [test(ch) for ch in chars] == [loop(ch) for ch in chars], pattern
+
+
+def test_bulk_segmentation_equals_per_caption_segmentation():
+    """`tokenize` cuts all non-plain captions into segments with one regex call
+    (`_scan_segmented_bulk`); it must give what `_scan_segmented` gives caption by caption,
+    including empty captions, leading and trailing spaces, captions made only of
+    soft hyphens (an empty kept token), the boundary mark itself and "<", and with the last
+    caption non-plain."""
+    from vlmkit.metrics import ptb
+
+    rng = random.Random(12)
+    captions = [random_caption(rng, tricky=t, style=s) for t, s in [(0.7, "varied"), (0.3, "coco")] for _ in range(1500)]
+    captions += _fragment_captions()
+    captions += ["", " a b", "a b ", " ", "\u00ad", "a \u00ad b", "x \u00ad", "a\x01b c", "\x01", "x \x01 y.", "a <b> c",
+                 "A dog etc.", "", "Mr. X", "the letter B.", "The end", "plan B.", "", "x y.", "a cannot", "no. 5",
+                 "a b. c", "x  .", "1 1/2 a", "U.S. The", "ends with B."]
+    cleaned = [ptb._LINE_BREAKS.sub(" ", c) for c in captions]
+    expected = []
+    for index, caption in enumerate(cleaned):
+        following = "\n" + cleaned[index + 1] if index + 1 < len(cleaned) else ""
+        expected.append(ptb._scan_segmented(caption, following, {}))
+    indices = list(range(len(cleaned)))
+    bulk = [i for i in indices if "<" not in cleaned[i] and ptb._MARK not in cleaned[i]]
+    shared: dict = {}
+    assert ptb._scan_segmented_bulk(cleaned, bulk, {}) == [expected[i] for i in bulk]
+    assert ptb._scan_segmented_bulk(cleaned, bulk, shared) == [expected[i] for i in bulk]
+    assert ptb._scan_segmented_bulk(cleaned, bulk, shared) == [expected[i] for i in bulk]  # memo filled
+    assert ptb._scan_segmented_bulk(cleaned, bulk[1::3], {}) == [expected[i] for i in bulk[1::3]]
+    assert tokenize(captions) == [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]

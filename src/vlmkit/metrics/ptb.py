@@ -655,16 +655,29 @@ def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
     lines = lowered[:-1].replace(b",", b"").replace(b" .", b"").replace(b".", b"").decode("ascii").split("\n")
     last = len(captions) - 1
     memo = {} if memo is None else memo  # segment -> its kept tokens (None: none)
+    bulk = []
     for index in _non_plain_lines(data, lowered, len(captions)):
-        following = "\n" + captions[index + 1] if index < last else ""
-        lines[index] = _scan_segmented(captions[index], following, memo)
+        caption = captions[index]
+        if "<" in caption or _MARK in caption:
+            following = "\n" + captions[index + 1] if index < last else ""
+            lines[index] = _scan_segmented(caption, following, memo)
+        else:
+            bulk.append(index)
+    for index, line in zip(bulk, _scan_segmented_bulk(captions, bulk, memo)):
+        lines[index] = line
     return lines
+
+
+_MARK = "\x01"  # stands for a caption boundary in `_scan_segmented_bulk`
 
 
 # Where a caption can be cut into independently scanned segments: a space followed by a
 # character that no rule can take in after a space (see `_scan_segmented`): anything but a
 # space or line break, a digit, a period, an ASCII capital and "<".
 _SEGMENT_BREAK = re.compile(f" (?![{_D}A-Z.<]|{SPACENL}|$)")
+# The same breaks, and line breaks, for captions joined by "\n" (a space before the "\n" is
+# no break, as a space at the end of a lone caption, since "\n" is in SPACENL).
+_SEGMENT_OR_LINE_BREAK = re.compile(f"{_SEGMENT_BREAK.pattern}|\n")
 
 
 def _kept(tokens: list[str]) -> str | None:
@@ -713,6 +726,58 @@ def _scan_segmented(caption: str, following: str, memo: dict) -> str:
     else:
         parts.append(_kept(_scan(tail + following, 0, len(tail))))
     return " ".join([part for part in parts if part is not None])  # no tokens, no space
+
+
+def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) -> list[str]:
+    """`_scan_segmented(captions[i], following, memo)` for each i of `indices`, in bulk.
+
+    The captions (none holding "<" or `_MARK`) are joined as `_MARK` + "\n" + caption + "\n"
+    + `_MARK` + ... and cut with one regex call at segment breaks and line breaks. Within a
+    caption the breaks are the ones of `_SEGMENT_BREAK` on the caption alone (the look-ahead
+    sees the caption's own characters, and at its end "\n", which like the end of the text is
+    no break), so the pieces between two marks are exactly the caption's segments, the last one
+    being its tail. Tails are handled per caption as in `_scan_segmented` (the plain test is
+    remembered per tail string: it depends on nothing else); all other pieces go through the
+    memo, the missing ones scanned in front of " a" as there. The kept parts (not None) are
+    joined with spaces, "\n" at the marks, so each caption's line is its parts joined by
+    spaces between one leading and one trailing space (just " " when it has none).
+    """
+    if not indices:
+        return []
+    # _MARK "\n" caption "\n" _MARK "\n" caption ... "\n" _MARK
+    text = ("\n" + _MARK + "\n").join([""] + [captions[i] for i in indices] + [""])[1:-1]
+    pieces = _SEGMENT_OR_LINE_BREAK.split(text)
+    last = len(captions) - 1
+    marks, tails, tail_results = [0], [], []
+    plain_tails: dict[str, str | None] = {}
+    start = 1
+    for index in indices:
+        mark = pieces.index(_MARK, start)
+        tail = pieces[mark - 1]
+        pieces[mark - 1] = _MARK  # not a segment for the memo
+        result = plain_tails.get(tail, _MISSING)
+        if result is _MISSING:
+            result = plain_tails[tail] = (tail.lower().replace(",", "").replace(" .", "").replace(".", "")
+                                          if _is_plain(tail) else _MISSING)
+        if result is _MISSING:
+            following = "\n" + captions[index + 1] if index < last else ""
+            result = _kept(_scan(tail + following, 0, len(tail)))
+        marks.append(mark)
+        tails.append(mark - 1)
+        tail_results.append(result)
+        start = mark + 1
+    missing = set(pieces)
+    missing.discard(_MARK)
+    missing.difference_update(memo)
+    for segment in missing:
+        memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
+    parts = list(map(memo.get, pieces))
+    for position in marks:
+        parts[position] = "\n"
+    for position, result in zip(tails, tail_results):
+        parts[position] = result
+    text = " ".join([part for part in parts if part is not None])
+    return [line[1:-1] for line in text.split("\n")[1:-1]]
 
 
 __all__ = ["PUNCTUATION", "tokenize", "tokenize_tokens"]
