@@ -288,7 +288,10 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     slot = key - group_key * slots
     order, image, gram = _decode_blocks(group_key, gram_offset * num_hyp, gram_offset, order_size)
     is_hyp = slot == 0
-    sentence = np.where(is_hyp, image, num_hyp - 1 + ref_first[image] + slot)
+    sentence_of_place = np.full(num_hyp * slots, -1, dtype=np.int64)
+    sentence_of_place[place[:num_hyp]] = np.arange(num_hyp)
+    sentence_of_place[place[num_hyp:]] = np.arange(num_hyp, num_sentences)
+    sentence = sentence_of_place[image * slots + slot]
     counts = NgramCounts(sentence=sentence, gram=gram, order=order, count=count, key=key,
                          num_grams=int(order_size.sum()), lengths=lengths, gram_offset=gram_offset,
                          order_size=order_size, key_slots=slots)
@@ -302,16 +305,23 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     new_group[0] = True
     np.not_equal(group_key[1:], group_key[:-1], out=new_group[1:])
     group_start = np.flatnonzero(new_group)
-    group_of = np.cumsum(new_group) - 1
-    # largest reference count per group (hypothesis rows count 0; a count is at least 1)
-    group_max = np.maximum.reduceat(np.where(is_hyp, 0, count), group_start)
+    group_end = np.r_[group_start[1:], len(key)]
+    # a hypothesis row is always the first of its group (slot 0; one row per sentence and key),
+    # so the hypothesis rows, in row order, are the starts of the groups led by one
     led_by_hyp = is_hyp[group_start]
     group_hyp_row = np.where(led_by_hyp, group_start, -1)
-    # a group holds a reference unless it is a lone hypothesis row (hypothesis keys are unique)
-    has_ref = ~is_hyp[np.r_[group_start[1:], len(key)] - 1]
-    join = ReferenceJoin(key=group_key[group_start][has_ref], max_count=group_max[has_ref],
-                         gram=gram[group_start][has_ref], hyp_clip=group_max[group_of[is_hyp]],
-                         ref_match=group_hyp_row[group_of[~is_hyp]])
+    # a group holds a reference unless it is a lone hypothesis row
+    has_ref = ~is_hyp[group_end - 1]
+    # largest reference count per group, 0 without one: a count is at least 1, so it is 1 for
+    # every group with a reference but those holding a reference row counted more than once
+    # (few), which take the largest of those counts
+    group_max = has_ref.astype(count.dtype)
+    repeated = np.flatnonzero((count > 1) & ~is_hyp)
+    np.maximum.at(group_max, np.searchsorted(group_start, repeated, side="right") - 1, count[repeated])
+    with_ref = group_start[has_ref]
+    join = ReferenceJoin(key=group_key[with_ref], max_count=group_max[has_ref], gram=gram[with_ref],
+                         hyp_clip=group_max[led_by_hyp],
+                         ref_match=np.repeat(group_hyp_row, group_end - group_start)[~is_hyp])
     counts._reference_join = (num_hyp, ref_image, join)
     return counts
 
