@@ -124,10 +124,13 @@ def _split_encoding_directly(sentences):
     return np.array([vocab[w] for w in words], dtype=np.int64), np.array([len(t) for t in token_lists], dtype=np.int64)
 
 
-def test_split_encoding_derived_from_space_encoding_is_exact():
+@pytest.mark.parametrize("few_irregular", [256, 1, 10 ** 9])  # as shipped, always expand, always in place
+def test_split_encoding_derived_from_space_encoding_is_exact(few_irregular, monkeypatch):
+    from vlmkit.metrics import ngrams
     from vlmkit.metrics.ngrams import encode_both
     from vlmkit.metrics.synthetic import random_caption
 
+    monkeypatch.setattr(ngrams, "_FEW_IRREGULAR", few_irregular)
     rng = random.Random(5)
     for tricky, style in [(0.1, "coco"), (0.7, "varied"), (0.9, "varied")]:
         sentences = tokenize([random_caption(rng, tricky=tricky, style=style) for _ in range(3000)])

@@ -21,6 +21,9 @@ import numpy as np
 
 # Dense renumbering through a lookup table while it stays this small (entries); above it, sort.
 _TABLE_LIMIT = 1 << 24
+# `_split_encoding` replaces irregular occurrences one by one while there are fewer than this
+# fraction of all (1 in N); otherwise it expands every occurrence with numpy.
+_FEW_IRREGULAR = 256
 
 
 @dataclass
@@ -112,6 +115,24 @@ def _split_encoding(vocab: dict[str, int], ids: np.ndarray, lengths: np.ndarray)
                              count=int(num_parts.sum()))
     first_part = np.cumsum(num_parts) - num_parts
     count = num_parts[ids]  # parts of each word occurrence
+    irregular = np.flatnonzero(count != 1)
+    if len(irregular) * _FEW_IRREGULAR < len(ids):
+        # Usual case, a few words with a non-breaking space: every other occurrence is its one
+        # part; each irregular one is replaced by its parts (none or several) in place, which
+        # is what the general expansion below gives.
+        one_part = flat_parts[np.minimum(first_part, max(len(flat_parts) - 1, 0))] if len(flat_parts) else first_part
+        pieces, stop = [], 0
+        split_ids = one_part[ids]
+        for position, word in zip(irregular.tolist(), ids[irregular].tolist()):
+            pieces.append(split_ids[stop:position])
+            pieces.append(flat_parts[first_part[word]:first_part[word] + num_parts[word]])
+            stop = position + 1
+        pieces.append(split_ids[stop:])
+        split_ids = np.concatenate(pieces)
+        split_lengths = lengths.copy()
+        sentence_end = np.cumsum(lengths)
+        np.add.at(split_lengths, np.searchsorted(sentence_end, irregular, side="right"), count[irregular] - 1)
+        return split_ids, split_lengths
     start = np.repeat(first_part[ids], count)
     within = np.arange(len(start)) - np.repeat(np.cumsum(count) - count, count)
     split_ids = flat_parts[start + within]

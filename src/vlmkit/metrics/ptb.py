@@ -770,7 +770,11 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     missing.discard(_MARK)
     missing.difference_update(memo)
     for segment in missing:
-        memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
+        lowered = segment.lower()
+        if segment.isascii() and segment.isalpha() and lowered not in _SPLIT_WORDS:
+            memo[segment] = lowered  # what `_scan` gives: `_WORD_RUN` takes "segment " as one token
+        else:
+            memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
     parts = list(map(memo.get, pieces))
     for position in marks:
         parts[position] = "\n"
