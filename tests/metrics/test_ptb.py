@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from vlmkit.metrics.ptb import tokenize
@@ -162,3 +163,40 @@ def test_bulk_segmentation_equals_per_caption_segmentation():
     assert ptb._scan_segmented_bulk(cleaned, bulk, shared) == [expected[i] for i in bulk]  # memo filled
     assert ptb._scan_segmented_bulk(cleaned, bulk[1::3], {}) == [expected[i] for i in bulk[1::3]]
     assert tokenize(captions) == [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+
+
+def _bad_by_masks(data: bytes):
+    """The plain-line conditions as whole-text masks (what `_non_plain_lines` computed before
+    its window table)."""
+    codes = np.frombuffer(data, dtype=np.uint8)
+    folded = codes | 32
+    letter = (folded >= 97) & (folded <= 122)
+    space, comma, period, newline = codes == 32, codes == 44, codes == 46, codes == 10
+
+    def before(mask, fill=False):
+        return np.concatenate([[fill], mask[:-1]])
+
+    def after(mask, fill=False):
+        return np.concatenate([mask[1:], [fill]])
+
+    letter_before, letter_after = before(letter), after(letter)
+    final_period_after = after(period & after(newline, True))
+    bad = ~(letter | space | comma | period | newline)
+    bad |= comma & ~(letter_before & after(space))
+    bad |= space & ~((letter_before & (letter_after | final_period_after)) | (before(comma) & letter_after))
+    bad |= period & ~(after(newline, True) & (letter_before | (before(space) & before(letter_before))))
+    bad |= before(newline, True) & ~letter
+    return bad
+
+
+def test_window_table_equals_the_mask_conditions():
+    """One look-up per character in the table of five-character windows marks exactly the
+    characters the mask formulation marks, on random text over every class (and boundaries)."""
+    from vlmkit.metrics import ptb
+
+    rng = random.Random(3)
+    for length in (1, 2, 3, 5, 50, 20000):
+        for _ in range(20 if length < 100 else 3):
+            text = "".join(rng.choice("aZ ,.\n?-") for _ in range(length)).encode()
+            classes = ptb._CLASS_OF_BYTE[np.frombuffer(text, dtype=np.uint8)]
+            assert ptb._BAD_WINDOW[ptb._window_codes(classes)].tolist() == _bad_by_masks(text).tolist()
