@@ -200,3 +200,22 @@ def test_window_table_equals_the_mask_conditions():
             text = "".join(rng.choice("aZ ,.\n?-") for _ in range(length)).encode()
             classes = ptb._CLASS_OF_BYTE[np.frombuffer(text, dtype=np.uint8)]
             assert ptb._BAD_WINDOW[ptb._window_codes(classes)].tolist() == _bad_by_masks(text).tolist()
+
+
+def test_final_abbreviation_check_by_packed_words_equals_the_regex():
+    """`_final_abbreviations` (distinct words found by packing up to 8 letters into an integer)
+    answers as asking `_ABBREV_WORDS` word by word (single letters count as abbreviations)."""
+    from vlmkit.metrics import ptb
+
+    rng = random.Random(4)
+    words = sorted(ptb._ABBREVIATION_WORDS) + ["a", "b", "x", "etc", "no", "nos", "figs", "bancorp", "inc", "ltd"]
+    words += ["".join(rng.choice("abcdefgiklmnoprstuvz") for _ in range(rng.randint(1, 12))) for _ in range(3000)]
+    words = [w for w in words if w.isalpha()]
+    text = "\n".join(f"x {w}." for w in words) + "\n"
+    data = text.encode("ascii")
+    ends = np.cumsum([len(f"x {w}.") + 1 for w in words]) - 2  # the periods
+    starts = ends - np.array([len(w) for w in words])
+    got = ptb._final_abbreviations(data, text, starts, ends)
+    expected = [len(w) == 1 or ptb._ABBREV_WORDS.fullmatch(w + ".") is not None for w in words]
+    assert got.tolist() == expected
+    assert sum(expected) > len(ptb._ABBREVIATION_WORDS) // 2
