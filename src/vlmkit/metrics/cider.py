@@ -39,8 +39,8 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     idf = log_n - np.log(np.maximum(1.0, df))
     weight = counts.count * idf[counts.gram]
 
-    squared = np.bincount(counts.sentence * n + counts.order, weights=weight * weight,
-                          minlength=num_sentences * n)
+    sentence_order = counts.sentence * n + counts.order  # (sentence, order) of every row
+    squared = np.bincount(sentence_order, weights=weight * weight, minlength=num_sentences * n)
     norm = np.sqrt(squared).reshape(num_sentences, n)
     length = np.maximum(counts.lengths - 1, 0).astype(np.float64)  # bigram count (see module doc)
 
@@ -48,18 +48,15 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     # hypothesis weight of the same gram in its image (0 when the hypothesis lacks it; the
     # matching row comes from `reference_join`). The reference rows are in key order, (order,
     # reference, gram) or (order, image, gram, slot) (`ngrams._count_and_join`); either way each
-    # (reference, order) sums its products in gram order, as when
-    # walking the hypothesis grams: only grams on both sides give non-zero products, and the
-    # zero products in between leave a float sum unchanged, so the result is the same to the
-    # last bit.
+    # (reference, order) sums its products in gram order, as when walking the hypothesis grams:
+    # only grams on both sides give non-zero products, and the zero products in between leave
+    # a float sum unchanged, so the result is the same to the last bit.
     ref_rows = np.flatnonzero(is_ref)
-    ref_sentence = counts.sentence[ref_rows]
-    ref_order = counts.order[ref_rows]
     match = join.ref_match
-    hyp_weight = np.where(match >= 0, weight[match], 0.0)
+    hyp_weight = np.append(weight, 0.0)[match]  # match -1 (none) picks the appended 0.0
     ref_weight = weight[ref_rows]
     products = np.minimum(hyp_weight, ref_weight) * ref_weight
-    dot = np.bincount(ref_sentence * n + ref_order, weights=products, minlength=num_sentences * n)
+    dot = np.bincount(sentence_order[ref_rows], weights=products, minlength=num_sentences * n)
     dot = dot.reshape(num_sentences, n)[num_hyp:]                      # (R, n)
 
     hyp_of_ref = ref_image

@@ -329,20 +329,24 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     group_end = np.r_[group_start[1:], len(key)]
     # a hypothesis row is always the first of its group (slot 0; one row per sentence and key),
     # so the hypothesis rows, in row order, are the starts of the groups led by one
+    # (row selections below go through flatnonzero and take: boolean-mask indexing is slower)
     led_by_hyp = is_hyp[group_start]
-    group_hyp_row = np.where(led_by_hyp, group_start, -1)
+    group_hyp_row = group_start.copy()
+    group_hyp_row[~led_by_hyp] = -1
     # a group holds a reference unless it is a lone hypothesis row
-    has_ref = ~is_hyp[group_end - 1]
+    has_ref = np.flatnonzero(~is_hyp[group_end - 1])
     # largest reference count per group, 0 without one: a count is at least 1, so it is 1 for
     # every group with a reference but those holding a reference row counted more than once
     # (few), which take the largest of those counts
-    group_max = has_ref.astype(count.dtype)
+    group_max = np.zeros(len(group_start), dtype=count.dtype)
+    group_max[has_ref] = 1
     repeated = np.flatnonzero((count > 1) & ~is_hyp)
     np.maximum.at(group_max, np.searchsorted(group_start, repeated, side="right") - 1, count[repeated])
     with_ref = group_start[has_ref]
+    ref_rows = np.flatnonzero(~is_hyp)
     join = ReferenceJoin(key=group_key[with_ref], max_count=group_max[has_ref], gram=gram[with_ref],
-                         hyp_clip=group_max[led_by_hyp],
-                         ref_match=np.repeat(group_hyp_row, group_end - group_start)[~is_hyp])
+                         hyp_clip=group_max[np.flatnonzero(led_by_hyp)],
+                         ref_match=np.repeat(group_hyp_row, group_end - group_start)[ref_rows])
     counts._reference_join = (num_hyp, ref_image, join)
     return counts
 
