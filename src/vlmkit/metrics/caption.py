@@ -7,7 +7,7 @@ equal pycocoevalcap's to 1e-9 or better; METEOR runs the jar shipped with pycoco
 """
 from __future__ import annotations
 
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Hashable, Iterable, Mapping, Sequence
 
 from vlmkit.errors import UserError
@@ -22,8 +22,31 @@ DEFAULT_METRICS = ("bleu", "rouge", "cider")
 _PLAIN_SEQUENCES = (list, tuple)
 
 
+def _plainly_valid(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> bool:
+    """True when the input is well-formed in the usual way: the same image ids on both sides,
+    non-blank `str` captions, references in non-empty lists or tuples. All checks are C-level
+    passes (set comparisons of the key views, `map` over the values); `validate_captions`
+    accepts everything this accepts, and anything else goes through its full checks."""
+    if not (predictions and predictions.keys() <= references.keys() and references.keys() <= predictions.keys()):
+        return False
+    captions = predictions.values()
+    if not set(map(type, captions)) <= _STR or not all(map(str.strip, captions)):
+        return False
+    groups = references.values()
+    if not set(map(type, groups)) <= _PLAIN_SEQUENCE_TYPES or not all(groups):
+        return False
+    flat = list(chain.from_iterable(groups))
+    return set(map(type, flat)) <= _STR and all(map(str.strip, flat))
+
+
+_STR = {str}
+_PLAIN_SEQUENCE_TYPES = set(_PLAIN_SEQUENCES)
+
+
 def validate_captions(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> None:
     """Raise UserError naming the first malformed entry; nothing is ever dropped silently."""
+    if _plainly_valid(predictions, references):
+        return
     if not predictions:
         raise UserError("there are no predictions to score; pass at least one {image_id: caption}")
     for image_id, caption in predictions.items():
