@@ -298,8 +298,8 @@ def test_renumber_table_and_sort_paths_agree():
         assert table_ids.tolist() == sort_ids.tolist()
 
 
-@pytest.mark.parametrize("image_keys_fit", [True, False])
-def test_image_layout_counts_and_join_equal_sentence_layout(image_keys_fit, monkeypatch):
+@pytest.mark.parametrize("keys", ["int32", "int64", "too large"])
+def test_image_layout_counts_and_join_equal_sentence_layout(keys, monkeypatch):
     """`count_caption_ngrams` (one sort in (order, image, gram, slot) layout, join included)
     gives the same (sentence, gram) counts as `count_ngrams_encoded`, the same join as
     `reference_join` on those, each sentence's rows in the same gram order, and `lookup` works;
@@ -307,7 +307,9 @@ def test_image_layout_counts_and_join_equal_sentence_layout(image_keys_fit, monk
     no reference."""
     from vlmkit.metrics import ngrams
 
-    if not image_keys_fit:
+    if keys == "int64":
+        monkeypatch.setattr(ngrams, "_INT32_KEY_LIMIT", 1)
+    if keys == "too large":
         monkeypatch.setattr(ngrams, "_IMAGE_KEY_LIMIT", 1)
     predictions, references = random_corpus(200, 5, seed=11, tricky=0.5)
     rng = random.Random(11)
@@ -326,6 +328,7 @@ def test_image_layout_counts_and_join_equal_sentence_layout(image_keys_fit, monk
         return [(s, o, g, n) for s, o, g, n in zip(c.sentence.tolist(), c.order.tolist(), c.gram.tolist(),
                                                   c.count.tolist())]
     assert np.all(np.diff(counts.key) > 0)
+    assert counts.key.dtype == {"int32": np.int32, "int64": np.int64, "too large": np.int64}[keys]
     # same rows, and within each (sentence, order) the same sequence of grams
     assert sorted(rows(counts)) == sorted(rows(plain))
     by_sentence: dict = {}
@@ -339,6 +342,14 @@ def test_image_layout_counts_and_join_equal_sentence_layout(image_keys_fit, monk
     recomputed = ngrams.reference_join(counts_again, ref_image, num_hyp)
     for field in ("key", "max_count", "gram", "hyp_clip", "ref_match"):
         assert getattr(join, field).tolist() == getattr(recomputed, field).tolist(), field
+
+    # the same scores to the last bit as from the sentence layout (every image with a reference)
+    some_refs = [image_refs or ["a"] for image_refs in refs]
+    this_layout = ngrams.count_caption_ngrams(hyps, some_refs)
+    monkeypatch.setattr(ngrams, "_IMAGE_KEY_LIMIT", 1)
+    sentence_layout = ngrams.count_caption_ngrams(hyps, some_refs)
+    assert bleu_scores(hyps, some_refs, counts=this_layout) == bleu_scores(hyps, some_refs, counts=sentence_layout)
+    assert cider_scores(hyps, some_refs, counts=this_layout) == cider_scores(hyps, some_refs, counts=sentence_layout)
 
     query_sentence, query_gram = plain.sentence[::7], plain.gram[::7]
     assert ngrams.lookup(counts, query_sentence, query_gram).tolist() == plain.count[::7].tolist()

@@ -250,9 +250,9 @@ def _decode_blocks(key: np.ndarray, block_start: np.ndarray, gram_offset: np.nda
     """(order, group, gram) of ascending keys `block_start[k] + group * order_size[k] + local gram`."""
     n = len(order_size)
     bounds = np.r_[np.searchsorted(key, block_start), len(key)]
-    order = np.empty(len(key), dtype=np.int64)
-    group = np.empty(len(key), dtype=np.int64)
-    gram = np.empty(len(key), dtype=np.int64)
+    order = np.empty(len(key), dtype=key.dtype)
+    group = np.empty(len(key), dtype=key.dtype)
+    gram = np.empty(len(key), dtype=key.dtype)
     for k in range(n):
         a, b = bounds[k], bounds[k + 1]
         within = key[a:b] - block_start[k]
@@ -264,6 +264,7 @@ def _decode_blocks(key: np.ndarray, block_start: np.ndarray, gram_offset: np.nda
 
 # Above this key range the image layout would overflow int64: count by sentence, join apart.
 _IMAGE_KEY_LIMIT = 1 << 62
+_INT32_KEY_LIMIT = np.iinfo(np.int32).max  # below it, 32-bit keys
 
 
 def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_per_image: np.ndarray,
@@ -289,29 +290,35 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     num_sentences = len(lengths)
     slots = int(refs_per_image.max(initial=0)) + 1
     sentence_of_token, positions, local_parts, order_size, gram_offset = _gram_ids(tokens, lengths, n)
-    if n == 0 or int(order_size.sum()) * max(num_hyp, 1) * slots >= _IMAGE_KEY_LIMIT:
+    key_range = int(order_size.sum()) * max(num_hyp, 1) * slots
+    if n == 0 or key_range >= _IMAGE_KEY_LIMIT:
         counts = count_ngrams_encoded(tokens, lengths, n)
         reference_join(counts, np.repeat(np.arange(num_hyp, dtype=np.int64), refs_per_image), num_hyp)
         return counts
+    # 32-bit keys and row fields when the keys fit (every key, sentence * n + order and
+    # order * images + image is below the key range): half the memory traffic, faster division
+    dtype = np.int32 if key_range < _INT32_KEY_LIMIT else np.int64
+    size, offset = order_size.astype(dtype), gram_offset.astype(dtype)
     # (image, slot) of every sentence as image * slots + slot
     ref_first = np.cumsum(refs_per_image) - refs_per_image
     ref_slot = np.arange(num_sentences - num_hyp) - np.repeat(ref_first, refs_per_image) + 1
     place = np.concatenate([np.arange(num_hyp, dtype=np.int64) * slots,
                             np.repeat(np.arange(num_hyp, dtype=np.int64) * slots, refs_per_image) + ref_slot])
-    place_of_token = place[sentence_of_token]
+    place_of_token = place.astype(dtype)[sentence_of_token]
     keys = []
     for k in range(n):
         where = place_of_token[positions[k]]
         image = where // slots
         # ((offset_k * H + image * size_k + gram) * slots + slot
-        keys.append((gram_offset[k] * num_hyp + image * order_size[k] + local_parts[k]) * slots + (where - image * slots))
+        keys.append((offset[k] * num_hyp + image * size[k] + local_parts[k].astype(dtype)) * slots
+                    + (where - image * slots))
     key, count = _unique_counts(np.sort(np.concatenate(keys), kind="stable"))
 
     group_key = key // slots
     slot = key - group_key * slots
-    order, image, gram = _decode_blocks(group_key, gram_offset * num_hyp, gram_offset, order_size)
+    order, image, gram = _decode_blocks(group_key, offset * num_hyp, offset, size)
     is_hyp = slot == 0
-    sentence_of_place = np.full(num_hyp * slots, -1, dtype=np.int64)
+    sentence_of_place = np.full(num_hyp * slots, -1, dtype=dtype)
     sentence_of_place[place[:num_hyp]] = np.arange(num_hyp)
     sentence_of_place[place[num_hyp:]] = np.arange(num_hyp, num_sentences)
     sentence = sentence_of_place[image * slots + slot]
