@@ -24,7 +24,8 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     when already computed by `count_caption_ngrams` (CIDEr-D needs the same counts).
     """
     num_hyp = len(hypotheses)
-    ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), [len(refs) for refs in references])
+    ref_counts = np.fromiter(map(len, references), dtype=np.int64, count=num_hyp)
+    ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), ref_counts)
     if counts is None:
         counts = count_caption_ngrams(hypotheses, references, n)
     lengths = counts.lengths
@@ -42,7 +43,6 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
 
     # Closest reference length, ties to the shorter one: minimise (|r - c|, r).
     # Encoded as |r - c| * scale + r, so one minimum per image (references are contiguous).
-    ref_counts = np.fromiter(map(len, references), dtype=np.int64, count=num_hyp)
     if num_hyp and ref_counts.min() > 0:
         scale = int(ref_len.max()) + 1
         encoded = np.abs(ref_len - hyp_len[ref_image]) * scale + ref_len

@@ -7,7 +7,7 @@ equal pycocoevalcap's to 1e-9 or better; METEOR runs the jar shipped with pycoco
 """
 from __future__ import annotations
 
-from itertools import chain, repeat
+from itertools import accumulate, chain, repeat
 from typing import Hashable, Iterable, Mapping, Sequence
 
 from vlmkit.errors import UserError
@@ -101,13 +101,12 @@ def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hash
     validate_captions(predictions, references)
     image_ids = list(predictions)
     segments: dict = {}  # both tokenizations meet the same words: scan each once
-    hypotheses = tokenize([predictions[i] for i in image_ids], segments)
-    flat = tokenize([caption for i in image_ids for caption in references[i]], segments)
-    grouped, start = [], 0
-    for image_id in image_ids:
-        stop = start + len(references[image_id])
-        grouped.append(flat[start:stop])
-        start = stop
+    hypotheses = tokenize(list(map(predictions.__getitem__, image_ids)), segments)
+    reference_lists = list(map(references.__getitem__, image_ids))
+    flat = tokenize(list(chain.from_iterable(reference_lists)), segments)
+    # each image's slice of `flat` (C-level passes instead of a loop over images)
+    stops = list(accumulate(map(len, reference_lists)))
+    grouped = list(map(flat.__getitem__, map(slice, [0] + stops[:-1], stops)))
 
     result: dict = {}
     per: dict[str, list[float]] = {}

@@ -22,7 +22,7 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     `counts` may be passed in when already computed by `count_caption_ngrams`.
     """
     num_hyp = len(hypotheses)
-    ref_count_per_image = [len(refs) for refs in references]
+    ref_count_per_image = np.fromiter(map(len, references), dtype=np.int64, count=len(references))
     ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), ref_count_per_image)
     num_refs = np.asarray(ref_count_per_image, dtype=np.float64)
     if counts is None:

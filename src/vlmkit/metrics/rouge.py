@@ -113,7 +113,8 @@ def rouge_l_scores(hypotheses: list[str], references: list[list[str]],
     from vlmkit.metrics.ngrams import encode_words
 
     num_hyp = len(hypotheses)
-    owner = np.repeat(np.arange(num_hyp, dtype=np.int64), [len(refs) for refs in references])
+    refs_per_image = np.fromiter(map(len, references), dtype=np.int64, count=len(references))
+    owner = np.repeat(np.arange(num_hyp, dtype=np.int64), refs_per_image)
     if encoded is None:
         sentences = list(hypotheses)
         for refs in references:
