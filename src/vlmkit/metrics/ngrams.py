@@ -15,7 +15,7 @@ clipping and CIDEr's document frequencies (`NgramCounts.keys`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import count as naturals, repeat
 
 import numpy as np
 
@@ -90,8 +90,15 @@ def encode_both(sentences: list[str]) -> tuple[tuple[np.ndarray, np.ndarray], tu
     """
     words = " ".join(sentences).split(" ") if sentences else []
     lengths = np.fromiter(map(str.count, sentences, repeat(" ")), dtype=np.int64, count=len(sentences)) + 1
-    vocab = {word: index for index, word in enumerate(dict.fromkeys(words))}
-    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=len(words))
+    # One dict pass: `setdefault` gives each word the position of its first occurrence; the
+    # ids are those positions ranked (first occurrences in text order, as numbering the
+    # distinct words in order of appearance gives), which numpy does with one cumsum.
+    first: dict[str, int] = {}
+    positions = np.fromiter(map(first.setdefault, words, naturals()), dtype=np.int64, count=len(words))
+    is_first = np.zeros(len(words), dtype=bool)
+    is_first[positions] = True
+    ids = (np.cumsum(is_first) - 1)[positions]
+    vocab = {word: index for index, word in enumerate(first)}  # insertion order = first occurrence
     by_space = (ids, lengths)
     if all(len(word.split()) == 1 and word.split()[0] == word for word in vocab):
         return by_space, by_space
