@@ -292,7 +292,9 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     gram). Every consumer sums per (sentence, order) (CIDEr-D's norms and dots, BLEU's clipped
     counts); a sentence lies in one image and one slot, so its rows still come in increasing
     gram order and every float sum is the same to the last bit. `key` holds the image-layout
-    keys (`key_slots` is the number of slots).
+    keys (`key_slots` is the number of slots); when their range fits 32 bits, `key`,
+    `sentence`, `gram` and `order` are int32 (every product the scorers form from them, such
+    as sentence * n + order, is below that range too).
     """
     num_sentences = len(lengths)
     slots = int(refs_per_image.max(initial=0)) + 1
