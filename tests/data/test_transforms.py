@@ -103,6 +103,21 @@ def test_train_identity_crop_and_flip():
     assert flipping.eval().train is False
 
 
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_output_point_follows_the_train_crop_and_flip(hflip):
+    """A box centre mapped by `output_point` lands on the drawn square's centroid in the cropped image."""
+    array = np.zeros((64, 80, 3), dtype=np.uint8)
+    array[22:32, 32:48] = 255  # centre (40, 27) in pixel coordinates, inside every crop
+    transform = ImageTransform(64, train=True, crop_scale=(0.7, 0.9), hflip=hflip)
+    for seed in range(5):
+        out = np.asarray(transform.geometry(Image.fromarray(array), random.Random(seed)))[:, :, 0] > 127
+        ys, xs = np.nonzero(out)
+        x, y = transform.output_point(80, 64, 40.0, 27.0, random.Random(seed))
+        assert abs(x * 64 - (xs.mean() + 0.5)) < 1.0 and abs(y * 64 - (ys.mean() + 0.5)) < 1.0, seed
+    x, y = ImageTransform(64).output_point(80, 64, 40.0, 27.0)  # eval: shortest side 64, centre crop 64 of 80
+    assert (x, y) == pytest.approx(((40 - 8) / 64, 27 / 64))
+
+
 def test_config_round_trip_and_validation(tmp_path):
     transform = ImageTransform(64, resize_size=72, train=True, crop_scale=(0.8, 1.0), hflip=0.5, mean=(0.5,) * 3, std=(0.5,) * 3)
     config = transform.to_config()

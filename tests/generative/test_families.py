@@ -69,6 +69,73 @@ def test_vqa_answer_vocabulary_comes_from_the_training_answers():
     assert config["answers"] == ["yes", "2"]  # normalised ("Two" -> "2"), most frequent first, capped
 
 
+def test_soft_argmax_pointer_points_at_the_matching_cell():
+    from vlmkit.layers.pointer import SoftArgmaxPointer, grid_centres
+
+    assert grid_centres(2).tolist() == [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]  # row-major (x, y)
+    pointer = SoftArgmaxPointer(4, 4, grid_size=2, dim=4)
+    with torch.no_grad():
+        pointer.query.weight.copy_(torch.eye(4) * 20), pointer.key.weight.copy_(torch.eye(4) * 20)
+        pointer.query.bias.zero_(), pointer.key.bias.zero_()
+    grid = torch.eye(4)[None]  # (1, 4 cells, 4): cell i holds feature i
+    points, weights = pointer(torch.eye(4)[None, [2, 1]], grid)  # queries for cells 2 and 1
+    assert torch.allclose(points[0], torch.tensor([[0.25, 0.75], [0.75, 0.25]]), atol=1e-3)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2))
+
+
+def test_grounding_targets_mark_the_named_tokens_after_the_crop(tokenizer, synth_data):
+    import json
+
+    from vlmkit.data.task_datasets import QuestionStatementDataset
+    from vlmkit.data.transforms import ImageTransform
+
+    records = [json.loads(line) for line in (synth_data / "train.jsonl").read_text().splitlines()[:40]]
+    for record in records:
+        record["image"] = str(synth_data / record["image"])
+    transform = ImageTransform(64, train=True)
+    dataset = QuestionStatementDataset(records, transform, tokenizer, ("yes", "no"), 0.5, grounding_fraction=0.5,
+                                       ground_mentions=True)
+    batch = dataset.collate([dataset[i] for i in range(len(records))])
+    assert batch["is_grounding"].any() and (~batch["is_grounding"]).any()
+    for row in batch["is_grounding"].nonzero().flatten().tolist():
+        text, index = batch["texts"][row], batch["indices"][row].item()
+        name = text.removeprefix("the ")
+        box = next(item["box"] for item in records[index]["objects"] if item["name"] == name)
+        image = dataset._image_cache[index]
+        expected = transform.output_point(image.width, image.height, (box[0] + box[2]) / 2, (box[1] + box[3]) / 2,
+                                          dataset.transform_rng(index))
+        real = batch["tokens"][row] != tokenizer.pad_id
+        assert batch["point_mask"][row].sum() == real.sum() - 2  # every token of the phrase but start/end
+        assert torch.allclose(batch["point_targets"][row][batch["point_mask"][row]], torch.tensor(expected))
+    mentions = [row for row, text in enumerate(batch["texts"]) if not batch["is_grounding"][row]
+                and any(item["name"] in text for item in records[batch["indices"][row].item()]["objects"])]
+    assert mentions and all(batch["point_mask"][row].any() for row in mentions)
+    # With grounding off nothing is marked and the sampling is unchanged.
+    plain = QuestionStatementDataset(records, transform, tokenizer, ("yes", "no"), 0.5)
+    assert not plain.collate([plain[i] for i in range(8)])["point_mask"].any()
+
+
+def test_vqa_grounding_loss_trains_and_round_trips(tokenizer, tmp_path, tiny_model):
+    from vlmkit.models.registry import get_family
+
+    model = tiny_model("vqa-tiny", tokenizer, grounding_fraction=0.5, ground_mentions=True, token_positions=True,
+                       relation_readout=True).train()
+    batch = model.dummy_batch(3)
+    batch["point_mask"] = torch.zeros(3, batch["tokens"].shape[1], dtype=torch.bool)
+    batch["point_mask"][0, 1:3] = True
+    batch["point_targets"] = torch.full((3, batch["tokens"].shape[1], 2), 0.2)
+    output = model(batch)
+    assert "grounding_loss" in output.logs
+    output.loss.backward()
+    assert model.pointer.query.weight.grad.abs().sum() > 0 and model.relation.offset.weight.grad.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path)
+    loaded = get_family(model.family).from_pretrained(tmp_path)  # the grid is rebuilt, not left on `meta`
+    pixels, questions = batch["pixels"], ["is the red circle left of the blue square?"] * 3
+    assert model.answer(pixels, questions) == loaded.answer(pixels, questions)
+    _, points = loaded.fused(pixels, loaded.tokenize(questions))
+    assert torch.isfinite(points).all() and points.min() >= 0 and points.max() <= 1
+
+
 def test_soft_scores_follow_vqa_v2():
     from vlmkit.data.task_datasets import soft_scores
 

@@ -71,7 +71,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         record = self.records[index]
         rng = sample_rng(self.seed, self.epoch, index)
         texts = record.get("texts") or []
-        text = (texts[0] if self.caption == "first" else rng.choice(texts)) if texts else ""
+        text = self._choose_text(texts, rng)
         image = self._image_cache.get(index)
         if image is None:
             try:
@@ -83,6 +83,16 @@ class ImageTextDataset(torch.utils.data.Dataset):
                 self._image_cache[index] = image  # transforms never modify their input image
         pixels = self.transform(image, rng) if self._transform_takes_rng else self.transform(image)  # (3, H, W)
         return {"pixels": pixels, "text": text, "index": index}
+
+    def _choose_text(self, texts: Sequence[str], rng) -> str:
+        return (texts[0] if self.caption == "first" else rng.choice(texts)) if texts else ""
+
+    def transform_rng(self, index: int):
+        """The generator in the state the transform of sample `index` starts from (this epoch): lets a
+        subclass map annotations (boxes) through the same random crop."""
+        rng = sample_rng(self.seed, self.epoch, index)
+        self._choose_text(self.records[index].get("texts") or [], rng)
+        return rng
 
     def collate(self, samples: Sequence[dict | None]) -> dict:
         """`collate(samples, tokenizer)` plus `skipped`: the references of this batch's bad images."""

@@ -49,6 +49,13 @@ def soft_scores(answers: Sequence[str]) -> dict[str, float]:
     return {answer: min(1.0, count / 3.0) for answer, count in counts.items()}
 
 
+def _word_occurrences(text: str, phrase: str) -> list[int]:
+    """Start offsets of `phrase` in `text` as whole words (case-insensitive)."""
+    import re
+
+    return [match.start() for match in re.finditer(rf"(?<!\w){re.escape(phrase.lower())}(?!\w)", text.lower())]
+
+
 def _task_rng(seed: int, epoch: int, index: int) -> random.Random:
     # Separate from the caption/augmentation stream of ImageTextDataset.
     return random.Random(f"vlmkit-task:{seed}:{epoch}:{index}")
@@ -97,14 +104,29 @@ class QuestionStatementDataset(ImageTextDataset):
 
     Each sample is a question (with soft scores over `answers`, the answer vocabulary) or, with
     probability `statement_fraction` when the record has statements, a statement with its label.
-    `collate` adds `answer_scores` (B, A), `statement_labels` (B,) and `is_statement` (B,).
+    With probability `grounding_fraction` when the record has `objects`, it is instead a grounding
+    sample: the text "the <object name>" and the object's box centre (x, y) in [0, 1] of the
+    transformed image (the training crop applied). With `ground_mentions`, every object name that
+    occurs in a sample's text (as whole words) is a phrase-grounding annotation, as in Flickr30k
+    Entities / MDETR: its tokens get the object's box centre as target. `collate` adds
+    `answer_scores` (B, A), `statement_labels` (B,), `is_statement` (B,), `is_grounding` (B,),
+    `point_targets` (B, L, 2) and `point_mask` (B, L) (tokens with a target).
     """
 
     def __init__(self, records, transform, tokenizer, answers: Sequence[str], statement_fraction: float,
-                 seed: int = 0):
+                 seed: int = 0, grounding_fraction: float = 0.0, ground_mentions: bool = False):
         super().__init__(records, transform, tokenizer=tokenizer, caption="first", seed=seed, cache_images=True)
         self.answer_index = {answer: i for i, answer in enumerate(answers)}
         self.statement_fraction = statement_fraction
+        self.grounding_fraction = grounding_fraction
+        self.ground_mentions = ground_mentions
+
+    def _box_centre(self, index: int, box: Sequence[float], pixels: torch.Tensor) -> tuple[float, float]:
+        x, y = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+        image = self._image_cache.get(index)
+        if image is None or not hasattr(self.transform, "output_point"):
+            return x / pixels.shape[-1], y / pixels.shape[-2]  # a plain callable transform: assume no crop
+        return self.transform.output_point(image.width, image.height, x, y, self.transform_rng(index))
 
     def __getitem__(self, index: int) -> dict | None:
         sample = super().__getitem__(index)
@@ -113,7 +135,16 @@ class QuestionStatementDataset(ImageTextDataset):
         record, rng = self.records[index], _task_rng(self.seed, self.epoch, index)
         qa, statements = record.get("qa") or [], record.get("statements") or []
         scores = torch.zeros(len(self.answer_index))
-        if statements and (not qa or rng.random() < self.statement_fraction):
+        objects = [item for item in record.get("objects") or [] if item.get("name") and item.get("box")]
+        sample.update(is_grounding=False, spans=[])
+        if objects and self.grounding_fraction and rng.random() < self.grounding_fraction:
+            item = rng.choice(objects)
+            centre = self._box_centre(index, item["box"], sample["pixels"])
+            text = f"the {item['name']}"
+            sample.update(text=text, is_statement=False, label=0.0, scores=scores, is_grounding=True,
+                          spans=[(0, len(text), *centre)])  # every token of the phrase points at it
+            return sample
+        elif statements and (not qa or rng.random() < self.statement_fraction):
             item = rng.choice(statements)
             sample.update(text=item["text"], is_statement=True, label=float(bool(item["label"])), scores=scores)
         else:
@@ -122,6 +153,9 @@ class QuestionStatementDataset(ImageTextDataset):
                 if answer in self.answer_index:  # answers outside the vocabulary count as all-zero targets
                     scores[self.answer_index[answer]] = score
             sample.update(text=item["question"], is_statement=False, label=0.0, scores=scores)
+        if self.ground_mentions and objects:
+            sample["spans"] = [(start, start + len(item["name"]), *self._box_centre(index, item["box"], sample["pixels"]))
+                               for item in objects for start in _word_occurrences(sample["text"], item["name"])]
         return sample
 
     def collate(self, samples) -> dict:
@@ -130,4 +164,22 @@ class QuestionStatementDataset(ImageTextDataset):
         batch["answer_scores"] = torch.stack([s["scores"] for s in good]) if good else torch.zeros(0, len(self.answer_index))
         batch["statement_labels"] = torch.tensor([s["label"] for s in good], dtype=torch.float)
         batch["is_statement"] = torch.tensor([s["is_statement"] for s in good], dtype=torch.bool)
+        batch["is_grounding"] = torch.tensor([s["is_grounding"] for s in good], dtype=torch.bool)
+        batch["point_targets"], batch["point_mask"] = self._point_targets(good, batch["tokens"].shape[1] if good else 0)
+        return batch
+
+    def _point_targets(self, samples: Sequence[dict], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token position targets from the samples' character spans, via the tokenizer's offsets."""
+        targets, mask = torch.zeros(len(samples), length, 2), torch.zeros(len(samples), length, dtype=torch.bool)
+        rows = [row for row, sample in enumerate(samples) if sample["spans"]]
+        if not rows:
+            return targets, mask
+        encodings = self.tokenizer.backend.encode_batch([samples[row]["text"] for row in rows], add_special_tokens=True)
+        for row, encoding in zip(rows, encodings):
+            for column, ((first, last), special) in enumerate(zip(encoding.offsets[:length], encoding.special_tokens_mask)):
+                for start, end, x, y in samples[row]["spans"]:
+                    if not special and first < end and last > start:
+                        targets[row, column] = torch.tensor((x, y))
+                        mask[row, column] = True
+        return targets, mask
         return batch

@@ -158,13 +158,12 @@ class ImageTransform:
         resample = _INTERPOLATION[self.interpolation]
         size = self.image_size
         if self.train:
-            rng = rng if rng is not None else random.Random()
-            box = random_resized_crop_box(image.width, image.height, self.crop_scale, self.crop_ratio, rng)
+            box, flip = self.train_params(image.width, image.height, rng if rng is not None else random.Random())
             # Crop, then resize: PIL's resize(box=...) would sample pixels outside the box at the edges.
             image = image.crop(box)
             if image.size != (size, size):
                 image = image.resize((size, size), resample)
-            if self.hflip > 0 and rng.random() < self.hflip:
+            if flip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             return image
         if self.resize_mode == "squash":
@@ -177,6 +176,26 @@ class ImageTransform:
                 raise AssertionError("resized image smaller than the crop")
             image = image.crop(center_crop_box(image.width, image.height, size, size))
         return image
+
+    def train_params(self, width: int, height: int, rng: random.Random) -> tuple[tuple[int, int, int, int], bool]:
+        """The training augmentation of one image: (crop box, flipped), drawn from `rng` as `geometry` draws it."""
+        box = random_resized_crop_box(width, height, self.crop_scale, self.crop_ratio, rng)
+        return box, self.hflip > 0 and rng.random() < self.hflip
+
+    def output_point(self, width: int, height: int, x: float, y: float,
+                     rng: random.Random | None = None) -> tuple[float, float]:
+        """Where the input pixel point (x, y) of a width x height image lands in the output, as
+        fractions of the output side in [0, 1] (points cut off by the crop fall outside [0, 1]).
+        In train mode `rng` must be in the state `geometry` starts from, so boxes follow the crop."""
+        if self.train:
+            (left, top, right, bottom), flip = self.train_params(width, height, rng if rng is not None else random.Random())
+            u, v = (x - left) / (right - left), (y - top) / (bottom - top)
+            return (1.0 - u if flip else u), v
+        if self.resize_mode == "squash":
+            return x / width, y / height
+        new_width, new_height = resized_shortest_side(width, height, self.resize_size)
+        left, top, _, _ = center_crop_box(new_width, new_height, self.image_size, self.image_size)
+        return (x * new_width / width - left) / self.image_size, (y * new_height / height - top) / self.image_size
 
     def __call__(self, image: Any, rng: random.Random | None = None) -> torch.Tensor:
         """Preprocess one image (path, PIL image or uint8 array) into a (3, H, W) float32 tensor."""

@@ -3,6 +3,13 @@
 image -> ViT -> tokens (B, N, Dv)          question / statement -> bidirectional text tower (B, L, D)
 fused = fusion blocks (self-attention over text, cross-attention to the image tokens) (B, L, D)
 pooled = fused[:, 0] (the start token)
+- Optional grounding (`grounding_fraction` > 0 or `ground_mentions`): each text token points at
+  the image patch grid (soft-argmax of its attention, layers/pointer.py); tokens that name an
+  object (grounding samples "the red circle", or object names inside questions) are pulled to the
+  object's box centre (L1). With `token_positions` the points are
+  embedded and added to the text tokens before fusion, and with `relation_readout` a Relation
+  Network over (fused token, point) pairs is added to the pooled feature, so answers can use
+  where the named objects are (spatial relations).
 - VQA as classification over an answer vocabulary (VQA v2 style): BCE against soft scores
   min(1, #humans who gave the answer / 3), scaled by the number of answers as in the VQA v2
   baselines; the answer vocabulary is the most frequent training answers.
@@ -24,6 +31,8 @@ from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, b
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.mlp import MLP
+from vlmkit.layers.pointer import SoftArgmaxPointer
+from vlmkit.layers.relation import PairwiseRelation
 from vlmkit.layers.transformer import Transformer
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
@@ -41,6 +50,11 @@ class VQAConfig:
     answers: tuple[str, ...] = SYNTHETIC_ANSWERS  # normalised answers, the classifier's classes
     max_answers: int = 3129  # VQA v2's usual vocabulary size: the most frequent training answers
     statement_fraction: float = 0.5  # training: share of samples that are statements (records with both)
+    grounding_fraction: float = 0.0  # training: share of samples that ground an object name (records with objects)
+    grounding_weight: float = 1.0  # weight of the box-centre L1 loss
+    ground_mentions: bool = False  # training: also ground object names inside questions/statements
+    token_positions: bool = False  # add each text token's pointed image position to it before fusion
+    relation_readout: bool = False  # add a Relation Network over (fused token, pointed position) pairs to the pooled feature
 
 
 @register_family
@@ -60,6 +74,13 @@ class VQAClassifier(VLModel):
                                   activation=config.text.activation, context_dim=config.vision.width)
         self.answer_head = MLP(width, 2 * width, out_dim=len(config.answers))
         self.reasoning_head = MLP(width, width, out_dim=1)
+        self.pointer = self.position_embed = None
+        if config.grounding_fraction > 0 or config.ground_mentions or config.token_positions or config.relation_readout:
+            grid = config.vision.image_size // config.vision.patch_size
+            self.pointer = SoftArgmaxPointer(width, config.vision.width, grid)
+        if config.token_positions:
+            self.position_embed = MLP(2, width, out_dim=width)
+        self.relation = PairwiseRelation(width) if config.relation_readout else None
 
     @classmethod
     def adapt_config_to_data(cls, config, records):
@@ -85,23 +106,41 @@ class VQAClassifier(VLModel):
         records = [record for record in records if record.get("qa") or record.get("statements")]
         if not records:
             raise UserError("no training record has questions ('qa') or statements ('statements') for the VQA model")
-        return QuestionStatementDataset(records, transform, tokenizer, self.config.answers, self.config.statement_fraction, seed=seed)
+        return QuestionStatementDataset(records, transform, tokenizer, self.config.answers, self.config.statement_fraction,
+                                        seed=seed, grounding_fraction=self.config.grounding_fraction,
+                                        ground_mentions=self.config.ground_mentions)
 
-    def fused(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The pooled image+text feature. (B, D)"""
-        image = self.visual.norm_post(self.visual(pixels).tokens)  # (B, N, Dv)
+    def fused(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pooled image+text feature (B, D) and, with a pointer, each token's image position (B, L, 2)."""
+        image = self.visual.norm_post(self.visual(pixels).tokens)  # (B, 1+N, Dv)
         text = self.text(tokens).tokens  # (B, L, D)
-        mask = padding_mask(self.text.real_tokens(tokens))  # (B, 1, 1, L)
-        return self.fusion(text, mask=mask, context=image)[:, 0]  # (B, D)
+        points = None
+        if self.pointer is not None:
+            points, _ = self.pointer(text, image[:, 1:])  # (B, L, 2): patch tokens only, row-major grid
+            if self.position_embed is not None:
+                text = text + self.position_embed(points)  # (B, L, D)
+        real = self.text.real_tokens(tokens)  # (B, L)
+        fused = self.fusion(text, mask=padding_mask(real), context=image)  # (B, L, D)
+        pooled = fused[:, 0]  # (B, D)
+        if self.relation is not None:
+            pooled = pooled + self.relation(fused, points, real)  # (B, D)
+        return pooled, points  # (B, D), (B, L, 2)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        pooled = self.fused(batch["pixels"], batch["tokens"])  # (B, D)
+        pooled, points = self.fused(batch["pixels"], batch["tokens"])  # (B, D), (B, L, 2)
         answer_logits = self.answer_head(pooled)  # (B, A)
         truth_logits = self.reasoning_head(pooled)[:, 0]  # (B,)
         is_statement = batch["is_statement"]  # (B,) bool
-        is_question = ~is_statement
+        is_grounding = batch.get("is_grounding", torch.zeros_like(is_statement))  # (B,) bool
+        is_question = ~is_statement & ~is_grounding
         logs = {}
         loss = pooled.new_zeros(())
+        point_mask = batch.get("point_mask")  # (B, L) bool: tokens that name an object
+        if points is not None and point_mask is not None and point_mask.any():
+            error = (points - batch["point_targets"]).abs().sum(-1)  # (B, L): L1 (x + y) to the box centre
+            grounding = error[point_mask].mean()
+            loss = loss + self.config.grounding_weight * grounding
+            logs.update(grounding_loss=grounding.item())
         if is_question.any():
             scores = batch["answer_scores"][is_question]  # (Bq, A)
             vqa = F.binary_cross_entropy_with_logits(answer_logits[is_question], scores) * scores.shape[1]
@@ -135,13 +174,13 @@ class VQAClassifier(VLModel):
     @torch.no_grad()
     def answer(self, pixels: torch.Tensor, questions: list[str], **_) -> list[str]:
         """The highest-scoring vocabulary answer for each (image, question)."""
-        pooled = self.fused(pixels.to(self.device), self.tokenize(questions).to(self.device))
+        pooled, _ = self.fused(pixels.to(self.device), self.tokenize(questions).to(self.device))
         return [self.config.answers[i] for i in self.answer_head(pooled).argmax(-1).tolist()]
 
     @torch.no_grad()
     def verify(self, pixels: torch.Tensor, statements: list[str]) -> torch.Tensor:
         """Probability that each statement is true of its image. (B,)"""
-        pooled = self.fused(pixels.to(self.device), self.tokenize(statements).to(self.device))
+        pooled, _ = self.fused(pixels.to(self.device), self.tokenize(statements).to(self.device))
         return torch.sigmoid(self.reasoning_head(pooled)[:, 0]).cpu()
 
 
