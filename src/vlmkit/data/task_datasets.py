@@ -110,16 +110,21 @@ class QuestionStatementDataset(ImageTextDataset):
     occurs in a sample's text (as whole words) is a phrase-grounding annotation, as in Flickr30k
     Entities / MDETR: its tokens get the object's box centre as target. `collate` adds
     `answer_scores` (B, A), `statement_labels` (B,), `is_statement` (B,), `is_grounding` (B,),
-    `point_targets` (B, L, 2) and `point_mask` (B, L) (tokens with a target).
+    `point_targets` (B, L, 2), `point_mask` (B, L) (tokens with a target), and `pair_offsets` (B, 2)
+    with `has_offset` (B,): the first named object's centre minus the second's, for texts naming
+    two. With `balance_types` a question is drawn by first drawing one of the record's question
+    types (`type`) uniformly, so rarer types (spatial relations) are not starved.
     """
 
     def __init__(self, records, transform, tokenizer, answers: Sequence[str], statement_fraction: float,
-                 seed: int = 0, grounding_fraction: float = 0.0, ground_mentions: bool = False):
+                 seed: int = 0, grounding_fraction: float = 0.0, ground_mentions: bool = False,
+                 balance_types: bool = False):
         super().__init__(records, transform, tokenizer=tokenizer, caption="first", seed=seed, cache_images=True)
         self.answer_index = {answer: i for i, answer in enumerate(answers)}
         self.statement_fraction = statement_fraction
         self.grounding_fraction = grounding_fraction
         self.ground_mentions = ground_mentions
+        self.balance_types = balance_types
 
     def _box_centre(self, index: int, box: Sequence[float], pixels: torch.Tensor) -> tuple[float, float]:
         x, y = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
@@ -148,7 +153,11 @@ class QuestionStatementDataset(ImageTextDataset):
             item = rng.choice(statements)
             sample.update(text=item["text"], is_statement=True, label=float(bool(item["label"])), scores=scores)
         else:
-            item = rng.choice(qa)
+            if self.balance_types:  # a question type first, then a question of that type
+                kind = rng.choice(sorted({str(q.get("type")) for q in qa}))
+                item = rng.choice([q for q in qa if str(q.get("type")) == kind])
+            else:
+                item = rng.choice(qa)
             for answer, score in soft_scores(answers_of(item)).items():
                 if answer in self.answer_index:  # answers outside the vocabulary count as all-zero targets
                     scores[self.answer_index[answer]] = score
@@ -166,6 +175,12 @@ class QuestionStatementDataset(ImageTextDataset):
         batch["is_statement"] = torch.tensor([s["is_statement"] for s in good], dtype=torch.bool)
         batch["is_grounding"] = torch.tensor([s["is_grounding"] for s in good], dtype=torch.bool)
         batch["point_targets"], batch["point_mask"] = self._point_targets(good, batch["tokens"].shape[1] if good else 0)
+        # The first named object's box centre minus the second's, where a text names two objects
+        # (each object counted at its first mention): what a spatial-relation question asks about.
+        pairs = [list({(x, y): (x, y) for _, _, x, y in sorted(s["spans"])}.values())[:2] for s in good]
+        batch["has_offset"] = torch.tensor([len(p) == 2 for p in pairs], dtype=torch.bool)
+        batch["pair_offsets"] = torch.tensor([[p[0][0] - p[1][0], p[0][1] - p[1][1]] if len(p) == 2 else [0.0, 0.0]
+                                              for p in pairs], dtype=torch.float).reshape(len(good), 2)
         return batch
 
     def _point_targets(self, samples: Sequence[dict], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,4 +197,3 @@ class QuestionStatementDataset(ImageTextDataset):
                         targets[row, column] = torch.tensor((x, y))
                         mask[row, column] = True
         return targets, mask
-        return batch

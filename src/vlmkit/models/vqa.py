@@ -6,10 +6,11 @@ pooled = fused[:, 0] (the start token)
 - Optional grounding (`grounding_fraction` > 0 or `ground_mentions`): each text token points at
   the image patch grid (soft-argmax of its attention, layers/pointer.py); tokens that name an
   object (grounding samples "the red circle", or object names inside questions) are pulled to the
-  object's box centre (L1). With `token_positions` the points are
-  embedded and added to the text tokens before fusion, and with `relation_readout` a Relation
-  Network over (fused token, point) pairs is added to the pooled feature, so answers can use
-  where the named objects are (spatial relations).
+  object's box centre (L1), as in phrase grounding (Flickr30k Entities, MDETR).
+- Optional offset readout (`offset_readout`, layers/offset.py): the offset between the two
+  objects a text names, read from the pointed positions (L1 to the true offset with
+  `offset_weight`), fused bilinearly with the question's words and added to the pooled feature:
+  what spatial-relation questions need.
 - VQA as classification over an answer vocabulary (VQA v2 style): BCE against soft scores
   min(1, #humans who gave the answer / 3), scaled by the number of answers as in the VQA v2
   baselines; the answer vocabulary is the most frequent training answers.
@@ -31,8 +32,8 @@ from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, b
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.mlp import MLP
+from vlmkit.layers.offset import OffsetReadout
 from vlmkit.layers.pointer import SoftArgmaxPointer
-from vlmkit.layers.relation import PairwiseRelation
 from vlmkit.layers.transformer import Transformer
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
@@ -50,11 +51,12 @@ class VQAConfig:
     answers: tuple[str, ...] = SYNTHETIC_ANSWERS  # normalised answers, the classifier's classes
     max_answers: int = 3129  # VQA v2's usual vocabulary size: the most frequent training answers
     statement_fraction: float = 0.5  # training: share of samples that are statements (records with both)
+    balance_question_types: bool = False  # training: draw a question type uniformly, then a question of it
     grounding_fraction: float = 0.0  # training: share of samples that ground an object name (records with objects)
     grounding_weight: float = 1.0  # weight of the box-centre L1 loss
     ground_mentions: bool = False  # training: also ground object names inside questions/statements
-    token_positions: bool = False  # add each text token's pointed image position to it before fusion
-    relation_readout: bool = False  # add a Relation Network over (fused token, pointed position) pairs to the pooled feature
+    offset_readout: bool = False  # add the offset between the two named objects, fused with the words, to the pooled feature
+    offset_weight: float = 0.0  # training: weight of the L1 loss of that offset to the true one (texts naming two objects)
 
 
 @register_family
@@ -74,13 +76,13 @@ class VQAClassifier(VLModel):
                                   activation=config.text.activation, context_dim=config.vision.width)
         self.answer_head = MLP(width, 2 * width, out_dim=len(config.answers))
         self.reasoning_head = MLP(width, width, out_dim=1)
-        self.pointer = self.position_embed = None
-        if config.grounding_fraction > 0 or config.ground_mentions or config.token_positions or config.relation_readout:
+        if config.offset_weight > 0 and not config.offset_readout:
+            raise UserError("offset_weight trains the offset readout; set offset_readout: true as well")
+        self.pointer = None
+        if config.grounding_fraction > 0 or config.ground_mentions or config.offset_readout:
             grid = config.vision.image_size // config.vision.patch_size
             self.pointer = SoftArgmaxPointer(width, config.vision.width, grid)
-        if config.token_positions:
-            self.position_embed = MLP(2, width, out_dim=width)
-        self.relation = PairwiseRelation(width) if config.relation_readout else None
+        self.offset_readout = OffsetReadout(width, config.text.vocab_size) if config.offset_readout else None
 
     @classmethod
     def adapt_config_to_data(cls, config, records):
@@ -108,26 +110,28 @@ class VQAClassifier(VLModel):
             raise UserError("no training record has questions ('qa') or statements ('statements') for the VQA model")
         return QuestionStatementDataset(records, transform, tokenizer, self.config.answers, self.config.statement_fraction,
                                         seed=seed, grounding_fraction=self.config.grounding_fraction,
-                                        ground_mentions=self.config.ground_mentions)
+                                        ground_mentions=self.config.ground_mentions,
+                                        balance_types=self.config.balance_question_types)
 
-    def fused(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The pooled image+text feature (B, D) and, with a pointer, each token's image position (B, L, 2)."""
+    def fused(self, pixels: torch.Tensor, tokens: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The pooled image+text feature (B, D), each token's pointed image position (B, L, 2) and the
+        offset between the two named objects (B, 2); the last two are None without a pointer/readout."""
         image = self.visual.norm_post(self.visual(pixels).tokens)  # (B, 1+N, Dv)
         text = self.text(tokens).tokens  # (B, L, D)
-        points = None
+        points = offset = None
         if self.pointer is not None:
             points, _ = self.pointer(text, image[:, 1:])  # (B, L, 2): patch tokens only, row-major grid
-            if self.position_embed is not None:
-                text = text + self.position_embed(points)  # (B, L, D)
         real = self.text.real_tokens(tokens)  # (B, L)
         fused = self.fusion(text, mask=padding_mask(real), context=image)  # (B, L, D)
         pooled = fused[:, 0]  # (B, D)
-        if self.relation is not None:
-            pooled = pooled + self.relation(fused, points, real)  # (B, D)
-        return pooled, points  # (B, D), (B, L, 2)
+        if self.offset_readout is not None:
+            feature, offset = self.offset_readout(fused, points, tokens, real)  # (B, D), (B, 2)
+            pooled = pooled + feature
+        return pooled, points, offset
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        pooled, points = self.fused(batch["pixels"], batch["tokens"])  # (B, D), (B, L, 2)
+        pooled, points, offset = self.fused(batch["pixels"], batch["tokens"])  # (B, D), (B, L, 2), (B, 2)
         answer_logits = self.answer_head(pooled)  # (B, A)
         truth_logits = self.reasoning_head(pooled)[:, 0]  # (B,)
         is_statement = batch["is_statement"]  # (B,) bool
@@ -141,6 +145,11 @@ class VQAClassifier(VLModel):
             grounding = error[point_mask].mean()
             loss = loss + self.config.grounding_weight * grounding
             logs.update(grounding_loss=grounding.item())
+        has_offset = batch.get("has_offset")  # (B,) bool: the text names two objects
+        if self.config.offset_weight > 0 and has_offset is not None and has_offset.any():
+            offset_loss = (offset[has_offset] - batch["pair_offsets"][has_offset]).abs().sum(-1).mean()
+            loss = loss + self.config.offset_weight * offset_loss
+            logs.update(offset_loss=offset_loss.item())
         if is_question.any():
             scores = batch["answer_scores"][is_question]  # (Bq, A)
             vqa = F.binary_cross_entropy_with_logits(answer_logits[is_question], scores) * scores.shape[1]
@@ -174,13 +183,13 @@ class VQAClassifier(VLModel):
     @torch.no_grad()
     def answer(self, pixels: torch.Tensor, questions: list[str], **_) -> list[str]:
         """The highest-scoring vocabulary answer for each (image, question)."""
-        pooled, _ = self.fused(pixels.to(self.device), self.tokenize(questions).to(self.device))
+        pooled, _, _ = self.fused(pixels.to(self.device), self.tokenize(questions).to(self.device))
         return [self.config.answers[i] for i in self.answer_head(pooled).argmax(-1).tolist()]
 
     @torch.no_grad()
     def verify(self, pixels: torch.Tensor, statements: list[str]) -> torch.Tensor:
         """Probability that each statement is true of its image. (B,)"""
-        pooled, _ = self.fused(pixels.to(self.device), self.tokenize(statements).to(self.device))
+        pooled, _, _ = self.fused(pixels.to(self.device), self.tokenize(statements).to(self.device))
         return torch.sigmoid(self.reasoning_head(pooled)[:, 0]).cpu()
 
 
@@ -189,4 +198,8 @@ register_config("vqa-tiny", "vqa", {
     "text": {"width": 128, "depth": 2, "heads": 4, "context_length": 24, "vocab_size": 1024, "causal": False,
              "pool": "cls", "eos_token_id": 1023},
     "fusion_depth": 2,
+    # spatial relations (docs/generation.md): phrase grounding of the object names, the offset
+    # readout trained on the named objects' offset, and every question type drawn equally often
+    "statement_fraction": 0.3, "grounding_fraction": 0.15, "ground_mentions": True, "balance_question_types": True,
+    "offset_readout": True, "offset_weight": 1.0,
 })
