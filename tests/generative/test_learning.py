@@ -22,7 +22,7 @@ def _train(recipe, data, out, *overrides):
 
 @pytest.fixture(scope="module")
 def vqa_run(synth_data, tmp_path_factory):
-    return _train("vqa-tiny", synth_data, tmp_path_factory.mktemp("vqa-run"), "steps=400", "save_every=400")
+    return _train("vqa-tiny", synth_data, tmp_path_factory.mktemp("vqa-run"), "steps=1500", "save_every=1500")
 
 
 def test_vqa_classifier_beats_the_majority_answer(vqa_run, synth_data):
@@ -31,18 +31,21 @@ def test_vqa_classifier_beats_the_majority_answer(vqa_run, synth_data):
     majority = evaluate_vqa_baseline(train, test)
     print("vqa", model, "majority", majority)
     assert model["n"] == majority["n"] > 1000
-    # A short run learns counting and colours first (shape, yes/no and relations need longer runs).
-    # Measured (seed 0, 400 steps): overall 0.425 vs 0.366, count 0.50 vs 0.37, colour 0.34 vs 0.17.
-    assert model["accuracy"] > majority["accuracy"] + 0.03
-    assert model["per_question_type"]["count"] > majority["per_question_type"]["count"] + 0.08
-    assert model["per_question_type"]["color"] > majority["per_question_type"]["color"] + 0.08
+    # Measured (seed 0, 1500 steps, 800 training scenes): overall 0.590 vs 0.366, count 0.66 vs 0.37,
+    # colour 0.58 vs 0.17, yes/no 0.82 vs 0.50, relation 0.608 vs 0.504 (339 questions: true or
+    # mirrored at random, so above 0.5 only once grounding and the offset readout work). Shape
+    # questions need the full data (README: 0.327 vs 0.241); on these 800 scenes they stay at 0.23.
+    types = model["per_question_type"]
+    assert model["accuracy"] > majority["accuracy"] + 0.1
+    for kind, margin in (("count", 0.15), ("color", 0.2), ("yesno", 0.15), ("relation", 0.05)):
+        assert types[kind] > majority["per_question_type"][kind] + margin, kind
 
 
 def test_reasoning_head_beats_chance(vqa_run, synth_data):
     result = evaluate_reasoning(vqa_run, read_records(synth_data / "test.jsonl"))
     print("reasoning", result)
-    # True and false statements are balanced: chance is 0.5. Measured (seed 0, 400 steps): 0.542 on 1412.
-    assert result["n"] > 1000 and result["accuracy"] > 0.52
+    # True and false statements are balanced: chance is 0.5. Measured (seed 0, 1500 steps): 0.810 on 1412.
+    assert result["n"] > 1000 and result["accuracy"] > 0.7
 
 
 def test_captioner_beats_the_nearest_neighbour_caption(synth_data, tmp_path):

@@ -354,3 +354,25 @@ def test_image_layout_counts_and_join_equal_sentence_layout(keys, monkeypatch):
     query_sentence, query_gram = plain.sentence[::7], plain.gram[::7]
     assert ngrams.lookup(counts, query_sentence, query_gram).tolist() == plain.count[::7].tolist()
     assert ngrams.lookup(plain, query_sentence, query_gram).tolist() == plain.count[::7].tolist()
+
+
+def test_score_captions_restores_the_garbage_collector():
+    import gc
+
+    import pytest
+
+    from vlmkit.errors import UserError
+    from vlmkit.metrics.caption import score_captions
+
+    assert gc.isenabled()
+    score_captions({1: "a dog"}, {1: ["a dog runs"]})
+    assert gc.isenabled()
+    with pytest.raises(UserError):
+        score_captions({1: ""}, {1: ["a dog"]})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        score_captions({1: "a dog"}, {1: ["a dog runs"]})
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()

@@ -7,6 +7,8 @@ equal pycocoevalcap's to 1e-9 or better; METEOR runs the jar shipped with pycoco
 """
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from itertools import accumulate, chain, repeat
 from typing import Hashable, Iterable, Mapping, Sequence
 
@@ -88,6 +90,23 @@ def _check_metrics(metrics: Iterable[str]) -> list[str]:
     return chosen
 
 
+@contextmanager
+def _collector_paused():
+    """Pause the cyclic garbage collector (restored afterwards, also on error).
+
+    Scoring allocates a few hundred thousand short-lived strings and lists and no reference
+    cycles; each generation-0 collection on the way scans them for nothing, which made single
+    calls vary between 0.17 and 0.25 s here. Reference counting still frees everything.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
                    metrics: Iterable[str] = DEFAULT_METRICS, per_image: bool = False) -> dict:
     """Corpus caption scores: keys "BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr", "METEOR" (as asked), "n".
@@ -97,6 +116,11 @@ def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hash
     "per_image": {image_id: {metric: score}}. Scores are fractions (CIDEr around 0-10), exactly
     pycocoevalcap's.
     """
+    with _collector_paused():
+        return _score_captions(predictions, references, metrics, per_image)
+
+
+def _score_captions(predictions, references, metrics, per_image: bool) -> dict:
     chosen = _check_metrics(metrics)
     validate_captions(predictions, references)
     image_ids = list(predictions)
