@@ -9,6 +9,7 @@ resumed run sees the same samples.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from typing import Sequence
 
@@ -51,9 +52,11 @@ def soft_scores(answers: Sequence[str]) -> dict[str, float]:
 
 def _word_occurrences(text: str, phrase: str) -> list[int]:
     """Start offsets of `phrase` in `text` as whole words (case-insensitive)."""
-    import re
-
     return [match.start() for match in re.finditer(rf"(?<!\w){re.escape(phrase.lower())}(?!\w)", text.lower())]
+
+
+def _box_centre(box: Sequence[float]) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
 
 
 def _task_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -126,12 +129,13 @@ class QuestionStatementDataset(ImageTextDataset):
         self.ground_mentions = ground_mentions
         self.balance_types = balance_types
 
-    def _box_centre(self, index: int, box: Sequence[float], pixels: torch.Tensor) -> tuple[float, float]:
-        x, y = (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+    def _point_map(self, index: int, pixels: torch.Tensor):
+        """Input pixel point (x, y) of sample `index` -> its place in the transformed image, in [0, 1]
+        (the sample's training crop drawn once, for all its boxes)."""
         image = self._image_cache.get(index)
-        if image is None or not hasattr(self.transform, "output_point"):
-            return x / pixels.shape[-1], y / pixels.shape[-2]  # a plain callable transform: assume no crop
-        return self.transform.output_point(image.width, image.height, x, y, self.transform_rng(index))
+        if image is None or not hasattr(self.transform, "point_map"):
+            return lambda x, y: (x / pixels.shape[-1], y / pixels.shape[-2])  # a plain callable transform: assume no crop
+        return self.transform.point_map(image.width, image.height, self.transform_rng(index))
 
     def __getitem__(self, index: int) -> dict | None:
         sample = super().__getitem__(index)
@@ -144,7 +148,7 @@ class QuestionStatementDataset(ImageTextDataset):
         sample.update(is_grounding=False, spans=[])
         if objects and self.grounding_fraction and rng.random() < self.grounding_fraction:
             item = rng.choice(objects)
-            centre = self._box_centre(index, item["box"], sample["pixels"])
+            centre = self._point_map(index, sample["pixels"])(*_box_centre(item["box"]))
             text = f"the {item['name']}"
             sample.update(text=text, is_statement=False, label=0.0, scores=scores, is_grounding=True,
                           spans=[(0, len(text), *centre)])  # every token of the phrase points at it
@@ -163,8 +167,11 @@ class QuestionStatementDataset(ImageTextDataset):
                     scores[self.answer_index[answer]] = score
             sample.update(text=item["question"], is_statement=False, label=0.0, scores=scores)
         if self.ground_mentions and objects:
-            sample["spans"] = [(start, start + len(item["name"]), *self._box_centre(index, item["box"], sample["pixels"]))
-                               for item in objects for start in _word_occurrences(sample["text"], item["name"])]
+            mentions = [(start, item) for item in objects for start in _word_occurrences(sample["text"], item["name"])]
+            if mentions:
+                to_output = self._point_map(index, sample["pixels"])
+                sample["spans"] = [(start, start + len(item["name"]), *to_output(*_box_centre(item["box"])))
+                                   for start, item in mentions]
         return sample
 
     def collate(self, samples) -> dict:
@@ -177,7 +184,7 @@ class QuestionStatementDataset(ImageTextDataset):
         batch["point_targets"], batch["point_mask"] = self._point_targets(good, batch["tokens"].shape[1] if good else 0)
         # The first named object's box centre minus the second's, where a text names two objects
         # (each object counted at its first mention): what a spatial-relation question asks about.
-        pairs = [list({(x, y): (x, y) for _, _, x, y in sorted(s["spans"])}.values())[:2] for s in good]
+        pairs = [list(dict.fromkeys((x, y) for _, _, x, y in sorted(s["spans"])))[:2] for s in good]
         batch["has_offset"] = torch.tensor([len(p) == 2 for p in pairs], dtype=torch.bool)
         batch["pair_offsets"] = torch.tensor([[p[0][0] - p[1][0], p[0][1] - p[1][1]] if len(p) == 2 else [0.0, 0.0]
                                               for p in pairs], dtype=torch.float).reshape(len(good), 2)

@@ -25,7 +25,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -182,20 +182,29 @@ class ImageTransform:
         box = random_resized_crop_box(width, height, self.crop_scale, self.crop_ratio, rng)
         return box, self.hflip > 0 and rng.random() < self.hflip
 
-    def output_point(self, width: int, height: int, x: float, y: float,
-                     rng: random.Random | None = None) -> tuple[float, float]:
-        """Where the input pixel point (x, y) of a width x height image lands in the output, as
-        fractions of the output side in [0, 1] (points cut off by the crop fall outside [0, 1]).
-        In train mode `rng` must be in the state `geometry` starts from, so boxes follow the crop."""
+    def point_map(self, width: int, height: int, rng: random.Random | None = None) -> Callable[[float, float], tuple[float, float]]:
+        """The function taking an input pixel point (x, y) of a width x height image to where it
+        lands in the output, as fractions of the output side in [0, 1] (points cut off by the
+        crop fall outside [0, 1]). In train mode the crop and flip are drawn once from `rng`,
+        which must be in the state `geometry` starts from, so every box of the image follows them."""
         if self.train:
             (left, top, right, bottom), flip = self.train_params(width, height, rng if rng is not None else random.Random())
-            u, v = (x - left) / (right - left), (y - top) / (bottom - top)
-            return (1.0 - u if flip else u), v
+
+            def to_output(x: float, y: float) -> tuple[float, float]:
+                u, v = (x - left) / (right - left), (y - top) / (bottom - top)
+                return (1.0 - u if flip else u), v
+            return to_output
         if self.resize_mode == "squash":
-            return x / width, y / height
+            return lambda x, y: (x / width, y / height)
         new_width, new_height = resized_shortest_side(width, height, self.resize_size)
         left, top, _, _ = center_crop_box(new_width, new_height, self.image_size, self.image_size)
-        return (x * new_width / width - left) / self.image_size, (y * new_height / height - top) / self.image_size
+        return lambda x, y: ((x * new_width / width - left) / self.image_size,
+                             (y * new_height / height - top) / self.image_size)
+
+    def output_point(self, width: int, height: int, x: float, y: float,
+                     rng: random.Random | None = None) -> tuple[float, float]:
+        """`point_map(width, height, rng)` applied to the one point (x, y)."""
+        return self.point_map(width, height, rng)(x, y)
 
     def __call__(self, image: Any, rng: random.Random | None = None) -> torch.Tensor:
         """Preprocess one image (path, PIL image or uint8 array) into a (3, H, W) float32 tensor."""
