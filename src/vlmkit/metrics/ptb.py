@@ -537,6 +537,12 @@ def _is_plain(caption: str) -> bool:
     return True
 
 
+def _plain_kept(caption: str) -> str:
+    """The kept tokens of a plain caption (`_is_plain`) joined by spaces: its words lowercased,
+    commas and the final period dropped."""
+    return caption.lower().replace(",", "").replace(" .", "").replace(".", "")
+
+
 _ABBREV_WORDS = re.compile(f"(?:{ABBREV1})|(?:{ABBREV3})|(?:(?:{ABBREV4})\\.)|(?i:no|nos)\\.", re.IGNORECASE)
 _OTHER_LINE_BREAK_CHARS = "\r\u2028\u2029\u000b\u000c\u0085"  # line breaks but "\n"
 
@@ -703,7 +709,7 @@ def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
         captions = [_LINE_BREAKS.sub(" ", caption) for caption in captions]
         text = "\n".join(captions)
     # For a plain caption ("A dog, a cat ." / "a dog.") this is exactly its tokens joined by
-    # spaces; the other lines are overwritten below. Done on the one-byte-per-character copy
+    # spaces (`_plain_kept` of every line at once); the other lines are overwritten below. Done on the one-byte-per-character copy
     # (`_ascii_lines`): plain lines are ASCII, so they are unchanged in it, and a text with any
     # wide character (one emoji makes every character 4 bytes) costs twice as much as str.
     data = _ascii_lines(text)
@@ -778,7 +784,7 @@ def _scan_segmented(caption: str, following: str, memo: dict) -> str:
             if parts[position] is _MISSING:
                 parts[position] = memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
     if _is_plain(tail):  # e.g. "grass." or "table .": its lowercased words whatever follows
-        parts.append(tail.lower().replace(",", "").replace(" .", "").replace(".", ""))
+        parts.append(_plain_kept(tail))
     else:
         parts.append(_kept(_scan(tail + following, 0, len(tail))))
     return " ".join([part for part in parts if part is not None])  # no tokens, no space
@@ -813,8 +819,7 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
         pieces[mark - 1] = _MARK  # not a segment for the memo
         result = plain_tails.get(tail, _MISSING)
         if result is _MISSING:
-            result = plain_tails[tail] = (tail.lower().replace(",", "").replace(" .", "").replace(".", "")
-                                          if _is_plain(tail) else _MISSING)
+            result = plain_tails[tail] = _plain_kept(tail) if _is_plain(tail) else _MISSING
         if result is _MISSING:
             following = "\n" + captions[index + 1] if index < last else ""
             result = _kept(_scan(tail + following, 0, len(tail)))
