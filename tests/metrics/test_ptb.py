@@ -72,7 +72,8 @@ def _fragment_captions(sgml: bool = True):
         for fragment in fragments:
             captions += [f"a {fragment} b", f"A {fragment} The end.", f"x {fragment} 5 y", f"x {fragment} . y",
                          f"{fragment} (a) b", f"the {fragment}", f"no. {fragment} \u00e9t\u00e9 x",
-                         f"{fragment}  two  spaces", f"U.S. {fragment} etc. also"]
+                         f"{fragment}  two  spaces", f"U.S. {fragment} etc. also", f"dog {fragment} 1 1/2 x",
+                         f"dog {fragment} U.S. The x", f"{fragment} x.", f"x {fragment}"]
             if sgml:
                 captions.append(f"{fragment} <b> c")
     return captions
@@ -98,6 +99,29 @@ def test_segment_memo_equals_whole_caption_scanning():
         assert ptb._scan_segmented(caption, following, shared) == expected[index], caption
     assert tokenize(captions) == expected
     assert tokenize(captions, shared) == expected
+
+
+def test_caption_tails_see_the_next_caption_exactly_as_whole_scanning(java_ptb):
+    """A caption's last segment is scanned once per (tail, whether a caption follows) unless it
+    ends in a letter and a period: the same tails before next captions that could matter
+    (capitals, acronym followers, digits, periods, quotes, spaces, "<"), as the per-caption
+    path and the Java tokenizer see them (Java without the "<b>" follower: before a line
+    starting with a tag, the scanner keeps the period of "the letter a." where Java drops it,
+    as `test_segment_breaks_never_split_a_token` notes)."""
+    from vlmkit.metrics import ptb
+
+    followers = ["The end.", "a b", "U.S. The", "5 x", ". x", "  The x", "'s x", "etc. x", "A b", "It x", "<b> c"]
+    for with_tag in (False, True):
+        captions = []
+        for fragments in _TRICKY.values():
+            for fragment in fragments:
+                for follower in followers[:len(followers) - (not with_tag)]:
+                    captions += [f"x {fragment}", follower]
+        captions.append(f"x {_TRICKY[next(iter(_TRICKY))][0]}")  # a tail with no caption after it
+        expected = [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+        assert tokenize(captions) == expected
+        if not with_tag:
+            assert expected == java_ptb(captions)
 
 
 def test_segment_breaks_never_split_a_token(java_ptb):

@@ -369,7 +369,7 @@ _RULE_GROUPS = [
           out=lambda t: (t, len(t) - 1)),
     _rule("abbrev1_sentend", f"(?:{ABBREV1})", context=f"{SENTEND}|$", out=lambda t: (t, len(t) - 1)),
     _rule("abbrev1", ABBREV1),
-    _rule("abbrev3", ABBREV3, context=f"{SPACE}?[0-9]"),
+    _rule("abbrev3", ABBREV3, context=f"{SPACENL}?[0-9]"),  # a line break counts (Java: "no." + "\n5")
     _rule("abbrev2", f"[A-Za-z]\\.|(?:{ABBREV4})\\."),
     _rule("abbrev4", f"(?:{ABBREV4})", context=SPACE),
     _rule("acro", ACRO, context=SPACENL),
@@ -731,12 +731,16 @@ def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
 
 
 _MARK = "\x01"  # stands for a caption boundary in `_scan_segmented_bulk`
+# a tail whose tokens may depend on the next caption (see `_scan_segmented_bulk`)
+_LETTER_PERIOD_END = re.compile(f"[A-Za-z]\\.{SPACE}*$")
 
 
-# Where a caption can be cut into independently scanned segments: a space followed by a
-# character that no rule can take in after a space (see `_scan_segmented`): anything but a
-# space or line break, a digit, a period, an ASCII capital and "<".
-_SEGMENT_BREAK = re.compile(f" (?![{_D}A-Z.<]|{SPACENL}|$)")
+# Where a caption can be cut into independently scanned segments (see `_scan_segmented`): a
+# space followed by a character that no rule can take in after a space (anything but a space
+# or line break, a digit, a period, an ASCII capital and "<"), or a space after an ASCII letter
+# followed by anything but a space or line break and "<" (no rule takes in a space, or looks
+# past one, after a letter).
+_SEGMENT_BREAK = re.compile(f" (?![{_D}A-Z.<]|{SPACENL}|$)|(?<=[A-Za-z]) (?!<|{SPACENL}|$)")
 # The same breaks, and line breaks, for captions joined by "\n" (a space before the "\n" is
 # no break, as a space at the end of a lone caption, since "\n" is in SPACENL).
 _SEGMENT_OR_LINE_BREAK = re.compile(f"{_SEGMENT_BREAK.pattern}|\n")
@@ -769,6 +773,12 @@ def _scan_segmented(caption: str, following: str, memo: dict) -> str:
       (the space itself), and `sgml`, whose `[^>\n]*` can run on indefinitely: captions
       containing `<` are therefore scanned whole. The fast paths of `_scan` look no further
       than the character after a space either.
+
+    A space after an ASCII letter is a token boundary whatever follows it (but a space, a line
+    break or "<"): the rules whose match spans a space need a digit (`frac`, `phone`), a
+    closing bracket (`phone`) or a period (`ldots`) before it, and the contexts that look past
+    a space (sentence starts, acronym followers, `abbrev3`'s digit) follow a period; every
+    other context is at most the space itself when it follows a letter.
 
     So the tokens of every segment but the last are the same as in front of " a"; the last one
     sees the real following text (the next caption matters there). Captions differ but their
@@ -803,6 +813,13 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     memo, the missing ones scanned in front of " a" as there. The kept parts (not None) are
     joined with spaces, "\n" at the marks, so each caption's line is its parts joined by
     spaces between one leading and one trailing space (just " " when it has none).
+
+    A tail that does not end in an ASCII letter and a period (trailing spaces aside) sees of
+    the next caption only whether there is one: after "\n", the only rules whose context looks
+    further (sentence starts after `abbrev1`, acronym followers after `letter_followed` and
+    `acronym_followed`) match a letter and a period, every other context either stops at the
+    "\n" or cannot take it in, and no match spans a line break. Such tails are scanned once
+    per (tail, whether a caption follows).
     """
     if not indices:
         return []
@@ -812,6 +829,7 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     last = len(captions) - 1
     marks, tails, tail_results = [0], [], []
     plain_tails: dict[str, str | None] = {}
+    free_tails: dict[tuple[str, bool], str | None] = {}  # (tail, a caption follows) -> kept tokens
     start = 1
     for index in indices:
         mark = pieces.index(_MARK, start)
@@ -822,7 +840,13 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
             result = plain_tails[tail] = _plain_kept(tail) if _is_plain(tail) else _MISSING
         if result is _MISSING:
             following = "\n" + captions[index + 1] if index < last else ""
-            result = _kept(_scan(tail + following, 0, len(tail)))
+            if _LETTER_PERIOD_END.search(tail):
+                result = _kept(_scan(tail + following, 0, len(tail)))
+            else:  # the next caption is not looked at (see the docstring)
+                key = (tail, index < last)
+                result = free_tails.get(key, _MISSING)
+                if result is _MISSING:
+                    result = free_tails[key] = _kept(_scan(tail + following, 0, len(tail)))
         marks.append(mark)
         tails.append(mark - 1)
         tail_results.append(result)
