@@ -281,7 +281,7 @@ def test_reference_join_matches_dict_lookups(empty_hypotheses):
 
 
 def test_renumber_table_and_sort_paths_agree():
-    """Dense n-gram ids from the (32-bit) lookup table equal those of the sorting path."""
+    """Dense n-gram ids from the bitmap (no sort) equal those of the sorting path, both 32-bit."""
     from vlmkit.metrics import ngrams
 
     rng = np.random.default_rng(3)
@@ -294,7 +294,7 @@ def test_renumber_table_and_sort_paths_agree():
             sort_ids, sort_size = ngrams._renumber(codes, bound)
         finally:
             ngrams._TABLE_LIMIT = limit
-        assert table_size == sort_size and table_ids.dtype == sort_ids.dtype == np.int64
+        assert table_size == sort_size and table_ids.dtype == sort_ids.dtype == np.int32  # ids < 2**31
         assert table_ids.tolist() == sort_ids.tolist()
 
 
