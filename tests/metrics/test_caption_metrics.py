@@ -272,7 +272,7 @@ def test_reference_join_matches_dict_lookups(empty_hypotheses):
         else:
             largest[o, image_of(s), g] = max(largest.get((o, image_of(s), g), 0), c)
     assert join.hyp_clip.tolist() == [largest.get((o, s, g), 0) for s, o, g, _ in rows if s < num_hyp]
-    assert join.ref_match.tolist() == [hyp_row.get((o, image_of(s), g), -1) for s, o, g, _ in rows if s >= num_hyp]
+    assert join.row_match.tolist() == [hyp_row.get((o, image_of(s), g), -1) for s, o, g, _ in rows]
     table = sorted((counts.keys(np.array([i]), num_hyp, gram=np.array([g]), order=np.array([o]))[0], c, g)
                    for (o, i, g), c in largest.items())
     assert join.key.tolist() == [t[0] for t in table]
@@ -340,7 +340,7 @@ def test_image_layout_counts_and_join_equal_sentence_layout(keys, monkeypatch):
     counts_again = ngrams.count_caption_ngrams(hyps, refs, encoded=encoded)
     counts_again._reference_join = None
     recomputed = ngrams.reference_join(counts_again, ref_image, num_hyp)
-    for field in ("key", "max_count", "gram", "hyp_clip", "ref_match"):
+    for field in ("key", "max_count", "gram", "hyp_clip", "row_match"):
         assert getattr(join, field).tolist() == getattr(recomputed, field).tolist(), field
 
     # the same scores to the last bit as from the sentence layout (every image with a reference)

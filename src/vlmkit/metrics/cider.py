@@ -30,18 +30,22 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     num_sentences = len(counts.lengths)
 
     # Document frequency: images whose references contain the gram.
-    is_ref = counts.sentence >= num_hyp
     join = reference_join(counts, ref_image, num_hyp)
     df = np.bincount(join.gram, minlength=counts.num_grams).astype(np.float64)
     log_n = np.log(float(num_hyp))
     # tf * idf per row; the idf is computed per gram and gathered (the same value for every row
     # of a gram as computing it per row, with one log per distinct gram instead of per row)
     idf = log_n - np.log(np.maximum(1.0, df))
-    weight = counts.count * idf[counts.gram]
+    # (one slot more, 0.0, for the reference rows without a matching hypothesis row below)
+    weight = np.empty(len(counts.count) + 1)
+    np.multiply(counts.count, idf[counts.gram], out=weight[:-1])
+    weight[-1] = 0.0
+    del df, idf
 
     sentence_order = counts.sentence * n + counts.order  # (sentence, order) of every row
-    squared = np.bincount(sentence_order, weights=weight * weight, minlength=num_sentences * n)
-    norm = np.sqrt(squared).reshape(num_sentences, n)
+    squared = np.square(weight[:-1])
+    norm = np.sqrt(np.bincount(sentence_order, weights=squared, minlength=num_sentences * n)).reshape(num_sentences, n)
+    del squared
     length = np.maximum(counts.lengths - 1, 0).astype(np.float64)  # bigram count (see module doc)
 
     # dot[reference, order] = sum over the grams of the reference of min(h, r) * r, h being the
@@ -50,13 +54,18 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     # reference, gram) or (order, image, gram, slot) (`ngrams._count_and_join`); either way each
     # (reference, order) sums its products in gram order, as when walking the hypothesis grams:
     # only grams on both sides give non-zero products, and the zero products in between leave
-    # a float sum unchanged, so the result is the same to the last bit.
-    ref_rows = np.flatnonzero(is_ref)
-    match = join.ref_match
-    hyp_weight = np.append(weight, 0.0)[match]  # match -1 (none) picks the appended 0.0
-    ref_weight = weight[ref_rows]
-    products = np.minimum(hyp_weight, ref_weight) * ref_weight
-    dot = np.bincount(sentence_order[ref_rows], weights=products, minlength=num_sentences * n)
+    # a float sum unchanged, so the result is the same to the last bit. The products are
+    # formed for every row, the hypothesis rows matched with themselves: their sums land in
+    # the hypotheses' own (sentence, order) bins, which are not used, so the references'
+    # bins get exactly their own products without selecting the reference rows first (and
+    # in place: less memory for the call to fill).
+    products = weight[join.row_match]  # match -1 (none) picks the final 0.0
+    weight = weight[:-1]
+    np.minimum(products, weight, out=products)
+    products *= weight
+    del weight
+    dot = np.bincount(sentence_order, weights=products, minlength=num_sentences * n)
+    del products, sentence_order
     dot = dot.reshape(num_sentences, n)[num_hyp:]                      # (R, n)
 
     hyp_of_ref = ref_image

@@ -421,13 +421,12 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     del with_ref, has_ref, group_key
     hyp_clip = group_max[np.flatnonzero(led_by_hyp)]
     del group_max
-    # the reference rows, in row order, are group by group the rows after the hypothesis row
-    # (if any): each takes its group's hypothesis row, -1 in groups without one
-    group_last -= group_start  # rows in the group minus one
-    group_last += ~led_by_hyp  # reference rows in the group
-    group_start[~led_by_hyp] = -1  # the group's hypothesis row, -1 without one
-    ref_match = np.repeat(group_start, group_last)
-    join = ReferenceJoin(key=join_key, max_count=max_count, gram=join_gram, hyp_clip=hyp_clip, ref_match=ref_match)
+    # every row takes its group's hypothesis row (the group's first row), -1 without one
+    group_last -= group_start
+    group_last += 1  # rows in the group
+    group_start[~led_by_hyp] = -1
+    row_match = np.repeat(group_start, group_last)
+    join = ReferenceJoin(key=join_key, max_count=max_count, gram=join_gram, hyp_clip=hyp_clip, row_match=row_match)
     counts._reference_join = (num_hyp, ref_image, join)
     return counts
 
@@ -440,15 +439,15 @@ class ReferenceJoin:
     (as `NgramCounts.keys` with num_hyp groups), its largest count in any one reference of the
     image and its gram id, sorted by key. `hyp_clip`: for each hypothesis row of the counts (in
     row order), that largest count for its gram and image, 0 when no reference has it.
-    `ref_match`: for each reference row (in row order), the counts row of its image's
-    hypothesis with the same gram, -1 when the hypothesis lacks it.
+    `row_match`: for each row of the counts, the row of its image's hypothesis with the same
+    gram (a hypothesis row: itself), -1 when the hypothesis lacks it.
     """
 
     key: np.ndarray
     max_count: np.ndarray
     gram: np.ndarray
     hyp_clip: np.ndarray
-    ref_match: np.ndarray
+    row_match: np.ndarray
 
 
 def reference_join(counts: NgramCounts, ref_image: np.ndarray, num_hyp: int) -> ReferenceJoin:
@@ -496,9 +495,11 @@ def reference_join(counts: NgramCounts, ref_image: np.ndarray, num_hyp: int) -> 
     # a group holds a reference unless it is a lone hypothesis row (hypothesis keys are unique)
     group_end = np.r_[group_start[1:], len(key)]
     has_ref = from_ref[group_end - 1]
+    row_match = np.empty(len(key), dtype=np.int64)
+    row_match[rows] = group_hyp_row[group_of]  # (a hypothesis row leads its group: itself)
     join = ReferenceJoin(key=sorted_key[group_start][has_ref], max_count=group_max[has_ref],
                          gram=counts.gram[rows[first]][has_ref], hyp_clip=group_max[group_of[:num_hyp_rows]],
-                         ref_match=group_hyp_row[group_of[num_hyp_rows:]])
+                         row_match=row_match)
     counts._reference_join = (num_hyp, ref_image, join)
     return join
 
