@@ -8,7 +8,9 @@ equal pycocoevalcap's to 1e-9 or better; METEOR runs the jar shipped with pycoco
 from __future__ import annotations
 
 import gc
+import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import accumulate, chain, repeat
 from typing import Hashable, Iterable, Mapping, Sequence
@@ -132,6 +134,23 @@ def _keep_large_arrays_on_the_heap() -> None:
         del del_me
 
 
+def _meteor_scores(hypotheses: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
+    from vlmkit.metrics.meteor import Meteor
+
+    with Meteor() as meteor:
+        return meteor.compute_score(hypotheses, references)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+_CORES = _available_cores()
+
+
 def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
                    metrics: Iterable[str] = DEFAULT_METRICS, per_image: bool = False) -> dict:
     """Corpus caption scores: keys "BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr", "METEOR" (as asked), "n".
@@ -160,24 +179,31 @@ def _score_captions(predictions, references, metrics, per_image: bool) -> dict:
 
     result: dict = {}
     per: dict[str, list[float]] = {}
-    # BLEU and CIDEr-D share one n-gram count of the whole set
-    # ...and all scorers one encoding of the words into integers
-    by_space, by_whitespace = encode_both(hypotheses + flat)
-    counts = count_caption_ngrams(hypotheses, grouped, encoded=by_whitespace) if {"bleu", "cider"} & set(chosen) else None
-    if "bleu" in chosen:
-        corpus, scores = bleu_scores(hypotheses, grouped, counts=counts)
-        for k in range(4):
-            result[f"BLEU-{k + 1}"] = corpus[k]
-            per[f"BLEU-{k + 1}"] = scores[k]
-    if "rouge" in chosen:
-        result["ROUGE-L"], per["ROUGE-L"] = rouge_l_scores(hypotheses, grouped, encoded=by_space)
-    if "cider" in chosen:
-        result["CIDEr"], per["CIDEr"] = cider_scores(hypotheses, grouped, counts=counts)
-    if "meteor" in chosen:
-        from vlmkit.metrics.meteor import Meteor
-
-        with Meteor() as meteor:
-            result["METEOR"], per["METEOR"] = meteor.compute_score(hypotheses, grouped)
+    with ThreadPoolExecutor(max_workers=2) as background:
+        # METEOR is a Java process, which the thread only waits for
+        meteor = background.submit(_meteor_scores, hypotheses, grouped) if "meteor" in chosen else None
+        # BLEU and CIDEr-D share one n-gram count of the whole set
+        # ...and all scorers one encoding of the words into integers
+        by_space, by_whitespace = encode_both(hypotheses + flat)
+        # ROUGE-L is numpy work on large arrays (which releases the GIL), like the counting: with
+        # a second core the two run side by side
+        rouge = None
+        if "rouge" in chosen and _CORES > 1:
+            rouge = background.submit(rouge_l_scores, hypotheses, grouped, encoded=by_space)
+        counts = (count_caption_ngrams(hypotheses, grouped, encoded=by_whitespace)
+                  if {"bleu", "cider"} & set(chosen) else None)
+        if "bleu" in chosen:
+            corpus, scores = bleu_scores(hypotheses, grouped, counts=counts)
+            for k in range(4):
+                result[f"BLEU-{k + 1}"] = corpus[k]
+                per[f"BLEU-{k + 1}"] = scores[k]
+        if "rouge" in chosen:
+            result["ROUGE-L"], per["ROUGE-L"] = (rouge.result() if rouge is not None
+                                                 else rouge_l_scores(hypotheses, grouped, encoded=by_space))
+        if "cider" in chosen:
+            result["CIDEr"], per["CIDEr"] = cider_scores(hypotheses, grouped, counts=counts)
+        if meteor is not None:
+            result["METEOR"], per["METEOR"] = meteor.result()
     result["n"] = len(image_ids)
     if per_image:
         result["per_image"] = {image_id: {name: values[index] for name, values in per.items()}
