@@ -124,6 +124,29 @@ def test_caption_tails_see_the_next_caption_exactly_as_whole_scanning(java_ptb):
             assert expected == java_ptb(captions)
 
 
+def test_segment_break_pattern_is_the_documented_rule():
+    """`_SEGMENT_BREAK` cuts exactly at a space followed by a character that is not a digit,
+    ASCII capital, period, "<" or SPACENL start, or at a space after an ASCII letter followed
+    by anything but "<" and a SPACENL start (never at the end); its character class holds
+    exactly the characters SPACENL can start with."""
+    import re
+
+    from vlmkit.metrics import ptb
+
+    chars = [chr(code) for code in range(0x3100) if not 0xD800 <= code <= 0xDFFF]
+    assert ({c for c in chars if re.match(ptb.SPACENL, c + "\n")}
+            == {c for c in chars if re.fullmatch(f"[{ptb._SPACENL_CHARS}]", c)})
+    rng = random.Random(5)
+    alphabet = "aZ1 .<\n\t\u00a0\u3000\u0663x,'\u2028\r-"
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        expected = [i for i, c in enumerate(text) if c == " " and i + 1 < len(text) and (
+            not re.match(f"[{ptb._D}A-Z.<]|{ptb.SPACENL}", text[i + 1:])
+            or (i > 0 and text[i - 1].isascii() and text[i - 1].isalpha()
+                and not re.match(f"<|{ptb.SPACENL}", text[i + 1:])))]
+        assert [m.start() for m in ptb._SEGMENT_BREAK.finditer(text)] == expected, text
+
+
 def test_segment_breaks_never_split_a_token(java_ptb):
     """The segment boundaries hold against the Java tokenizer itself, fragment by fragment.
 

@@ -740,7 +740,11 @@ _LETTER_PERIOD_END = re.compile(f"[A-Za-z]\\.{SPACE}*$")
 # or line break, a digit, a period, an ASCII capital and "<"), or a space after an ASCII letter
 # followed by anything but a space or line break and "<" (no rule takes in a space, or looks
 # past one, after a letter).
-_SEGMENT_BREAK = re.compile(f" (?![{_D}A-Z.<]|{SPACENL}|$)|(?<=[A-Za-z]) (?!<|{SPACENL}|$)")
+# (Written with positive look-aheads on one character class each, SPACENL's first characters
+# spelled out, and the space first in both alternatives: a third faster to split with than
+# the same breaks as `(?!...|{SPACENL}|$)` alternatives.)
+_SPACENL_CHARS = " \t\u00a0\u2000-\u200a\u3000\r\n\u2028\u2029\u000b\u000c\u0085"  # SPACENL starts
+_SEGMENT_BREAK = re.compile(f" (?=[^{_D}A-Z.<{_SPACENL_CHARS}])| (?<=[A-Za-z] )(?=[^<{_SPACENL_CHARS}])")
 # The same breaks, and line breaks, for captions joined by "\n" (a space before the "\n" is
 # no break, as a space at the end of a lone caption, since "\n" is in SPACENL).
 _SEGMENT_OR_LINE_BREAK = re.compile(f"{_SEGMENT_BREAK.pattern}|\n")
@@ -808,8 +812,8 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     caption the breaks are the ones of `_SEGMENT_BREAK` on the caption alone (the look-ahead
     sees the caption's own characters, and at its end "\n", which like the end of the text is
     no break), so the pieces between two marks are exactly the caption's segments, the last one
-    being its tail. Tails are handled per caption as in `_scan_segmented` (the plain test is
-    remembered per tail string: it depends on nothing else); all other pieces go through the
+    being its tail. Tails are handled per caption as in `_scan_segmented` (their kept tokens
+    remembered where they do not depend on the next caption, below); all other pieces go through the
     memo, the missing ones scanned in front of " a" as there. The kept parts (not None) are
     joined with spaces, "\n" at the marks, so each caption's line is its parts joined by
     spaces between one leading and one trailing space (just " " when it has none).
@@ -828,25 +832,28 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     pieces = _SEGMENT_OR_LINE_BREAK.split(text)
     last = len(captions) - 1
     marks, tails, tail_results = [0], [], []
-    plain_tails: dict[str, str | None] = {}
-    free_tails: dict[tuple[str, bool], str | None] = {}  # (tail, a caption follows) -> kept tokens
+    # kept tokens of a tail followed by a caption, for the tails whose tokens do not depend on
+    # which caption (plain tails, and those not ending in a letter and a period: see above)
+    free_tails: dict[str, str | None] = {}
+    bound_tails: set[str] = set()  # the others
     start = 1
     for index in indices:
         mark = pieces.index(_MARK, start)
         tail = pieces[mark - 1]
         pieces[mark - 1] = _MARK  # not a segment for the memo
-        result = plain_tails.get(tail, _MISSING)
-        if result is _MISSING:
-            result = plain_tails[tail] = _plain_kept(tail) if _is_plain(tail) else _MISSING
+        result = free_tails.get(tail, _MISSING) if index < last else _MISSING
         if result is _MISSING:
             following = "\n" + captions[index + 1] if index < last else ""
-            if _LETTER_PERIOD_END.search(tail):
+            if tail in bound_tails:
                 result = _kept(_scan(tail + following, 0, len(tail)))
-            else:  # the next caption is not looked at (see the docstring)
-                key = (tail, index < last)
-                result = free_tails.get(key, _MISSING)
-                if result is _MISSING:
-                    result = free_tails[key] = _kept(_scan(tail + following, 0, len(tail)))
+            elif _is_plain(tail):  # e.g. "grass." or "table .": its lowercased words whatever follows
+                result = free_tails[tail] = _plain_kept(tail)
+            else:
+                result = _kept(_scan(tail + following, 0, len(tail)))
+                if _LETTER_PERIOD_END.search(tail):
+                    bound_tails.add(tail)
+                elif index < last:
+                    free_tails[tail] = result
         marks.append(mark)
         tails.append(mark - 1)
         tail_results.append(result)
