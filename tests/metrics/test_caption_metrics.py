@@ -376,3 +376,26 @@ def test_score_captions_restores_the_garbage_collector():
         assert not gc.isenabled()  # a caller's choice is kept
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_order_blocks_sorted_side_by_side_equal_one_sort(cores, monkeypatch):
+    """`_sort_order_blocks` (two threads with a second core) sorts like one stable sort, and
+    whole scores do not depend on the number of cores."""
+    from vlmkit.metrics import ngrams
+
+    monkeypatch.setattr(ngrams, "CORES", cores)
+    monkeypatch.setattr(ngrams, "_PARALLEL_SORT_MIN", 10)
+    rng = np.random.default_rng(4)
+    sizes = [50, 0, 70, 33]
+    blocks = [rng.integers(0, 1000, size) + 1000 * k for k, size in enumerate(sizes)]
+    key = np.concatenate(blocks).astype(np.int32)
+    expected = np.sort(key, kind="stable")
+    ngrams._sort_order_blocks(key, np.cumsum([0] + sizes))
+    assert key.tolist() == expected.tolist()
+
+    predictions, references = random_corpus(300, 5, seed=9, tricky=0.3)
+    monkeypatch.setattr(ngrams, "CORES", 1)
+    single = score_captions(predictions, references, per_image=True)
+    monkeypatch.setattr(ngrams, "CORES", cores)
+    assert score_captions(predictions, references, per_image=True) == single

@@ -8,7 +8,6 @@ equal pycocoevalcap's to 1e-9 or better; METEOR runs the jar shipped with pycoco
 from __future__ import annotations
 
 import gc
-import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Hashable, Iterable, Mapping, Sequence
 import numpy as np
 
 from vlmkit.errors import UserError
+from vlmkit.metrics import ngrams
 from vlmkit.metrics.bleu import bleu_scores
 from vlmkit.metrics.cider import cider_scores
 from vlmkit.metrics.ngrams import count_caption_ngrams, encode_both
@@ -141,16 +141,6 @@ def _meteor_scores(hypotheses: list[str], references: list[list[str]]) -> tuple[
         return meteor.compute_score(hypotheses, references)
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
-_CORES = _available_cores()
-
-
 def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
                    metrics: Iterable[str] = DEFAULT_METRICS, per_image: bool = False) -> dict:
     """Corpus caption scores: keys "BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr", "METEOR" (as asked), "n".
@@ -188,7 +178,7 @@ def _score_captions(predictions, references, metrics, per_image: bool) -> dict:
         # ROUGE-L is numpy work on large arrays (which releases the GIL), like the counting: with
         # a second core the two run side by side
         rouge = None
-        if "rouge" in chosen and _CORES > 1:
+        if "rouge" in chosen and ngrams.CORES > 1:
             rouge = background.submit(rouge_l_scores, hypotheses, grouped, encoded=by_space)
         counts = (count_caption_ngrams(hypotheses, grouped, encoded=by_whitespace)
                   if {"bleu", "cider"} & set(chosen) else None)
