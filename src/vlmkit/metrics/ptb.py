@@ -300,18 +300,119 @@ def _caseless(pattern: str) -> str:
 
 
 def _rule(name, pattern, context=None, out=KEEP):
-    """One lexer rule per top-level alternative: (name, regex, out).
+    """One lexer rule per top-level alternative: (name, regex, first-character test, out,
+    needed characters).
 
     JFlex picks the longest match (trailing context included) and, on ties, the earliest
     rule; Python alternation picks the first alternative that works, so each alternative is
     matched on its own. The trailing context is a capturing look-ahead so its length counts.
+    The needed characters (`_needed_characters`) let `_scan` skip a rule without running it.
     """
     rules = []
     for alternative in _split_top_level(pattern):
         regex = _caseless(f"(?:{alternative})" + (f"(?=({context}))" if context else ""))
         compiled = re.compile(regex)
-        rules.append((name, compiled, _first_char_test(compiled.pattern), out))
+        rules.append((name, compiled, _first_char_test(compiled.pattern), out, _needed_characters(compiled.pattern)))
     return rules
+
+
+# The characters SPACENL can start with (spaces and line breaks), and a search for the first.
+_SPACENL_CHARS = " \t\u00a0\u2000-\u200a\u3000\r\n\u2028\u2029\u000b\u000c\u0085"
+_SPACE_OR_LINE_BREAK = re.compile(f"[{_SPACENL_CHARS}]")
+_SPACES_AND_LINE_BREAKS = frozenset(ch for ch in map(chr, range(0x3001)) if _SPACE_OR_LINE_BREAK.match(ch))
+_NEED_CLASS_LIMIT = 16  # character classes larger than this are not used as a need
+
+
+def _needed_characters(pattern: str) -> tuple[frozenset, ...] | None:
+    """Character sets such that every match of `pattern` holds a character of each, when no
+    match can hold a space or line break (else None: `_scan` then cannot bound a match by the
+    next space). At most the two rarest sets, punctuation before letters and digits.
+
+    Conservative by construction: look-arounds (the trailing context) add nothing, nor do
+    optional parts, negated classes, categories or large classes, and under case-insensitive
+    matching no letter is needed (Python folds e.g. "k" with the Kelvin sign). So a rule is
+    only skipped when it cannot match; `tests/metrics/test_ptb.py` checks the scanner with
+    and without this pruning on generated corpora.
+    """
+    parsed = _sre_parse.parse(pattern)
+    if _may_hold(parsed, _SPACES_AND_LINE_BREAKS):
+        return None
+    needs = sorted(set(_needs(parsed, False)), key=lambda chars: (sum(ch.isalnum() for ch in chars), len(chars)))
+    return tuple(needs[:2]) or None
+
+
+def _class_members(items) -> frozenset | None:
+    """The characters of a parsed class `[...]`, None when negated, with a category or large."""
+    c = _sre_constants
+    members: set[str] = set()
+    for kind, value in items:
+        if kind is c.LITERAL:
+            members.add(chr(value))
+        elif kind is c.RANGE and value[1] - value[0] < _NEED_CLASS_LIMIT:
+            members.update(map(chr, range(value[0], value[1] + 1)))
+        else:  # NEGATE, CATEGORY, a large range
+            return None
+    return frozenset(members) if len(members) <= _NEED_CLASS_LIMIT else None
+
+
+def _needs(items, ignore_case: bool) -> list[frozenset]:
+    """The needed character sets of a parsed sequence (each set: one of its characters)."""
+    c = _sre_constants
+    needs: list[frozenset] = []
+    for op, arg in items:
+        if op is c.LITERAL or op is c.IN:
+            chars = frozenset(chr(arg)) if op is c.LITERAL else _class_members(arg)
+            if chars and not (ignore_case and any(ch.lower() != ch.upper() or ch.isalpha() for ch in chars)):
+                needs.append(chars)
+        elif op is c.SUBPATTERN:
+            needs += _needs(arg[3], ignore_case or bool(arg[1] & re.IGNORECASE))
+        elif op is c.BRANCH:  # one set per branch, joined: some character of the union is needed
+            per_branch = []
+            for branch in arg[1]:
+                options = _needs(branch, ignore_case)
+                if not options:
+                    break
+                per_branch.append(min(options, key=len))
+            else:
+                needs.append(frozenset().union(*per_branch))
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            if arg[0] >= 1:
+                needs += _needs(arg[2], ignore_case)
+        # AT, ASSERT (the context), ASSERT_NOT, ANY, NOT_LITERAL, CATEGORY, ...: nothing needed
+    return needs
+
+
+def _may_hold(items, chars: frozenset) -> bool:
+    """Whether a match of the parsed sequence can hold one of `chars` (conservative: True
+    when unsure). Look-arounds are not part of the match."""
+    c = _sre_constants
+    for op, arg in items:
+        if op is c.LITERAL:
+            if chr(arg) in chars:
+                return True
+        elif op is c.IN:
+            negate = any(kind is c.NEGATE for kind, _ in arg)
+            if any(kind is c.CATEGORY for kind, _ in arg):
+                return True
+            for ch in chars:
+                listed = any((kind is c.LITERAL and ord(ch) == value)
+                             or (kind is c.RANGE and value[0] <= ord(ch) <= value[1]) for kind, value in arg)
+                if listed != negate:
+                    return True
+        elif op is c.SUBPATTERN:
+            if _may_hold(arg[3], chars):
+                return True
+        elif op is c.BRANCH:
+            if any(_may_hold(branch, chars) for branch in arg[1]):
+                return True
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            if _may_hold(arg[2], chars):
+                return True
+        elif op in (c.AT, c.ASSERT, c.ASSERT_NOT):
+            continue
+        else:  # ANY, NOT_LITERAL, CATEGORY, GROUPREF, ...
+            return True
+    return False
 
 
 def _no_soft_hyphen(text: str) -> str:
@@ -457,7 +558,14 @@ def _scan(text: str, start: int, end: int) -> list[str]:
             pos = _SPACES.match(text, pos).end()
             continue
         best_total, best, best_end = 0, None, 0
+        present = None  # the characters up to the next space or line break
         for rule in _rules_for(text[pos]):
+            if rule[4] is not None:  # skip a rule whose match needs a character not there
+                if present is None:
+                    stop = _SPACE_OR_LINE_BREAK.search(text, pos)
+                    present = set(text[pos:stop.start() if stop else len(text)])
+                if rule[4][0].isdisjoint(present) or (len(rule[4]) > 1 and rule[4][1].isdisjoint(present)):
+                    continue
             match = rule[1].match(text, pos)
             if match is None or match.end() == pos:
                 continue
@@ -743,7 +851,6 @@ _LETTER_PERIOD_END = re.compile(f"[A-Za-z]\\.{SPACE}*$")
 # (Written with positive look-aheads on one character class each, SPACENL's first characters
 # spelled out, and the space first in both alternatives: a third faster to split with than
 # the same breaks as `(?!...|{SPACENL}|$)` alternatives.)
-_SPACENL_CHARS = " \t\u00a0\u2000-\u200a\u3000\r\n\u2028\u2029\u000b\u000c\u0085"  # SPACENL starts
 _SEGMENT_BREAK = re.compile(f" (?=[^{_D}A-Z.<{_SPACENL_CHARS}])| (?<=[A-Za-z] )(?=[^<{_SPACENL_CHARS}])")
 # The same breaks, and line breaks, for captions joined by "\n" (a space before the "\n" is
 # no break, as a space at the end of a lone caption, since "\n" is in SPACENL).
