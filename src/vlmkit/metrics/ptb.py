@@ -21,6 +21,7 @@ thousands of generated captions (tests/metrics/test_ptb.py).
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 import sys
 import unicodedata
@@ -143,11 +144,12 @@ except ImportError:  # pragma: no cover
 _CLASS_ANSWERS: dict[tuple, dict[str, bool]] = {}
 
 
-def _first_char_test(pattern: str):
+def _first_char_test(pattern: str, parsed=None):
     """A predicate telling whether a match of `pattern` can start with a given character.
 
     Conservative: anything it does not understand makes it answer True. It only prunes the
-    rules tried at each position, so it affects speed, never results.
+    rules tried at each position, so it affects speed, never results. `parsed` is
+    `_sre_parse.parse(pattern)` when the caller has it.
     """
     c = _sre_constants
     tests: list = []
@@ -223,7 +225,7 @@ def _first_char_test(pattern: str):
             return False
         return True
 
-    if first_of(_sre_parse.parse(pattern), False):
+    if first_of(_sre_parse.parse(pattern) if parsed is None else parsed, False):
         tests.append(lambda ch: True)
     return lambda ch: any(test(ch) for test in tests)
 
@@ -312,7 +314,8 @@ def _rule(name, pattern, context=None, out=KEEP):
     for alternative in _split_top_level(pattern):
         regex = _caseless(f"(?:{alternative})" + (f"(?=({context}))" if context else ""))
         compiled = re.compile(regex)
-        rules.append((name, compiled, _first_char_test(compiled.pattern), out, _needed_characters(compiled.pattern)))
+        parsed = _sre_parse.parse(compiled.pattern)
+        rules.append((name, compiled, _first_char_test(compiled.pattern, parsed), out, _needed_characters(parsed)))
     return rules
 
 
@@ -323,8 +326,8 @@ _SPACES_AND_LINE_BREAKS = frozenset(ch for ch in map(chr, range(0x3001)) if _SPA
 _NEED_CLASS_LIMIT = 16  # character classes larger than this are not used as a need
 
 
-def _needed_characters(pattern: str) -> tuple[frozenset, ...] | None:
-    """Character sets such that every match of `pattern` holds a character of each, when no
+def _needed_characters(parsed) -> tuple[frozenset, ...] | None:
+    """Character sets such that every match of the parsed pattern holds a character of each, when no
     match can hold a space or line break (else None: `_scan` then cannot bound a match by the
     next space). At most the two rarest sets, punctuation before letters and digits.
 
@@ -334,7 +337,6 @@ def _needed_characters(pattern: str) -> tuple[frozenset, ...] | None:
     only skipped when it cannot match; `tests/metrics/test_ptb.py` checks the scanner with
     and without this pruning on generated corpora.
     """
-    parsed = _sre_parse.parse(pattern)
     if _may_hold(parsed, _SPACES_AND_LINE_BREAKS):
         return None
     needs = sorted(set(_needs(parsed, False)), key=lambda chars: (sum(ch.isalnum() for ch in chars), len(chars)))
@@ -382,6 +384,24 @@ def _needs(items, ignore_case: bool) -> list[frozenset]:
     return needs
 
 
+@functools.lru_cache(maxsize=None)
+def _class_admits(items: tuple, chars: frozenset) -> bool:
+    """Whether a parsed class `[...]` matches one of `chars` (a category: True). The same
+    large classes (letters, digits) recur in many rules: each is answered once."""
+    c = _sre_constants
+    if any(kind is c.CATEGORY for kind, _ in items):
+        return True
+    negate = any(kind is c.NEGATE for kind, _ in items)
+    codes = set(map(ord, chars))
+    listed = set()
+    for kind, value in items:
+        if kind is c.LITERAL and value in codes:
+            listed.add(value)
+        elif kind is c.RANGE:
+            listed.update(code for code in codes if value[0] <= code <= value[1])
+    return len(listed) < len(codes) if negate else bool(listed)
+
+
 def _may_hold(items, chars: frozenset) -> bool:
     """Whether a match of the parsed sequence can hold one of `chars` (conservative: True
     when unsure). Look-arounds are not part of the match."""
@@ -391,14 +411,8 @@ def _may_hold(items, chars: frozenset) -> bool:
             if chr(arg) in chars:
                 return True
         elif op is c.IN:
-            negate = any(kind is c.NEGATE for kind, _ in arg)
-            if any(kind is c.CATEGORY for kind, _ in arg):
+            if _class_admits(tuple(arg), chars):
                 return True
-            for ch in chars:
-                listed = any((kind is c.LITERAL and ord(ch) == value)
-                             or (kind is c.RANGE and value[0] <= ord(ch) <= value[1]) for kind, value in arg)
-                if listed != negate:
-                    return True
         elif op is c.SUBPATTERN:
             if _may_hold(arg[3], chars):
                 return True
