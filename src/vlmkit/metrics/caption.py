@@ -8,7 +8,7 @@ equal pycocoevalcap's to 1e-9 or better; METEOR runs the jar shipped with pycoco
 from __future__ import annotations
 
 import gc
-import platform
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import accumulate, chain, repeat
@@ -115,7 +115,16 @@ def _collector_paused():
 # glibc raises its mmap threshold to the size of any mmap-ed block that is freed, up to 32 MiB
 # (a block is its request plus a header, rounded up to pages)
 _HEAP_NUDGE_BYTES = (32 << 20) - (8 << 10)
-_GLIBC = platform.libc_ver()[0] == "glibc"
+
+
+def _is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not glibc (musl, macOS, Windows)
+        return False
+
+
+_GLIBC = _is_glibc()
 
 
 def _keep_large_arrays_on_the_heap() -> None:
