@@ -87,11 +87,11 @@ def encode_both(sentences: list[str]) -> tuple[tuple[np.ndarray, np.ndarray], tu
     """`encode_words` with `" "` and with `None`, sharing the work.
 
     Everything runs in C: joining with spaces and splitting on spaces gives every sentence's
-    `split(" ")` words, a block of sentences at a time; `dict.setdefault` and `map` build the ids. Tokenized captions
-    are single-space separated, so `split()` gives the same words unless a word is empty (an
-    empty sentence) or holds other whitespace (a non-breaking space from PTB); only then is
-    the `split()` encoding derived, with numpy, from the per-word `split()` of the few distinct
-    words (`_split_encoding`).
+    `split(" ")` words, a block of sentences at a time; `dict.setdefault` and `map` build the
+    ids. Tokenized captions are single-space separated, so `split()` gives the same words unless
+    a word is empty (an empty sentence) or holds other whitespace (a non-breaking space from
+    PTB); only then is the `split()` encoding derived, with numpy, from the per-word `split()`
+    of the few distinct words (`_split_encoding`).
     """
     lengths = np.fromiter(map(str.count, sentences, repeat(" ")), dtype=np.int64, count=len(sentences)) + 1
     # One dict pass: `setdefault` gives each word the position of its first occurrence; the
@@ -231,20 +231,20 @@ def _gram_ids(tokens: np.ndarray, lengths: np.ndarray, n: int):
     index_dtype = np.int32 if max(len(tokens), num_sentences) < _INT32_LIMIT else np.int64
     sentence_of_token = np.repeat(np.arange(num_sentences, dtype=index_dtype), lengths)
     vocab_size = int(tokens.max()) + 1 if len(tokens) else 1
-    words = tokens.astype(np.int32 if vocab_size < _INT32_LIMIT else np.int64)
+    word_ids = tokens.astype(np.int32 if vocab_size < _INT32_LIMIT else np.int64)
 
     positions, local_parts, sizes = [], [], []
-    previous, previous_size = words, vocab_size
+    previous, previous_size = word_ids, vocab_size
     for k in range(1, n + 1):
         if k == 1:
-            ids, size = _renumber(words, vocab_size)
+            ids, size = _renumber(word_ids, vocab_size)
         else:
             # the k-gram starting at i is the (k-1)-gram at i followed by token i+k-1
             bound = previous_size * vocab_size
             code_dtype = np.int32 if bound < _INT32_LIMIT else np.int64
-            combined = previous[:len(words) - k + 1].astype(code_dtype)
+            combined = previous[:len(word_ids) - k + 1].astype(code_dtype)
             combined *= vocab_size
-            combined += words[k - 1:]
+            combined += word_ids[k - 1:]
             ids, size = _renumber(combined, bound)
             del combined
         valid = sentence_of_token[:len(ids)] == sentence_of_token[k - 1:k - 1 + len(ids)]  # within a sentence
