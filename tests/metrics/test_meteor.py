@@ -39,3 +39,33 @@ def test_missing_jar_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(meteor_module.os.path, "isfile", lambda path: False)
     with pytest.raises(UserError, match="meteor-1.5.jar"):
         meteor_module.find_meteor_jar()
+
+
+@needs_java
+def test_score_captions_runs_meteor_beside_the_other_metrics(reference_numbers, monkeypatch):
+    """`score_captions` starts METEOR's JVM on a second thread while it computes the other
+    metrics: the same METEOR as the scorer on its own, every other metric unchanged, the JVM
+    closed afterwards, and a METEOR error (here: no Java) still reaches the caller."""
+    pytest.importorskip("pycocoevalcap", reason="pycocoevalcap (test extra) provides meteor-1.5.jar")
+    from vlmkit.metrics.caption import score_captions
+
+    raw = reference_numbers["input_raw"]
+    predictions = {k: v[0]["caption"] for k, v in raw["res"].items()}
+    references = {k: [c["caption"] for c in v] for k, v in raw["gts"].items()}
+    started = []
+    original = meteor_module.Meteor.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(meteor_module.Meteor, "__init__", recording_init)
+    with_meteor = score_captions(predictions, references, metrics=("bleu", "rouge", "cider", "meteor"))
+    without = score_captions(predictions, references)
+    assert abs(with_meteor["METEOR"] - reference_numbers["METEOR"]["corpus"]) <= 1e-9
+    assert {k: v for k, v in with_meteor.items() if k != "METEOR"} == without
+    assert len(started) == 1 and started[0]._process.poll() is not None
+
+    monkeypatch.setattr(meteor_module.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="METEOR needs Java"):
+        score_captions(predictions, references, metrics=("bleu", "meteor"))
