@@ -339,7 +339,8 @@ def _needed_characters(parsed) -> tuple[frozenset, ...] | None:
     """
     if _may_hold(parsed, _SPACES_AND_LINE_BREAKS):
         return None
-    needs = sorted(set(_needs(parsed, False)), key=lambda chars: (sum(ch.isalnum() for ch in chars), len(chars)))
+    ignore_case = bool(parsed.state.flags & re.IGNORECASE)  # a global (?i) flag
+    needs = sorted(set(_needs(parsed, ignore_case)), key=lambda chars: (sum(ch.isalnum() for ch in chars), len(chars)))
     return tuple(needs[:2]) or None
 
 
