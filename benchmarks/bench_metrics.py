@@ -60,7 +60,10 @@ def main() -> None:
         ref_times.append(time.perf_counter() - start)
     worst = max(abs(ours[k] - ref[k]) for k in ours)
     ratios = sorted(r / o for r, o in zip(ref_times, ours_times))
-    print(f"data: {args.images} images x {args.refs} refs, style={args.style}, tricky={args.tricky}")
+    from vlmkit.metrics.ngrams import CORES
+
+    print(f"data: {args.images} images x {args.refs} refs, style={args.style}, tricky={args.tricky}; "
+          f"{CORES} core(s) for vlmkit")
     print(f"pycocoevalcap (Java PTB + BLEU + ROUGE-L + CIDEr-D): {min(ref_times):.3f} s (best of {args.repeat})")
     print(f"vlmkit.metrics (same):                              {min(ours_times):.3f} s (best of {args.repeat})")
     print(f"speed-up: {min(ref_times) / min(ours_times):.1f}x best/best, {ratios[len(ratios) // 2]:.1f}x median "
