@@ -280,22 +280,22 @@ def test_reference_join_matches_dict_lookups(empty_hypotheses):
     assert join.gram.tolist() == [t[2] for t in table]
 
 
-def test_renumber_table_and_sort_paths_agree():
+def test_renumber_bitmap_and_sort_paths_agree():
     """Dense n-gram ids from the bitmap (no sort) equal those of the sorting path, both 32-bit."""
     from vlmkit.metrics import ngrams
 
     rng = np.random.default_rng(3)
     for bound in (1, 50, 5000, 4_000_000):
         codes = rng.integers(0, bound, size=20000)
-        table_ids, table_size = ngrams._renumber(codes, bound)
-        limit = ngrams._TABLE_LIMIT
-        ngrams._TABLE_LIMIT = 0
+        bitmap_ids, bitmap_size = ngrams._renumber(codes, bound)
+        limit = ngrams._BITMAP_LIMIT
+        ngrams._BITMAP_LIMIT = 0
         try:
             sort_ids, sort_size = ngrams._renumber(codes, bound)
         finally:
-            ngrams._TABLE_LIMIT = limit
-        assert table_size == sort_size and table_ids.dtype == sort_ids.dtype == np.int32  # ids < 2**31
-        assert table_ids.tolist() == sort_ids.tolist()
+            ngrams._BITMAP_LIMIT = limit
+        assert bitmap_size == sort_size and bitmap_ids.dtype == sort_ids.dtype == np.int32  # ids < 2**31
+        assert bitmap_ids.tolist() == sort_ids.tolist()
 
 
 @pytest.mark.parametrize("keys", ["int32", "int64", "too large"])

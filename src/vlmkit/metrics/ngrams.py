@@ -22,7 +22,7 @@ from itertools import count as naturals, repeat
 import numpy as np
 
 # Dense renumbering through a bitmap while the code range stays this small; above it, sort.
-_TABLE_LIMIT = 1 << 24
+_BITMAP_LIMIT = 1 << 24
 _INT32_LIMIT = np.iinfo(np.int32).max  # indices, ids and codes below it are 32-bit
 # `encode_both` splits this many sentences at a time
 _ENCODE_BLOCK = 1024
@@ -191,7 +191,7 @@ def _renumber(codes: np.ndarray, bound: int) -> tuple[np.ndarray, int]:
     id_dtype = np.int32 if len(codes) < _INT32_LIMIT else np.int64
     if len(codes) == 0:
         return codes.astype(id_dtype), 0
-    if bound <= _TABLE_LIMIT:
+    if bound <= _BITMAP_LIMIT:
         # No sort: mark the codes present in a bitmap; a code's id is the number of present
         # codes below it, i.e. the set bits in the words before its word plus those below its
         # bit. A bitmap of the 4-gram codes (millions) fits in cache, where an id table of that
@@ -258,13 +258,18 @@ def _gram_ids(tokens: np.ndarray, lengths: np.ndarray, n: int):
     return sentence_of_token, positions, local_parts, order_size, gram_offset
 
 
-def _unique_counts(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """Indices where a run of equal values starts in `values` (sorted, or grouped)."""
+    starts = np.empty(len(values), dtype=bool)
+    starts[:1] = True
+    np.not_equal(values[1:], values[:-1], out=starts[1:])
+    return np.flatnonzero(starts)
+
+
+def _unique_counts(key: np.ndarray, count_dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values of a sorted key and how often each occurs."""
-    if len(key):
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    else:
-        starts = np.zeros(0, np.int64)
-    return key[starts], np.diff(np.r_[starts, len(key)])
+    starts = _run_starts(key)
+    return key[starts], np.diff(starts, append=len(key)).astype(count_dtype, copy=False)
 
 
 def count_ngrams_encoded(tokens: np.ndarray, lengths: np.ndarray, n: int = 4) -> NgramCounts:
@@ -367,14 +372,7 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     key = np.concatenate(keys) if keys else np.zeros(0, dtype=dtype)
     del keys
     _sort_order_blocks(key, order_bounds)
-    distinct = np.empty(len(key), dtype=bool)
-    distinct[:1] = True
-    np.not_equal(key[1:], key[:-1], out=distinct[1:])
-    first = np.flatnonzero(distinct)
-    del distinct
-    count = np.diff(first, append=len(key)).astype(dtype)  # occurrences of each distinct key
-    key = key[first]
-    del first
+    key, count = _unique_counts(key, dtype)  # (count: occurrences of each distinct key)
 
     group_key = key // slots
     slot = key - group_key * slots
@@ -396,11 +394,7 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
         empty = np.zeros(0, dtype=np.int64)
         counts._reference_join = (num_hyp, ref_image, ReferenceJoin(empty, empty, empty, empty, empty))
         return counts
-    new_group = np.empty(len(key), dtype=bool)
-    new_group[0] = True
-    np.not_equal(group_key[1:], group_key[:-1], out=new_group[1:])
-    group_start = np.flatnonzero(new_group).astype(dtype)  # (rows < key range)
-    del new_group
+    group_start = _run_starts(group_key).astype(dtype)  # (rows < key range)
     group_last = np.empty_like(group_start)
     group_last[:-1] = group_start[1:]
     group_last[-1] = len(key)
