@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_join
+from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_images, reference_join
 
 _TINY = 1e-15
 _SMALL = 1e-9
@@ -24,8 +24,7 @@ def bleu_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     when already computed by `count_caption_ngrams` (CIDEr-D needs the same counts).
     """
     num_hyp = len(hypotheses)
-    ref_counts = np.fromiter(map(len, references), dtype=np.int64, count=num_hyp)
-    ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), ref_counts)
+    ref_counts, ref_image = reference_images(references, num_hyp)
     if counts is None:
         counts = count_caption_ngrams(hypotheses, references, n)
     lengths = counts.lengths

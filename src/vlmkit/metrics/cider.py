@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_join
+from vlmkit.metrics.ngrams import NgramCounts, count_caption_ngrams, reference_images, reference_join
 
 
 def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4, sigma: float = 6.0,
@@ -22,8 +22,7 @@ def cider_scores(hypotheses: list[str], references: list[list[str]], n: int = 4,
     `counts` may be passed in when already computed by `count_caption_ngrams`.
     """
     num_hyp = len(hypotheses)
-    ref_count_per_image = np.fromiter(map(len, references), dtype=np.int64, count=len(references))
-    ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), ref_count_per_image)
+    ref_count_per_image, ref_image = reference_images(references, num_hyp)
     num_refs = np.asarray(ref_count_per_image, dtype=np.float64)
     if counts is None:
         counts = count_caption_ngrams(hypotheses, references, n)

@@ -158,6 +158,14 @@ def _split_encoding(vocab: dict[str, int], ids: np.ndarray, lengths: np.ndarray)
     split_lengths = np.bincount(sentence, weights=count, minlength=len(lengths)).astype(np.int64)
     return split_ids, split_lengths
 
+def reference_images(references: list[list[str]], num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """For the references of `num_images` images, grouped by image: the number of references of
+    each image (I,) and the image of every reference, in order (R,). (numpy raises when there
+    are not `num_images` groups.)"""
+    per_image = np.fromiter(map(len, references), dtype=np.int64, count=len(references))
+    return per_image, np.repeat(np.arange(num_images, dtype=np.int64), per_image)
+
+
 def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: int = 4,
                          encoded: tuple[np.ndarray, np.ndarray] | None = None) -> NgramCounts:
     """N-gram counts of the hypotheses (sentences 0..H-1) then all references, image by image.
@@ -171,8 +179,7 @@ def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: 
         for refs in references:
             sentences.extend(refs)
         encoded = encode_words(sentences)
-    refs_per_image = np.fromiter(map(len, references), dtype=np.int64, count=len(references))
-    return _count_and_join(*encoded, len(hypotheses), refs_per_image, n)
+    return _count_and_join(*encoded, len(hypotheses), *reference_images(references, len(hypotheses)), n)
 
 
 def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
@@ -313,7 +320,7 @@ _INT32_KEY_LIMIT = np.iinfo(np.int32).max  # below it, 32-bit keys
 
 
 def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_per_image: np.ndarray,
-                    n: int = 4) -> NgramCounts:
+                    ref_image: np.ndarray, n: int = 4) -> NgramCounts:
     """`count_ngrams_encoded` and `reference_join` of hypotheses then references from one sort.
 
     Every n-gram occurrence gets the key ((order, image, gram), slot), the slot being 0 for the
@@ -340,7 +347,7 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     key_range = int(order_size.sum()) * max(num_hyp, 1) * slots
     if n == 0 or key_range >= _IMAGE_KEY_LIMIT:
         counts = count_ngrams_encoded(tokens, lengths, n)
-        reference_join(counts, np.repeat(np.arange(num_hyp, dtype=np.int64), refs_per_image), num_hyp)
+        reference_join(counts, ref_image, num_hyp)
         return counts
     # 32-bit keys and row fields when the keys fit (every key, sentence * n + order and
     # order * images + image is below the key range): half the memory traffic, faster division
@@ -348,9 +355,8 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
     size, offset = order_size.astype(dtype), gram_offset.astype(dtype)
     # (image, slot) of every sentence as image * slots + slot
     ref_first = np.cumsum(refs_per_image) - refs_per_image
-    ref_slot = np.arange(num_sentences - num_hyp) - np.repeat(ref_first, refs_per_image) + 1
-    place = np.concatenate([np.arange(num_hyp, dtype=np.int64) * slots,
-                            np.repeat(np.arange(num_hyp, dtype=np.int64) * slots, refs_per_image) + ref_slot])
+    ref_slot = np.arange(num_sentences - num_hyp) - ref_first[ref_image] + 1
+    place = np.concatenate([np.arange(num_hyp, dtype=np.int64) * slots, ref_image * slots + ref_slot])
     place_of_token = place.astype(dtype)[sentence_of_token]
     del sentence_of_token  # (arrays are dropped as soon as they are used up: less memory to fill)
     keys = []
@@ -389,7 +395,6 @@ def _count_and_join(tokens: np.ndarray, lengths: np.ndarray, num_hyp: int, refs_
                          num_grams=int(order_size.sum()), lengths=lengths, gram_offset=gram_offset,
                          order_size=order_size, key_slots=slots)
 
-    ref_image = np.repeat(np.arange(num_hyp, dtype=np.int64), refs_per_image)
     if len(key) == 0:
         empty = np.zeros(0, dtype=np.int64)
         counts._reference_join = (num_hyp, ref_image, ReferenceJoin(empty, empty, empty, empty, empty))

@@ -110,11 +110,10 @@ def rouge_l_scores(hypotheses: list[str], references: list[list[str]],
     `encoded` may hold the `split(" ")` word ids of hypotheses then references
     (`vlmkit.metrics.ngrams.encode_both(...)[0]`).
     """
-    from vlmkit.metrics.ngrams import encode_words
+    from vlmkit.metrics.ngrams import encode_words, reference_images
 
     num_hyp = len(hypotheses)
-    refs_per_image = np.fromiter(map(len, references), dtype=np.int64, count=len(references))
-    owner = np.repeat(np.arange(num_hyp, dtype=np.int64), refs_per_image)
+    _, owner = reference_images(references, num_hyp)
     if encoded is None:
         sentences = list(hypotheses)
         for refs in references:
