@@ -102,8 +102,8 @@ def test_segment_memo_equals_whole_caption_scanning():
 
 
 def test_caption_tails_see_the_next_caption_exactly_as_whole_scanning(java_ptb):
-    """A caption's last segment is scanned once per (tail, whether a caption follows) unless it
-    ends in a letter and a period: the same tails before next captions that could matter
+    """A caption's last segment is scanned once and remembered unless it ends in a letter and a
+    period (or is the last caption's): the same tails before next captions that could matter
     (capitals, acronym followers, digits, periods, quotes, spaces, "<"), as the per-caption
     path and the Java tokenizer see them (Java without the "<b>" follower: before a line
     starting with a tag, the scanner keeps the period of "the letter a." where Java drops it,

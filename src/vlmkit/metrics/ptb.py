@@ -832,9 +832,10 @@ def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
         captions = [_LINE_BREAKS.sub(" ", caption) for caption in captions]
         text = "\n".join(captions)
     # For a plain caption ("A dog, a cat ." / "a dog.") this is exactly its tokens joined by
-    # spaces (`_plain_kept` of every line at once); the other lines are overwritten below. Done on the one-byte-per-character copy
-    # (`_ascii_lines`): plain lines are ASCII, so they are unchanged in it, and a text with any
-    # wide character (one emoji makes every character 4 bytes) costs twice as much as str.
+    # spaces (`_plain_kept` of every line at once); the other lines are overwritten below.
+    # Done on the one-byte-per-character copy (`_ascii_lines`): plain lines are ASCII, so they
+    # are unchanged in it, and a text with any wide character (one emoji makes every character
+    # 4 bytes) costs twice as much as str.
     data = _ascii_lines(text)
     lowered = data.lower()
     lines = lowered[:-1].replace(b",", b"").replace(b" .", b"").replace(b".", b"").decode("ascii").split("\n")
@@ -945,7 +946,7 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     further (sentence starts after `abbrev1`, acronym followers after `letter_followed` and
     `acronym_followed`) match a letter and a period, every other context either stops at the
     "\n" or cannot take it in, and no match spans a line break. Such tails are scanned once
-    per (tail, whether a caption follows).
+    per call and remembered (the last caption's tail, which sees the end of the text, aside).
     """
     if not indices:
         return []
