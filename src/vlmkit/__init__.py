@@ -24,11 +24,11 @@ def create_model(name: str, **overrides):
     return _create(name, **overrides)
 
 
-def list_models() -> list[str]:
-    """Names of every registered model configuration."""
+def list_models(tiny: bool | None = None) -> list[str]:
+    """Names of the registered model configurations (`tiny=True`: only the CPU-test-sized ones)."""
     from vlmkit.models.registry import list_models as _list
 
-    return _list()
+    return _list(tiny)
 
 
 __all__ = ["load", "create_model", "list_models", "UserError", "__version__"]

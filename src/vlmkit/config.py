@@ -7,6 +7,7 @@ what `config.json` holds.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -15,19 +16,116 @@ from vlmkit.errors import UserError
 T = TypeVar("T")
 
 
+_NONE = type(None)
+
+
+def _union_args(annotation) -> tuple | None:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return typing.get_args(annotation)
+    return None
+
+
 def _resolve_type(annotation):
     """Return the dataclass type hidden in an annotation such as `VisionConfig | None`."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(annotation):
+    args = _union_args(annotation)
+    if args is not None:
+        for arg in args:
             if dataclasses.is_dataclass(arg):
                 return arg
         return None
     return annotation if dataclasses.is_dataclass(annotation) else None
 
 
+def _type_name(annotation) -> str:
+    args = _union_args(annotation)
+    if args is not None:
+        return " or ".join("null" if arg is _NONE else _type_name(arg) for arg in args)
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return "a list"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value, annotation):
+    """`value` as `annotation` asks, or _Mismatch. Numbers written as strings are read as numbers
+    (YAML 1.1 reads `1e-3` as a string); nothing else is converted."""
+    if annotation is Any or annotation is typing.Any:
+        return value
+    args = _union_args(annotation)
+    if args is not None:
+        if value is None and _NONE in args:
+            return None
+        for arg in args:
+            if arg is _NONE:
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        items = typing.get_args(annotation)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return tuple(_coerce(item, items[0]) for item in value)
+        if items and len(items) != len(value):
+            raise _Mismatch
+        return tuple(_coerce(item, kind) for item, kind in zip(value, items)) if items else tuple(value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if annotation is int:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if annotation is float:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    return value  # other annotations (callables, classes) are not checked
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are errors."""
+    """Build dataclass `cls` from `data`, recursing into nested dataclasses.
+
+    Unknown keys, keys that do not apply (a class may define `applicable_keys(data) -> (keys,
+    description)`, e.g. a ResNet tower has no `patch_size`) and values of the wrong type are UserErrors naming the key.
+    """
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -38,20 +136,44 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             f"unknown key(s) {', '.join(repr(k) for k in unknown)} in {where}; "
             f"valid keys are: {', '.join(sorted(fields))}"
         )
+    applicable = getattr(cls, "applicable_keys", None)
+    if applicable is not None:
+        allowed, what = applicable(data)
+        wrong = sorted(set(data) - allowed)
+        if wrong:
+            raise UserError(f"{', '.join(repr(k) for k in wrong)} in {where} do(es) not apply to {what}; remove it")
     values = {}
     for name, value in data.items():
         nested = _resolve_type(hints[name])
         if nested is not None and isinstance(value, dict):
             value = from_dict(nested, value, where=f"{where}.{name}")
-        elif isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
-            value = tuple(value)
+        elif nested is None or value is not None:
+            try:
+                value = _coerce(value, hints[name])
+            except _Mismatch:
+                raise UserError(f"{where}.{name} must be {_type_name(hints[name])}, got {value!r}") from None
         values[name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:  # a __post_init__ check that is not a UserError yet
+        raise UserError(f"{where}: {error}") from None
 
 
 def to_dict(config) -> dict[str, Any]:
-    """The plain-dict form of a config dataclass (JSON-ready)."""
-    return dataclasses.asdict(config)
+    """The plain-dict form of a config dataclass (JSON-ready), keeping only the keys that apply."""
+    result = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        result[field.name] = value
+    applicable = getattr(type(config), "applicable_keys", None)
+    if applicable is not None:
+        allowed, _ = applicable(result)
+        result = {key: value for key, value in result.items() if key in allowed}
+    return result
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

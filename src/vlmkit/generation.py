@@ -293,13 +293,11 @@ class Generative:
     """Mixin giving a family `generate(pixels, prompt=None, **decoding) -> list[str]`.
 
     The family implements `decoding_setup(pixels, prompts) -> (step_fn, prompt_tokens)` and sets
-    `default_generation` (a GenerationConfig); this class owns settings, batching and texts.
+    `self.generation_config` (a GenerationConfig: its decoding defaults, saved with the model as
+    generation_config.json); this class owns settings, batching and texts.
     """
 
-    default_generation = GenerationConfig()
-
-    def decoding_setup(self, pixels: torch.Tensor, prompts: list[str] | None):  # pragma: no cover - abstract
-        raise NotImplementedError
+    generation_config: GenerationConfig
 
     def max_new_tokens_allowed(self, prompt_tokens: torch.Tensor) -> int:
         """How many tokens fit after the prompt (the decoder's context length bounds it)."""
@@ -321,7 +319,7 @@ class Generative:
         was_training = self.training
         self.eval()
         try:
-            config = GenerationConfig.from_kwargs(self.default_generation, **decoding)
+            config = GenerationConfig.from_kwargs(self.generation_config, **decoding)
             step_fn, prompt_tokens = self.decoding_setup(pixels.to(self.device), prompts)
             room = self.max_new_tokens_allowed(prompt_tokens)
             if room < 1:

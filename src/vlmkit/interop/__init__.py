@@ -78,28 +78,29 @@ def load_foreign(source: Path, model_name: str | None = None, activation: str | 
     return hf_clip.load(source, dtype=dtype)
 
 
-def export_hf(model, directory: Path) -> None:
-    """Write `model` as an HF transformers folder: CLIPModel for CLIP, BertModel (+ sentence-transformers files) for a text encoder."""
-    from vlmkit.interop import bert, hf_clip
+def _exporter(model, to: str):
+    """The function writing `model` in format `to`, as its family declares (`export_formats`)."""
+    import importlib
 
-    if model.family == "clip":
-        hf_clip.export(model, Path(directory))
-    elif model.family == "text_encoder":
-        bert.export(model, Path(directory))
-    else:
-        raise UserError(f"the '{model.family}' family has no HF transformers format in vlmkit; save it with format='vlmkit'")
+    target = getattr(model, "export_formats", {}).get(to)
+    if target is None:
+        have = ", ".join(["vlmkit", *getattr(model, "export_formats", {})])
+        raise UserError(f"the '{model.family}' family cannot be written as '{to}'; its formats: {have}")
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def export_hf(model, directory: Path) -> None:
+    """Write `model` as an HF transformers folder (CLIPModel for CLIP, BertModel + sentence-transformers files for a text encoder)."""
+    _exporter(model, "hf")(model, Path(directory))
 
 
 def export(model, directory: Path, to: str) -> None:
     """Save `model` into `directory` as "vlmkit", "hf" or "openclip"."""
-    from vlmkit.interop import openclip
-
-    if to == "openclip":
-        if model.family != "clip":
-            raise UserError(f"only CLIP models can be written in the OpenCLIP format, not '{model.family}'")
-        openclip.export(model, Path(directory))
-    elif to in ("hf", "vlmkit"):
+    if to == "vlmkit":
         model.save_pretrained(directory, format=to)
+    elif to in EXPORT_FORMATS:
+        _exporter(model, to)(model, Path(directory))
     else:
         raise UserError(f"unknown format '{to}'; use one of {', '.join(EXPORT_FORMATS)}")
 

@@ -16,11 +16,11 @@ Two deliberate, documented adaptations, printed on stderr when they happen:
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from vlmkit.config import to_dict
 from vlmkit.errors import UserError
 
 
@@ -51,11 +51,11 @@ class PretrainedTowers:
         self.text_model = load(resolve(init_text)) if init_text else None
         self.image_model = load(resolve(init_image)) if init_image else None
         if self.text_model is not None:
-            if not hasattr(self.text_model, "text"):
+            if "text" not in self.text_model.towers:
                 raise UserError(f"init_text {init_text} holds a '{self.text_model.family}' model with no text tower")
             if self.text_model.tokenizer is None:
                 raise UserError(f"init_text {init_text} has no tokenizer files; the text tower needs its own tokenizer")
-        if self.image_model is not None and not hasattr(self.image_model, "visual"):
+        if self.image_model is not None and "image" not in self.image_model.towers:
             raise UserError(f"init_image {init_image} holds a '{self.image_model.family}' model with no image tower")
 
     @property
@@ -66,7 +66,7 @@ class PretrainedTowers:
     def configure(self, config: dict, model_overrides: dict) -> dict:
         """The model config dict with the pretrained towers' architectures in place of the recipe's."""
         if self.text_model is not None:
-            text = asdict(self.text_model.config.text)
+            text = to_dict(self.text_model.config.text)
             positions = text["context_length"]
             wanted = model_overrides.get("text.context_length", min(positions, self.tokenizer.context_length))
             if wanted > positions:
@@ -74,15 +74,15 @@ class PretrainedTowers:
             text["context_length"] = wanted
             config["text"] = text
         if self.image_model is not None:
-            config["vision"] = asdict(self.image_model.config.vision)
+            config["vision"] = to_dict(self.image_model.config.vision)
         return config
 
     def load_into(self, model) -> None:
         """Copy the pretrained towers' weights into `model` (strict; see the module docstring)."""
         if self.text_model is not None:
-            self._copy(self.text_model.text, model.text, f"init_text {self.text_source}")
+            self._copy(self.text_model.tower("text"), model.tower("text"), f"init_text {self.text_source}")
         if self.image_model is not None:
-            self._copy(self.image_model.visual, model.visual, f"init_image {self.image_source}")
+            self._copy(self.image_model.tower("image"), model.tower("image"), f"init_image {self.image_source}")
 
     @staticmethod
     def _copy(source: torch.nn.Module, target: torch.nn.Module, where: str) -> None:

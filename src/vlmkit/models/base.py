@@ -1,8 +1,16 @@
-"""What every model family shares: the output type, capabilities, save/load, convenience API.
+"""What every model family shares: the plug-in contract, outputs, save/load and the convenience API.
 
-A family subclasses `VLModel`, sets `family`, `config_class` and `capabilities`, and
-implements the capability methods it declares (`encode_image`, `encode_text`, `generate`, ...).
-Tasks call `model.require("embed_image", task="zero-shot")` and get a clear error otherwise.
+A family is one file in `models/` that subclasses `VLModel` and sets:
+- `family` (its name in config.json) and `config_class` (a dataclass of the architecture only);
+- `capabilities`: the protocols of `vlmkit.capabilities` it implements (checked at import);
+- `training_class`: a dataclass of its training options (data sampling, loss weights), filled
+  from the recipe's `training:` section and read by `forward` as `self.training_options`;
+- `towers`: the sub-modules a recipe may lock (`lock_image`, `lock_text`), by role;
+- the training hooks the trainer calls without knowing the family: `tokenizer_texts`,
+  `adapt_config_to_tokenizer`, `adapt_config_to_data`, `training_dataset`, `dummy_batch`.
+Generative families also get `generation_config` (decoding defaults), saved as
+`generation_config.json` next to the weights. Families are found by `models.registry` without a
+hand-kept list; nothing outside a family's file names it.
 """
 from __future__ import annotations
 
@@ -15,18 +23,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmkit.capabilities import EmbedsImages, EmbedsTexts, missing_methods, require
 from vlmkit.config import from_dict, to_dict
-from vlmkit.errors import MissingCapability, UserError
+from vlmkit.errors import UserError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"
 
 
 @dataclass
 class ModelOutput:
+    """`loss` to train on; `logs`: detached 0-d tensors (the trainer reduces them every `log_every` steps,
+    so a forward never forces a host-device sync with `.item()`)."""
+
     loss: torch.Tensor | None = None
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
+
+
+def detached_logs(**values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Log values as detached tensors (what `ModelOutput.logs` holds)."""
+    return {key: value.detach() for key, value in values.items()}
+
+
+@dataclass
+class NoTrainingOptions:
+    """A family with no training options of its own."""
 
 
 class VLModel(nn.Module):
@@ -34,18 +57,37 @@ class VLModel(nn.Module):
 
     family: ClassVar[str] = "base"
     config_class: ClassVar[type] = object
-    capabilities: ClassVar[frozenset[str]] = frozenset()
+    capabilities: ClassVar[tuple[type, ...]] = ()
+    training_class: ClassVar[type] = NoTrainingOptions
+    towers: ClassVar[dict[str, str]] = {}  # role ("image" / "text") -> attribute of a tower a recipe may lock
+    # DDP needs to know whether a step can leave parameters without a gradient (a head skipped when a
+    # micro-batch has none of its samples); True lets it skip the search for unused parameters.
+    uses_every_parameter: ClassVar[bool] = False
+    # Config values a registered tiny configuration needs to build without training data (tests, examples).
+    example_config: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for capability in cls.capabilities:
+            missing = missing_methods(cls, capability)
+            if missing:
+                raise TypeError(
+                    f"{cls.__name__} declares the capability {capability.__name__} but does not implement "
+                    f"{', '.join(missing)}"
+                )
 
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
         self.tokenizer = None  # a vlmkit.tokenizers.Tokenizer, attached by load() or the trainer
         self.transform = None  # a vlmkit.data.transforms.ImageTransform
+        self.training_options = self.training_class()
+        self._locked: set[str] = set()
 
     # ---- capabilities -------------------------------------------------------------------
-    def require(self, capability: str, task: str) -> None:
-        if capability not in self.capabilities:
-            raise MissingCapability(self.family, capability, task)
+    def require(self, capability: type, task: str) -> None:
+        """Raise a clear UserError unless this model provides `capability` (a vlmkit.capabilities protocol)."""
+        require(self, capability, task)
 
     def after_optimizer_step(self) -> None:
         """Hook for constraints applied after each update (CLIP clamps its temperature)."""
@@ -54,7 +96,37 @@ class VLModel(nn.Module):
         """A random batch of the shape `forward` takes; the registry-wide tests run every family on it."""
         raise NotImplementedError(f"{type(self).__name__} must implement dummy_batch for the model tests")
 
+    # ---- towers a recipe can lock ---------------------------------------------------------
+    def tower(self, role: str) -> nn.Module:
+        """The sub-module playing `role` ("image" or "text"), or a UserError naming the roles this family has."""
+        if role not in self.towers:
+            have = ", ".join(sorted(self.towers)) or "none"
+            raise UserError(f"the '{self.family}' family has no separate {role} tower (its towers: {have}); "
+                            f"drop lock_{role} / init_{role} from the recipe")
+        return getattr(self, self.towers[role])
+
+    def lock(self, role: str) -> None:
+        """Freeze the `role` tower: no gradients, and eval mode (BatchNorm statistics, dropout) kept through train()."""
+        tower = self.tower(role)
+        tower.requires_grad_(False)
+        tower.eval()
+        self._locked.add(role)
+
+    def train(self, mode: bool = True) -> "VLModel":
+        super().train(mode)
+        for role in self._locked:
+            self.tower(role).eval()
+        return self
+
     # ---- training hooks (the trainer is family-agnostic) ----------------------------------
+    def set_training_options(self, options: dict[str, Any]) -> None:
+        """The recipe's `training:` section, checked against `training_class` (unknown keys are errors)."""
+        self.training_options = self.parse_training_options(options)
+
+    @classmethod
+    def parse_training_options(cls, options: dict[str, Any]):
+        return from_dict(cls.training_class, dict(options or {}), where=f"recipe 'training' section ({cls.family})")
+
     @classmethod
     def adapt_config_to_tokenizer(cls, config: dict[str, Any], tokenizer) -> dict[str, Any]:
         """Fit a config dict's text side to the tokenizer it is trained with (vocab, special ids)."""
@@ -83,13 +155,13 @@ class VLModel(nn.Module):
         """The dataset the trainer iterates: needs `set_epoch(epoch)`, `__getitem__`, `collate(samples)`.
 
         The default pairs each image with one of its captions; families trained on other record
-        fields (questions, statements) return their own dataset.
+        fields (questions, statements) return their own dataset, defined in their own file.
         """
         from vlmkit.data.loader import ImageTextDataset
 
         records = [record for record in records if record.get("texts")]
         if not records:
-            raise UserError("no training record has captions ('text' or 'texts')")
+            raise UserError(f"no training record has captions ('text' or 'texts'), which the '{self.family}' family trains on")
         return ImageTextDataset(records, transform, tokenizer=tokenizer, caption=caption, seed=seed)
 
     @property
@@ -122,6 +194,9 @@ class VLModel(nn.Module):
             self.tokenizer.save(directory)
         if self.transform is not None:
             self.transform.save(directory)
+        generation = getattr(self, "generation_config", None)
+        if generation is not None:
+            atomic_write_json(directory / GENERATION_FILE, to_dict(generation))
         atomic_write_json(directory / CONFIG_FILE, self.config_dict())
 
     @classmethod
@@ -139,6 +214,9 @@ class VLModel(nn.Module):
             model = cls.from_config_dict(meta["config"])
         load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), "vlmkit")
         model.attach_preprocessing(directory)
+        if (directory / GENERATION_FILE).exists() and getattr(model, "generation_config", None) is not None:
+            model.generation_config = from_dict(type(model.generation_config), json.loads((directory / GENERATION_FILE).read_text()),
+                                                where=str(directory / GENERATION_FILE))
         return model.eval()
 
     def attach_preprocessing(self, directory: Path) -> None:
@@ -179,11 +257,11 @@ class VLModel(nn.Module):
 
     def embed_images(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised image embeddings (N, D), float32 on the CPU."""
-        self.require("embed_image", task="embed_images")
+        self.require(EmbedsImages, task="embed_images")
         return self._embed_in_batches(images, batch_size, self.preprocess, self.encode_image)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised text embeddings (N, D), float32 on the CPU."""
-        self.require("embed_text", task="embed_texts")
+        self.require(EmbedsTexts, task="embed_texts")
         texts = [texts] if isinstance(texts, str) else list(texts)
         return self._embed_in_batches(texts, batch_size, self.tokenize, self.encode_text)

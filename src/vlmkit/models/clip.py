@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlmkit.capabilities import EmbedsImages, EmbedsTexts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 from vlmkit.errors import UserError
 from vlmkit.losses import contrastive_loss, sigmoid_loss
-from vlmkit.models.base import ModelOutput, VLModel
+from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
 
@@ -29,20 +30,35 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float = -10.0  # sigmoid loss only
     max_logit_scale: float = math.log(100)
-    local_loss: bool = True
-    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("contrastive", "sigmoid"):
+            raise UserError(f"unknown CLIP loss '{self.loss}'; use 'contrastive' or 'sigmoid'")
+        if self.embed_dim < 1:
+            raise UserError(f"embed_dim must be at least 1, got {self.embed_dim}")
+
+
+@dataclass
+class CLIPTraining:
+    """The recipe's `training:` options of a dual encoder."""
+
+    local_loss: bool = True  # each rank scores its own rows against all gathered texts (OpenCLIP's --local-loss)
+    label_smoothing: float = 0.0  # ALIGN uses 0.1
 
 
 @register_family
 class CLIP(VLModel):
     family = "clip"
     config_class = CLIPConfig
-    capabilities = frozenset({"embed_image", "embed_text"})
+    capabilities = (EmbedsImages, EmbedsTexts)
+    training_class = CLIPTraining
+    towers = {"image": "visual", "text": "text"}
+    uses_every_parameter = True
+    # Formats `save_pretrained(format=...)` / `vlmkit convert --to` can write, and the function writing each.
+    export_formats = {"hf": "vlmkit.interop.hf_clip:export", "openclip": "vlmkit.interop.openclip:export"}
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__(config)
-        if config.loss not in ("contrastive", "sigmoid"):
-            raise UserError(f"unknown CLIP loss '{config.loss}'; use 'contrastive' or 'sigmoid'")
         self.visual = build_vision_tower(config.vision, config.embed_dim)
         self.text = build_text_tower(config.text, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
@@ -71,8 +87,9 @@ class CLIP(VLModel):
         if self.config.loss == "sigmoid":
             loss, logits = sigmoid_loss(image, text, self.logit_scale, self.logit_bias)
         else:
+            options = self.training_options
             loss, logits = contrastive_loss(
-                image, text, self.logit_scale, local_loss=self.config.local_loss, label_smoothing=self.config.label_smoothing
+                image, text, self.logit_scale, local_loss=options.local_loss, label_smoothing=options.label_smoothing
             )
         with torch.no_grad():
             batch_size = logits.shape[0]
@@ -82,10 +99,7 @@ class CLIP(VLModel):
 
                 targets = targets + batch_size * dist.get_rank()
             accuracy = (logits.argmax(dim=1) == targets).float().mean()
-        return ModelOutput(
-            loss=loss,
-            logs={"loss": loss.item(), "i2t_acc": accuracy.item(), "logit_scale": self.logit_scale.exp().item()},
-        )
+        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=accuracy, logit_scale=self.logit_scale.exp()))
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
@@ -113,7 +127,7 @@ def _text(width, depth, heads, **extra):
     return {"width": width, "depth": depth, "heads": heads, **extra}
 
 
-register_config("clip-tiny", "clip", {
+register_config("clip-tiny", "clip", tiny=True, config={
     # The demo model: 64 px images, a tokenizer trained on the data (vocab set by the trainer).
     "embed_dim": 128,
     "vision": _vit(64, 8, 128, 4, 4),
@@ -136,19 +150,19 @@ register_config("clip-rn50", "clip", {
     "vision": {"type": "resnet", "image_size": 224, "width": 64, "heads": 32, "resnet_layers": [3, 4, 6, 3]},
     "text": _text(512, 12, 8, activation="quick_gelu"),
 })
-register_config("clip-rn-tiny", "clip", {
+register_config("clip-rn-tiny", "clip", tiny=True, config={
     "embed_dim": 128,
     "vision": {"type": "resnet", "image_size": 64, "width": 32, "heads": 4, "resnet_layers": [1, 1, 1, 1]},
     "text": _text(128, 3, 4, context_length=32, vocab_size=1024, eos_token_id=1023),
 })
-register_config("siglip-tiny", "clip", {
+register_config("siglip-tiny", "clip", tiny=True, config={
     "embed_dim": 128, "loss": "sigmoid", "init_logit_scale": math.log(10),
     "vision": _vit(64, 8, 128, 4, 4),
     "text": _text(128, 3, 4, context_length=32, vocab_size=1024, eos_token_id=1023),
 })
-register_config("align-tiny", "clip", {
-    # ALIGN: a bidirectional BERT-like text tower pooled at [CLS], label smoothing 0.1.
-    "embed_dim": 128, "label_smoothing": 0.1, "init_logit_scale": 0.0,
+register_config("align-tiny", "clip", tiny=True, config={
+    # ALIGN: a bidirectional BERT-like text tower pooled at [CLS] (its recipe sets label smoothing 0.1).
+    "embed_dim": 128, "init_logit_scale": 0.0,
     "vision": _vit(64, 8, 128, 4, 4, conv_stem=[32]),
     "text": _text(128, 3, 4, context_length=32, vocab_size=1024, causal=False, pool="cls",
                   prenorm=False, embed_norm=True, type_vocab_size=2, eos_token_id=None),

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlmkit.capabilities import Answers, Generates
+from vlmkit.data.loader import ImageTextDataset, task_rng
+from vlmkit.data.records import answers_of, record_texts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
 from vlmkit.encoders.lm import random_tokens
 from vlmkit.layers.masks import real_tokens_through_end
@@ -27,7 +30,7 @@ from vlmkit.generation import Generative, GenerationConfig
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import causal_mask, combine, padding_mask, prefix_lm_mask
 from vlmkit.layers.transformer import Transformer
-from vlmkit.losses import lm_output
+from vlmkit.losses import lm_loss_and_logs
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
 
@@ -37,10 +40,20 @@ class SimVLMConfig:
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(patch_size=16, width=768, depth=0, conv_stem=(64, 128, 256)))
     text: TextConfig = field(default_factory=lambda: TextConfig(width=768, depth=12, heads=12, context_length=32))
     prefix_length: int = 16  # prompt slots (question or caption prefix), padded
-    qa_fraction: float = 0.5  # training: share of samples that are question -> answer (records with `qa`)
-    prefix_split: float = 0.0  # training: share of captions split into prefix + suffix at a random word
+
+
+@dataclass
+class SimVLMTraining:
+    """The recipe's `training:` options of SimVLM."""
+
+    qa_fraction: float = 0.5  # share of samples that are question -> answer (records with `qa`)
+    prefix_split: float = 0.0  # share of captions split into prefix + suffix at a random word (PrefixLM pretraining)
     label_smoothing: float = 0.0
-    max_new_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("qa_fraction", "prefix_split"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"training.{name} must be between 0 and 1, got {getattr(self, name)}")
 
 
 def empty_prefix(batch: int, config: SimVLMConfig, device=None) -> torch.Tensor:
@@ -50,11 +63,50 @@ def empty_prefix(batch: int, config: SimVLMConfig, device=None) -> torch.Tensor:
     return prefix
 
 
+class PrefixDataset(ImageTextDataset):
+    """(prefix, suffix) samples for the PrefixLM: a caption with no prefix (or split at a random word),
+    or question -> answer. `collate` adds `prefix_tokens` (B, P) to the usual batch."""
+
+    def __init__(self, records, transform, tokenizer, config: SimVLMConfig, options: SimVLMTraining,
+                 seed: int = 0, caption: str = "random"):
+        super().__init__(records, transform, tokenizer=tokenizer, caption=caption, seed=seed, cache_images=True)
+        self.config, self.options = config, options
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = super().__getitem__(index)
+        if sample is None:
+            return None
+        record, rng = self.records[index], task_rng(self.seed, self.epoch, index)
+        qa = record.get("qa") or []
+        if qa and (not sample["text"] or rng.random() < self.options.qa_fraction):
+            item = rng.choice(qa)
+            sample["prefix"], sample["text"] = item["question"], rng.choice(answers_of(item))
+        elif self.options.prefix_split and rng.random() < self.options.prefix_split:
+            words = sample["text"].split()
+            cut = rng.randint(1, max(len(words) - 1, 1))
+            sample["prefix"], sample["text"] = " ".join(words[:cut]), " ".join(words[cut:])
+        else:
+            sample["prefix"] = None
+        return sample
+
+    def collate(self, samples) -> dict:
+        batch = super().collate(samples)
+        prefixes = [sample["prefix"] for sample in samples if sample is not None]
+        prefix_tokens = empty_prefix(len(prefixes), self.config)  # (B, P)
+        given = [row for row, prefix in enumerate(prefixes) if prefix is not None]
+        if given:
+            prefix_tokens[given] = self.tokenizer([prefixes[row] for row in given], context_length=self.config.prefix_length)
+        batch["prefix_tokens"] = prefix_tokens
+        return batch
+
+
 @register_family
 class SimVLM(Generative, VLModel):
     family = "simvlm"
     config_class = SimVLMConfig
-    capabilities = frozenset({"generate", "answer"})
+    capabilities = (Generates, Answers)
+    training_class = SimVLMTraining
+    towers = {"image": "visual"}
 
     def __init__(self, config: SimVLMConfig) -> None:
         super().__init__(config)
@@ -67,7 +119,7 @@ class SimVLM(Generative, VLModel):
                                        activation=text.activation, norm_eps=text.norm_eps, dropout=text.dropout)
         self.final_norm = nn.LayerNorm(text.width, eps=text.norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.default_generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
+        self.generation_config = GenerationConfig(max_new_tokens=20)
 
     # ---- pieces ------------------------------------------------------------------------------
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -114,7 +166,8 @@ class SimVLM(Generative, VLModel):
         logits = self.head(hidden[:, image.shape[1] + P :])  # (B, S-1, V): suffix positions only
         targets = suffix[:, 1:]
         target_mask = real_tokens_through_end(suffix, self.config.text.eos_token_id)[:, 1:]
-        return lm_output(logits, targets, target_mask, self.config.label_smoothing)
+        loss, logs = lm_loss_and_logs(logits, targets, target_mask, self.training_options.label_smoothing)
+        return ModelOutput(loss=loss, logs=logs, logits=logits)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random suffixes; every other row also has a random (padded) prefix, the others none."""
@@ -127,17 +180,13 @@ class SimVLM(Generative, VLModel):
         return {"pixels": pixels, "tokens": tokens, "prefix_tokens": prefix}
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
-        from vlmkit.data.task_datasets import PrefixDataset
-
         records = [record for record in records if record.get("texts") or record.get("qa")]
         if not records:
             raise UserError("no training record has captions ('texts') or questions ('qa') for SimVLM")
-        return PrefixDataset(records, transform, tokenizer, self.config, seed=seed, caption=caption)
+        return PrefixDataset(records, transform, tokenizer, self.config, self.training_options, seed=seed, caption=caption)
 
     @classmethod
     def tokenizer_texts(cls, records):
-        from vlmkit.data.task_datasets import record_texts
-
         return record_texts(records, questions=True)
 
     # ---- generation --------------------------------------------------------------------------
@@ -181,7 +230,7 @@ class SimVLM(Generative, VLModel):
         return self.generate(pixels, prompt=questions, **decoding)
 
 
-register_config("simvlm-tiny", "simvlm", {
+register_config("simvlm-tiny", "simvlm", tiny=True, config={
     # Conv stem (2 stride-2 stages) + 16 px patches -> 1+16 image tokens; a 4-block PrefixLM of width 128.
     "vision": {"type": "vit", "image_size": 64, "patch_size": 16, "width": 128, "depth": 0, "heads": 4, "conv_stem": [32, 64]},
     "text": {"width": 128, "depth": 4, "heads": 4, "context_length": 24, "vocab_size": 1024, "eos_token_id": 1023},

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vlmkit.capabilities import Generates
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
 from vlmkit.encoders.lm import DecoderLM, random_tokens
 from vlmkit.layers.masks import real_tokens_through_end
 from vlmkit.generation import Generative, GenerationConfig, left_padded_prompts
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import padding_mask
-from vlmkit.losses import lm_output
+from vlmkit.losses import lm_loss_and_logs
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
 
@@ -30,15 +31,22 @@ class VirTexConfig:
     text: TextConfig = field(default_factory=lambda: TextConfig(width=512, depth=1, heads=8, context_length=30))
     cross_attention_every: int = 1  # a cross-attention sublayer in every N-th decoder block
     tie_embeddings: bool = True
-    label_smoothing: float = 0.1
-    max_new_tokens: int = 20  # default caption length limit for generate()
+
+
+@dataclass
+class VirTexTraining:
+    """The recipe's `training:` options of VirTex."""
+
+    label_smoothing: float = 0.1  # Desai & Johnson 2021
 
 
 @register_family
 class VirTex(Generative, VLModel):
     family = "virtex"
     config_class = VirTexConfig
-    capabilities = frozenset({"generate"})
+    capabilities = (Generates,)
+    training_class = VirTexTraining
+    towers = {"image": "visual"}
 
     def __init__(self, config: VirTexConfig) -> None:
         super().__init__(config)
@@ -50,7 +58,7 @@ class VirTex(Generative, VLModel):
             activation=text.activation, context_dim=text.width, cross_attention_every=config.cross_attention_every,
             tie_embeddings=config.tie_embeddings, norm_eps=text.norm_eps, dropout=text.dropout,
         )
-        self.default_generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
+        self.generation_config = GenerationConfig(max_new_tokens=20)  # caption length limit of generate()
 
     def image_context(self, pixels: torch.Tensor) -> torch.Tensor:
         """The tokens the decoder cross-attends to: pooled vector + projected grid. (B, 1+h*w, D)"""
@@ -63,7 +71,8 @@ class VirTex(Generative, VLModel):
         logits = self.decoder(tokens[:, :-1], context=context)  # (B, L-1, V)
         targets = tokens[:, 1:]  # (B, L-1)
         target_mask = real_tokens_through_end(tokens, self.config.text.eos_token_id)[:, 1:]  # up to [eot]
-        return lm_output(logits, targets, target_mask, self.config.label_smoothing)
+        loss, logs = lm_loss_and_logs(logits, targets, target_mask, self.training_options.label_smoothing)
+        return ModelOutput(loss=loss, logs=logs, logits=logits)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
@@ -99,7 +108,7 @@ class VirTex(Generative, VLModel):
         return step, prompt_tokens
 
 
-register_config("virtex-tiny", "virtex", {
+register_config("virtex-tiny", "virtex", tiny=True, config={
     # 64 px images -> a 2x2 ResNet grid (512 channels) + the pooled vector; a 2-block decoder of width 128.
     "vision": {"type": "resnet", "image_size": 64, "width": 16, "heads": 4, "resnet_layers": [1, 1, 1, 1]},
     "text": {"width": 128, "depth": 2, "heads": 4, "context_length": 32, "vocab_size": 1024, "eos_token_id": 1023},

@@ -21,13 +21,18 @@ The generative formulation of the same questions is SimVLM with the question as 
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
+from typing import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmkit.capabilities import Answers, Verifies
+from vlmkit.data.loader import ImageTextDataset, task_rng
+from vlmkit.data.records import answers_of, record_texts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
@@ -50,20 +55,161 @@ class VQAConfig:
     fusion_depth: int = 2
     answers: tuple[str, ...] = SYNTHETIC_ANSWERS  # normalised answers, the classifier's classes
     max_answers: int = 3129  # VQA v2's usual vocabulary size: the most frequent training answers
-    statement_fraction: float = 0.5  # training: share of samples that are statements (records with both)
-    balance_question_types: bool = False  # training: draw a question type uniformly, then a question of it
-    grounding_fraction: float = 0.0  # training: share of samples that ground an object name (records with objects)
-    grounding_weight: float = 1.0  # weight of the box-centre L1 loss
-    ground_mentions: bool = False  # training: also ground object names inside questions/statements
+    pointer: bool = False  # a soft-argmax pointer from text tokens to the patch grid (phrase grounding)
     offset_readout: bool = False  # add the offset between the two named objects, fused with the words, to the pooled feature
-    offset_weight: float = 0.0  # training: weight of the L1 loss of that offset to the true one (texts naming two objects)
+
+
+@dataclass
+class VQATraining:
+    """The recipe's `training:` options of the VQA / reasoning classifier."""
+
+    statement_fraction: float = 0.5  # share of samples that are statements (records with both)
+    balance_question_types: bool = False  # draw a question type uniformly, then a question of it
+    grounding_fraction: float = 0.0  # share of samples that ground an object name (records with objects; needs pointer)
+    grounding_weight: float = 1.0  # weight of the box-centre L1 loss
+    ground_mentions: bool = False  # also ground object names inside questions/statements (needs pointer)
+    offset_weight: float = 0.0  # weight of the L1 loss of the readout's offset to the true one (needs offset_readout)
+
+
+def soft_scores(answers: Sequence[str]) -> dict[str, float]:
+    """VQA v2 soft targets: min(1, count / 3) per normalised answer (1.0 when there is one answer)."""
+    from vlmkit.metrics.vqa import normalize_answer
+
+    counts = Counter(normalize_answer(answer) for answer in answers)
+    if len(answers) == 1:
+        return {answer: 1.0 for answer in counts}
+    return {answer: min(1.0, count / 3.0) for answer, count in counts.items()}
+
+
+def _word_occurrences(text: str, phrase: str) -> list[int]:
+    """Start offsets of `phrase` in `text` as whole words (case-insensitive)."""
+    return [match.start() for match in re.finditer(rf"(?<!\w){re.escape(phrase.lower())}(?!\w)", text.lower())]
+
+
+def _box_centre(box: Sequence[float]) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+
+
+def _word_occurrences(text: str, phrase: str) -> list[int]:
+    """Start offsets of `phrase` in `text` as whole words (case-insensitive)."""
+    return [match.start() for match in re.finditer(rf"(?<!\w){re.escape(phrase.lower())}(?!\w)", text.lower())]
+
+
+def _box_centre(box: Sequence[float]) -> tuple[float, float]:
+    return (box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0
+
+
+class QuestionStatementDataset(ImageTextDataset):
+    """Samples for the VQA classifier and the true/false reasoning head.
+
+    Each sample is a question (with soft scores over `answers`, the answer vocabulary) or, with
+    probability `statement_fraction` when the record has statements, a statement with its label.
+    With probability `grounding_fraction` when the record has `objects`, it is instead a grounding
+    sample: the text "the <object name>" and the object's box centre (x, y) in [0, 1] of the
+    transformed image (the training crop applied). With `ground_mentions`, every object name that
+    occurs in a sample's text (as whole words) is a phrase-grounding annotation, as in Flickr30k
+    Entities / MDETR: its tokens get the object's box centre as target. `collate` adds
+    `answer_scores` (B, A), `statement_labels` (B,), `is_statement` (B,), `is_grounding` (B,),
+    `point_targets` (B, L, 2), `point_mask` (B, L) (tokens with a target), and `pair_offsets` (B, 2)
+    with `has_offset` (B,): the first named object's centre minus the second's, for texts naming
+    two. With `balance_types` a question is drawn by first drawing one of the record's question
+    types (`type`) uniformly, so rarer types (spatial relations) are not starved.
+    """
+
+    def __init__(self, records, transform, tokenizer, answers: Sequence[str], statement_fraction: float,
+                 seed: int = 0, grounding_fraction: float = 0.0, ground_mentions: bool = False,
+                 balance_types: bool = False):
+        super().__init__(records, transform, tokenizer=tokenizer, caption="first", seed=seed, cache_images=True)
+        self.answer_index = {answer: i for i, answer in enumerate(answers)}
+        self.statement_fraction = statement_fraction
+        self.grounding_fraction = grounding_fraction
+        self.ground_mentions = ground_mentions
+        self.balance_types = balance_types
+
+    def _point_map(self, index: int, pixels: torch.Tensor):
+        """Input pixel point (x, y) of sample `index` -> its place in the transformed image, in [0, 1]
+        (the sample's training crop drawn once, for all its boxes)."""
+        image = self._image_cache.get(index)
+        if image is None or not hasattr(self.transform, "point_map"):
+            return lambda x, y: (x / pixels.shape[-1], y / pixels.shape[-2])  # a plain callable transform: assume no crop
+        return self.transform.point_map(image.width, image.height, self.transform_rng(index))
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = super().__getitem__(index)
+        if sample is None:
+            return None
+        record, rng = self.records[index], task_rng(self.seed, self.epoch, index)
+        qa, statements = record.get("qa") or [], record.get("statements") or []
+        scores = torch.zeros(len(self.answer_index))
+        objects = [item for item in record.get("objects") or [] if item.get("name") and item.get("box")]
+        sample.update(is_grounding=False, spans=[])
+        if objects and self.grounding_fraction and rng.random() < self.grounding_fraction:
+            item = rng.choice(objects)
+            centre = self._point_map(index, sample["pixels"])(*_box_centre(item["box"]))
+            text = f"the {item['name']}"
+            sample.update(text=text, is_statement=False, label=0.0, scores=scores, is_grounding=True,
+                          spans=[(0, len(text), *centre)])  # every token of the phrase points at it
+            return sample
+        elif statements and (not qa or rng.random() < self.statement_fraction):
+            item = rng.choice(statements)
+            sample.update(text=item["text"], is_statement=True, label=float(bool(item["label"])), scores=scores)
+        else:
+            if self.balance_types:  # a question type first, then a question of that type
+                kind = rng.choice(sorted({str(q.get("type")) for q in qa}))
+                item = rng.choice([q for q in qa if str(q.get("type")) == kind])
+            else:
+                item = rng.choice(qa)
+            for answer, score in soft_scores(answers_of(item)).items():
+                if answer in self.answer_index:  # answers outside the vocabulary count as all-zero targets
+                    scores[self.answer_index[answer]] = score
+            sample.update(text=item["question"], is_statement=False, label=0.0, scores=scores)
+        if self.ground_mentions and objects:
+            mentions = [(start, item) for item in objects for start in _word_occurrences(sample["text"], item["name"])]
+            if mentions:
+                to_output = self._point_map(index, sample["pixels"])
+                sample["spans"] = [(start, start + len(item["name"]), *to_output(*_box_centre(item["box"])))
+                                   for start, item in mentions]
+        return sample
+
+    def collate(self, samples) -> dict:
+        batch = super().collate(samples)
+        good = [sample for sample in samples if sample is not None]
+        batch["answer_scores"] = torch.stack([s["scores"] for s in good]) if good else torch.zeros(0, len(self.answer_index))
+        batch["statement_labels"] = torch.tensor([s["label"] for s in good], dtype=torch.float)
+        batch["is_statement"] = torch.tensor([s["is_statement"] for s in good], dtype=torch.bool)
+        batch["is_grounding"] = torch.tensor([s["is_grounding"] for s in good], dtype=torch.bool)
+        batch["point_targets"], batch["point_mask"] = self._point_targets(good, batch["tokens"].shape[1] if good else 0)
+        # The first named object's box centre minus the second's, where a text names two objects
+        # (each object counted at its first mention): what a spatial-relation question asks about.
+        pairs = [list(dict.fromkeys((x, y) for _, _, x, y in sorted(s["spans"])))[:2] for s in good]
+        batch["has_offset"] = torch.tensor([len(p) == 2 for p in pairs], dtype=torch.bool)
+        batch["pair_offsets"] = torch.tensor([[p[0][0] - p[1][0], p[0][1] - p[1][1]] if len(p) == 2 else [0.0, 0.0]
+                                              for p in pairs], dtype=torch.float).reshape(len(good), 2)
+        return batch
+
+    def _point_targets(self, samples: Sequence[dict], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token position targets from the samples' character spans, via the tokenizer's offsets."""
+        targets, mask = torch.zeros(len(samples), length, 2), torch.zeros(len(samples), length, dtype=torch.bool)
+        rows = [row for row, sample in enumerate(samples) if sample["spans"]]
+        if not rows:
+            return targets, mask
+        encodings = self.tokenizer.backend.encode_batch([samples[row]["text"] for row in rows], add_special_tokens=True)
+        for row, encoding in zip(rows, encodings):
+            for column, ((first, last), special) in enumerate(zip(encoding.offsets[:length], encoding.special_tokens_mask)):
+                for start, end, x, y in samples[row]["spans"]:
+                    if not special and first < end and last > start:
+                        targets[row, column] = torch.tensor((x, y))
+                        mask[row, column] = True
+        return targets, mask
 
 
 @register_family
 class VQAClassifier(VLModel):
     family = "vqa"
     config_class = VQAConfig
-    capabilities = frozenset({"vqa_classify", "reasoning", "answer"})
+    capabilities = (Answers, Verifies)
+    training_class = VQATraining
+    towers = {"image": "visual", "text": "text"}
 
     def __init__(self, config: VQAConfig) -> None:
         super().__init__(config)
@@ -76,18 +222,25 @@ class VQAClassifier(VLModel):
                                   activation=config.text.activation, context_dim=config.vision.width)
         self.answer_head = MLP(width, 2 * width, out_dim=len(config.answers))
         self.reasoning_head = MLP(width, width, out_dim=1)
-        if config.offset_weight > 0 and not config.offset_readout:
-            raise UserError("offset_weight trains the offset readout; set offset_readout: true as well")
+        if config.offset_readout and not config.pointer:
+            raise UserError("the offset readout reads the pointer's positions; set pointer: true as well")
         self.pointer = None
-        if config.grounding_fraction > 0 or config.ground_mentions or config.offset_readout:
+        if config.pointer:
             grid = config.vision.image_size // config.vision.patch_size
             self.pointer = SoftArgmaxPointer(width, config.vision.width, grid)
         self.offset_readout = OffsetReadout(width, config.text.vocab_size) if config.offset_readout else None
 
+    def set_training_options(self, options) -> None:
+        super().set_training_options(options)
+        chosen = self.training_options
+        if (chosen.grounding_fraction > 0 or chosen.ground_mentions) and self.pointer is None:
+            raise UserError("training.grounding_fraction / ground_mentions train the pointer; set model.pointer=true")
+        if chosen.offset_weight > 0 and self.offset_readout is None:
+            raise UserError("training.offset_weight trains the offset readout; set model.offset_readout=true")
+
     @classmethod
     def adapt_config_to_data(cls, config, records):
         """The answer vocabulary: the `max_answers` most frequent normalised training answers."""
-        from vlmkit.data.task_datasets import answers_of
         from vlmkit.metrics.vqa import normalize_answer
 
         counts = Counter(normalize_answer(a) for record in records for item in record.get("qa") or [] for a in answers_of(item))
@@ -98,20 +251,17 @@ class VQAClassifier(VLModel):
 
     @classmethod
     def tokenizer_texts(cls, records):
-        from vlmkit.data.task_datasets import record_texts
-
         return record_texts(records, questions=True, statements=True)
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
-        from vlmkit.data.task_datasets import QuestionStatementDataset
-
         records = [record for record in records if record.get("qa") or record.get("statements")]
         if not records:
             raise UserError("no training record has questions ('qa') or statements ('statements') for the VQA model")
-        return QuestionStatementDataset(records, transform, tokenizer, self.config.answers, self.config.statement_fraction,
-                                        seed=seed, grounding_fraction=self.config.grounding_fraction,
-                                        ground_mentions=self.config.ground_mentions,
-                                        balance_types=self.config.balance_question_types)
+        options = self.training_options
+        return QuestionStatementDataset(records, transform, tokenizer, self.config.answers, options.statement_fraction,
+                                        seed=seed, grounding_fraction=options.grounding_fraction,
+                                        ground_mentions=options.ground_mentions,
+                                        balance_types=options.balance_question_types)
 
     def fused(self, pixels: torch.Tensor, tokens: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -143,25 +293,25 @@ class VQAClassifier(VLModel):
         if points is not None and point_mask is not None and point_mask.any():
             error = (points - batch["point_targets"]).abs().sum(-1)  # (B, L): L1 (x + y) to the box centre
             grounding = error[point_mask].mean()
-            loss = loss + self.config.grounding_weight * grounding
-            logs.update(grounding_loss=grounding.item())
+            loss = loss + self.training_options.grounding_weight * grounding
+            logs.update(grounding_loss=grounding.detach())
         has_offset = batch.get("has_offset")  # (B,) bool: the text names two objects
-        if self.config.offset_weight > 0 and has_offset is not None and has_offset.any():
+        if self.training_options.offset_weight > 0 and has_offset is not None and has_offset.any():
             offset_loss = (offset[has_offset] - batch["pair_offsets"][has_offset]).abs().sum(-1).mean()
-            loss = loss + self.config.offset_weight * offset_loss
-            logs.update(offset_loss=offset_loss.item())
+            loss = loss + self.training_options.offset_weight * offset_loss
+            logs.update(offset_loss=offset_loss.detach())
         if is_question.any():
             scores = batch["answer_scores"][is_question]  # (Bq, A)
             vqa = F.binary_cross_entropy_with_logits(answer_logits[is_question], scores) * scores.shape[1]
             loss = loss + vqa
             best = answer_logits[is_question].argmax(-1, keepdim=True)
-            logs.update(vqa_loss=vqa.item(), vqa_acc=scores.gather(1, best).mean().item())
+            logs.update(vqa_loss=vqa.detach(), vqa_acc=scores.gather(1, best).mean().detach())
         if is_statement.any():
             labels = batch["statement_labels"][is_statement]
             truth = F.binary_cross_entropy_with_logits(truth_logits[is_statement], labels)
             loss = loss + truth
-            logs.update(reasoning_loss=truth.item(), reasoning_acc=((truth_logits[is_statement] > 0).float() == labels).float().mean().item())
-        logs["loss"] = loss.item()
+            logs.update(reasoning_loss=truth.detach(), reasoning_acc=((truth_logits[is_statement] > 0).float() == labels).float().mean())
+        logs["loss"] = loss.detach()
         return ModelOutput(loss=loss, logs=logs, logits=answer_logits)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -193,13 +343,12 @@ class VQAClassifier(VLModel):
         return torch.sigmoid(self.reasoning_head(pooled)[:, 0]).cpu()
 
 
-register_config("vqa-tiny", "vqa", {
+register_config("vqa-tiny", "vqa", tiny=True, config={
     "vision": {"type": "vit", "image_size": 64, "patch_size": 8, "width": 128, "depth": 3, "heads": 4},
     "text": {"width": 128, "depth": 2, "heads": 4, "context_length": 24, "vocab_size": 1024, "causal": False,
              "pool": "cls", "eos_token_id": 1023},
     "fusion_depth": 2,
-    # spatial relations (docs/generation.md): phrase grounding of the object names, the offset
-    # readout trained on the named objects' offset, and every question type drawn equally often
-    "statement_fraction": 0.3, "grounding_fraction": 0.15, "ground_mentions": True, "balance_question_types": True,
-    "offset_readout": True, "offset_weight": 1.0,
+    # spatial relations (docs/generation.md): the pointer for phrase grounding of the object names and
+    # the offset readout; the recipe vqa-tiny.yaml turns on their training losses
+    "pointer": True, "offset_readout": True,
 })

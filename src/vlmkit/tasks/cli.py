@@ -4,6 +4,8 @@ Evaluations print one JSON object on stdout; progress and notes go to stderr.
 """
 from __future__ import annotations
 
+from vlmkit.capabilities import EmbedsImages, EmbedsTexts, provides
+
 import argparse
 from pathlib import Path
 
@@ -133,10 +135,10 @@ def _embed(args) -> dict:
     model = _model(args.model)
     records = _records(args.data)
     tensors = {}
-    if records and "embed_image" in model.capabilities:
+    if records and provides(model, EmbedsImages):
         tensors["image_embeddings"] = model.embed_images([record["image"] for record in records])
     texts = [text for record in records for text in record.get("texts", [])]
-    if texts and "embed_text" in model.capabilities:
+    if texts and provides(model, EmbedsTexts):
         tensors["text_embeddings"] = model.embed_texts(texts)
         tensors["text_to_image"] = torch.tensor([i for i, record in enumerate(records) for _ in record.get("texts", [])])
     out = Path(args.out)

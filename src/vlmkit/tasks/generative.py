@@ -13,6 +13,8 @@ answer of each question type).
 """
 from __future__ import annotations
 
+from vlmkit.capabilities import Answers, Generates, Verifies
+
 from collections import Counter
 from typing import Sequence
 
@@ -43,7 +45,7 @@ def caption_references(records: Sequence[dict]) -> dict[str, list[str]]:
 @torch.no_grad()
 def generate_captions(model, records: Sequence[dict], batch_size: int = 64, **decoding) -> dict[str, str]:
     """{image id: generated caption} for every record with captions."""
-    model.require("generate", task="caption")
+    model.require(Generates, task="caption")
     ids = list(caption_references(records))
     by_id = {str(record.get("id", index)): record for index, record in enumerate(records)}
     predictions = {}
@@ -124,7 +126,7 @@ def vqa_items(records: Sequence[dict]) -> list[tuple[str, dict, dict]]:
 
 def score_vqa(predictions: dict[str, str], items) -> dict:
     """{"accuracy", "per_question_type", "n"} with the official VQA accuracy (see module docstring)."""
-    from vlmkit.data.task_datasets import answers_of
+    from vlmkit.data.records import answers_of
     from vlmkit.metrics.vqa import vqa_accuracy
 
     references = {qid: {"answers": answers_of(item), "question_type": item.get("type", "unknown")} for qid, _, item in items}
@@ -138,7 +140,7 @@ def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, **decodin
 
     `batch_size` counts images; each image is preprocessed once and shared by its questions.
     """
-    model.require("answer", task="vqa")
+    model.require(Answers, task="vqa")
     items = vqa_items(records)
     predictions = {}
     with_questions = [(index, record) for index, record in enumerate(records) if record.get("qa")]
@@ -153,7 +155,7 @@ def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, **decodin
 
 def majority_answers(train_records: Sequence[dict], records: Sequence[dict]) -> dict[str, str]:
     """{question id: the most frequent training answer of its question type} (ties: alphabetical)."""
-    from vlmkit.data.task_datasets import answers_of
+    from vlmkit.data.records import answers_of
     from vlmkit.metrics.vqa import normalize_answer
 
     counts: dict[str, Counter] = {}
@@ -181,7 +183,7 @@ def evaluate_vqa_baseline(train_records: Sequence[dict], records: Sequence[dict]
 @torch.no_grad()
 def evaluate_reasoning(model, records: Sequence[dict], batch_size: int = 128) -> dict:
     """{"accuracy", "n"}: how often the model's true/false call matches each statement's label."""
-    model.require("reasoning", task="reasoning")
+    model.require(Verifies, task="reasoning")
     items = [(record, item) for record in records for item in record.get("statements") or []]
     if not items:
         raise UserError("no evaluation record has statements ('statements'); reasoning evaluation needs them")

@@ -6,6 +6,8 @@ JSON object on stdout.
 """
 from __future__ import annotations
 
+from vlmkit.capabilities import Answers, Generates, provides
+
 import argparse
 
 from vlmkit.tasks.cli import evaluation
@@ -63,7 +65,7 @@ def _eval_vqa(args) -> dict:
 
     model = _model(args.model)
     decoding = _decoding(args)
-    if "generate" not in model.capabilities and decoding:
+    if not provides(model, Generates) and decoding:
         from vlmkit.errors import UserError
 
         raise UserError(f"decoding options apply to generative models; the '{model.family}' model classifies answers, drop them")
@@ -118,7 +120,7 @@ def _load_images(paths):
 def _caption(args) -> dict:
     images = _load_images(args.images)
     model = _model(args.model)
-    model.require("generate", task="caption")
+    model.require(Generates, task="caption")
     decoding = _decoding(args)
     size = (args.batch_size or 32)
     captions = []
@@ -130,7 +132,7 @@ def _caption(args) -> dict:
 def _ask(args) -> dict:
     images = _load_images([args.image])
     model = _model(args.model)
-    model.require("answer", task="ask")
+    model.require(Answers, task="ask")
     answer = model.answer(model.preprocess(images).to(model.device), [args.question], **_decoding(args))[0]
     return {"image": args.image, "question": args.question, "answer": answer}
 

@@ -5,6 +5,8 @@ refit on all of them. Solved with L-BFGS in torch (no scikit-learn needed).
 """
 from __future__ import annotations
 
+from vlmkit.capabilities import EmbedsImages
+
 from typing import Sequence
 
 import torch
@@ -42,7 +44,7 @@ def _labels(records: Sequence[dict], label_key: str, where: str) -> list[dict]:
 
 def evaluate_linear_probe(model, train_records: Sequence[dict], test_records: Sequence[dict], label_key: str = "label") -> dict:
     """Top-1 accuracy of a logistic-regression probe on the model's normalised image embeddings."""
-    model.require("embed_image", task="linear probe")
+    model.require(EmbedsImages, task="linear probe")
     train_records = _labels(train_records, label_key, "--train")
     test_records = _labels(test_records, label_key, "--test")
     classnames = sorted({str(record[label_key]) for record in train_records})

@@ -1,6 +1,8 @@
 """Image-text retrieval: every caption of every record is a query and a target."""
 from __future__ import annotations
 
+from vlmkit.capabilities import EmbedsImages, EmbedsTexts
+
 from typing import Sequence
 
 import torch
@@ -12,8 +14,8 @@ def evaluate_retrieval(model, records: Sequence[dict]) -> dict:
     """Recall@1/5/10 both ways (fractions), using all captions of each image."""
     from vlmkit.metrics.retrieval import recall_at_k
 
-    model.require("embed_image", task="retrieval")
-    model.require("embed_text", task="retrieval")
+    model.require(EmbedsImages, task="retrieval")
+    model.require(EmbedsTexts, task="retrieval")
     records = [record for record in records if record.get("texts")]
     if not records:
         raise UserError("no record has captions ('text' or 'texts'); retrieval needs image-caption pairs")

@@ -5,6 +5,8 @@ logits = 100 * image @ classes.T; scored with top-1, top-5 and mean per-class re
 """
 from __future__ import annotations
 
+from vlmkit.capabilities import EmbedsImages, EmbedsTexts
+
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -48,8 +50,8 @@ def class_embeddings(model, classnames: Sequence[str], templates: Sequence[str])
 
 def zeroshot_logits(model, images: Sequence, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
     """(N, C) logits = 100 * image embeddings @ class embeddings."""
-    model.require("embed_image", task="zero-shot classification")
-    model.require("embed_text", task="zero-shot classification")
+    model.require(EmbedsImages, task="zero-shot classification")
+    model.require(EmbedsTexts, task="zero-shot classification")
     weights = class_embeddings(model, classnames, templates)
     return 100.0 * model.embed_images(images) @ weights.T
 

@@ -18,6 +18,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup() created the process group (and teardown() destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -29,6 +30,8 @@ class DistInfo:
 
 
 def setup() -> DistInfo:
+    """The process's place in the torchrun job; initialises the process group when torchrun started
+    several processes and nobody (e.g. a caller training several models in one job) did it yet."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -37,20 +40,33 @@ def setup() -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    owns_group = False
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world_size, local_rank, device)
+        owns_group = True
+    return DistInfo(rank, world_size, local_rank, device, owns_group)
 
 
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+def teardown(info: DistInfo) -> None:
+    """Destroy the process group if `setup` created it (a caller's own group is left to the caller)."""
+    if info.owns_group and dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()
 
 
-def mean_across_ranks(value: float, info: DistInfo) -> float:
+def mean_logs_across_ranks(rows: list[dict[str, float]], info: DistInfo) -> list[dict[str, float]]:
+    """Per-step log dicts averaged over the ranks (one collective for all the rows).
+
+    A key a rank did not log at a step (a micro-batch with no questions has no `vqa_loss`) is
+    averaged over the ranks that did.
+    """
     if not info.enabled:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(tensor)
-    return tensor.item() / info.world_size
+        return rows
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, rows)
+    averaged = []
+    for step_rows in zip(*gathered):
+        keys = dict.fromkeys(key for row in step_rows for key in row)
+        averaged.append({key: sum(row[key] for row in step_rows if key in row) / sum(key in row for row in step_rows)
+                         for key in keys})
+    return averaged

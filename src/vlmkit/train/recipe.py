@@ -24,6 +24,9 @@ CONFIG_DIRS = (
 class Recipe:
     model: str = "clip-tiny"  # a registered configuration (vlmkit.list_models())
     model_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys into the model config
+    # The family's own training options (data sampling, loss weights): checked against its
+    # `training_class`, e.g. `training: {label_smoothing: 0.1}`; CLI: `training.label_smoothing=0.1`.
+    training: dict[str, Any] = field(default_factory=dict)
     # Tokenizer: "bpe" or "wordpiece" (trained on the training captions), "clip" (OpenAI's
     # vocabulary), or a path to a tokenizer folder / tokenizer.json.
     tokenizer: str = "bpe"
@@ -61,6 +64,30 @@ class Recipe:
     num_workers: int = 0
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
+    def __post_init__(self) -> None:
+        """Ranges and choices, checked before a run writes anything."""
+        at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "save_every": 1, "log_every": 1, "keep_checkpoints": 1,
+                    "vocab_size": 1, "warmup_steps": 0, "threads": 0, "num_workers": 0, "seed": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise UserError(f"recipe key {name} must be at least {low}, got {getattr(self, name)}")
+        if not self.lr > 0 or self.min_lr < 0 or self.weight_decay < 0 or not self.eps > 0:
+            raise UserError("recipe keys lr and eps must be positive, min_lr and weight_decay 0 or more; "
+                            f"got lr={self.lr}, eps={self.eps}, min_lr={self.min_lr}, weight_decay={self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError(f"recipe keys beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"recipe key grad_clip must be positive or null (no clipping), got {self.grad_clip}")
+        if not 0 <= self.hflip <= 1:
+            raise UserError(f"recipe key hflip is a probability in [0, 1], got {self.hflip}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise UserError(f"recipe key crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        choices = {"precision": ("auto", "fp32", "bf16"), "caption": ("random", "first")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"recipe key {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
 
 def find_recipe(name_or_path: str) -> Path:
     candidate = Path(name_or_path)
@@ -75,7 +102,8 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`["steps=12", "model.vision.depth=2"]` -> {"steps": 12, "model.vision.depth": 2} (YAML-typed values)."""
+    """`["steps=12", "model.vision.depth=2"]` -> {"steps": 12, "model.vision.depth": 2} (YAML-typed values;
+    each is checked against its field's type when the recipe is built)."""
     overrides = {}
     for item in items:
         if "=" not in item:
@@ -89,14 +117,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def build_recipe(base: dict[str, Any], overrides: dict[str, Any], where: str) -> Recipe:
+    if not isinstance(base, dict):
+        raise UserError(f"{where} must be a mapping of recipe keys to values, got {type(base).__name__}")
     data = dict(base)
     model_overrides = dict(data.get("model_overrides") or {})
+    training = dict(data.get("training") or {})
     for key, value in overrides.items():
         if key.startswith("model."):
             model_overrides[key[len("model."):]] = value
+        elif key.startswith("training."):
+            training[key[len("training."):]] = value
         else:
             data[key] = value
-    data["model_overrides"] = model_overrides
+    data["model_overrides"], data["training"] = model_overrides, training
     return from_dict(Recipe, data, where=where)
 
 

@@ -93,10 +93,66 @@ def latest_checkpoint(run: Path) -> Path | None:
     return path if path.exists() else None
 
 
+class MetricsLog:
+    """RUN/metrics.jsonl, one line per step, written every `every` steps.
+
+    A step's logs stay detached tensors until the flush, where all the buffered steps become
+    floats in one transfer (one host-device sync per `every` steps, not one per logged value) and,
+    under torchrun, are averaged across ranks in one collective. Flush before a checkpoint so a
+    resumed run's log holds every step up to it exactly once.
+    """
+
+    def __init__(self, run: Path, info: distributed.DistInfo, every: int, progress):
+        self.info, self.every, self.progress = info, every, progress
+        self.file = open(run / METRICS_FILE, "a") if info.is_main else None
+        self.pending: list[tuple[dict, dict]] = []  # (host values, tensor logs) per step
+        self.last: dict = {}
+
+    def add(self, host: dict, logs: dict) -> None:
+        self.pending.append((host, logs))
+        if self.progress:
+            self.progress.update(1)
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        tensors = [value.float().reshape(()) for _, logs in self.pending for value in logs.values()]
+        values = iter(torch.stack(tensors).tolist() if tensors else [])
+        rows = [{key: next(values) for key in logs} for _, logs in self.pending]
+        rows = distributed.mean_logs_across_ranks(rows, self.info)
+        for (host, _), row in zip(self.pending, rows):
+            self.last = {"step": host["step"], "lr": host["lr"], **row, **{k: v for k, v in host.items() if k not in ("step", "lr")}}
+            if self.file:
+                self.file.write(json.dumps(self.last) + "\n")
+        if self.file:
+            self.file.flush()
+        if self.progress:
+            self.progress.set_postfix(loss=f"{self.last.get('loss', float('nan')):.4f}", sps=f"{self.last['samples_per_s']:.0f}")
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
+        if self.file:
+            self.file.close()
+        if self.progress:
+            self.progress.close()
+
+
+def _rows(batch: dict) -> int:
+    """Samples in a collated batch: the leading size of its first tensor (pixels, or tokens for text-only families)."""
+    return next(value.shape[0] for value in batch.values() if torch.is_tensor(value) and value.ndim > 0)
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, data: str, out: str | Path, resume: bool = False):
+        from vlmkit.models.registry import get_family, named_config
+
         self.recipe, self.data, self.run = recipe, data, Path(out)
         self.resume = resume
+        self.family = get_family(named_config(recipe.model)[0])
+        self.family.parse_training_options(recipe.training)  # a bad option fails before anything is written
         self.info = distributed.setup()
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
@@ -122,33 +178,37 @@ class Trainer:
         if self._towers().tokenizer is not None:  # a pretrained text tower brings its own tokenizer
             return self._towers().tokenizer
         if recipe.tokenizer in ("bpe", "wordpiece"):
-            from vlmkit.models.registry import get_family, named_config
-
             # The family says which record texts its vocabulary needs (captions by default).
-            captions = get_family(named_config(recipe.model)[0]).tokenizer_texts(records)
+            texts = self.family.tokenizer_texts(records)
             train = tokenizers.train_clip_bpe if recipe.tokenizer == "bpe" else tokenizers.train_wordpiece
-            return train(captions, vocab_size=recipe.vocab_size)
+            return train(texts, vocab_size=recipe.vocab_size)
         if recipe.tokenizer == "clip":
             return tokenizers.clip_tokenizer()
         return tokenizers.Tokenizer.load(recipe.tokenizer)
 
-    def _new_model(self, tokenizer, records=None):
+    def _new_model(self, tokenizer, records):
         from vlmkit.config import apply_overrides
-        from vlmkit.models.registry import build_model, named_config
-
-        from vlmkit.models.registry import get_family
+        from vlmkit.models.registry import named_config
 
         family, config = named_config(self.recipe.model)
         config = self._towers().configure(config, dict(self.recipe.model_overrides))  # init_text / init_image
-        # The model follows the tokenizer it is trained with; explicit overrides still win.
-        config = get_family(family).adapt_config_to_tokenizer(config, tokenizer)
-        if records is not None:  # e.g. a VQA head sized to the training answers
-            config = get_family(family).adapt_config_to_data(config, records)
+        # The model follows the tokenizer it is trained with and the data (a VQA head sized to the
+        # training answers); explicit overrides still win.
+        config = self.family.adapt_config_to_tokenizer(config, tokenizer)
+        config = self.family.adapt_config_to_data(config, records)
         config = apply_overrides(config, dict(self.recipe.model_overrides))
         torch.manual_seed(self.recipe.seed)
-        model = build_model(family, config)
+        model = self.family.from_config_dict(config)
         self._towers().load_into(model)
         return model
+
+    def _resumed_model(self):
+        from vlmkit.tokenizers import Tokenizer
+
+        if not (self.run / CONFIG_FILE).exists():
+            raise UserError(f"--resume: {self.run} is not a vlmkit run folder (no {CONFIG_FILE})")
+        meta = json.loads((self.run / CONFIG_FILE).read_text())
+        return self.family.from_config_dict(meta["config"]), Tokenizer.load(self.run)
 
     def _towers(self):
         """Pretrained towers named by the recipe's init_text / init_image (loaded once; empty if none)."""
@@ -159,19 +219,27 @@ class Trainer:
         return self._pretrained_towers
 
     def _image_transforms(self, model):
+        """(training, evaluation) transforms at the model's image size; (None, None) for text-only families."""
         from vlmkit.data.transforms import ImageTransform
 
-        size = model.config.vision.image_size
-        train = ImageTransform(image_size=size, train=True, crop_scale=tuple(self.recipe.crop_scale), hflip=self.recipe.hflip)
-        return train, ImageTransform(image_size=size)
+        vision = getattr(model.config, "vision", None)
+        if vision is None:
+            return None, None
+        train = ImageTransform(image_size=vision.image_size, train=True, crop_scale=tuple(self.recipe.crop_scale),
+                               hflip=self.recipe.hflip)
+        return train, ImageTransform(image_size=vision.image_size)
 
-    def _apply_locks(self, model) -> None:
-        if self.recipe.lock_image and hasattr(model, "visual"):
-            model.visual.requires_grad_(False)
-            model.visual.eval()  # frozen BatchNorm statistics too
-        if self.recipe.lock_text and hasattr(model, "text"):
-            model.text.requires_grad_(False)
-            model.text.eval()
+    def _locked_roles(self) -> list[str]:
+        return [role for role, wanted in (("image", self.recipe.lock_image), ("text", self.recipe.lock_text)) if wanted]
+
+    def _loader(self, dataset, start_step: int):
+        return iter(DataLoader(
+            EpochKeyed(dataset),
+            batch_sampler=StepBatches(SampleStream(len(dataset), self.recipe.seed), self.recipe, start_step, self.info),
+            collate_fn=dataset.collate,
+            num_workers=self.recipe.num_workers,
+            persistent_workers=False,
+        ))
 
     # ---- checkpoints ----
     def _save_checkpoint(self, model, optimizer, step: int, skipped: int) -> None:
@@ -215,120 +283,103 @@ class Trainer:
         return state["step"], state["skipped"]
 
     # ---- the loop ----
-    def train(self) -> dict:
-        from vlmkit.data.loader import SkipCounter
-        from vlmkit.models.base import VLModel
-
-        recipe, info, run = self.recipe, self.info, self.run
+    def _prepare(self):
+        """The model (new or resumed) with tokenizer, transforms, training options and locks; the run folder written."""
+        recipe, run = self.recipe, self.run
         records = self._records()
         if self.resume:
-            if not (run / CONFIG_FILE).exists():
-                raise UserError(f"--resume: {run} is not a vlmkit run folder (no {CONFIG_FILE})")
-            from vlmkit.models.registry import get_family
-            from vlmkit.tokenizers import Tokenizer
-
-            meta = json.loads((run / CONFIG_FILE).read_text())
-            tokenizer = Tokenizer.load(run)
-            model = get_family(meta["family"]).from_config_dict(meta["config"])
+            model, tokenizer = self._resumed_model()
         else:
             if (run / CONFIG_FILE).exists() and latest_checkpoint(run) is not None:
                 raise UserError(f"{run} already holds a trained run; pass --resume to continue it or choose another --out")
             tokenizer = self._tokenizer(records)
             model = self._new_model(tokenizer, records)
-        model: VLModel
         train_transform, eval_transform = self._image_transforms(model)
         model.tokenizer, model.transform = tokenizer, eval_transform
-        if info.is_main and not self.resume:
+        model.set_training_options(recipe.training)
+        for role in self._locked_roles():
+            model.tower(role)  # a lock the family cannot honour fails before the run folder is written
+        dataset = model.training_dataset(records, train_transform, tokenizer, seed=recipe.seed, caption=recipe.caption)
+        if self.info.is_main and not self.resume:
             run.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(run)
             atomic_write_json(run / RECIPE_FILE, {"data": str(self.data), **_recipe_dict(recipe)})
-        if recipe.gradient_checkpointing:
-            for module in model.modules():
-                if hasattr(module, "gradient_checkpointing"):
-                    module.gradient_checkpointing = True
+        return model, dataset
+
+    def train(self) -> dict:
+        from vlmkit.data.loader import SkipCounter
+        from vlmkit.train.parallelize import parallelize
+
+        recipe, info = self.recipe, self.info
+        model, dataset = self._prepare()
         model.to(info.device)
+        for role in self._locked_roles():
+            model.lock(role)
         optimizer = make_optimizer(model, recipe.lr, recipe.weight_decay, (recipe.beta1, recipe.beta2), recipe.eps)
         start_step, skipped = self._restore(model, optimizer) if self.resume else (0, 0)
-        self._apply_locks(model)
-
-        trained = model
-        if info.enabled:
-            trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-        if recipe.compile:
-            trained = torch.compile(trained)
+        trained = parallelize(model, recipe, info)  # checkpointing -> DDP -> compile, in that order
         use_bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and info.device.type == "cuda")
         autocast = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-
-        dataset = model.training_dataset(records, train_transform, tokenizer, seed=recipe.seed, caption=recipe.caption)
-        loader = DataLoader(
-            EpochKeyed(dataset),
-            batch_sampler=StepBatches(SampleStream(len(dataset), recipe.seed), recipe, start_step, info),
-            collate_fn=dataset.collate,
-            num_workers=recipe.num_workers,
-            persistent_workers=False,
-        )
-        progress = _progress(recipe.steps, start_step, info.is_main)
-        metrics_file = open(run / METRICS_FILE, "a") if info.is_main else None
-        step, window_start, window_samples = start_step, time.perf_counter(), 0
-        model.train()
-        self._apply_locks(model)
-        micro_batches = iter(loader)
-        last_logs: dict = {}
+        micro_batches = self._loader(dataset, start_step)
+        log = MetricsLog(self.run, info, recipe.log_every, _progress(recipe.steps, start_step, info.is_main))
         skips = SkipCounter()
         skips.total = skipped
+        window_start, window_samples = time.perf_counter(), 0
+        model.train()
         try:
-            while step < recipe.steps:
+            for step in range(start_step, recipe.steps):
                 lr = learning_rate(step, recipe.lr, recipe.warmup_steps, recipe.steps, recipe.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                step_logs: dict[str, float] = {}
-                samples = 0
-                for _ in range(recipe.grad_accum):
-                    batch = next(micro_batches)
-                    skips.update(batch)
-                    if batch["pixels"].shape[0] == 0:
-                        continue
-                    batch = {key: value.to(info.device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
-                    with autocast():
-                        output = trained(batch)
-                    (output.loss / recipe.grad_accum).backward()
-                    samples += batch["pixels"].shape[0]
-                    for key, value in output.logs.items():
-                        step_logs[key] = step_logs.get(key, 0.0) + value / recipe.grad_accum
-                if samples:
-                    if recipe.grad_clip:
-                        step_logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip))
-                    optimizer.step()
-                    model.after_optimizer_step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+                logs, samples = self._step(trained, model, optimizer, micro_batches, skips, autocast)
                 window_samples += samples * info.world_size
                 elapsed = time.perf_counter() - window_start
-                step_logs = {key: distributed.mean_across_ranks(value, info) for key, value in step_logs.items()}
-                last_logs = {"step": step, "lr": lr, **step_logs, "samples_per_s": window_samples / max(elapsed, 1e-9), "skipped": skips.total}
-                if metrics_file:
-                    metrics_file.write(json.dumps(last_logs) + "\n")
-                    metrics_file.flush()
-                if step % recipe.log_every == 0 or step == recipe.steps:
+                log.add({"step": step + 1, "lr": lr, "samples_per_s": window_samples / max(elapsed, 1e-9), "skipped": skips.total}, logs)
+                if (step + 1) % recipe.log_every == 0:
                     window_start, window_samples = time.perf_counter(), 0
-                if progress:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{step_logs.get('loss', float('nan')):.4f}", sps=f"{last_logs['samples_per_s']:.0f}")
-                if step % recipe.save_every == 0 or step == recipe.steps:
-                    self._save_checkpoint(model, optimizer, step, skips.total)
+                if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
+                    log.flush()
+                    self._save_checkpoint(model, optimizer, step + 1, skips.total)
         finally:
-            if progress:
-                progress.close()
-            if metrics_file:
-                metrics_file.close()
-        if info.is_main:
+            log.close()
+        self._finish(skips)
+        return {"run": str(self.run), "steps": recipe.steps, "loss": log.last.get("loss"),
+                "samples_per_s": log.last.get("samples_per_s"), **skips.summary()}
+
+    def _step(self, trained, model, optimizer, micro_batches, skips, autocast) -> tuple[dict, int]:
+        """One optimizer step over `grad_accum` micro-batches: (mean logs as tensors, samples used)."""
+        recipe, device = self.recipe, self.info.device
+        logs: dict[str, torch.Tensor] = {}
+        samples = 0
+        for _ in range(recipe.grad_accum):
+            batch = next(micro_batches)
+            skips.update(batch)
+            rows = _rows(batch)
+            if rows == 0:  # every sample of this micro-batch was unreadable
+                continue
+            batch = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()}
+            with autocast():
+                output = trained(batch)
+            (output.loss / recipe.grad_accum).backward()
+            samples += rows
+            for key, value in output.logs.items():
+                logs[key] = logs.get(key, 0.0) + value / recipe.grad_accum
+        if samples:
+            if recipe.grad_clip:
+                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip).detach()
+            optimizer.step()
+            model.after_optimizer_step()
+        optimizer.zero_grad(set_to_none=True)
+        return logs, samples
+
+    def _finish(self, skips) -> None:
+        if self.info.is_main:
             from vlmkit.plots import plot_loss_curve
 
-            plot_loss_curve(run / METRICS_FILE, run / "loss_curve.png")
+            plot_loss_curve(self.run / METRICS_FILE, self.run / "loss_curve.png")
             if skips.message():
                 print(f"vlmkit: {skips.message()}", file=sys.stderr)
-        distributed.teardown()
-        return {"run": str(run), "steps": step, "loss": last_logs.get("loss"), "samples_per_s": last_logs.get("samples_per_s"), **skips.summary()}
+        distributed.teardown(self.info)
 
 
 def _recipe_dict(recipe: Recipe) -> dict:

@@ -1,0 +1,106 @@
+"""What a model can do, as typed protocols that tasks, the CLI and the server ask for.
+
+A family lists the capabilities it provides (`capabilities = (EmbedsImages, EmbedsTexts)`);
+`VLModel` checks at class creation that every method of every listed protocol is implemented,
+so a family that declares a capability it lacks fails at import, not in a user's run. A task
+asks with `require(model, Generates, task="caption")` and gets one clear sentence naming the
+family and the missing capability otherwise; `provides(model, Answers)` is the question
+without the error. Nothing here, or in any task, names a family.
+
+Later families add their protocols here (detection, text-to-image, chat): one class each, with
+the methods a task calls and a `name` for messages.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
+
+from vlmkit.errors import MissingCapability
+
+if TYPE_CHECKING:  # annotations only: the CLI imports this module without torch
+    import torch
+
+
+class Capability(Protocol):
+    """Base of the capability protocols: `name` is how messages and `vlmkit info` call it."""
+
+    name: ClassVar[str] = "capability"
+
+
+class EmbedsImages(Capability, Protocol):
+    name: ClassVar[str] = "embed images"
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, D) embeddings in the shared space, not normalised."""
+
+
+class EmbedsTexts(Capability, Protocol):
+    name: ClassVar[str] = "embed texts"
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D) embeddings, not normalised."""
+
+
+class Generates(Capability, Protocol):
+    name: ClassVar[str] = "generate text"
+
+    def generate(self, pixels: torch.Tensor, prompt: str | Sequence[str] | None = None, **decoding) -> list[str]:
+        """Texts for images (B, 3, H, W), each continuing its prompt; decoding takes GenerationConfig fields."""
+
+    def decoding_setup(self, pixels: torch.Tensor, prompts: list[str] | None):
+        """(step_fn, prompt_tokens) for `vlmkit.generation.generate`."""
+
+
+class Answers(Capability, Protocol):
+    name: ClassVar[str] = "answer questions"
+
+    def answer(self, pixels: torch.Tensor, questions: list[str], **decoding) -> list[str]:
+        """One answer per (image, question) row."""
+
+
+class Verifies(Capability, Protocol):
+    name: ClassVar[str] = "verify statements"
+
+    def verify(self, pixels: torch.Tensor, statements: list[str]) -> torch.Tensor:
+        """(B,) probability that each statement is true of its image."""
+
+
+class MatchesImageText(Capability, Protocol):
+    name: ClassVar[str] = "match image and text"
+
+    def match(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) probability that text row b describes image row b (an image-text matching head)."""
+
+
+ALL: tuple[type, ...] = (EmbedsImages, EmbedsTexts, Generates, Answers, Verifies, MatchesImageText)
+
+
+def methods_of(capability: type) -> list[str]:
+    """The method names a capability protocol asks for (its own and its bases', not Protocol's)."""
+    names = []
+    for klass in capability.__mro__:
+        if klass in (Capability, Protocol, object) or Capability not in klass.__mro__:
+            continue
+        names += [name for name, value in vars(klass).items() if callable(value) and not name.startswith("_")]
+    return sorted(set(names))
+
+
+def missing_methods(cls: type, capability: type) -> list[str]:
+    """Methods of `capability` that class `cls` does not implement (the protocol's own stubs don't count)."""
+    missing = []
+    for name in methods_of(capability):
+        implementation = getattr(cls, name, None)
+        if implementation is None or not callable(implementation) or implementation is getattr(capability, name):
+            missing.append(name)
+    return missing
+
+
+def provides(model, capability: type) -> bool:
+    """Whether `model` (an instance or a family class) declares `capability`."""
+    return capability in getattr(model, "capabilities", ())
+
+
+def require(model, capability: type, task: str) -> None:
+    """Raise MissingCapability (a UserError) unless `model` declares `capability`."""
+    if not provides(model, capability):
+        family = getattr(model, "family", type(model).__name__)
+        raise MissingCapability(family, capability.name, task)
