@@ -20,17 +20,50 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun is not installed")
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed")
+
+
+def _recipe_per_family() -> dict[str, str]:
+    """{family: a shipped recipe training one of its tiny configurations}, from the registry."""
+    from vlmkit.models.registry import list_families, list_models, named_config
+    from vlmkit.train.recipe import list_recipes
+
+    tiny = set(list_models(tiny=True))
+    chosen = {}
+    for recipe, model in sorted(list_recipes().items()):
+        if model in tiny:
+            chosen.setdefault(named_config(model)[0], recipe)
+    missing = set(list_families()) - set(chosen)
+    assert not missing, f"families without a recipe training a tiny configuration: {sorted(missing)}"
+    return chosen
+
+
+@needs_torchrun
+def test_every_family_trains_two_steps_under_torchrun(synth, tmp_path):
+    """Two gloo processes, every family: whatever heads a step leaves without gradients, DDP must not hang or fail."""
+    recipes = _recipe_per_family()
+    script = os.path.join(os.path.dirname(__file__), "ddp_every_family.py")
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", script, str(synth / "train.jsonl"), str(tmp_path), *recipes.values()],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for family, recipe in recipes.items():
+        rows = _rows(tmp_path / recipe)
+        assert [row["step"] for row in rows] == [1, 2], family
+        assert all(row["loss"] == row["loss"] for row in rows), family  # finite, not NaN
+
+
+@needs_torchrun
 def test_two_gloo_processes_match_one_process(synth, tmp_path):
     args = ["--recipe", "clip-vit-tiny", "--data", str(synth / "train.jsonl"), *FAST, "steps=4", "save_every=4"]
     single = tmp_path / "single"
     assert main(["train", "--out", str(single), *args]) == 0
     double = tmp_path / "double"
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "vlmkit", "train", "--out", str(double), *args],
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "vlmkit", "train", "--out", str(double), *args],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

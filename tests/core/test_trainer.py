@@ -128,3 +128,51 @@ def test_every_recipe_trains_two_steps_and_loads(recipe, synth, tmp_path):
     losses = _losses(run)
     assert len(losses) == 2 and all(loss == loss for loss in losses)  # finite, not NaN
     assert vlmkit.load(run).tokenizer is not None
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("lr=abc", "lr must be a number, got 'abc'"),
+    ("steps=abc", "steps must be an integer"),
+    ("steps=0", "steps must be at least 1"),
+    ("batch_size=-4", "batch_size must be at least 1"),
+    ("precision=fp8", "precision must be one of"),
+    ("hflip=abc", "hflip must be a number"),
+    ("lock_text=maybe", "lock_text must be true or false"),
+    ("model.vision.patch_size=7", "not a multiple of vision.patch_size"),
+    ("model.text.heads=3", "not divisible by text.heads"),
+    ("training.label_smoothing=abc", "label_smoothing must be a number"),
+    ("training.nope=1", "unknown key(s) 'nope'"),
+])
+def test_recipe_values_are_checked_before_anything_is_written(override, needle, synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, synth / "train.jsonl", override) == 2
+    error = capsys.readouterr().err.strip()
+    assert needle in error and "\n" not in error, error
+    assert not run.exists()
+
+
+def test_numbers_written_as_yaml_strings_are_read_as_numbers(synth, tmp_path):
+    # YAML 1.1 reads `1e-3` as a string; the recipe field is a float, so it is taken as one.
+    run = tmp_path / "run"
+    assert _train(run, synth / "train.jsonl", "lr=1e-3", "steps=1") == 0
+    assert json.loads((run / "recipe.json").read_text())["lr"] == 0.001
+
+
+def test_a_lock_the_family_cannot_honour_is_an_error(synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--recipe", "virtex-tiny", "--data", str(synth / "train.jsonl"), "--out", str(run), "lock_text=true", "steps=1"]
+    assert main(args) == 2
+    assert "'virtex' family has no separate text tower" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_resume_refuses_to_change_the_model(synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, synth / "train.jsonl", "steps=1") == 0
+    assert main(["train", "--out", str(run), "--resume", "steps=2", "model.vision.width=32"]) == 2
+    assert "model.vision.width cannot change" in capsys.readouterr().err
+
+
+def test_a_resnet_tower_rejects_vit_fields():
+    with pytest.raises(vlmkit.UserError, match="'patch_size' in clip config.vision do\\(es\\) not apply to a 'resnet' vision tower"):
+        vlmkit.create_model("clip-rn-tiny", **{"vision.patch_size": 16})

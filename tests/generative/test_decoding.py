@@ -7,7 +7,10 @@ from vlmkit.errors import UserError
 from vlmkit.generation import GenerationConfig, generate
 from vlmkit.layers.attention import KVCache
 
-GENERATIVE = ["virtex-tiny", "simvlm-tiny"]
+from vlmkit.capabilities import Generates, provides
+from vlmkit.models.registry import get_family, list_models, named_config
+
+GENERATIVE = [name for name in list_models(tiny=True) if provides(get_family(named_config(name)[0]), Generates)]
 
 
 def test_decoder_logits_with_cache_equal_logits_without():

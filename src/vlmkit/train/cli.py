@@ -35,6 +35,18 @@ def run_train(args: argparse.Namespace) -> int:
         saved = json.loads(saved_path.read_text())
         data = args.data or saved.pop("data")
         saved.pop("data", None)
+        def saved_value(key):
+            for prefix, section in (("model.", "model_overrides"), ("training.", "training")):
+                if key.startswith(prefix):
+                    return (saved.get(section) or {}).get(key[len(prefix):])
+            return saved.get(key)
+
+        fixed = sorted(key for key, value in overrides.items()
+                       if (key.startswith(("model.", "training.")) or key in ("model", "tokenizer", "vocab_size", "init_text", "init_image"))
+                       and value != saved_value(key))
+        if fixed:
+            raise UserError(f"--resume continues {run} as it was built; {', '.join(fixed)} cannot change now "
+                            f"(train a new run with another --out to change them)")
         recipe = build_recipe(saved, overrides, where=f"{saved_path}")
     else:
         if not args.recipe or not args.data:

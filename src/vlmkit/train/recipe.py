@@ -89,6 +89,15 @@ class Recipe:
                 raise UserError(f"recipe key {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
+def list_recipes() -> dict[str, str]:
+    """{recipe name: the model configuration it trains} for every shipped recipe."""
+    recipes = {}
+    for directory in CONFIG_DIRS:
+        for path in sorted(directory.glob("*.yaml")) if directory.exists() else []:
+            recipes.setdefault(path.stem, (yaml.safe_load(path.read_text()) or {}).get("model", Recipe.model))
+    return recipes
+
+
 def find_recipe(name_or_path: str) -> Path:
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") and candidate.exists():
