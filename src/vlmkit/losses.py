@@ -132,3 +132,24 @@ def lm_loss_and_logs(logits: torch.Tensor, targets: torch.Tensor, target_mask: t
     with torch.no_grad():
         correct = ((logits.argmax(-1) == targets) & target_mask).sum() / target_mask.sum().clamp(min=1)
     return loss, {"loss": loss.detach(), "token_acc": correct}
+
+
+def hinge_triplet_loss(image_features: torch.Tensor, text_features: torch.Tensor, margin: float = 0.2,
+                       hardest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """VSE++'s ranking loss (Faghri et al. 2018) over cosine similarities of matching rows.
+
+    For each positive pair (i, i): hinge [margin - s(i, i) + s(i, j)]_+ over the texts j != i and
+    [margin - s(i, i) + s(j, i)]_+ over the images j != i. `hardest=True` keeps only the hardest
+    negative of each (VSE++'s max of hinges), `False` sums them all (VSE0). Summed over the batch,
+    as in the paper. Returns the loss and the (B, B) similarity matrix.
+    """
+    images = F.normalize(image_features, dim=-1)  # (B, D)
+    texts = F.normalize(text_features, dim=-1)  # (B, D)
+    scores = images @ texts.T  # (B, B): image i against text j
+    positive = scores.diagonal()  # (B,)
+    is_positive = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    cost_text = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(is_positive, 0)  # image i, wrong text j
+    cost_image = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(is_positive, 0)  # text j, wrong image i
+    if hardest:
+        return cost_text.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum(), scores
+    return cost_text.sum() + cost_image.sum(), scores
