@@ -71,9 +71,6 @@ class MatchesImageText(Capability, Protocol):
         """(B,) probability that text row b describes image row b (an image-text matching head)."""
 
 
-ALL: tuple[type, ...] = (EmbedsImages, EmbedsTexts, Generates, Answers, Verifies, MatchesImageText)
-
-
 def methods_of(capability: type) -> list[str]:
     """The method names a capability protocol asks for (its own and its bases', not Protocol's)."""
     names = []

@@ -202,12 +202,6 @@ def _named(fmt: Format, name: str) -> Format:
     return fmt
 
 
-def looks_like_openclip(keys) -> bool:
-    """True when a state dict's keys are OpenAI/OpenCLIP CLIP's (top-level text tower + `visual.*`)."""
-    keys = set(keys)
-    return "text_projection" in keys and "token_embedding.weight" in keys and any(key.startswith("visual.") for key in keys)
-
-
 # ---- export ------------------------------------------------------------------------------------
 def export(model, directory: Path) -> None:
     """Write an OpenCLIP hub-style folder: open_clip_model.safetensors + open_clip_config.json.
