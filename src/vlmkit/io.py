@@ -15,11 +15,23 @@ import torch
 from vlmkit.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _with_default_mode(handle: int) -> None:
+    # mkstemp creates 0600 files; an atomically written file should look like any other the user writes.
+    os.fchmod(handle, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _with_default_mode(handle)
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -39,6 +51,7 @@ def atomic_torch_save(path: str | os.PathLike, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _with_default_mode(handle)
     os.close(handle)
     try:
         torch.save(obj, tmp)

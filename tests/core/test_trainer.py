@@ -176,3 +176,71 @@ def test_resume_refuses_to_change_the_model(synth, tmp_path, capsys):
 def test_a_resnet_tower_rejects_vit_fields():
     with pytest.raises(vlmkit.UserError, match="'patch_size' in clip config.vision do\\(es\\) not apply to a 'resnet' vision tower"):
         vlmkit.create_model("clip-rn-tiny", **{"vision.patch_size": 16})
+
+
+def test_a_second_run_on_a_locked_folder_fails_at_once(synth, tmp_path, capsys):
+    from vlmkit.train.trainer import RunLock
+
+    run = tmp_path / "run"
+    lock = RunLock(run)  # as a running `vlmkit train` holds it
+    try:
+        assert _train(run, synth / "train.jsonl", "steps=1") == 2
+        assert "is being trained by vlmkit train (pid" in capsys.readouterr().err
+        assert not (run / "metrics.jsonl").exists()
+    finally:
+        lock.release()
+    assert _train(run, synth / "train.jsonl", "steps=1") == 0  # released (or its process died): free again
+
+
+def test_rerunning_a_crashed_run_starts_a_fresh_log_and_cleans_leftovers(synth, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # a killed attempt, no checkpoint
+    (run / ".model.safetensors.abc.tmp").write_bytes(b"half")
+    (run / "checkpoints" / ".step-0000002.tmp").mkdir(parents=True)
+    assert _train(run, synth / "train.jsonl", "steps=2", "save_every=2") == 0
+    assert [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_resume_survives_a_half_written_log_line_and_refuses_a_damaged_state(synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, synth / "train.jsonl", "steps=2", "save_every=1", "keep_checkpoints=3") == 0
+    with open(run / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "lo')
+    (run / "checkpoints" / "latest").write_text("step-0000001")
+    assert _train(run, synth / "train.jsonl", resume=True) == 0
+    assert [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    (run / "checkpoints" / "step-0000002" / "state.pt").write_bytes(b"\x80\x04truncated")
+    assert _train(run, synth / "train.jsonl", resume=True) == 2
+    assert "cannot resume from" in capsys.readouterr().err
+
+
+def test_the_latest_pointer_must_stay_inside_the_run(synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, synth / "train.jsonl", "steps=1") == 0
+    (run / "checkpoints" / "latest").write_text("../../other/checkpoints/step-0000001")
+    assert _train(run, synth / "train.jsonl", resume=True) == 2
+    assert "not a checkpoint of this run" in capsys.readouterr().err
+
+
+def test_a_run_whose_every_image_is_unreadable_fails_and_saves_nothing(synth, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"image": f"/no/such/{i}.png", "text": "a red circle"}) + "\n" for i in range(16)))
+    run = tmp_path / "run"
+    assert _train(run, data, "steps=2") == 2
+    assert "no sample of the first" in capsys.readouterr().err
+    assert not (run / "checkpoints").exists()
+
+
+def test_atomically_written_files_keep_the_umask(tmp_path):
+    import os
+
+    from vlmkit.io import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

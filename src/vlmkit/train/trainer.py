@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -86,11 +88,58 @@ class EpochKeyed(Dataset):
 
 # ---- the run folder ------------------------------------------------------------------------
 def latest_checkpoint(run: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, which must be a `step-N` folder of this run."""
     pointer = run / CHECKPOINTS / "latest"
     if not pointer.exists():
         return None
-    path = run / CHECKPOINTS / pointer.read_text().strip()
-    return path if path.exists() else None
+    name = pointer.read_text(errors="replace").strip()
+    if not re.fullmatch(r"step-\d+", name):
+        raise UserError(f"{pointer} names {name!r}, not a checkpoint of this run (step-N); fix or delete it")
+    path = run / CHECKPOINTS / name
+    return path if path.is_dir() else None
+
+
+def _remove_leftovers(run: Path) -> None:
+    """Staging folders and temporary files of a process killed while saving (never a finished checkpoint)."""
+    for leftover in [*run.glob(".*.tmp"), *(run / CHECKPOINTS).glob(".*.tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on a run folder (`RUN/.lock`, flock): a second `vlmkit train` on the same
+    folder fails at once instead of interleaving its steps with the first. The kernel drops the
+    lock when its process dies, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, run: Path):
+        import fcntl
+
+        run.mkdir(parents=True, exist_ok=True)
+        self.file = open(run / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{run} is being trained by {owner}; wait for it to finish or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"vlmkit train (pid {os.getpid()})\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing drops the flock
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a half-written line (a kill mid-write) counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class MetricsLog:
@@ -271,14 +320,18 @@ class Trainer:
         if checkpoint is None:
             raise UserError(f"--resume: {self.run} has no checkpoint to resume from; train without --resume first")
         load_state_dict_strict(model, load_safetensors(checkpoint / WEIGHTS_FILE), str(checkpoint), "vlmkit")
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        try:  # weights_only: a pickle in state.pt can name no code to run
+            state = torch.load(checkpoint / "state.pt", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+        except Exception as error:
+            raise UserError(f"cannot resume from {checkpoint / 'state.pt'}: {str(error).splitlines()[0][:200]}; "
+                            f"the file is damaged (delete {checkpoint.name} and point checkpoints/latest at an older step)") from None
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
         # Lines logged after the checkpoint belong to the interrupted attempt: drop them.
         metrics = self.run / METRICS_FILE
         if metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= state["step"]]
+            kept = [line for line in metrics.read_text(errors="replace").splitlines() if _logged_step(line) <= state["step"]]
             atomic_write_bytes(metrics, ("\n".join(kept) + "\n" if kept else "").encode())
         return state["step"], state["skipped"]
 
@@ -300,10 +353,13 @@ class Trainer:
         for role in self._locked_roles():
             model.tower(role)  # a lock the family cannot honour fails before the run folder is written
         dataset = model.training_dataset(records, train_transform, tokenizer, seed=recipe.seed, caption=recipe.caption)
-        if self.info.is_main and not self.resume:
-            run.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(run)
-            atomic_write_json(run / RECIPE_FILE, {"data": str(self.data), **_recipe_dict(recipe)})
+        if self.info.is_main:
+            self.lock = RunLock(run)
+            _remove_leftovers(run)
+            if not self.resume:
+                (run / METRICS_FILE).unlink(missing_ok=True)  # a fresh run (over a crashed one) starts a fresh log
+                model.save_pretrained(run)
+                atomic_write_json(run / RECIPE_FILE, {"data": str(self.data), **_recipe_dict(recipe)})
         return model, dataset
 
     def train(self) -> dict:
@@ -324,7 +380,7 @@ class Trainer:
         log = MetricsLog(self.run, info, recipe.log_every, _progress(recipe.steps, start_step, info.is_main))
         skips = SkipCounter()
         skips.total = skipped
-        window_start, window_samples = time.perf_counter(), 0
+        window_start, window_samples, trained_samples = time.perf_counter(), 0, 0
         model.train()
         try:
             for step in range(start_step, recipe.steps):
@@ -333,15 +389,21 @@ class Trainer:
                     group["lr"] = lr
                 logs, samples = self._step(trained, model, optimizer, micro_batches, skips, autocast)
                 window_samples += samples * info.world_size
+                trained_samples += samples
                 elapsed = time.perf_counter() - window_start
                 log.add({"step": step + 1, "lr": lr, "samples_per_s": window_samples / max(elapsed, 1e-9), "skipped": skips.total}, logs)
                 if (step + 1) % recipe.log_every == 0:
                     window_start, window_samples = time.perf_counter(), 0
                 if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
+                    if trained_samples == 0 and not self.resume and not info.enabled:
+                        raise UserError(f"no sample of the first {step + 1} steps could be read ({skips.message()}); "
+                                        f"nothing was trained or saved")
                     log.flush()
                     self._save_checkpoint(model, optimizer, step + 1, skips.total)
         finally:
             log.close()
+            if getattr(self, "lock", None) is not None:
+                self.lock.release()
         self._finish(skips)
         return {"run": str(self.run), "steps": recipe.steps, "loss": log.last.get("loss"),
                 "samples_per_s": log.last.get("samples_per_s"), **skips.summary()}
