@@ -67,7 +67,7 @@ class TextEncoder(VLModel):
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         raise UserError(
             "a text encoder is not trained on its own; use it as a CLIP text tower with the recipe key init_text "
-            "(e.g. configs/lit-minilm-tiny.yaml)"
+            "(e.g. the shipped recipe: vlmkit train --recipe lit-minilm-tiny)"
         )
 
 
