@@ -24,8 +24,9 @@ venv: $(VENV)/.core
 demo: $(VENV)/.core
 	$(VENV)/bin/vlmkit demo --out runs/demo
 
+# tests/test_packaging.py installs the built wheel into a fresh venv with this same torch.
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	VLMKIT_TORCH="$(TORCH)" $(PY) -m pytest -q tests
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench_clip_cpu.py
