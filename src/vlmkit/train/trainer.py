@@ -322,9 +322,10 @@ class Trainer:
             if metrics_file:
                 metrics_file.close()
         if info.is_main:
-            from vlmkit.plots import plot_loss_curve
+            from vlmkit import plots
 
-            plot_loss_curve(run / METRICS_FILE, run / "loss_curve.png")
+            if plots.available(skipping=run / "loss_curve.png"):  # the plots extra is optional
+                plots.plot_loss_curve(run / METRICS_FILE, run / "loss_curve.png")
             if skips.message():
                 print(f"vlmkit: {skips.message()}", file=sys.stderr)
         distributed.teardown()
