@@ -51,7 +51,14 @@ def _runtime_requirements(wheel: Path) -> list[str]:
 
 
 def test_the_installed_wheel_ships_the_recipes_and_runs_the_cli(tmp_path):
-    started = time.perf_counter()
+    started = phase_start = time.perf_counter()
+    phases = {}
+
+    def phase(name: str) -> None:
+        nonlocal phase_start
+        phases[name] = round(time.perf_counter() - phase_start)
+        phase_start = time.perf_counter()
+
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PYTHONNOUSERSITE"] = "1"
 
@@ -67,6 +74,7 @@ def test_the_installed_wheel_ships_the_recipes_and_runs_the_cli(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         shipped = {Path(name).stem for name in archive.namelist() if name.startswith("vlmkit/configs/") and name.endswith(".yaml")}
     assert {"clip-tiny", "clip-vit-tiny", "siglip-tiny"} <= shipped
+    phase("build")
 
     # A fresh environment: torch pinned first, then the wheel alone, then its runtime requirements.
     environment = tmp_path / "venv"
@@ -74,6 +82,7 @@ def test_the_installed_wheel_ships_the_recipes_and_runs_the_cli(tmp_path):
     python, vlmkit = environment / "bin" / "python", environment / "bin" / "vlmkit"
     pip = [python, "-m", "pip", "install", "-q"]
     _run(pip + [TORCH], tmp_path, env, timeout=600)
+    phase("venv + torch")
     installed_torch = _run([python, "-c", "import torch; print(torch.__version__)"], tmp_path, env).stdout.strip()
     constraints = tmp_path / "constraints.txt"
     constraints.write_text(f"torch=={installed_torch}\n")  # nothing may replace the pinned build
@@ -81,6 +90,7 @@ def test_the_installed_wheel_ships_the_recipes_and_runs_the_cli(tmp_path):
     _run(pip + ["-c", constraints] + _runtime_requirements(wheel), tmp_path, env, timeout=600)
     installed_at = Path(_run([python, "-c", "import vlmkit; print(vlmkit.__file__)"], tmp_path, env).stdout.strip())
     assert environment in installed_at.parents, installed_at
+    phase("wheel + requirements")
 
     # Drive the CLI from a folder that is neither the checkout nor the source copy.
     elsewhere = tmp_path / "elsewhere"
@@ -98,4 +108,5 @@ def test_the_installed_wheel_ships_the_recipes_and_runs_the_cli(tmp_path):
     evaluated = _run([vlmkit, "eval", "zeroshot", "--model", "run", "--data", "data/test.jsonl"], elsewhere, env)
     scores = _json_stdout(evaluated)
     assert 0.0 <= scores["top1"] <= 1.0
-    print(f"packaging test: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    phase("cli")
+    print(f"packaging test: {time.perf_counter() - started:.0f} s, {phases}", file=sys.stderr)
