@@ -25,6 +25,7 @@ from vlmkit.errors import UserError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.axis import Axis
     from matplotlib.figure import Figure
 
 INSTALL_HINT = "pip install 'vlmkit[plots]'"
@@ -80,7 +81,7 @@ def save(figure: "Figure", path: str | Path) -> "Figure":
     return figure
 
 
-def nice_axis(axis, integer: bool = False, max_ticks: int = 6) -> None:
+def nice_axis(axis: "Axis", integer: bool = False, max_ticks: int = 6) -> None:
     """Ticks at round numbers (1, 2 or 5 x 10^k; whole numbers if `integer`), plain labels, no offset."""
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
