@@ -15,17 +15,23 @@ $(VENV)/.core: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The demo draws figures: the plots extra (matplotlib) on top of the runtime.
+$(VENV)/.plots: $(VENV)/.core
+	$(PY) -m pip install -q -e ".[plots]"
+	touch $@
+
 $(VENV)/.test: $(VENV)/.core
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.core
 
-demo: $(VENV)/.core
+demo: $(VENV)/.plots
 	$(VENV)/bin/vlmkit demo --out runs/demo
 
+# tests/test_packaging.py installs the built wheel into a fresh venv with this same torch.
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	VLMKIT_TORCH="$(TORCH)" $(PY) -m pytest -q tests
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench_clip_cpu.py

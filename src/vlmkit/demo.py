@@ -91,17 +91,25 @@ def _classify_examples(model, test: list[dict], out: Path, count: int = 6) -> li
 
 
 def _similarity_figure(model, test: list[dict], path: Path, count: int = 12) -> None:
-    from vlmkit.plots import heatmap
+    from vlmkit import plots
 
+    if not plots.available(skipping=path):
+        return
     chosen = _single_object(test)[:count]
     captions = [record["texts"][0] for record in chosen]
     similarity = (model.embed_images([record["image"] for record in chosen]) @ model.embed_texts(captions).T).numpy()
-    heatmap(similarity, path, "cosine similarity: test images (rows) x their captions (columns)",
-            row_labels=[record["label"] for record in chosen], col_labels=captions)
+    plots.heatmap(similarity, path, "cosine similarity: test images (rows) × their captions (columns)",
+                  row_labels=[record["label"] for record in chosen], col_labels=captions)
 
 
 def _write_report(out: Path, run: Path, recipe, results: dict, train_seconds: float) -> None:
+    from vlmkit.plots import INSTALL_HINT
+
     zeroshot, retrieval = results["zeroshot"], results["retrieval"]
+
+    def figure(name: str, alt: str) -> str:
+        return f"![{alt}]({name})" if (out / name).exists() else f"(not drawn: matplotlib is not installed; `{INSTALL_HINT}`)"
+
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     speed = sum(row["samples_per_s"] for row in metrics[-20:]) / max(1, len(metrics[-20:]))
     lines = [
@@ -135,11 +143,11 @@ def _write_report(out: Path, run: Path, recipe, results: dict, train_seconds: fl
         "",
         "Training loss:",
         "",
-        "![loss curve](run/loss_curve.png)",
+        figure("run/loss_curve.png", "loss curve"),
         "",
         "Image-text similarity (diagonal = matching pairs):",
         "",
-        "![similarity](similarity.png)",
+        figure("similarity.png", "similarity"),
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))

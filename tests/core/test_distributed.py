@@ -27,11 +27,11 @@ needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchr
 def _recipe_per_family() -> dict[str, str]:
     """{family: a shipped recipe training one of its tiny configurations}, from the registry."""
     from vlmkit.models.registry import list_families, list_models, named_config
-    from vlmkit.train.recipe import list_recipes
+    from vlmkit.train.recipe import recipe_models
 
     tiny = set(list_models(tiny=True))
     chosen = {}
-    for recipe, model in sorted(list_recipes().items()):
+    for recipe, model in sorted(recipe_models().items()):
         if model in tiny:
             chosen.setdefault(named_config(model)[0], recipe)
     missing = set(list_families()) - set(chosen)

@@ -10,6 +10,7 @@ import torch
 import vlmkit
 from vlmkit.cli import main
 from vlmkit.data.formats import read_records
+from vlmkit.train.recipe import list_recipes
 
 from core_helpers import FAST
 
@@ -116,7 +117,7 @@ def test_checkpoints_are_complete_and_pruned(synth, tmp_path):
     assert not list(run.rglob("*.tmp"))
 
 
-RECIPES = sorted(p.stem for p in (__import__("pathlib").Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+RECIPES = list_recipes()
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

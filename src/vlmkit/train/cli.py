@@ -9,10 +9,10 @@ from pathlib import Path
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="train a model from a recipe",
-        description="Train a model from a recipe in configs/. Extra key=value arguments override recipe "
+        description="Train a model from a recipe shipped in vlmkit/configs/ or a YAML file. Extra key=value arguments override recipe "
         "fields (steps=12 save_every=6) or, prefixed with model., the model configuration (model.vision.depth=2).",
     )
-    parser.add_argument("--recipe", help="recipe name in configs/ or a .yaml path (not needed with --resume)")
+    parser.add_argument("--recipe", help="a shipped recipe's name (clip-tiny, siglip-tiny, ...; an unknown name lists them) or a .yaml path (not needed with --resume)")
     parser.add_argument("--data", help="training data: JSONL, CSV or WebDataset shards")
     parser.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
     parser.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")

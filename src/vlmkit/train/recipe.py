@@ -1,4 +1,4 @@
-"""Training recipes: a flat, typed set of knobs read from `configs/NAME.yaml` plus CLI overrides.
+"""Training recipes: a flat, typed set of knobs read from `vlmkit/configs/NAME.yaml` plus CLI overrides.
 
 `vlmkit train --recipe clip-tiny steps=12 save_every=6 model.vision.depth=2`: plain keys set
 recipe fields, `model.`-prefixed keys override the model configuration. Unknown keys are errors.
@@ -14,10 +14,9 @@ import yaml
 from vlmkit.config import from_dict
 from vlmkit.errors import UserError
 
-CONFIG_DIRS = (
-    Path(__file__).resolve().parents[3] / "configs",  # a source checkout
-    Path(__file__).resolve().parents[1] / "configs",  # an installed package
-)
+# The recipes ship inside the package (package data), so an installed wheel and a source
+# checkout find the same files in the same place.
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -89,25 +88,26 @@ class Recipe:
                 raise UserError(f"recipe key {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
-def list_recipes() -> dict[str, str]:
+def list_recipes() -> list[str]:
+    """The names of the recipes shipped with vlmkit (`vlmkit train --recipe NAME`), sorted."""
+    return sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_models() -> dict[str, str]:
     """{recipe name: the model configuration it trains} for every shipped recipe."""
-    recipes = {}
-    for directory in CONFIG_DIRS:
-        for path in sorted(directory.glob("*.yaml")) if directory.exists() else []:
-            recipes.setdefault(path.stem, (yaml.safe_load(path.read_text()) or {}).get("model", Recipe.model))
-    return recipes
+    return {name: (yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text()) or {}).get("model", Recipe.model)
+            for name in list_recipes()}
 
 
 def find_recipe(name_or_path: str) -> Path:
+    """A shipped recipe's file by name (`clip-tiny`), or a `.yaml`/`.yml` path given as is."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") and candidate.exists():
         return candidate
-    for directory in CONFIG_DIRS:
-        path = directory / f"{name_or_path}.yaml"
-        if path.exists():
-            return path
-    known = sorted({p.stem for d in CONFIG_DIRS if d.exists() for p in d.glob("*.yaml")})
-    raise UserError(f"unknown recipe '{name_or_path}'; known recipes: {', '.join(known)} (or give a .yaml path)")
+    path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if path.is_file():
+        return path
+    raise UserError(f"unknown recipe '{name_or_path}'; known recipes: {', '.join(list_recipes())} (or give a .yaml path)")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -436,9 +436,10 @@ class Trainer:
 
     def _finish(self, skips) -> None:
         if self.info.is_main:
-            from vlmkit.plots import plot_loss_curve
+            from vlmkit import plots
 
-            plot_loss_curve(self.run / METRICS_FILE, self.run / "loss_curve.png")
+            if plots.available(skipping=self.run / "loss_curve.png"):  # the plots extra is optional
+                plots.plot_loss_curve(self.run / METRICS_FILE, self.run / "loss_curve.png")
             if skips.message():
                 print(f"vlmkit: {skips.message()}", file=sys.stderr)
         distributed.teardown(self.info)
