@@ -1,7 +1,8 @@
 """The `vlmkit` command line.
 
 Each area registers its own verbs (`register(subparsers)`), so this file stays a table of
-contents. Every command prints its result (one JSON object for evaluations) on stdout and
+contents; only the module of the verb being run is imported (commands.py), which keeps
+`vlmkit --help` and `vlmkit score ...` free of torch. Every command prints its result (one JSON object for evaluations) on stdout and
 everything else on stderr. A `UserError` ends the run with one line and exit code 2.
 """
 from __future__ import annotations
@@ -28,22 +29,28 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The `vlmkit` parser. Given the `argv` to parse, only the verb it runs gets its full parser
+    (so only that verb's module is imported; the others are listed by name and help); without
+    `argv`, every verb does."""
     from vlmkit import __version__
-    from vlmkit.commands import register_all
+    from vlmkit.commands import register_all, register_for
 
     parser = argparse.ArgumentParser(prog="vlmkit", description="Vision-language models: train, evaluate, caption, score.")
     parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register_all(subparsers)
+    if argv is None:
+        register_all(subparsers)
+    else:
+        register_for(subparsers, argv)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from vlmkit.errors import UserError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         result = args.func(args)
     except UserError as error:
