@@ -15,7 +15,8 @@ results file and a COCO annotations file, then times, alternating `--repeat` tim
 It also prints pycocoevalcap's in-process time (tokenizer + scorers, as bench_metrics.py
 times it: no interpreter start, no imports, no file reading), the ratio against that, and
 the time of `vlmkit --help` next to a bare `python -c pass`. Times are each side's best run
-and the median run; the ratio is given best/best and as the median of per-round ratios.
+and the median run (with the CPU time of the subprocesses: user + system, children included,
+the JVM's threads too); the ratio is of wall times, best/best and the median of per-round ratios.
 Exits non-zero if a score differs from pycocoevalcap's by more than 1e-9.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,10 +60,20 @@ print(json.dumps({"BLEU-1": bleu[0], "BLEU-2": bleu[1], "BLEU-3": bleu[2], "BLEU
 """
 
 
-def _timed(command: list[str], env: dict) -> tuple[float, str]:
+def _cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(command: list[str], env: dict, cpu: list[float] | None = None) -> tuple[float, str]:
+    """Wall seconds of `command` and its stdout; its CPU seconds (user + system, its own
+    children included) are appended to `cpu`."""
+    cpu_before = _cpu_of_children()
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(_cpu_of_children() - cpu_before)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:6])} ... failed ({done.returncode}):\n{done.stderr}")
     return seconds, done.stdout
@@ -71,13 +83,23 @@ def _in_process_reference(predictions: dict, references: dict) -> float:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
     from bench_metrics import run_reference
 
-    start = time.perf_counter()
-    run_reference(predictions, references)
-    return time.perf_counter() - start
+    saved_stderr = os.dup(2)  # the Java tokenizer's warnings, which the subprocess runs capture
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        start = time.perf_counter()
+        run_reference(predictions, references)
+        return time.perf_counter() - start
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
 
 
-def _summary(name: str, times: list[float]) -> str:
-    return f"{name}: {min(times):.3f} s best, {statistics.median(times):.3f} s median (of {len(times)})"
+def _summary(name: str, times: list[float], cpu: list[float] | None = None) -> str:
+    line = f"{name}: {min(times):.3f} s best, {statistics.median(times):.3f} s median (of {len(times)})"
+    if cpu:
+        line += f"; CPU {min(cpu):.3f} s best, {statistics.median(cpu):.3f} s median"
+    return line
 
 
 def main() -> None:
@@ -107,10 +129,11 @@ def main() -> None:
         bare_command = [sys.executable, "-c", "pass"]
 
         ours_times, ref_times, inproc_times, help_times, bare_times = [], [], [], [], []
+        ours_cpu, ref_cpu = [], []
         for _ in range(args.repeat):  # alternate, so both sides see the same machine load
-            seconds, ours_out = _timed(ours_command, env)
+            seconds, ours_out = _timed(ours_command, env, ours_cpu)
             ours_times.append(seconds)
-            seconds, ref_out = _timed(reference_command, env)
+            seconds, ref_out = _timed(reference_command, env, ref_cpu)
             ref_times.append(seconds)
             inproc_times.append(_in_process_reference(predictions, references))
             help_times.append(_timed(help_command, env)[0])
@@ -121,8 +144,9 @@ def main() -> None:
     ratios = sorted(r / o for r, o in zip(ref_times, ours_times))
     inproc_ratios = sorted(r / o for r, o in zip(inproc_times, ours_times))
     print(f"data: {args.images} images x {args.refs} refs, style={args.style}, tricky={args.tricky}")
-    print(_summary("vlmkit score captions (subprocess)          ", ours_times))
-    print(_summary("pycocoevalcap (subprocess: read + Java PTB + BLEU + ROUGE-L + CIDEr-D)", ref_times))
+    print(f"load average {' '.join(f'{value:.1f}' for value in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print(_summary("vlmkit score captions (subprocess)          ", ours_times, ours_cpu))
+    print(_summary("pycocoevalcap (subprocess: read + Java PTB + BLEU + ROUGE-L + CIDEr-D)", ref_times, ref_cpu))
     print(_summary("pycocoevalcap (in process, as bench_metrics)", inproc_times))
     print(_summary("vlmkit --help                               ", help_times))
     print(_summary("python -c pass                              ", bare_times))
