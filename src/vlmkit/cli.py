@@ -2,8 +2,9 @@
 
 Each area registers its own verbs (`register(subparsers)`), so this file stays a table of
 contents; only the module of the verb being run is imported (commands.py), which keeps
-`vlmkit --help` and `vlmkit score ...` free of torch. Every command prints its result (one JSON object for evaluations) on stdout and
-everything else on stderr. A `UserError` ends the run with one line and exit code 2.
+`vlmkit --help` and `vlmkit score ...` free of torch. Every command prints its result (one
+JSON object for evaluations) on stdout and everything else on stderr. A `UserError` ends the
+run with one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def collector_paused():
     For the CLI's own short stretches that allocate many objects and no reference cycles:
     importing a verb's module (the PTB tokenizer's tables, numpy) and, in `vlmkit score`,
     reading the files and scoring them. Each collection on the way scans those objects for
-    nothing (some 30 ms of a 0.35 s import). Reference counting still frees everything.
+    nothing (about 1% of the instructions of `vlmkit score captions` on 5,000 images).
+    Reference counting still frees everything.
     """
     was_enabled = gc.isenabled()
     gc.disable()
