@@ -34,12 +34,12 @@ print(json.dumps({"code": code, "stdout": out.getvalue(),
 
 
 def _probe(*argv: str) -> dict:
-    """Run `vlmkit ARGV` in a fresh interpreter: exit code, stdout and imported modules."""
+    """Run `vlmkit ARGV` in a fresh interpreter: exit code, stdout, stderr and imported modules."""
     env = dict(os.environ, PYTHONPATH=SRC)
     done = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(list(argv))],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    return {**json.loads(done.stdout.splitlines()[-1]), "stderr": done.stderr}
 
 
 def _heavy(modules: list[str]) -> set[str]:
@@ -75,6 +75,7 @@ def test_verb_help_imports_no_torch_numpy_or_pil(verb):
 
 
 def test_score_help_and_scoring_import_no_torch(caption_files, tmp_path):
+    # numpy, yes: vlmkit/metrics/__init__.py imports every metric, so importing metrics.cli does
     pred, refs = caption_files
     for argv in (["score", "--help"], ["score", "captions", "--help"]):
         result = _probe(*argv)
@@ -110,6 +111,7 @@ def test_eval_lists_the_sub_verbs_other_modules_register():
 def test_errors_still_one_line_exit_2(tmp_path):
     result = _probe("score", "captions", "--pred", str(tmp_path / "missing.json"), "--refs", str(tmp_path / "r.json"))
     assert result["code"] == 2 and result["stdout"] == ""
+    assert result["stderr"].startswith("vlmkit: error: ") and result["stderr"].count("\n") == 1
 
 
 def _full_parser() -> argparse.ArgumentParser:
@@ -137,7 +139,7 @@ def test_verb_table_matches_what_the_modules_register():
     ["score", "captions", "--pred", "p"], ["--", "train", "--out", "x"], ["--version", "eval"], ["-h", "data"],
     ["-"], ["-1", "score"], [], ["bogus", "score"],
 ])
-def test_chosen_verb_is_the_command_argparse_picks(argv, capsys):
+def test_chosen_verb_is_the_command_argparse_picks(argv):
     """Where the real top-level parser finds a verb, commands.chosen_verb finds the same one
     (where it stops first, on help, version or an error, any guess only costs an import)."""
     parser = argparse.ArgumentParser(prog="vlmkit")
