@@ -24,11 +24,12 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
-
-from PIL import Image, ImageDraw
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from vlmkit.errors import UserError
+
+if TYPE_CHECKING:  # PIL is imported where images are drawn, so `vlmkit data --help` skips it
+    from PIL import Image
 
 # Well separated hues; the RGB values are jittered a little per object (see _render).
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
@@ -134,6 +135,8 @@ def _star_points(cx: float, cy: float, radius: float) -> list[tuple[float, float
 
 def _render(objects: list[dict], size: int, rng: random.Random) -> Image.Image:
     """Paint the objects on a plain light background (drawn at 4x, box-downsampled)."""
+    from PIL import Image, ImageDraw
+
     level = rng.randint(200, 250)
     background = (level, level, level)
     scale = _SUPERSAMPLE

@@ -11,6 +11,9 @@ from pathlib import Path
 
 # Evaluation sub-verbs other areas add: name -> (help, add_arguments, handler).
 EVALUATIONS: dict[str, tuple] = {}
+# Modules whose import adds `vlmkit eval` sub-verbs with `evaluation`; imported by register(),
+# so only when the `eval` parser is built (see commands.py).
+EVALUATION_MODULES = ("vlmkit.tasks.generative_cli",)
 
 
 def evaluation(name: str, help: str):
@@ -74,6 +77,11 @@ evaluation("linear-probe", "logistic regression on frozen image features")(_line
 
 
 def register(subparsers) -> None:
+    """Add the `eval` verb (with every sub-verb of EVALUATION_MODULES), `classify` and `embed`."""
+    import importlib
+
+    for module_name in EVALUATION_MODULES:
+        importlib.import_module(module_name)
     evaluate = subparsers.add_parser("eval", help="evaluate a model; prints one JSON object")
     tasks = evaluate.add_subparsers(dest="task", metavar="TASK", required=True)
     for name, (help_text, add_arguments, handler) in EVALUATIONS.items():

@@ -1,8 +1,8 @@
 """Generative verbs: `vlmkit caption`, `vlmkit ask`, `vlmkit baseline`, and `vlmkit eval caption|vqa|reasoning`.
 
 Importing this module registers the eval sub-verbs with `vlmkit.tasks.cli.evaluation`
-(commands.py imports it before tasks.cli builds the `eval` parser). Every verb prints one
-JSON object on stdout.
+(tasks.cli imports it, as one of its EVALUATION_MODULES, before it builds the `eval` parser).
+Every verb prints one JSON object on stdout.
 """
 from __future__ import annotations
 
