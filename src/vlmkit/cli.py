@@ -9,11 +9,9 @@ run with one line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import sys
-from contextlib import contextmanager
 
 
 def print_json(obj) -> None:
@@ -30,25 +28,6 @@ def print_json(obj) -> None:
 
     sys.stdout.write(json.dumps(clean(obj), sort_keys=False) + "\n")
     sys.stdout.flush()
-
-
-@contextmanager
-def collector_paused():
-    """Pause the cyclic garbage collector for a block (restored afterwards, also on error).
-
-    For the CLI's own short stretches that allocate many objects and no reference cycles:
-    importing a verb's module (the PTB tokenizer's tables, numpy) and, in `vlmkit score`,
-    reading the files and scoring them. Each collection on the way scans those objects for
-    nothing (about 1% of the instructions of `vlmkit score captions` on 5,000 images).
-    Reference counting still frees everything.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -72,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlmkit.errors import UserError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    with collector_paused():
-        args = build_parser(argv).parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         result = args.func(args)
     except UserError as error:

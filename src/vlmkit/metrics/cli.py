@@ -140,43 +140,13 @@ def load_vqa_references(path: str) -> dict:
     return references
 
 
-# glibc raises its mmap threshold to the size of any mmap-ed block that is freed, up to 32 MiB
-# (a block is its request plus a header, rounded up to pages).
-_HEAP_NUDGE_BYTES = (32 << 20) - (8 << 10)
-
-
-def _keep_large_arrays_on_the_heap() -> None:
-    """Let glibc serve the scorers' multi-megabyte numpy arrays from its heap.
-
-    glibc maps every block above its mmap threshold (128 KiB at first) freshly from the kernel
-    and unmaps it when freed, so each such array costs a page fault per 4 KiB it touches, and a
-    scoring call allocates some 60 MB of short-lived arrays. Freeing an mmap-ed block raises the
-    threshold to its size (and the heap trim threshold to twice that), which allocating and
-    freeing one untouched 32 MiB block does, writing nothing: the state any process is in after
-    it freed an array that size. The library leaves its caller's allocator alone; this process
-    is the CLI's own, scores once and exits.
-    """
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (AttributeError, ValueError, OSError):  # not glibc (musl, macOS, Windows)
-        glibc = False
-    if glibc:
-        import numpy as np
-
-        del_me = np.empty(_HEAP_NUDGE_BYTES, dtype=np.uint8)
-        del del_me
-
-
 def _score_captions(args) -> int:
-    from vlmkit.cli import collector_paused, print_json
+    from vlmkit.cli import print_json
     from vlmkit.metrics.caption import score_captions
 
-    with collector_paused():  # a few hundred thousand objects, no cycles (see collector_paused)
-        predictions = load_caption_predictions(args.pred)
-        references = load_caption_references(args.refs)
-        _keep_large_arrays_on_the_heap()
-        result = score_captions(predictions, references, metrics=args.metrics.split(","),
-                                per_image=bool(args.per_image))
+    predictions = load_caption_predictions(args.pred)
+    references = load_caption_references(args.refs)
+    result = score_captions(predictions, references, metrics=args.metrics.split(","), per_image=bool(args.per_image))
     if args.per_image:
         per_image = result.pop("per_image")
         with open(args.per_image, "w", encoding="utf-8") as handle:
@@ -186,10 +156,9 @@ def _score_captions(args) -> int:
 
 
 def _score_vqa(args) -> int:
-    from vlmkit.cli import collector_paused, print_json
+    from vlmkit.cli import print_json
     from vlmkit.metrics.vqa import vqa_accuracy
 
-    with collector_paused():
-        result = vqa_accuracy(load_vqa_predictions(args.pred), load_vqa_references(args.refs), args.variant)
+    result = vqa_accuracy(load_vqa_predictions(args.pred), load_vqa_references(args.refs), args.variant)
     print_json(result)
     return 0
