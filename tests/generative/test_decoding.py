@@ -36,6 +36,20 @@ def test_decoder_left_padding_matches_the_unpadded_row():
     assert torch.allclose(logits[:, 3:], lm(row), atol=1e-5)
 
 
+def test_decoder_gradient_checkpointing_gives_the_same_gradients():
+    # The stack's one checkpointing loop must carry masks and cross-attention context through.
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        lm = DecoderLM(50, 16, 32, 3, 4, context_dim=24, cross_attention_every=2, tie_embeddings=False)
+        lm.transformer.gradient_checkpointing = checkpointing
+        tokens, context = torch.randint(0, 50, (3, 9)), torch.randn(3, 5, 24)
+        mask = torch.arange(9)[None, None, None, :] >= torch.tensor([0, 2, 3])[:, None, None, None]  # left padding
+        lm(tokens, context=context, mask=mask).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lm.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def _image(model, batch=3, seed=0):
     size = model.config.vision.image_size
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))

@@ -1,7 +1,7 @@
 """Text towers: causal (CLIP/GPT-like, pooled at end-of-text) and bidirectional (BERT-like).
 
-tokens (B, L) -> token + position (+ type) embeddings -> blocks (causal mask, or padding mask)
--> final norm -> pool (eos / cls / mean over real tokens) -> projection.
+tokens (B, L) -> `TokenTransformer` (token + position (+ type) embeddings -> blocks with a causal
+mask or a padding mask -> final norm) -> pool (eos / cls / mean over real tokens) -> projection.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vlmkit.layers.masks import padding_mask, real_tokens_through_end
-from vlmkit.layers.transformer import Transformer
+from vlmkit.layers.transformer import TokenTransformer
 
 
 @dataclass
@@ -21,7 +21,9 @@ class TextOutput:
     hidden_states: list[torch.Tensor] | None = None
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(TokenTransformer):
+    """The shared stack plus pooling and a projection; its parameter names are the interop mappings'."""
+
     def __init__(
         self,
         vocab_size: int,
@@ -42,25 +44,15 @@ class TextTransformer(nn.Module):
         norm_eps: float = 1e-5,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
         if pool not in ("eos", "argmax", "cls", "mean"):
             raise ValueError(f"unknown text pooling '{pool}'")
+        super().__init__(
+            vocab_size, context_length, width, depth, heads, mlp_ratio=mlp_ratio, activation=activation,
+            prenorm=prenorm, norm_eps=norm_eps, dropout=dropout, type_vocab_size=type_vocab_size, embed_norm=embed_norm,
+        )
         self.causal, self.pool = causal, pool
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.type_embedding = nn.Embedding(type_vocab_size, width) if type_vocab_size else None
-        self.embed_norm = nn.LayerNorm(width, eps=norm_eps) if embed_norm else None
-        self.embed_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.transformer = Transformer(
-            width, depth, heads, mlp_ratio=mlp_ratio, activation=activation, prenorm=prenorm,
-            norm_eps=norm_eps, dropout=dropout,
-        )
-        # Post-LN stacks (BERT) already end in a norm; pre-LN stacks need a final one.
-        self.final_norm = nn.LayerNorm(width, eps=norm_eps) if prenorm else nn.Identity()
         self.proj = nn.Linear(width, output_dim, bias=False) if output_dim else nn.Identity()
-        self.context_length, self.width = context_length, width
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def real_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: True for tokens that are not padding."""
@@ -95,21 +87,12 @@ class TextTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None, output_hidden_states: bool = False) -> TextOutput:
         if self.causal and token_types is None and self.pool in ("eos", "argmax"):
             tokens = self.trim_padding(tokens)
-        batch, length = tokens.shape  # (B, L)
-        x = self.token_embedding(tokens) + self.positional_embedding[:length].to(self.token_embedding.weight.dtype)  # (B, L, W)
-        if self.type_embedding is not None:
-            types = token_types if token_types is not None else torch.zeros_like(tokens)
-            x = x + self.type_embedding(types)
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
-        x = self.embed_dropout(x)
-        if self.causal:
-            # Padding sits after the end token, so causality alone keeps it out of the pooled feature.
-            hidden = self.transformer(x, is_causal=True, return_all=output_hidden_states)
-        else:
-            hidden = self.transformer(x, mask=padding_mask(self.real_tokens(tokens)), return_all=output_hidden_states)
-        last = hidden[-1] if output_hidden_states else hidden
-        x = self.final_norm(last)  # (B, L, W)
+        batch = tokens.shape[0]  # (B, L)
+        # Causal: padding sits after the end token, so causality alone keeps it out of the pooled feature.
+        mask = None if self.causal else padding_mask(self.real_tokens(tokens))  # (B, 1, 1, L)
+        out = super().forward(tokens, token_types=token_types, mask=mask, is_causal=self.causal,
+                              output_hidden_states=output_hidden_states)
+        x, hidden = out if output_hidden_states else (out, None)  # (B, L, W), every block's output or None
         if self.pool in ("eos", "argmax"):
             pooled = x[torch.arange(batch, device=x.device), self.end_positions(tokens)]  # (B, W)
         elif self.pool == "cls":
@@ -117,4 +100,4 @@ class TextTransformer(nn.Module):
         else:
             real = self.real_tokens(tokens).unsqueeze(-1).to(x.dtype)  # (B, L, 1)
             pooled = (x * real).sum(dim=1) / real.sum(dim=1).clamp(min=1e-9)
-        return TextOutput(pooled=self.proj(pooled), tokens=x, hidden_states=hidden if output_hidden_states else None)
+        return TextOutput(pooled=self.proj(pooled), tokens=x, hidden_states=hidden)

@@ -1,8 +1,16 @@
-"""The transformer block and stack shared by every tower.
+"""The transformer block and the one transformer stack every tower is built on.
 
 `TransformerBlock` is pre-LN by default (CLIP, ViT, GPT) and post-LN on request (BERT);
 it can carry a cross-attention sublayer (decoders, Q-Former), LayerScale and drop-path.
-`Transformer` stacks blocks and owns the gradient-checkpointing switch.
+`Transformer` stacks blocks (cross-attention in every N-th) and owns the gradient-checkpointing
+switch, the only one in the library. `TokenTransformer` is the whole text stack on top of it:
+
+    tokens (B, T) -> token + learned position (+ type) embeddings [-> norm] [-> dropout]
+    [precomputed embeddings in front, e.g. image tokens] -> blocks -> final norm (B, T, D)
+    [-> LM head tied to the token embedding, or its own] -> logits (B, T, V)
+
+The text towers (CLIP's causal one, BERT's bidirectional one), the decoder LM and SimVLM's
+PrefixLM are all a `TokenTransformer` with different masks, heads and pooling.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmkit.layers.attention import Attention, KVCache
+from vlmkit.layers.masks import causal_mask, combine
 from vlmkit.layers.mlp import MLP
 
 
@@ -100,13 +109,30 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of `TransformerBlock`s. Returns the last hidden state, or every layer's on request."""
+    """A stack of `TransformerBlock`s. Returns the last hidden state, or every layer's on request.
 
-    def __init__(self, width: int, depth: int, num_heads: int, drop_path: float = 0.0, **block_kwargs) -> None:
+    `context_dim` gives blocks a cross-attention sublayer: every block, or with
+    `cross_attention_every=N` blocks N-1, 2N-1, ... (Flamingo-style sparse cross-attention).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        num_heads: int,
+        drop_path: float = 0.0,
+        context_dim: int | None = None,
+        cross_attention_every: int = 1,
+        **block_kwargs,
+    ) -> None:
         super().__init__()
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linearly increasing, as in timm
         self.blocks = nn.ModuleList(
-            TransformerBlock(width, num_heads, drop_path=rate, **block_kwargs) for rate in rates
+            TransformerBlock(
+                width, num_heads, drop_path=rate, **block_kwargs,
+                context_dim=context_dim if (index + 1) % cross_attention_every == 0 else None,
+            )
+            for index, rate in enumerate(rates)
         )
         self.gradient_checkpointing = False
 
@@ -134,3 +160,117 @@ class Transformer(nn.Module):
             if return_all:
                 hidden_states.append(x)
         return hidden_states if return_all else x
+
+
+class TokenTransformer(nn.Module):
+    """Embeddings + `Transformer` + final norm (+ LM head): the stack of every text tower and LM.
+
+    Options cover the families: `type_vocab_size` and `embed_norm` (BERT's token types and
+    embedding LayerNorm), `prenorm=False` (post-LN blocks already end in a norm, so no final one),
+    `context_dim` / `cross_attention_every` (cross-attention to image tokens), and
+    `tie_embeddings=False` (an LM head of its own instead of the token embedding). Parameter names
+    (`token_embedding`, `positional_embedding`, `type_embedding`, `embed_norm`, `transformer.blocks.N`,
+    `final_norm`, `lm_head`) are what the HF / OpenCLIP / BERT interop mappings name.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        activation: str = "gelu",
+        prenorm: bool = True,
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        type_vocab_size: int = 0,
+        embed_norm: bool = False,
+        context_dim: int | None = None,
+        cross_attention_every: int = 1,
+        tie_embeddings: bool = True,
+    ) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.type_embedding = nn.Embedding(type_vocab_size, width) if type_vocab_size else None
+        self.embed_norm = nn.LayerNorm(width, eps=norm_eps) if embed_norm else None
+        self.embed_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.transformer = Transformer(
+            width, depth, heads, mlp_ratio=mlp_ratio, activation=activation, prenorm=prenorm, norm_eps=norm_eps,
+            dropout=dropout, context_dim=context_dim, cross_attention_every=cross_attention_every,
+        )
+        # Post-LN stacks (BERT) already end in a norm; pre-LN stacks need a final one.
+        self.final_norm = nn.LayerNorm(width, eps=norm_eps) if prenorm else nn.Identity()
+        self.lm_head = None if tie_embeddings else nn.Linear(width, vocab_size, bias=False)
+        self.context_length, self.width, self.vocab_size = context_length, width, vocab_size
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def embed(
+        self, tokens: torch.Tensor, position_offset: int | torch.Tensor = 0, token_types: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token + position (+ type) embeddings, normed and dropped out as configured. (B, T, D)
+
+        Positions start at `position_offset`: an int for every row, or a (B,) tensor of per-row
+        starts (left-padded prompts; the pads then sit at negative positions, clamped to 0, and
+        are masked anyway).
+        """
+        length = tokens.shape[1]
+        if torch.is_tensor(position_offset):
+            index = (torch.arange(length, device=tokens.device) + position_offset[:, None]).clamp(min=0)  # (B, T)
+            positions = self.positional_embedding[index]  # (B, T, D)
+        else:
+            if position_offset + length > self.context_length:
+                raise ValueError(f"sequence of {position_offset + length} tokens exceeds the context length {self.context_length}")
+            positions = self.positional_embedding[position_offset : position_offset + length]  # (T, D)
+        x = self.token_embedding(tokens) + positions.to(self.token_embedding.weight.dtype)  # (B, T, D)
+        if self.type_embedding is not None:
+            x = x + self.type_embedding(token_types if token_types is not None else torch.zeros_like(tokens))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return self.embed_dropout(x)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        prefix_embeds: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
+        position_offset: int | torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_layer_queries: int | None = None,
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last hidden state after the final norm, (B, N+T, D); with `output_hidden_states`
+        also every block's input and output (before the final norm), as `(hidden, states)`.
+
+        `prefix_embeds` (B, N, D) are put in front of the token embeddings as they are (image
+        tokens: they carry their own positions). `position_offset` defaults to the number of
+        cached positions, so a cached decoding step continues where the last one stopped; a stack
+        that was given `prefix_embeds` passes it explicitly. `mask` is boolean (True = attend),
+        broadcastable to (B, heads, N+T, K) with K = cached + new positions; `is_causal` with a
+        `mask` ANDs causality into it (e.g. a padding mask over the keys of left-padded prompts).
+        """
+        past = cache.length if cache is not None else 0
+        x = self.embed(tokens, past if position_offset is None else position_offset, token_types)  # (B, T, D)
+        if prefix_embeds is not None:
+            x = torch.cat([prefix_embeds, x], dim=1)  # (B, N+T, D)
+        if is_causal and mask is not None:
+            # SDPA takes a mask or is_causal, not both: fold causality in (queries are the last keys).
+            length = x.shape[1]
+            mask, is_causal = combine(causal_mask(length, past + length, device=x.device), mask), False  # (B, 1, T, K)
+        hidden = self.transformer(
+            x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask, cache=cache,
+            return_all=output_hidden_states, last_layer_queries=last_layer_queries,
+        )
+        x = self.final_norm(hidden[-1] if output_hidden_states else hidden)  # (B, N+T, D)
+        return (x, hidden) if output_hidden_states else x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from hidden states after the final norm. (B, T, V)"""
+        weight = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.T  # (B, T, V)

@@ -28,8 +28,8 @@ from vlmkit.layers.masks import real_tokens_through_end
 from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig
 from vlmkit.layers.attention import KVCache
-from vlmkit.layers.masks import causal_mask, combine, padding_mask, prefix_lm_mask
-from vlmkit.layers.transformer import Transformer
+from vlmkit.layers.masks import combine, padding_mask, prefix_lm_mask
+from vlmkit.layers.transformer import TokenTransformer
 from vlmkit.losses import lm_loss_and_logs
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
@@ -113,23 +113,16 @@ class SimVLM(Generative, VLModel):
         text = config.text
         self.visual = build_vision_tower(config.vision, None)
         self.image_proj = nn.Linear(config.vision.width, text.width)
-        self.token_embedding = nn.Embedding(text.vocab_size, text.width)
-        self.text_positions = nn.Parameter(torch.randn(config.prefix_length + text.context_length, text.width) * 0.01)
-        self.transformer = Transformer(text.width, text.depth, text.heads, mlp_ratio=text.mlp_ratio,
-                                       activation=text.activation, norm_eps=text.norm_eps, dropout=text.dropout)
-        self.final_norm = nn.LayerNorm(text.width, eps=text.norm_eps)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        # Text positions count from the first prefix slot: prefix at 0..P-1, suffix from P on. Tied LM head.
+        self.lm = TokenTransformer(text.vocab_size, config.prefix_length + text.context_length, text.width, text.depth,
+                                   text.heads, mlp_ratio=text.mlp_ratio, activation=text.activation,
+                                   norm_eps=text.norm_eps, dropout=text.dropout)
         self.generation_config = GenerationConfig(max_new_tokens=20)
 
     # ---- pieces ------------------------------------------------------------------------------
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Conv-stem patches (and the ViT's own blocks, if any), projected to the text width. (B, N, D)"""
         return self.image_proj(self.visual.norm_post(self.visual(pixels).tokens))
-
-    def embed_text(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Token + position embeddings; positions count from `start` (prefix at 0, suffix at P). (B, T, D)"""
-        positions = self.text_positions[start : start + tokens.shape[1]]
-        return self.token_embedding(tokens) + positions.to(self.token_embedding.weight.dtype)
 
     def attention_mask(self, num_image: int, prefix_is_real: torch.Tensor, suffix_length: int) -> torch.Tensor:
         """PrefixLM mask over [image ; prefix ; suffix]: (B, 1, L, L), True = may attend.
@@ -149,9 +142,6 @@ class SimVLM(Generative, VLModel):
     def prefix_is_real(self, prefix: torch.Tensor) -> torch.Tensor:
         return real_tokens_through_end(prefix, self.config.text.eos_token_id)  # (B, P)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.final_norm(hidden) @ self.token_embedding.weight.T  # (B, T, V), tied
-
     # ---- training ----------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         pixels, suffix = batch["pixels"], batch["tokens"]  # (B, 3, H, W), (B, S): [sot] text [eot] pad
@@ -160,10 +150,10 @@ class SimVLM(Generative, VLModel):
             prefix = empty_prefix(pixels.shape[0], self.config, pixels.device)
         image = self.image_tokens(pixels)  # (B, N, D)
         P = self.config.prefix_length
-        x = torch.cat([image, self.embed_text(prefix, 0), self.embed_text(suffix[:, :-1], P)], dim=1)  # (B, N+P+S-1, D)
+        text = torch.cat([prefix, suffix[:, :-1]], dim=1)  # (B, P+S-1): the prefix fills its P slots, the suffix follows
         mask = self.attention_mask(image.shape[1], self.prefix_is_real(prefix), suffix.shape[1] - 1)  # (B, 1, L, L)
-        hidden = self.transformer(x, mask=mask)  # (B, L, D)
-        logits = self.head(hidden[:, image.shape[1] + P :])  # (B, S-1, V): suffix positions only
+        hidden = self.lm(text, prefix_embeds=image, mask=mask)  # (B, L, D), L = N+P+S-1
+        logits = self.lm.logits(hidden[:, image.shape[1] + P :])  # (B, S-1, V): suffix positions only
         targets = suffix[:, 1:]
         target_mask = real_tokens_through_end(suffix, self.config.text.eos_token_id)[:, 1:]
         loss, logs = lm_loss_and_logs(logits, targets, target_mask, self.training_options.label_smoothing)
@@ -209,18 +199,17 @@ class SimVLM(Generative, VLModel):
         def step(tokens: torch.Tensor, cache: KVCache | None, rows: torch.Tensor) -> torch.Tensor:
             done = 0 if cache is None or cache.length == 0 else cache.length - num_image - P  # suffix tokens cached
             if done == 0:  # the whole sequence, with the training mask
-                x = torch.cat([image.index_select(0, rows), self.embed_text(prefix.index_select(0, rows), 0),
-                               self.embed_text(tokens, P)], dim=1)
+                text = torch.cat([prefix.index_select(0, rows), tokens], dim=1)  # (N, P+T)
                 mask = self.attention_mask(num_image, prefix_real.index_select(0, rows), tokens.shape[1])
+                hidden = self.lm(text, prefix_embeds=image.index_select(0, rows), mask=mask, cache=cache)
             else:  # new suffix tokens over the cached keys: causal, prefix padding hidden
-                x = self.embed_text(tokens[:, done:], P + done)
-                keys = cache.length + x.shape[1]
-                key_is_real = torch.cat([torch.ones(len(rows), num_image, dtype=torch.bool, device=x.device),
+                new = tokens[:, done:]  # (N, T')
+                keys = cache.length + new.shape[1]
+                key_is_real = torch.cat([torch.ones(len(rows), num_image, dtype=torch.bool, device=new.device),
                                          prefix_real.index_select(0, rows),
-                                         torch.ones(len(rows), keys - num_image - P, dtype=torch.bool, device=x.device)], dim=1)
-                mask = combine(causal_mask(x.shape[1], keys, device=x.device), padding_mask(key_is_real))
-            hidden = self.transformer(x, mask=mask, cache=cache)
-            return self.head(hidden[:, -1:])[:, 0]  # (N, V)
+                                         torch.ones(len(rows), keys - num_image - P, dtype=torch.bool, device=new.device)], dim=1)
+                hidden = self.lm(new, position_offset=P + done, mask=padding_mask(key_is_real), is_causal=True, cache=cache)
+            return self.lm.logits(hidden[:, -1])  # (N, V)
 
         return step, start_tokens
 
