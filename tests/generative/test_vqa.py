@@ -12,6 +12,19 @@ def test_vqa_answer_vocabulary_comes_from_the_training_answers():
     assert config["answers"] == ["yes", "2"]  # normalised ("Two" -> "2"), most frequent first, capped
 
 
+def test_a_vqa_model_without_answers_is_a_clear_error():
+    import vlmkit
+    from vlmkit.errors import UserError
+    from vlmkit.models.vqa import VQAClassifier, VQAConfig
+
+    assert VQAConfig().answers == ()  # no built-in vocabulary
+    with pytest.raises(UserError, match=r"pass answers=\[\.\.\.\] .* or train it on records with 'qa'"):
+        vlmkit.create_model("vqa-tiny")
+    model = vlmkit.create_model("vqa-tiny", **VQAClassifier.example_config)
+    assert model.config.answers == tuple(VQAClassifier.example_config["answers"])
+    assert model.answer_head.fc2.out_features == len(VQAClassifier.example_config["answers"])
+
+
 def test_soft_argmax_pointer_points_at_the_matching_cell():
     from vlmkit.layers.pointer import SoftArgmaxPointer, grid_centres
 

@@ -43,17 +43,12 @@ from vlmkit.layers.transformer import Transformer
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
 
-# The answers of the built-in synthetic data: the default vocabulary before training sets it.
-SYNTHETIC_ANSWERS = ("0", "1", "2", "3", "4", "yes", "no", "red", "green", "blue", "yellow", "purple", "orange",
-                     "circle", "square", "triangle", "star")
-
-
 @dataclass
 class VQAConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=lambda: TextConfig(causal=False, pool="cls", eos_token_id=None))
     fusion_depth: int = 2
-    answers: tuple[str, ...] = SYNTHETIC_ANSWERS  # normalised answers, the classifier's classes
+    answers: tuple[str, ...] = ()  # normalised answers, the classifier's classes: set from the training data
     max_answers: int = 3129  # VQA v2's usual vocabulary size: the most frequent training answers
     pointer: bool = False  # a soft-argmax pointer from text tokens to the patch grid (phrase grounding)
     offset_readout: bool = False  # add the offset between the two named objects, fused with the words, to the pooled feature
@@ -210,11 +205,14 @@ class VQAClassifier(VLModel):
     capabilities = (Answers, Verifies)
     training_class = VQATraining
     towers = {"image": "visual", "text": "text"}
+    # The vocabulary normally comes from the training answers; tests and examples build without data.
+    example_config = {"answers": ["yes", "no", "0", "1", "2", "red", "blue", "circle", "square"]}
 
     def __init__(self, config: VQAConfig) -> None:
         super().__init__(config)
         if not config.answers:
-            raise UserError("the VQA model needs an answer vocabulary; train it on records with 'qa' or set answers")
+            raise UserError("the VQA model has no answer vocabulary: pass answers=[...] (model.answers=[...] on the "
+                            "command line) or train it on records with 'qa'")
         width = config.text.width
         self.visual = build_vision_tower(config.vision, None)
         self.text = build_text_tower(config.text, None)
