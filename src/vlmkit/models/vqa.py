@@ -57,7 +57,7 @@ class VQAConfig:
     answers: tuple[str, ...] = ()  # normalised answers, the classifier's classes: set from the training data
     max_answers: int = 3129  # VQA v2's usual vocabulary size: the most frequent training answers
     pointer: bool = False  # spatial relations: a soft-argmax pointer from text tokens to the patch grid
-    offset_readout: bool = False  # spatial relations: the two named objects' offset, fused with the words, added to the pooled feature
+    offset_readout: bool = False  # spatial relations: the named objects' offset, with the words, into the pooled feature
 
 
 @dataclass
@@ -339,7 +339,7 @@ class VQAClassifier(VLModel):
             logs.update(grounding_loss=grounding)
         has_offset = batch.get("has_offset")  # (B,) bool: the text names two objects
         if options.offset_weight > 0 and has_offset is not None and has_offset.any():
-            offset_loss = (offset[has_offset] - batch["pair_offsets"][has_offset]).abs().sum(-1).mean()  # L1 to the true offset
+            offset_loss = (offset[has_offset] - batch["pair_offsets"][has_offset]).abs().sum(-1).mean()  # L1, true offset
             loss = loss + options.offset_weight * offset_loss
             logs.update(offset_loss=offset_loss)
         # Questions: BCE on VQA v2 soft scores, times the number of answers (the VQA v2 baselines' scale).
