@@ -54,6 +54,24 @@ class _Mismatch(Exception):
     pass
 
 
+def _number(value, kind: type):
+    """`value` as an int or a float; a string holding one is read (never a bool: True is not 1 here)."""
+    if isinstance(value, bool):
+        raise _Mismatch
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if kind is float else int(value.strip())
+        except ValueError:
+            raise _Mismatch from None
+    if kind is int and isinstance(value, float):
+        if not value.is_integer():
+            raise _Mismatch
+        value = int(value)
+    if not isinstance(value, (int, float)):
+        raise _Mismatch
+    return kind(value)
+
+
 def _coerce(value, annotation):
     """`value` as `annotation` asks, or _Mismatch. Numbers written as strings are read as numbers
     (YAML 1.1 reads `1e-3` as a string); nothing else is converted."""
@@ -89,30 +107,8 @@ def _coerce(value, annotation):
         if isinstance(value, bool):
             return value
         raise _Mismatch
-    if annotation is int:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if annotation is float:
-        if isinstance(value, bool):
-            raise _Mismatch
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
+    if annotation in (int, float):
+        return _number(value, annotation)
     if annotation is str:
         if isinstance(value, str):
             return value
