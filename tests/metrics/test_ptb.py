@@ -9,6 +9,8 @@ import pytest
 from vlmkit.metrics.ptb import tokenize
 from vlmkit.metrics.synthetic import _TRICKY, random_caption
 
+from metrics_helpers import non_plain_lines, tokenize_tokens
+
 
 def test_parity_with_java_on_6000_varied_captions(java_ptb):
     rng = random.Random(1234)
@@ -61,8 +63,8 @@ def test_bulk_plain_detection_and_tokenize_match_the_per_caption_path():
                  " a b", "a b ", "", "a..", "\U0001f600 x.", "plan B.", "the end"]
     cleaned = [ptb._LINE_BREAKS.sub(" ", c) for c in captions]
     expected_non_plain = [i for i, c in enumerate(cleaned) if not ptb._is_plain(c)]
-    assert ptb.non_plain_lines(cleaned) == expected_non_plain
-    assert tokenize(captions) == [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+    assert non_plain_lines(cleaned) == expected_non_plain
+    assert tokenize(captions) == [" ".join(tokens) for tokens in tokenize_tokens(captions)]
 
 
 def _fragment_captions(sgml: bool = True):
@@ -91,7 +93,7 @@ def test_segment_memo_equals_whole_caption_scanning():
     captions += _fragment_captions()
     captions += ["a \u00ad b", "x \u00ad", "\u00ad", "a , b", "etc. a", "Mr. a b.", "a b. c", "1 1/2 a", "x . . . y"]
     cleaned = [ptb._LINE_BREAKS.sub(" ", c) for c in captions]
-    expected = [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+    expected = [" ".join(tokens) for tokens in tokenize_tokens(captions)]
     shared: dict = {}
     for index, caption in enumerate(cleaned):
         following = "\n" + cleaned[index + 1] if index + 1 < len(cleaned) else ""
@@ -118,7 +120,7 @@ def test_caption_tails_see_the_next_caption_exactly_as_whole_scanning(java_ptb):
                 for follower in followers[:len(followers) - (not with_tag)]:
                     captions += [f"x {fragment}", follower]
         captions.append(f"x {_TRICKY[next(iter(_TRICKY))][0]}")  # a tail with no caption after it
-        expected = [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+        expected = [" ".join(tokens) for tokens in tokenize_tokens(captions)]
         assert tokenize(captions) == expected
         if not with_tag:
             assert expected == java_ptb(captions)
@@ -209,7 +211,7 @@ def test_bulk_segmentation_equals_per_caption_segmentation():
     assert ptb._scan_segmented_bulk(cleaned, bulk, shared) == [expected[i] for i in bulk]
     assert ptb._scan_segmented_bulk(cleaned, bulk, shared) == [expected[i] for i in bulk]  # memo filled
     assert ptb._scan_segmented_bulk(cleaned, bulk[1::3], {}) == [expected[i] for i in bulk[1::3]]
-    assert tokenize(captions) == [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+    assert tokenize(captions) == [" ".join(tokens) for tokens in tokenize_tokens(captions)]
 
 
 def _bad_by_masks(data: bytes):
@@ -279,11 +281,11 @@ def test_rules_skipped_for_missing_characters_change_nothing(monkeypatch):
     captions = [random_caption(rng, tricky=t, style=s) for t, s in [(0.9, "varied"), (0.9, "coco"), (0.3, "varied")]
                 for _ in range(2000)]
     captions += _fragment_captions()
-    with_skipping = ptb.tokenize_tokens(captions)
+    with_skipping = tokenize_tokens(captions)
     rules = list(ptb._RULES)
     monkeypatch.setattr(ptb, "_RULES", [rule[:4] + (None,) for rule in rules])
     monkeypatch.setattr(ptb, "_FIRST_CHAR_CACHE", {})
-    assert ptb.tokenize_tokens(captions) == with_skipping
+    assert tokenize_tokens(captions) == with_skipping
 
     text = "\n".join(captions)
     for name, regex, _, _, needs in rules:

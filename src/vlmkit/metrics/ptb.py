@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import functools
 import re
-import sys
 import unicodedata
 from itertools import repeat
 
@@ -670,40 +669,6 @@ _ABBREV_WORDS = re.compile(f"(?:{ABBREV1})|(?:{ABBREV3})|(?:(?:{ABBREV4})\\.)|(?
 _OTHER_LINE_BREAK_CHARS = "\r\u2028\u2029\u000b\u000c\u0085"  # line breaks but "\n"
 
 
-def tokenize_tokens(captions: list[str]) -> list[list[str]]:
-    """PTB tokens of each caption (lowercased, punctuation dropped), as pycocoevalcap gets them.
-
-    `captions` must be in the order pycocoevalcap feeds them to Java (image by image, each
-    image's captions in order), because a caption's last token can depend on the next caption.
-    """
-    cleaned = [_LINE_BREAKS.sub(" ", caption) for caption in captions]
-    result: list[list[str]] = []
-    for index, caption in enumerate(cleaned):
-        if _is_plain(caption):
-            words = caption.replace(",", " ").replace(".", " ").lower().split()
-            result.append(words)
-            continue
-        following = "\n" + cleaned[index + 1] if index + 1 < len(cleaned) else ""
-        tokens = _scan(caption + following, 0, len(caption))
-        result.append([t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION])
-    return result
-
-
-def non_plain_lines(captions: list[str]) -> list[int]:
-    """Indices of the captions `_is_plain` rejects, for captions without line breaks.
-
-    The same test as `_is_plain`, written as local conditions on the code points of all
-    captions at once (numpy), because a regex or Python check per caption costs more than the
-    whole rest of the tokenization of plain captions. `_PLAIN` holds exactly when every
-    character is an ASCII letter, space, comma or period, the line starts with a letter, and:
-    a comma follows a letter and precedes a space; a space follows a letter and precedes a
-    letter or the final period, or follows a comma and precedes a letter; a period is the last
-    character and follows a letter, or a space that follows a letter.
-    """
-    data = _ascii_lines("\n".join(captions))
-    return _non_plain_lines(data, data.lower(), len(captions))
-
-
 def _ascii_lines(text: str) -> bytes:
     """Captions joined by "\n" as `text`, plus a final "\n", one byte per character: every
     non-ASCII character becomes "?", which like it makes a line non-plain, so
@@ -734,7 +699,7 @@ def _bad_windows() -> np.ndarray:
     """Whether the character in the middle of a window of five classes breaks `_PLAIN`, for
     every window (indexed as `_window_codes`).
 
-    The conditions of `non_plain_lines`' docstring, each on the character's neighbours: not an
+    The conditions of `_non_plain_lines`' docstring, each on the character's neighbours: not an
     ASCII letter, space, comma, period or line break; a comma not between a letter and a
     space; a space neither after a letter and before a letter or a final period (a period
     before a line break), nor after a comma and before a letter; a period not before a line
@@ -761,7 +726,18 @@ _CLASS_TABLE = _CLASS_OF_BYTE.tobytes()  # for bytes.translate
 
 
 def _non_plain_lines(data: bytes, lowered_data: bytes, count: int) -> list[int]:
-    """`non_plain_lines` of the `count` lines of `_ascii_lines` text and its `bytes.lower()`."""
+    """Indices of the lines `_is_plain` rejects, of the `count` lines of `_ascii_lines` text
+    and its `bytes.lower()`.
+
+    The same test as `_is_plain`, written as local conditions on the characters of all
+    captions at once (numpy), because a regex or Python check per caption costs more than the
+    whole rest of the tokenization of plain captions. `_PLAIN` holds exactly when every
+    character is an ASCII letter, space, comma or period, the line starts with a letter, and:
+    a comma follows a letter and precedes a space; a space follows a letter and precedes a
+    letter or the final period, or follows a comma and precedes a letter; a period is the last
+    character and follows a letter, or a space that follows a letter. The split words and a
+    final abbreviation are checked apart.
+    """
     codes = np.frombuffer(data, dtype=np.uint8)
     classes = np.frombuffer(data.translate(_CLASS_TABLE), dtype=np.uint8)  # = _CLASS_OF_BYTE[codes]
     bad = np.take(_BAD_WINDOW, _window_codes(classes))  # (take: faster than indexing here)
@@ -818,7 +794,7 @@ def _final_abbreviations(lowered_data: bytes, lowered: str, word_start: np.ndarr
 def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
     """pycocoevalcap's tokenized form of each caption: PTB tokens joined by single spaces.
 
-    Same result as joining `tokenize_tokens`, computed in bulk: plain captions (the vast
+    Computed in bulk: plain captions (the vast
     majority in caption data) are lowercased and stripped of their commas and final period
     with whole-text string operations; only the other captions go through the scanner, each
     distinct segment once (`_scan_segmented`). `memo` (segment -> tokens) may be shared by
@@ -886,8 +862,7 @@ _MISSING = object()
 def _scan_segmented(caption: str, following: str, memo: dict) -> str:
     """Kept tokens of one caption (as `_kept`), scanning each distinct segment once per `memo`.
 
-    Same result as `_scan(caption + following, 0, len(caption))` filtered like
-    `tokenize_tokens`, because a space followed by a character `c` matched by `_SEGMENT_BREAK`
+    Same result as `_kept(_scan(caption + following, 0, len(caption)))` (or "" for None), because a space followed by a character `c` matched by `_SEGMENT_BREAK`
     (not a space or line break, digit, period, ASCII capital or "<") is always a token
     boundary, and nothing scanned before it looks past `c` or tells one such `c` from another:
 
@@ -999,8 +974,4 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     return [line[1:-1] for line in text.split("\n")[1:-1]]
 
 
-__all__ = ["PUNCTUATION", "tokenize", "tokenize_tokens"]
-
-if __name__ == "__main__":  # pragma: no cover - manual inspection helper
-    for line in sys.stdin:
-        print(tokenize([line.rstrip("\n")])[0])
+__all__ = ["PUNCTUATION", "tokenize"]
