@@ -21,7 +21,6 @@ thousands of generated captions (tests/metrics/test_ptb.py).
 from __future__ import annotations
 
 import bisect
-import functools
 import re
 import unicodedata
 from itertools import repeat
@@ -143,12 +142,11 @@ except ImportError:  # pragma: no cover
 _CLASS_ANSWERS: dict[tuple, dict[str, bool]] = {}
 
 
-def _first_char_test(pattern: str, parsed=None):
+def _first_char_test(pattern: str):
     """A predicate telling whether a match of `pattern` can start with a given character.
 
     Conservative: anything it does not understand makes it answer True. It only prunes the
-    rules tried at each position, so it affects speed, never results. `parsed` is
-    `_sre_parse.parse(pattern)` when the caller has it.
+    rules tried at each position, so it affects speed, never results.
     """
     c = _sre_constants
     tests: list = []
@@ -224,7 +222,7 @@ def _first_char_test(pattern: str, parsed=None):
             return False
         return True
 
-    if first_of(_sre_parse.parse(pattern) if parsed is None else parsed, False):
+    if first_of(_sre_parse.parse(pattern), False):
         tests.append(lambda ch: True)
     return lambda ch: any(test(ch) for test in tests)
 
@@ -301,132 +299,21 @@ def _caseless(pattern: str) -> str:
 
 
 def _rule(name, pattern, context=None, out=KEEP):
-    """One lexer rule per top-level alternative: (name, regex, first-character test, out,
-    needed characters).
+    """One lexer rule per top-level alternative: (name, regex, first-character test, out).
 
     JFlex picks the longest match (trailing context included) and, on ties, the earliest
     rule; Python alternation picks the first alternative that works, so each alternative is
     matched on its own. The trailing context is a capturing look-ahead so its length counts.
-    The needed characters (`_needed_characters`) let `_scan` skip a rule without running it.
     """
     rules = []
     for alternative in _split_top_level(pattern):
         regex = _caseless(f"(?:{alternative})" + (f"(?=({context}))" if context else ""))
-        compiled = re.compile(regex)
-        parsed = _sre_parse.parse(compiled.pattern)
-        rules.append((name, compiled, _first_char_test(compiled.pattern, parsed), out, _needed_characters(parsed)))
+        rules.append((name, re.compile(regex), _first_char_test(regex), out))
     return rules
 
 
-# The characters SPACENL can start with (spaces and line breaks), and a search for the first.
+# The characters SPACENL can start with (spaces and line breaks).
 _SPACENL_CHARS = " \t\u00a0\u2000-\u200a\u3000\r\n\u2028\u2029\u000b\u000c\u0085"
-_SPACE_OR_LINE_BREAK = re.compile(f"[{_SPACENL_CHARS}]")
-_SPACES_AND_LINE_BREAKS = frozenset(ch for ch in map(chr, range(0x3001)) if _SPACE_OR_LINE_BREAK.match(ch))
-_NEED_CLASS_LIMIT = 16  # character classes larger than this are not used as a need
-
-
-def _needed_characters(parsed) -> tuple[frozenset, ...] | None:
-    """Character sets such that every match of the parsed pattern holds a character of each, when no
-    match can hold a space or line break (else None: `_scan` then cannot bound a match by the
-    next space). At most the two rarest sets, punctuation before letters and digits.
-
-    Conservative by construction: look-arounds (the trailing context) add nothing, nor do
-    optional parts, negated classes, categories or large classes, and under case-insensitive
-    matching no letter is needed (Python folds e.g. "k" with the Kelvin sign). So a rule is
-    only skipped when it cannot match; `tests/metrics/test_ptb.py` checks the scanner with
-    and without this pruning on generated corpora.
-    """
-    if _may_hold(parsed, _SPACES_AND_LINE_BREAKS):
-        return None
-    ignore_case = bool(parsed.state.flags & re.IGNORECASE)  # a global (?i) flag
-    needs = sorted(set(_needs(parsed, ignore_case)), key=lambda chars: (sum(ch.isalnum() for ch in chars), len(chars)))
-    return tuple(needs[:2]) or None
-
-
-def _class_members(items) -> frozenset | None:
-    """The characters of a parsed class `[...]`, None when negated, with a category or large."""
-    c = _sre_constants
-    members: set[str] = set()
-    for kind, value in items:
-        if kind is c.LITERAL:
-            members.add(chr(value))
-        elif kind is c.RANGE and value[1] - value[0] < _NEED_CLASS_LIMIT:
-            members.update(map(chr, range(value[0], value[1] + 1)))
-        else:  # NEGATE, CATEGORY, a large range
-            return None
-    return frozenset(members) if len(members) <= _NEED_CLASS_LIMIT else None
-
-
-def _needs(items, ignore_case: bool) -> list[frozenset]:
-    """The needed character sets of a parsed sequence (each set: one of its characters)."""
-    c = _sre_constants
-    needs: list[frozenset] = []
-    for op, arg in items:
-        if op is c.LITERAL or op is c.IN:
-            chars = frozenset(chr(arg)) if op is c.LITERAL else _class_members(arg)
-            if chars and not (ignore_case and any(ch.lower() != ch.upper() or ch.isalpha() for ch in chars)):
-                needs.append(chars)
-        elif op is c.SUBPATTERN:
-            needs += _needs(arg[3], ignore_case or bool(arg[1] & re.IGNORECASE))
-        elif op is c.BRANCH:  # one set per branch, joined: some character of the union is needed
-            per_branch = []
-            for branch in arg[1]:
-                options = _needs(branch, ignore_case)
-                if not options:
-                    break
-                per_branch.append(min(options, key=len))
-            else:
-                needs.append(frozenset().union(*per_branch))
-        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
-            if arg[0] >= 1:
-                needs += _needs(arg[2], ignore_case)
-        # AT, ASSERT (the context), ASSERT_NOT, ANY, NOT_LITERAL, CATEGORY, ...: nothing needed
-    return needs
-
-
-@functools.lru_cache(maxsize=None)
-def _class_admits(items: tuple, chars: frozenset) -> bool:
-    """Whether a parsed class `[...]` matches one of `chars` (a category: True). The same
-    large classes (letters, digits) recur in many rules: each is answered once."""
-    c = _sre_constants
-    if any(kind is c.CATEGORY for kind, _ in items):
-        return True
-    negate = any(kind is c.NEGATE for kind, _ in items)
-    codes = set(map(ord, chars))
-    listed = set()
-    for kind, value in items:
-        if kind is c.LITERAL and value in codes:
-            listed.add(value)
-        elif kind is c.RANGE:
-            listed.update(code for code in codes if value[0] <= code <= value[1])
-    return len(listed) < len(codes) if negate else bool(listed)
-
-
-def _may_hold(items, chars: frozenset) -> bool:
-    """Whether a match of the parsed sequence can hold one of `chars` (conservative: True
-    when unsure). Look-arounds are not part of the match."""
-    c = _sre_constants
-    for op, arg in items:
-        if op is c.LITERAL:
-            if chr(arg) in chars:
-                return True
-        elif op is c.IN:
-            if _class_admits(tuple(arg), chars):
-                return True
-        elif op is c.SUBPATTERN:
-            if _may_hold(arg[3], chars):
-                return True
-        elif op is c.BRANCH:
-            if any(_may_hold(branch, chars) for branch in arg[1]):
-                return True
-        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
-            if _may_hold(arg[2], chars):
-                return True
-        elif op in (c.AT, c.ASSERT, c.ASSERT_NOT):
-            continue
-        else:  # ANY, NOT_LITERAL, CATEGORY, GROUPREF, ...
-            return True
-    return False
 
 
 def _no_soft_hyphen(text: str) -> str:
@@ -572,14 +459,7 @@ def _scan(text: str, start: int, end: int) -> list[str]:
             pos = _SPACES.match(text, pos).end()
             continue
         best_total, best, best_end = 0, None, 0
-        present = None  # the characters up to the next space or line break
         for rule in _rules_for(text[pos]):
-            if rule[4] is not None:  # skip a rule whose match needs a character not there
-                if present is None:
-                    stop = _SPACE_OR_LINE_BREAK.search(text, pos)
-                    present = set(text[pos:stop.start() if stop else len(text)])
-                if rule[4][0].isdisjoint(present) or (len(rule[4]) > 1 and rule[4][1].isdisjoint(present)):
-                    continue
             match = rule[1].match(text, pos)
             if match is None or match.end() == pos:
                 continue
