@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 from vlmkit.metrics.ptb import tokenize
@@ -214,57 +213,31 @@ def test_bulk_segmentation_equals_per_caption_segmentation():
     assert tokenize(captions) == [" ".join(tokens) for tokens in tokenize_tokens(captions)]
 
 
-def _bad_by_masks(data: bytes):
-    """The plain-line conditions as whole-text masks (what `_non_plain_lines` computed before
-    its window table)."""
-    codes = np.frombuffer(data, dtype=np.uint8)
-    folded = codes | 32
-    letter = (folded >= 97) & (folded <= 122)
-    space, comma, period, newline = codes == 32, codes == 44, codes == 46, codes == 10
-
-    def before(mask, fill=False):
-        return np.concatenate([[fill], mask[:-1]])
-
-    def after(mask, fill=False):
-        return np.concatenate([mask[1:], [fill]])
-
-    letter_before, letter_after = before(letter), after(letter)
-    final_period_after = after(period & after(newline, True))
-    bad = ~(letter | space | comma | period | newline)
-    bad |= comma & ~(letter_before & after(space))
-    bad |= space & ~((letter_before & (letter_after | final_period_after)) | (before(comma) & letter_after))
-    bad |= period & ~(after(newline, True) & (letter_before | (before(space) & before(letter_before))))
-    bad |= before(newline, True) & ~letter
-    return bad
-
-
-def test_window_table_equals_the_mask_conditions():
-    """One look-up per character in the table of five-character windows marks exactly the
-    characters the mask formulation marks, on random text over every class (and boundaries)."""
+def test_plain_line_detection_equals_the_regex_on_random_text():
+    """`_non_plain_lines` (the plain-caption conditions as masks over all lines at once) marks
+    exactly the lines `_is_plain` rejects, on random text over every character class it
+    tells apart (and empty lines, lines of one character, the ends of the text)."""
     from vlmkit.metrics import ptb
 
     rng = random.Random(3)
     for length in (1, 2, 3, 5, 50, 20000):
         for _ in range(20 if length < 100 else 3):
-            text = "".join(rng.choice("aZ ,.\n?-") for _ in range(length)).encode()
-            classes = ptb._CLASS_OF_BYTE[np.frombuffer(text, dtype=np.uint8)]
-            assert ptb._BAD_WINDOW[ptb._window_codes(classes)].tolist() == _bad_by_masks(text).tolist()
+            lines = "".join(rng.choice("aZ ,.\n?-") for _ in range(length)).split("\n")
+            assert non_plain_lines(lines) == [i for i, line in enumerate(lines) if not ptb._is_plain(line)]
 
 
-def test_final_abbreviation_check_by_packed_words_equals_the_regex():
-    """`_final_abbreviations` (distinct words found by packing up to 8 letters into an integer)
-    answers as asking `_ABBREV_WORDS` word by word (single letters count as abbreviations)."""
+def test_final_abbreviations_are_found_as_the_regex_finds_them():
+    """A final single letter or abbreviation makes a caption non-plain (its period depends on
+    the next caption), found by `_non_plain_lines` exactly as `_is_plain` finds it, for every
+    abbreviation the lexer knows and random words, with and without a space before the period."""
     from vlmkit.metrics import ptb
 
     rng = random.Random(4)
-    words = sorted(ptb._ABBREVIATION_WORDS) + ["a", "b", "x", "etc", "no", "nos", "figs", "bancorp", "inc", "ltd"]
+    known = ptb._ABBREVIATION_WORDS
+    words = sorted(known) + ["a", "b", "x", "etc", "no", "nos", "figs", "bancorp", "inc", "ltd"]
     words += ["".join(rng.choice("abcdefgiklmnoprstuvz") for _ in range(rng.randint(1, 12))) for _ in range(3000)]
     words = [w for w in words if w.isalpha()]
-    text = "\n".join(f"x {w}." for w in words) + "\n"
-    data = text.encode("ascii")
-    ends = np.cumsum([len(f"x {w}.") + 1 for w in words]) - 2  # the periods
-    starts = ends - np.array([len(w) for w in words])
-    got = ptb._final_abbreviations(data, text, starts, ends)
-    expected = [len(w) == 1 or ptb._ABBREV_WORDS.fullmatch(w + ".") is not None for w in words]
-    assert got.tolist() == expected
-    assert sum(expected) > len(ptb._ABBREVIATION_WORDS) // 2
+    lines = [f"x {w}." for w in words] + [f"A {w.capitalize()} ." for w in words]
+    expected = [i for i, line in enumerate(lines) if not ptb._is_plain(line)]
+    assert non_plain_lines(lines) == expected
+    assert len(expected) > len(known)  # the abbreviations are found, in both forms

@@ -563,45 +563,33 @@ _CLASS_OF_BYTE[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvw
 _CLASS_OF_BYTE[[ord(" "), ord(","), ord("."), ord("\n")]] = [_SPACE, _COMMA, _PERIOD, _NEWLINE]
 
 
-def _window_codes(classes: np.ndarray) -> np.ndarray:
-    """For each position i, the classes at i-2 .. i+2 (line breaks beyond the ends) as one
-    base-6 number, the first the most significant."""
-    padded = np.concatenate([[_NEWLINE, _NEWLINE], classes, [_NEWLINE, _NEWLINE]]).astype(np.uint16)
-    code = padded[:-4] * 6
-    for shift in (1, 2, 3):
-        code += padded[shift:len(padded) - 4 + shift]
-        code *= 6
-    code += padded[4:]
-    return code
+def _bad_characters(classes: np.ndarray) -> np.ndarray:
+    """Whether each character (by its class, `_CLASS_OF_BYTE`) breaks `_PLAIN`, as conditions
+    on its neighbours (line breaks beyond the ends): not an ASCII letter, space, comma, period
+    or line break; a comma not between a letter and a space; a space neither after a letter
+    and before a letter or a final period (a period before a line break), nor after a comma
+    and before a letter; a period not before a line break, or after neither a letter nor a
+    space after a letter; and a line's first character (after a line break) not a letter. A
+    line is plain exactly when none of its characters is bad (the split words and a final
+    abbreviation aside, which `_non_plain_lines` checks apart)."""
+    letter, space, comma, period, newline = (classes == kind for kind in (_LETTER, _SPACE, _COMMA, _PERIOD, _NEWLINE))
 
+    def before(mask, edge=False):  # at i: mask[i - 1], `edge` at the first character
+        return np.concatenate([[edge], mask[:-1]])
 
-def _bad_windows() -> np.ndarray:
-    """Whether the character in the middle of a window of five classes breaks `_PLAIN`, for
-    every window (indexed as `_window_codes`).
+    def after(mask, edge=False):  # at i: mask[i + 1], `edge` at the last character
+        return np.concatenate([mask[1:], [edge]])
 
-    The conditions of `_non_plain_lines`' docstring, each on the character's neighbours: not an
-    ASCII letter, space, comma, period or line break; a comma not between a letter and a
-    space; a space neither after a letter and before a letter or a final period (a period
-    before a line break), nor after a comma and before a letter; a period not before a line
-    break, or after neither a letter nor a space after a letter; and a line's first character
-    (after a line break) not a letter. A line is plain exactly when none of its characters is
-    bad, and a position only ever looks two characters either way, so one table look-up per
-    character replaces some thirty whole-text mask operations.
-    """
-    before2, before1, here, after1, after2 = np.indices((6,) * 5).reshape(5, -1)
-    letter_before, letter_after = before1 == _LETTER, after1 == _LETTER
-    bad = here == _OTHER
-    bad |= (here == _COMMA) & ~(letter_before & (after1 == _SPACE))
-    final_period_after = (after1 == _PERIOD) & (after2 == _NEWLINE)
-    bad |= (here == _SPACE) & ~((letter_before & (letter_after | final_period_after))
-                                | ((before1 == _COMMA) & letter_after))
-    bad |= (here == _PERIOD) & ~((after1 == _NEWLINE)
-                                 & (letter_before | ((before1 == _SPACE) & (before2 == _LETTER))))
-    bad |= (before1 == _NEWLINE) & (here != _LETTER)  # a line starts with a letter (so is not empty)
+    letter_before, letter_after, line_break_after = before(letter), after(letter), after(newline, True)
+    bad = classes == _OTHER
+    bad |= comma & ~(letter_before & after(space))
+    bad |= space & ~((letter_before & (letter_after | after(period & line_break_after)))
+                     | (before(comma) & letter_after))
+    bad |= period & ~(line_break_after & (letter_before | (before(space) & before(letter_before))))
+    bad |= before(newline, True) & ~letter  # a line starts with a letter (so is not empty)
     return bad
 
 
-_BAD_WINDOW = _bad_windows()
 _CLASS_TABLE = _CLASS_OF_BYTE.tobytes()  # for bytes.translate
 
 
@@ -610,17 +598,12 @@ def _non_plain_lines(data: bytes, lowered_data: bytes, count: int) -> list[int]:
     and its `bytes.lower()`.
 
     The same test as `_is_plain`, written as local conditions on the characters of all
-    captions at once (numpy), because a regex or Python check per caption costs more than the
-    whole rest of the tokenization of plain captions. `_PLAIN` holds exactly when every
-    character is an ASCII letter, space, comma or period, the line starts with a letter, and:
-    a comma follows a letter and precedes a space; a space follows a letter and precedes a
-    letter or the final period, or follows a comma and precedes a letter; a period is the last
-    character and follows a letter, or a space that follows a letter. The split words and a
-    final abbreviation are checked apart.
+    captions at once (numpy, `_bad_characters`), because a regex or Python check per caption
+    costs more than the whole rest of the tokenization of plain captions.
     """
     codes = np.frombuffer(data, dtype=np.uint8)
     classes = np.frombuffer(data.translate(_CLASS_TABLE), dtype=np.uint8)  # = _CLASS_OF_BYTE[codes]
-    bad = np.take(_BAD_WINDOW, _window_codes(classes))  # (take: faster than indexing here)
+    bad = _bad_characters(classes)
     letter = classes == _LETTER
     line_end = np.flatnonzero(classes == _NEWLINE)
     non_plain = np.zeros(count, dtype=bool)
@@ -642,33 +625,16 @@ def _non_plain_lines(data: bytes, lowered_data: bytes, count: int) -> list[int]:
     word_end -= classes[word_end - 1] == _SPACE
     word_starts = np.flatnonzero(letter & ~np.concatenate([[False], letter[:-1]]))
     word_start = word_starts[np.searchsorted(word_starts, word_end) - 1]
-    non_plain[candidates[_final_abbreviations(lowered_data, lowered, word_start, word_end)]] = True
+    non_plain[candidates[_final_abbreviations(lowered, word_start, word_end)]] = True
     return np.flatnonzero(non_plain).tolist()
 
 
-def _final_abbreviations(lowered_data: bytes, lowered: str, word_start: np.ndarray, word_end: np.ndarray):
-    """Whether each word lowered[word_start:word_end] (ASCII letters) is a single letter or
-    an abbreviation, asking the regex once per distinct word: words of up to 8 letters are
-    told apart by their bytes packed into one integer (zero-padded; letters are never 0),
-    longer ones as strings."""
-    length = word_end - word_start
-    result = length == 1
-    short = np.flatnonzero((length > 1) & (length <= 8))
-    if len(short):
-        codes = np.frombuffer(lowered_data + bytes(8), dtype=np.uint8)
-        window = codes[word_start[short, None] + np.arange(8)]
-        window[np.arange(8) >= length[short, None]] = 0
-        distinct, inverse = np.unique(np.ascontiguousarray(window).view("<u8")[:, 0], return_inverse=True)
-        words = [int(value).to_bytes(8, "little").rstrip(b"\0").decode("ascii") for value in distinct.tolist()]
-        answers = np.fromiter((_ABBREV_WORDS.fullmatch(word + ".") is not None for word in words), dtype=bool,
-                              count=len(words))
-        result[short] = answers[inverse.reshape(-1)]
-    long = np.flatnonzero(length > 8)
-    if len(long):
-        words = [lowered[a:b] for a, b in zip(word_start[long].tolist(), word_end[long].tolist())]
-        abbreviations = {word for word in set(words) if _ABBREV_WORDS.fullmatch(word + ".")}
-        result[long] = np.fromiter(map(abbreviations.__contains__, words), dtype=bool, count=len(words))
-    return result
+def _final_abbreviations(lowered: str, word_start: np.ndarray, word_end: np.ndarray) -> np.ndarray:
+    """Whether each word lowered[word_start:word_end] is a single letter or an abbreviation
+    (asking the regex once per distinct word)."""
+    words = [lowered[a:b] for a, b in zip(word_start.tolist(), word_end.tolist())]
+    abbreviations = {word for word in set(words) if len(word) == 1 or _ABBREV_WORDS.fullmatch(word + ".")}
+    return np.fromiter(map(abbreviations.__contains__, words), dtype=bool, count=len(words))
 
 
 def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
