@@ -5,8 +5,11 @@
 - `non_plain_lines`: `ptb._non_plain_lines` for a list of captions.
 - `lcs_lengths`: LCS lengths of word-list pairs through the bit-parallel ROUGE-L kernel.
 - `lookup`: a (sentence, n-gram) count read back from `ngrams.NgramCounts`.
+- `abbreviation_words`: words the lexer's abbreviation rules know, to test final periods with.
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -79,3 +82,15 @@ def lookup(counts: NgramCounts, sentence: np.ndarray, gram: np.ndarray) -> np.nd
     position = np.minimum(position, len(row_key) - 1)
     found = row_key[position] == query if len(row_key) else np.zeros(len(query), bool)
     return np.where(found, row_count[position] if len(row_key) else 0, 0)
+
+
+def abbreviation_words() -> frozenset:
+    """Lower-cased words that some abbreviation rule could join with a following period."""
+    words = set()
+    for source in (ptb.ABMONTH, ptb.ABDAYS, ptb.ABSTATE, ptb.ABCOMP, ptb.ABNUM, ptb.ABTITLE,
+                   "etc|al|seq|ca|fig|figs|prop|no|nos|art|bldg|pp|op|vs|Alex|Wm|Jos|Cie|cf|TREAS|Invt|Elec|"
+                   "Natl|Mfg|Mtg|Jr|Sr|Bros|Blvd|Rd|Esq|Kan|Kans|Co|Cos|Pty|Ptys|Ppty|Pptys|Wis|Wisc|Dr|Drs|Prof|Profs|"
+                   "Sen|Sens|Rep|Reps|Atty|Attys|Gov|Govs|St|Ste|Supt|Supts|Cmdr|Comdr|Sept|Tues|Thurs"):
+        for word in source.split("|"):
+            words.add(re.sub(r"[\[\]?]", "", word).lower())
+    return frozenset(words)

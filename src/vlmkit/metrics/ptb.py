@@ -23,7 +23,6 @@ from __future__ import annotations
 import bisect
 import re
 import unicodedata
-from itertools import repeat
 
 import numpy as np
 
@@ -431,32 +430,15 @@ def _scan(text: str, start: int, end: int) -> list[str]:
     tokens: list[str] = []
     pos = start
     while pos < end:
-        # Fastest path: a run of such words, each with the spaces after it, in one regex call
-        # (exactly what the per-word path below would do word by word; scanning only depends
-        # on the position, so jumping over the run changes nothing).
+        # Fast path: a run of ASCII words each followed by spaces (not the words the lexer
+        # splits) in one regex call: each word is a token whatever the rules say (no rule can
+        # make it longer or shorter) and the spaces are dropped, exactly what the rules below
+        # would do word by word; scanning only depends on the position, so jumping over the
+        # run changes nothing.
         run = _WORD_RUN.match(text, pos)
         if run is not None:
             tokens.extend(run.group().split())
             pos = run.end()
-            continue
-        # Fast path: an ASCII word followed by a space is a token whatever the rules say (no
-        # rule can make it longer or shorter), except the words the lexer splits.
-        simple = _SIMPLE_WORD.match(text, pos)
-        if simple is not None:
-            word = simple.group()
-            lowered = word.lower()
-            if lowered not in _SPLIT_WORDS and (
-                    text[simple.end()] != "." or (len(word) > 1 and lowered not in _ABBREVIATION_WORDS)):
-                tokens.append(word)
-                pos = simple.end()
-                continue
-        punctuation = _SIMPLE_PUNCTUATION.match(text, pos)
-        if punctuation is not None:
-            tokens.append(punctuation.group())
-            pos = punctuation.end()
-            continue
-        if text[pos] in " \t":
-            pos = _SPACES.match(text, pos).end()
             continue
         best_total, best, best_end = 0, None, 0
         for rule in _rules_for(text[pos]):
@@ -484,12 +466,7 @@ def _scan(text: str, start: int, end: int) -> list[str]:
     return tokens
 
 
-_SPACES = re.compile(f"{SPACE}+")
-# Words and punctuation whose tokenization no rule can change: a word followed by a space, or
-# by `,;!?` and a space, or by a final period (unless the word could be an abbreviation).
-_SIMPLE_WORD = re.compile(r"[A-Za-z]+(?=[ \t]|[,;!?]+(?:[ \t\n]|$)|\.(?:\n|$))")
-_SIMPLE_PUNCTUATION = re.compile(r"(?:[,;]|[!?]+)(?=[ \t\n]|$)|\.(?=\n|$)")
-_SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta"])
+_SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta"])  # split by the lexer ("can not")
 # Words (not split by the lexer) each followed by a space or tab and then by all the spaces
 # after it: the tokens are the words. ASCII flag: case-insensitivity must not reach e.g. U+212A.
 _NOT_SPLIT_WORD = r"(?!(?:cannot|gonna|wanna|gotta)(?![A-Za-z]))"
@@ -506,19 +483,6 @@ def _rules_for(char: str) -> tuple:
     return rules
 
 
-def _abbreviation_words() -> frozenset:
-    """Lower-cased words that some abbreviation rule could join with a following period."""
-    words = set()
-    for source in (ABMONTH, ABDAYS, ABSTATE, ABCOMP, ABNUM, ABTITLE,
-                   "etc|al|seq|ca|fig|figs|prop|no|nos|art|bldg|pp|op|vs|Alex|Wm|Jos|Cie|cf|TREAS|Invt|Elec|"
-                   "Natl|Mfg|Mtg|Jr|Sr|Bros|Blvd|Rd|Esq|Kan|Kans|Co|Cos|Pty|Ptys|Ppty|Pptys|Wis|Wisc|Dr|Drs|Prof|Profs|"
-                   "Sen|Sens|Rep|Reps|Atty|Attys|Gov|Govs|St|Ste|Supt|Supts|Cmdr|Comdr|Sept|Tues|Thurs"):
-        for word in source.split("|"):
-            words.add(re.sub(r"[\[\]?]", "", word).lower())
-    return frozenset(words)
-
-
-_ABBREVIATION_WORDS = _abbreviation_words()
 _LINE_BREAKS = re.compile("[\r\n\u2028\u2029\u000b\u000c\u0085]")
 # A "plain" caption: ASCII words separated by single spaces, commas glued to the word before,
 # optionally a final period. Such a caption tokenizes to its lowercased words whatever follows.
@@ -640,11 +604,11 @@ def _final_abbreviations(lowered: str, word_start: np.ndarray, word_end: np.ndar
 def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
     """pycocoevalcap's tokenized form of each caption: PTB tokens joined by single spaces.
 
-    Computed in bulk: plain captions (the vast
-    majority in caption data) are lowercased and stripped of their commas and final period
-    with whole-text string operations; only the other captions go through the scanner, each
-    distinct segment once (`_scan_segmented`). `memo` (segment -> tokens) may be shared by
-    calls on the same data, e.g. predictions then references; by default it is per call.
+    Computed in bulk: plain captions (the vast majority in caption data) are lowercased and
+    stripped of their commas and final period with whole-text string operations; only the
+    other captions go through the scanner, each distinct segment once (`_scan_segmented`).
+    `memo` (segment -> tokens) may be shared by calls on the same data, e.g. predictions then
+    references; by default it is per call.
     """
     if not captions:
         return []
@@ -666,18 +630,18 @@ def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
     bulk = []
     for index in _non_plain_lines(data, lowered, len(captions)):
         caption = captions[index]
-        if "<" in caption or _MARK in caption:
+        if "<" in caption or _MARK in caption:  # scanned whole (see `_scan_segmented`)
             following = "\n" + captions[index + 1] if index < last else ""
-            lines[index] = _scan_segmented(caption, following, memo)
+            lines[index] = _kept(_scan(caption + following, 0, len(caption))) or ""
         else:
             bulk.append(index)
-    for index, line in zip(bulk, _scan_segmented_bulk(captions, bulk, memo)):
+    for index, line in zip(bulk, _scan_segmented(captions, bulk, memo)):
         lines[index] = line
     return lines
 
 
-_MARK = "\x01"  # stands for a caption boundary in `_scan_segmented_bulk`
-# a tail whose tokens may depend on the next caption (see `_scan_segmented_bulk`)
+_MARK = "\x01"  # stands for a caption boundary in `_scan_segmented`
+# a tail whose tokens may depend on the next caption (see `_scan_segmented`)
 _LETTER_PERIOD_END = re.compile(f"[A-Za-z]\\.{SPACE}*$")
 
 
@@ -705,12 +669,15 @@ def _kept(tokens: list[str]) -> str | None:
 _MISSING = object()
 
 
-def _scan_segmented(caption: str, following: str, memo: dict) -> str:
-    """Kept tokens of one caption (as `_kept`), scanning each distinct segment once per `memo`.
+def _scan_segmented(captions: list[str], indices: list[int], memo: dict) -> list[str]:
+    """Kept tokens (as `_kept`, "" for none) of `captions[i]` for each i of `indices`, each
+    distinct segment scanned once per `memo`.
 
-    Same result as `_kept(_scan(caption + following, 0, len(caption)))` (or "" for None), because a space followed by a character `c` matched by `_SEGMENT_BREAK`
-    (not a space or line break, digit, period, ASCII capital or "<") is always a token
-    boundary, and nothing scanned before it looks past `c` or tells one such `c` from another:
+    Same result as `_kept(_scan(caption + following, 0, len(caption)))`, `following` being
+    "\n" and the next caption, because a space followed by a character `c` matched by
+    `_SEGMENT_BREAK` (not a space or line break, digit, period, ASCII capital or "<") is
+    always a token boundary, and nothing scanned before it looks past `c` or tells one such
+    `c` from another:
 
     - the scanner has no look-behind, so the tokens after the boundary depend only on the text
       from the boundary on;
@@ -719,8 +686,8 @@ def _scan_segmented(caption: str, following: str, memo: dict) -> str:
       (a period), the sentence-start contexts (`SENTEND`: a space, a line break, a capital or
       `<`; acronym followers: capitalised words), `abbrev3` (a digit), one-character contexts
       (the space itself), and `sgml`, whose `[^>\n]*` can run on indefinitely: captions
-      containing `<` are therefore scanned whole. The fast paths of `_scan` look no further
-      than the character after a space either.
+      containing `<` are therefore scanned whole (by `tokenize`). The fast path of `_scan`
+      looks no further than the character after a space either.
 
     A space after an ASCII letter is a token boundary whatever follows it (but a space, a line
     break or "<"): the rules whose match spans a space need a digit (`frac`, `phone`), a
@@ -729,42 +696,23 @@ def _scan_segmented(caption: str, following: str, memo: dict) -> str:
     other context is at most the space itself when it follows a letter.
 
     So the tokens of every segment but the last are the same as in front of " a"; the last one
-    sees the real following text (the next caption matters there). Captions differ but their
-    segments (words and the odd fragment) repeat, which is what makes the memo pay.
-    """
-    if "<" in caption:
-        return _kept(_scan(caption + following, 0, len(caption))) or ""
-    segments = _SEGMENT_BREAK.split(caption)
-    tail = segments.pop()
-    parts = list(map(memo.get, segments, repeat(_MISSING)))
-    if _MISSING in parts:
-        for position, segment in enumerate(segments):
-            if parts[position] is _MISSING:
-                parts[position] = memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
-    if _is_plain(tail):  # e.g. "grass." or "table .": its lowercased words whatever follows
-        parts.append(_plain_kept(tail))
-    else:
-        parts.append(_kept(_scan(tail + following, 0, len(tail))))
-    return " ".join([part for part in parts if part is not None])  # no tokens, no space
-
-
-def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) -> list[str]:
-    """`_scan_segmented(captions[i], following, memo)` for each i of `indices`, in bulk.
+    (the tail) sees the real following text (the next caption matters there). Captions differ
+    but their segments (words and the odd fragment) repeat, which is what makes the memo pay.
 
     The captions (none holding "<" or `_MARK`) are joined as `_MARK` + "\n" + caption + "\n"
     + `_MARK` + ... and cut with one regex call at segment breaks and line breaks. Within a
     caption the breaks are the ones of `_SEGMENT_BREAK` on the caption alone (the look-ahead
     sees the caption's own characters, and at its end "\n", which like the end of the text is
     no break), so the pieces between two marks are exactly the caption's segments, the last one
-    being its tail. Tails are handled per caption as in `_scan_segmented` (their kept tokens
-    remembered where they do not depend on the next caption, below); all other pieces go through the
-    memo, the missing ones scanned in front of " a" as there. The kept parts (not None) are
-    joined with spaces, "\n" at the marks, so each caption's line is its parts joined by
-    spaces between one leading and one trailing space (just " " when it has none).
+    being its tail. All pieces but the tails go through the memo, the missing ones scanned in
+    front of " a". The kept parts (not None) are joined with spaces, "\n" at the marks, so each
+    caption's line is its parts joined by spaces between one leading and one trailing space
+    (just " " when it has none).
 
-    A tail that does not end in an ASCII letter and a period (trailing spaces aside) sees of
-    the next caption only whether there is one: after "\n", the only rules whose context looks
-    further (sentence starts after `abbrev1`, acronym followers after `letter_followed` and
+    A plain tail ("grass." or "table .") gives its lowercased words whatever follows. A tail
+    that does not end in an ASCII letter and a period (trailing spaces aside) sees of the next
+    caption only whether there is one: after "\n", the only rules whose context looks further
+    (sentence starts after `abbrev1`, acronym followers after `letter_followed` and
     `acronym_followed`) match a letter and a period, every other context either stops at the
     "\n" or cannot take it in, and no match spans a line break. Such tails are scanned once
     per call and remembered (the last caption's tail, which sees the end of the text, aside).
@@ -806,11 +754,7 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     missing.discard(_MARK)
     missing.difference_update(memo)
     for segment in missing:
-        lowered = segment.lower()
-        if segment.isascii() and segment.isalpha() and lowered not in _SPLIT_WORDS:
-            memo[segment] = lowered  # what `_scan` gives: `_WORD_RUN` takes "segment " as one token
-        else:
-            memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
+        memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
     parts = list(map(memo.get, pieces))
     for position in marks:
         parts[position] = "\n"
