@@ -11,8 +11,10 @@ from vlmkit.metrics.bleu import bleu_scores
 from vlmkit.metrics.caption import score_captions
 from vlmkit.metrics.cider import cider_scores
 from vlmkit.metrics.ptb import tokenize
-from vlmkit.metrics.rouge import lcs_lengths, rouge_l_scores
+from vlmkit.metrics.rouge import rouge_l_scores
 from vlmkit.metrics.synthetic import random_corpus
+
+from metrics_helpers import lcs_lengths, lookup
 
 TOLERANCE = 1e-9
 
@@ -352,8 +354,8 @@ def test_image_layout_counts_and_join_equal_sentence_layout(keys, monkeypatch):
     assert cider_scores(hyps, some_refs, counts=this_layout) == cider_scores(hyps, some_refs, counts=sentence_layout)
 
     query_sentence, query_gram = plain.sentence[::7], plain.gram[::7]
-    assert ngrams.lookup(counts, query_sentence, query_gram).tolist() == plain.count[::7].tolist()
-    assert ngrams.lookup(plain, query_sentence, query_gram).tolist() == plain.count[::7].tolist()
+    assert lookup(counts, query_sentence, query_gram).tolist() == plain.count[::7].tolist()
+    assert lookup(plain, query_sentence, query_gram).tolist() == plain.count[::7].tolist()
 
 
 def test_score_captions_restores_the_garbage_collector():

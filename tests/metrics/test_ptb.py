@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 from vlmkit.metrics.ptb import tokenize
 from vlmkit.metrics.synthetic import _TRICKY, random_caption
+
+from metrics_helpers import abbreviation_words, non_plain_lines, tokenize_tokens
 
 
 def test_parity_with_java_on_6000_varied_captions(java_ptb):
@@ -61,8 +62,8 @@ def test_bulk_plain_detection_and_tokenize_match_the_per_caption_path():
                  " a b", "a b ", "", "a..", "\U0001f600 x.", "plan B.", "the end"]
     cleaned = [ptb._LINE_BREAKS.sub(" ", c) for c in captions]
     expected_non_plain = [i for i, c in enumerate(cleaned) if not ptb._is_plain(c)]
-    assert ptb.non_plain_lines(cleaned) == expected_non_plain
-    assert tokenize(captions) == [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+    assert non_plain_lines(cleaned) == expected_non_plain
+    assert tokenize(captions) == [" ".join(tokens) for tokens in tokenize_tokens(captions)]
 
 
 def _fragment_captions(sgml: bool = True):
@@ -80,9 +81,9 @@ def _fragment_captions(sgml: bool = True):
 
 
 def test_segment_memo_equals_whole_caption_scanning():
-    """`_scan_segmented` (each distinct segment scanned once, plain tails skipped) equals scanning
-    the whole caption, on the generated corpora and every tricky fragment in many contexts,
-    with and without a memo shared across calls."""
+    """`_scan_segmented` (each distinct segment scanned once, plain tails skipped) on one
+    caption at a time equals scanning the whole caption, on the generated corpora and every
+    tricky fragment in many contexts, with and without a memo shared across calls."""
     from vlmkit.metrics import ptb
 
     rng = random.Random(11)
@@ -91,12 +92,13 @@ def test_segment_memo_equals_whole_caption_scanning():
     captions += _fragment_captions()
     captions += ["a \u00ad b", "x \u00ad", "\u00ad", "a , b", "etc. a", "Mr. a b.", "a b. c", "1 1/2 a", "x . . . y"]
     cleaned = [ptb._LINE_BREAKS.sub(" ", c) for c in captions]
-    expected = [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+    expected = [" ".join(tokens) for tokens in tokenize_tokens(captions)]
     shared: dict = {}
     for index, caption in enumerate(cleaned):
-        following = "\n" + cleaned[index + 1] if index + 1 < len(cleaned) else ""
-        assert ptb._scan_segmented(caption, following, {}) == expected[index], caption
-        assert ptb._scan_segmented(caption, following, shared) == expected[index], caption
+        if "<" in caption:  # scanned whole by `tokenize`
+            continue
+        assert ptb._scan_segmented(cleaned, [index], {}) == [expected[index]], caption
+        assert ptb._scan_segmented(cleaned, [index], shared) == [expected[index]], caption
     assert tokenize(captions) == expected
     assert tokenize(captions, shared) == expected
 
@@ -118,7 +120,7 @@ def test_caption_tails_see_the_next_caption_exactly_as_whole_scanning(java_ptb):
                 for follower in followers[:len(followers) - (not with_tag)]:
                     captions += [f"x {fragment}", follower]
         captions.append(f"x {_TRICKY[next(iter(_TRICKY))][0]}")  # a tail with no caption after it
-        expected = [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+        expected = [" ".join(tokens) for tokens in tokenize_tokens(captions)]
         assert tokenize(captions) == expected
         if not with_tag:
             assert expected == java_ptb(captions)
@@ -183,12 +185,12 @@ def test_first_character_pruning_is_unchanged_by_the_class_cache():
         assert [test(ch) for ch in chars] == [loop(ch) for ch in chars], pattern
 
 
-def test_bulk_segmentation_equals_per_caption_segmentation():
+def test_bulk_segmentation_equals_whole_caption_scanning():
     """`tokenize` cuts all non-plain captions into segments with one regex call
-    (`_scan_segmented_bulk`); it must give what `_scan_segmented` gives caption by caption,
-    including empty captions, leading and trailing spaces, captions made only of
-    soft hyphens (an empty kept token), the boundary mark itself and "<", and with the last
-    caption non-plain."""
+    (`_scan_segmented`); it must give what scanning each caption whole gives, including empty
+    captions, leading and trailing spaces, captions made only of soft hyphens (an empty kept
+    token), the boundary mark itself and "<", and with the last caption non-plain, with a
+    memo shared across calls and on a subset of the captions."""
     from vlmkit.metrics import ptb
 
     rng = random.Random(12)
@@ -198,97 +200,41 @@ def test_bulk_segmentation_equals_per_caption_segmentation():
                  "A dog etc.", "", "Mr. X", "the letter B.", "The end", "plan B.", "", "x y.", "a cannot", "no. 5",
                  "a b. c", "x  .", "1 1/2 a", "U.S. The", "ends with B."]
     cleaned = [ptb._LINE_BREAKS.sub(" ", c) for c in captions]
-    expected = []
-    for index, caption in enumerate(cleaned):
-        following = "\n" + cleaned[index + 1] if index + 1 < len(cleaned) else ""
-        expected.append(ptb._scan_segmented(caption, following, {}))
-    indices = list(range(len(cleaned)))
-    bulk = [i for i in indices if "<" not in cleaned[i] and ptb._MARK not in cleaned[i]]
+    expected = [" ".join(tokens) for tokens in tokenize_tokens(captions)]
+    bulk = [i for i in range(len(cleaned)) if "<" not in cleaned[i] and ptb._MARK not in cleaned[i]]
     shared: dict = {}
-    assert ptb._scan_segmented_bulk(cleaned, bulk, {}) == [expected[i] for i in bulk]
-    assert ptb._scan_segmented_bulk(cleaned, bulk, shared) == [expected[i] for i in bulk]
-    assert ptb._scan_segmented_bulk(cleaned, bulk, shared) == [expected[i] for i in bulk]  # memo filled
-    assert ptb._scan_segmented_bulk(cleaned, bulk[1::3], {}) == [expected[i] for i in bulk[1::3]]
-    assert tokenize(captions) == [" ".join(tokens) for tokens in ptb.tokenize_tokens(captions)]
+    assert ptb._scan_segmented(cleaned, bulk, {}) == [expected[i] for i in bulk]
+    assert ptb._scan_segmented(cleaned, bulk, shared) == [expected[i] for i in bulk]
+    assert ptb._scan_segmented(cleaned, bulk, shared) == [expected[i] for i in bulk]  # memo filled
+    assert ptb._scan_segmented(cleaned, bulk[1::3], {}) == [expected[i] for i in bulk[1::3]]
+    assert tokenize(captions) == expected
 
 
-def _bad_by_masks(data: bytes):
-    """The plain-line conditions as whole-text masks (what `_non_plain_lines` computed before
-    its window table)."""
-    codes = np.frombuffer(data, dtype=np.uint8)
-    folded = codes | 32
-    letter = (folded >= 97) & (folded <= 122)
-    space, comma, period, newline = codes == 32, codes == 44, codes == 46, codes == 10
-
-    def before(mask, fill=False):
-        return np.concatenate([[fill], mask[:-1]])
-
-    def after(mask, fill=False):
-        return np.concatenate([mask[1:], [fill]])
-
-    letter_before, letter_after = before(letter), after(letter)
-    final_period_after = after(period & after(newline, True))
-    bad = ~(letter | space | comma | period | newline)
-    bad |= comma & ~(letter_before & after(space))
-    bad |= space & ~((letter_before & (letter_after | final_period_after)) | (before(comma) & letter_after))
-    bad |= period & ~(after(newline, True) & (letter_before | (before(space) & before(letter_before))))
-    bad |= before(newline, True) & ~letter
-    return bad
-
-
-def test_window_table_equals_the_mask_conditions():
-    """One look-up per character in the table of five-character windows marks exactly the
-    characters the mask formulation marks, on random text over every class (and boundaries)."""
+def test_plain_line_detection_equals_the_regex_on_random_text():
+    """`_non_plain_lines` (the plain-caption conditions as masks over all lines at once) marks
+    exactly the lines `_is_plain` rejects, on random text over every character class it
+    tells apart (and empty lines, lines of one character, the ends of the text)."""
     from vlmkit.metrics import ptb
 
     rng = random.Random(3)
     for length in (1, 2, 3, 5, 50, 20000):
         for _ in range(20 if length < 100 else 3):
-            text = "".join(rng.choice("aZ ,.\n?-") for _ in range(length)).encode()
-            classes = ptb._CLASS_OF_BYTE[np.frombuffer(text, dtype=np.uint8)]
-            assert ptb._BAD_WINDOW[ptb._window_codes(classes)].tolist() == _bad_by_masks(text).tolist()
+            lines = "".join(rng.choice("aZ ,.\n?-") for _ in range(length)).split("\n")
+            assert non_plain_lines(lines) == [i for i, line in enumerate(lines) if not ptb._is_plain(line)]
 
 
-def test_final_abbreviation_check_by_packed_words_equals_the_regex():
-    """`_final_abbreviations` (distinct words found by packing up to 8 letters into an integer)
-    answers as asking `_ABBREV_WORDS` word by word (single letters count as abbreviations)."""
+def test_final_abbreviations_are_found_as_the_regex_finds_them():
+    """A final single letter or abbreviation makes a caption non-plain (its period depends on
+    the next caption), found by `_non_plain_lines` exactly as `_is_plain` finds it, for every
+    abbreviation the lexer knows and random words, with and without a space before the period."""
     from vlmkit.metrics import ptb
 
     rng = random.Random(4)
-    words = sorted(ptb._ABBREVIATION_WORDS) + ["a", "b", "x", "etc", "no", "nos", "figs", "bancorp", "inc", "ltd"]
+    known = abbreviation_words()
+    words = sorted(known) + ["a", "b", "x", "etc", "no", "nos", "figs", "bancorp", "inc", "ltd"]
     words += ["".join(rng.choice("abcdefgiklmnoprstuvz") for _ in range(rng.randint(1, 12))) for _ in range(3000)]
     words = [w for w in words if w.isalpha()]
-    text = "\n".join(f"x {w}." for w in words) + "\n"
-    data = text.encode("ascii")
-    ends = np.cumsum([len(f"x {w}.") + 1 for w in words]) - 2  # the periods
-    starts = ends - np.array([len(w) for w in words])
-    got = ptb._final_abbreviations(data, text, starts, ends)
-    expected = [len(w) == 1 or ptb._ABBREV_WORDS.fullmatch(w + ".") is not None for w in words]
-    assert got.tolist() == expected
-    assert sum(expected) > len(ptb._ABBREVIATION_WORDS) // 2
-
-
-def test_rules_skipped_for_missing_characters_change_nothing(monkeypatch):
-    """`_scan` skips a rule whose match needs a character absent up to the next space
-    (`_needed_characters`); without the skipping every caption scans the same, on generated
-    corpora of every style and every tricky fragment in many contexts. Every need is also
-    checked against the rule itself: a match found by the regex holds a character of each set."""
-    from vlmkit.metrics import ptb
-
-    rng = random.Random(21)
-    captions = [random_caption(rng, tricky=t, style=s) for t, s in [(0.9, "varied"), (0.9, "coco"), (0.3, "varied")]
-                for _ in range(2000)]
-    captions += _fragment_captions()
-    with_skipping = ptb.tokenize_tokens(captions)
-    rules = list(ptb._RULES)
-    monkeypatch.setattr(ptb, "_RULES", [rule[:4] + (None,) for rule in rules])
-    monkeypatch.setattr(ptb, "_FIRST_CHAR_CACHE", {})
-    assert ptb.tokenize_tokens(captions) == with_skipping
-
-    text = "\n".join(captions)
-    for name, regex, _, _, needs in rules:
-        if needs is None:
-            continue
-        for match in regex.finditer(text):
-            if match.end() > match.start():
-                assert all(not chars.isdisjoint(match.group()) for chars in needs), (name, match.group())
+    lines = [f"x {w}." for w in words] + [f"A {w.capitalize()} ." for w in words]
+    expected = [i for i, line in enumerate(lines) if not ptb._is_plain(line)]
+    assert non_plain_lines(lines) == expected
+    assert len(expected) > len(known)  # the abbreviations are found, in both forms

@@ -7,14 +7,9 @@ equal pycocoevalcap's to 1e-9 or better; METEOR runs the jar shipped with pycoco
 """
 from __future__ import annotations
 
-import gc
-import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from itertools import accumulate, chain, repeat
 from typing import Hashable, Iterable, Mapping, Sequence
-
-import numpy as np
 
 from vlmkit.errors import UserError
 from vlmkit.metrics import ngrams
@@ -95,54 +90,6 @@ def _check_metrics(metrics: Iterable[str]) -> list[str]:
     return chosen
 
 
-@contextmanager
-def _collector_paused():
-    """Pause the cyclic garbage collector (restored afterwards, also on error).
-
-    Scoring allocates a few hundred thousand short-lived strings and lists and no reference
-    cycles; each generation-0 collection on the way scans them for nothing, which made single
-    calls vary between 0.17 and 0.25 s here. Reference counting still frees everything.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-# glibc raises its mmap threshold to the size of any mmap-ed block that is freed, up to 32 MiB
-# (a block is its request plus a header, rounded up to pages)
-_HEAP_NUDGE_BYTES = (32 << 20) - (8 << 10)
-
-
-def _is_glibc() -> bool:
-    try:
-        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (AttributeError, ValueError, OSError):  # not glibc (musl, macOS, Windows)
-        return False
-
-
-_GLIBC = _is_glibc()
-
-
-def _keep_large_arrays_on_the_heap() -> None:
-    """Let glibc serve the scorers' multi-megabyte numpy arrays from its heap.
-
-    glibc maps every block above its mmap threshold (128 KiB at first) freshly from the kernel
-    and unmaps it when freed, so each such array costs a page fault per 4 KiB it touches; a
-    call allocates some 60 MB of short-lived arrays, and those faults were up to a fifth of its
-    time. Freeing an mmap-ed block raises the threshold to that block's size (and the heap
-    trim threshold to twice that), which allocating and freeing one untouched 32 MiB block
-    does: the same state any process is in after it freed an array of that size. Nothing is
-    written, and nothing is changed when the threshold is already higher or was set by hand.
-    """
-    if _GLIBC:
-        del_me = np.empty(_HEAP_NUDGE_BYTES, dtype=np.uint8)
-        del del_me
-
-
 def _meteor_scores(hypotheses: list[str], references: list[list[str]]) -> tuple[float, list[float]]:
     from vlmkit.metrics.meteor import Meteor
 
@@ -158,13 +105,11 @@ def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hash
     captions (raw text; tokenization is done here). With `per_image=True` the result also holds
     "per_image": {image_id: {metric: score}}. Scores are fractions (CIDEr around 0-10), exactly
     pycocoevalcap's.
+
+    Nothing outside the call changes: the garbage collector, the allocator, the environment
+    and the running threads are as the caller left them (the worker threads of a call are
+    joined before it returns).
     """
-    _keep_large_arrays_on_the_heap()
-    with _collector_paused():
-        return _score_captions(predictions, references, metrics, per_image)
-
-
-def _score_captions(predictions, references, metrics, per_image: bool) -> dict:
     chosen = _check_metrics(metrics)
     validate_captions(predictions, references)
     image_ids = list(predictions)

@@ -8,7 +8,6 @@ image scores.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import subprocess
@@ -53,9 +52,10 @@ class Meteor:
         self._process = subprocess.Popen(command, cwd=os.path.dirname(jar), stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=environment)
         self._lock = threading.Lock()
-        # close the JVM even if the caller forgets to
+        # close the JVM even if the caller forgets to: when the object is collected, or at
+        # interpreter exit (a finalizer runs then while alive; registering it with `atexit` as
+        # well would leave one entry behind in the process per Meteor object)
         self._finalizer = weakref.finalize(self, _terminate, self._process)
-        atexit.register(self._finalizer)
 
     def _ask(self, line: str) -> str:
         self._process.stdin.write((line + "\n").encode("utf-8"))
@@ -102,3 +102,4 @@ def _terminate(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    process.stdout.close()  # the pipe's descriptor goes now, not whenever the object is collected

@@ -65,15 +65,6 @@ class NgramCounts:
         offset = self.gram_offset[order]
         return (num_groups - 1) * offset + group * self.order_size[order] + gram
 
-    def decode(self, key: np.ndarray, num_groups: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(order, group, gram) of keys made by `keys` with the same `num_groups`."""
-        num_groups = len(self.lengths) if num_groups is None else num_groups
-        order = np.searchsorted(self.gram_offset * num_groups, key, side="right") - 1
-        within = key - self.gram_offset[order] * num_groups
-        size = self.order_size[order]
-        group = within // size
-        return order, group, within - group * size + self.gram_offset[order]
-
 
 def encode_words(sentences: list[str], separator: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Integer ids of the words of every sentence (flat) and the word count of each sentence.
@@ -182,14 +173,6 @@ def count_caption_ngrams(hypotheses: list[str], references: list[list[str]], n: 
     return _count_and_join(*encoded, len(hypotheses), *reference_images(references, len(hypotheses)), n)
 
 
-def count_ngrams(sentences: list[list[str]], n: int = 4) -> NgramCounts:
-    """Count the 1..n-grams of every sentence (a list of words)."""
-    vocab: dict[str, int] = {}
-    token_ids = [vocab.setdefault(word, len(vocab)) for words in sentences for word in words]
-    lengths = np.fromiter((len(words) for words in sentences), dtype=np.int64, count=len(sentences))
-    return count_ngrams_encoded(np.asarray(token_ids, dtype=np.int64), lengths, n)
-
-
 def _renumber(codes: np.ndarray, bound: int) -> tuple[np.ndarray, int]:
     """Dense ids (0..m-1, in increasing code order) of integer codes in [0, bound), and m.
 
@@ -292,7 +275,7 @@ def count_ngrams_encoded(tokens: np.ndarray, lengths: np.ndarray, n: int = 4) ->
                          num_grams=int(order_size.sum()), lengths=lengths, gram_offset=gram_offset,
                          order_size=order_size)
     # Decode (order, sentence, gram) block by block: the keys stay order-major after sorting,
-    # so each order is one slice and its divisions are by a scalar (same numbers as `decode`).
+    # so each order is one slice and its divisions are by a scalar (the inverse of `keys` with sentences as groups).
     counts.order, counts.sentence, counts.gram = _decode_blocks(unique_key, gram_offset * num_sentences,
                                                                 gram_offset, order_size)
     return counts
@@ -532,34 +515,3 @@ def reference_join(counts: NgramCounts, ref_image: np.ndarray, num_hyp: int) -> 
                          row_match=row_match)
     counts._reference_join = (num_hyp, ref_image, join)
     return join
-
-
-def reference_table(counts: NgramCounts, ref_image: np.ndarray, num_hyp: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per distinct (order, image, gram) of the references: its key, its largest count in any
-    one reference of the image, and its gram id (sorted by key; see `reference_join`)."""
-    join = reference_join(counts, ref_image, num_hyp)
-    return join.key, join.max_count, join.gram
-
-
-def unique_sorted(values: np.ndarray) -> np.ndarray:
-    """Sorted distinct values of nearly sorted data (stable sort = timsort, fast on runs)."""
-    values = np.sort(values, kind="stable")
-    if len(values) == 0:
-        return values
-    return values[np.r_[True, values[1:] != values[:-1]]]
-
-
-def lookup(counts: NgramCounts, sentence: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Count of each (sentence, gram) query in `counts` (0 where absent)."""
-    order = np.searchsorted(counts.gram_offset, gram, side="right") - 1
-    query = counts.keys(sentence, gram=gram, order=order)
-    row_key, row_count = counts.key, counts.count
-    if counts.key_slots:  # image layout: sort the rows by their sentence keys first
-        row_key = counts.keys(counts.sentence)
-        by_key = np.argsort(row_key)
-        row_key, row_count = row_key[by_key], row_count[by_key]
-    position = np.searchsorted(row_key, query)
-    position = np.minimum(position, len(row_key) - 1)
-    found = row_key[position] == query if len(row_key) else np.zeros(len(query), bool)
-    return np.where(found, row_count[position] if len(row_key) else 0, 0)

@@ -21,11 +21,8 @@ thousands of generated captions (tests/metrics/test_ptb.py).
 from __future__ import annotations
 
 import bisect
-import functools
 import re
-import sys
 import unicodedata
-from itertools import repeat
 
 import numpy as np
 
@@ -144,12 +141,11 @@ except ImportError:  # pragma: no cover
 _CLASS_ANSWERS: dict[tuple, dict[str, bool]] = {}
 
 
-def _first_char_test(pattern: str, parsed=None):
+def _first_char_test(pattern: str):
     """A predicate telling whether a match of `pattern` can start with a given character.
 
     Conservative: anything it does not understand makes it answer True. It only prunes the
-    rules tried at each position, so it affects speed, never results. `parsed` is
-    `_sre_parse.parse(pattern)` when the caller has it.
+    rules tried at each position, so it affects speed, never results.
     """
     c = _sre_constants
     tests: list = []
@@ -225,7 +221,7 @@ def _first_char_test(pattern: str, parsed=None):
             return False
         return True
 
-    if first_of(_sre_parse.parse(pattern) if parsed is None else parsed, False):
+    if first_of(_sre_parse.parse(pattern), False):
         tests.append(lambda ch: True)
     return lambda ch: any(test(ch) for test in tests)
 
@@ -302,132 +298,21 @@ def _caseless(pattern: str) -> str:
 
 
 def _rule(name, pattern, context=None, out=KEEP):
-    """One lexer rule per top-level alternative: (name, regex, first-character test, out,
-    needed characters).
+    """One lexer rule per top-level alternative: (name, regex, first-character test, out).
 
     JFlex picks the longest match (trailing context included) and, on ties, the earliest
     rule; Python alternation picks the first alternative that works, so each alternative is
     matched on its own. The trailing context is a capturing look-ahead so its length counts.
-    The needed characters (`_needed_characters`) let `_scan` skip a rule without running it.
     """
     rules = []
     for alternative in _split_top_level(pattern):
         regex = _caseless(f"(?:{alternative})" + (f"(?=({context}))" if context else ""))
-        compiled = re.compile(regex)
-        parsed = _sre_parse.parse(compiled.pattern)
-        rules.append((name, compiled, _first_char_test(compiled.pattern, parsed), out, _needed_characters(parsed)))
+        rules.append((name, re.compile(regex), _first_char_test(regex), out))
     return rules
 
 
-# The characters SPACENL can start with (spaces and line breaks), and a search for the first.
+# The characters SPACENL can start with (spaces and line breaks).
 _SPACENL_CHARS = " \t\u00a0\u2000-\u200a\u3000\r\n\u2028\u2029\u000b\u000c\u0085"
-_SPACE_OR_LINE_BREAK = re.compile(f"[{_SPACENL_CHARS}]")
-_SPACES_AND_LINE_BREAKS = frozenset(ch for ch in map(chr, range(0x3001)) if _SPACE_OR_LINE_BREAK.match(ch))
-_NEED_CLASS_LIMIT = 16  # character classes larger than this are not used as a need
-
-
-def _needed_characters(parsed) -> tuple[frozenset, ...] | None:
-    """Character sets such that every match of the parsed pattern holds a character of each, when no
-    match can hold a space or line break (else None: `_scan` then cannot bound a match by the
-    next space). At most the two rarest sets, punctuation before letters and digits.
-
-    Conservative by construction: look-arounds (the trailing context) add nothing, nor do
-    optional parts, negated classes, categories or large classes, and under case-insensitive
-    matching no letter is needed (Python folds e.g. "k" with the Kelvin sign). So a rule is
-    only skipped when it cannot match; `tests/metrics/test_ptb.py` checks the scanner with
-    and without this pruning on generated corpora.
-    """
-    if _may_hold(parsed, _SPACES_AND_LINE_BREAKS):
-        return None
-    ignore_case = bool(parsed.state.flags & re.IGNORECASE)  # a global (?i) flag
-    needs = sorted(set(_needs(parsed, ignore_case)), key=lambda chars: (sum(ch.isalnum() for ch in chars), len(chars)))
-    return tuple(needs[:2]) or None
-
-
-def _class_members(items) -> frozenset | None:
-    """The characters of a parsed class `[...]`, None when negated, with a category or large."""
-    c = _sre_constants
-    members: set[str] = set()
-    for kind, value in items:
-        if kind is c.LITERAL:
-            members.add(chr(value))
-        elif kind is c.RANGE and value[1] - value[0] < _NEED_CLASS_LIMIT:
-            members.update(map(chr, range(value[0], value[1] + 1)))
-        else:  # NEGATE, CATEGORY, a large range
-            return None
-    return frozenset(members) if len(members) <= _NEED_CLASS_LIMIT else None
-
-
-def _needs(items, ignore_case: bool) -> list[frozenset]:
-    """The needed character sets of a parsed sequence (each set: one of its characters)."""
-    c = _sre_constants
-    needs: list[frozenset] = []
-    for op, arg in items:
-        if op is c.LITERAL or op is c.IN:
-            chars = frozenset(chr(arg)) if op is c.LITERAL else _class_members(arg)
-            if chars and not (ignore_case and any(ch.lower() != ch.upper() or ch.isalpha() for ch in chars)):
-                needs.append(chars)
-        elif op is c.SUBPATTERN:
-            needs += _needs(arg[3], ignore_case or bool(arg[1] & re.IGNORECASE))
-        elif op is c.BRANCH:  # one set per branch, joined: some character of the union is needed
-            per_branch = []
-            for branch in arg[1]:
-                options = _needs(branch, ignore_case)
-                if not options:
-                    break
-                per_branch.append(min(options, key=len))
-            else:
-                needs.append(frozenset().union(*per_branch))
-        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
-            if arg[0] >= 1:
-                needs += _needs(arg[2], ignore_case)
-        # AT, ASSERT (the context), ASSERT_NOT, ANY, NOT_LITERAL, CATEGORY, ...: nothing needed
-    return needs
-
-
-@functools.lru_cache(maxsize=None)
-def _class_admits(items: tuple, chars: frozenset) -> bool:
-    """Whether a parsed class `[...]` matches one of `chars` (a category: True). The same
-    large classes (letters, digits) recur in many rules: each is answered once."""
-    c = _sre_constants
-    if any(kind is c.CATEGORY for kind, _ in items):
-        return True
-    negate = any(kind is c.NEGATE for kind, _ in items)
-    codes = set(map(ord, chars))
-    listed = set()
-    for kind, value in items:
-        if kind is c.LITERAL and value in codes:
-            listed.add(value)
-        elif kind is c.RANGE:
-            listed.update(code for code in codes if value[0] <= code <= value[1])
-    return len(listed) < len(codes) if negate else bool(listed)
-
-
-def _may_hold(items, chars: frozenset) -> bool:
-    """Whether a match of the parsed sequence can hold one of `chars` (conservative: True
-    when unsure). Look-arounds are not part of the match."""
-    c = _sre_constants
-    for op, arg in items:
-        if op is c.LITERAL:
-            if chr(arg) in chars:
-                return True
-        elif op is c.IN:
-            if _class_admits(tuple(arg), chars):
-                return True
-        elif op is c.SUBPATTERN:
-            if _may_hold(arg[3], chars):
-                return True
-        elif op is c.BRANCH:
-            if any(_may_hold(branch, chars) for branch in arg[1]):
-                return True
-        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
-            if _may_hold(arg[2], chars):
-                return True
-        elif op in (c.AT, c.ASSERT, c.ASSERT_NOT):
-            continue
-        else:  # ANY, NOT_LITERAL, CATEGORY, GROUPREF, ...
-            return True
-    return False
 
 
 def _no_soft_hyphen(text: str) -> str:
@@ -545,42 +430,18 @@ def _scan(text: str, start: int, end: int) -> list[str]:
     tokens: list[str] = []
     pos = start
     while pos < end:
-        # Fastest path: a run of such words, each with the spaces after it, in one regex call
-        # (exactly what the per-word path below would do word by word; scanning only depends
-        # on the position, so jumping over the run changes nothing).
+        # Fast path: a run of ASCII words each followed by spaces (not the words the lexer
+        # splits) in one regex call: each word is a token whatever the rules say (no rule can
+        # make it longer or shorter) and the spaces are dropped, exactly what the rules below
+        # would do word by word; scanning only depends on the position, so jumping over the
+        # run changes nothing.
         run = _WORD_RUN.match(text, pos)
         if run is not None:
             tokens.extend(run.group().split())
             pos = run.end()
             continue
-        # Fast path: an ASCII word followed by a space is a token whatever the rules say (no
-        # rule can make it longer or shorter), except the words the lexer splits.
-        simple = _SIMPLE_WORD.match(text, pos)
-        if simple is not None:
-            word = simple.group()
-            lowered = word.lower()
-            if lowered not in _SPLIT_WORDS and (
-                    text[simple.end()] != "." or (len(word) > 1 and lowered not in _ABBREVIATION_WORDS)):
-                tokens.append(word)
-                pos = simple.end()
-                continue
-        punctuation = _SIMPLE_PUNCTUATION.match(text, pos)
-        if punctuation is not None:
-            tokens.append(punctuation.group())
-            pos = punctuation.end()
-            continue
-        if text[pos] in " \t":
-            pos = _SPACES.match(text, pos).end()
-            continue
         best_total, best, best_end = 0, None, 0
-        present = None  # the characters up to the next space or line break
         for rule in _rules_for(text[pos]):
-            if rule[4] is not None:  # skip a rule whose match needs a character not there
-                if present is None:
-                    stop = _SPACE_OR_LINE_BREAK.search(text, pos)
-                    present = set(text[pos:stop.start() if stop else len(text)])
-                if rule[4][0].isdisjoint(present) or (len(rule[4]) > 1 and rule[4][1].isdisjoint(present)):
-                    continue
             match = rule[1].match(text, pos)
             if match is None or match.end() == pos:
                 continue
@@ -605,12 +466,7 @@ def _scan(text: str, start: int, end: int) -> list[str]:
     return tokens
 
 
-_SPACES = re.compile(f"{SPACE}+")
-# Words and punctuation whose tokenization no rule can change: a word followed by a space, or
-# by `,;!?` and a space, or by a final period (unless the word could be an abbreviation).
-_SIMPLE_WORD = re.compile(r"[A-Za-z]+(?=[ \t]|[,;!?]+(?:[ \t\n]|$)|\.(?:\n|$))")
-_SIMPLE_PUNCTUATION = re.compile(r"(?:[,;]|[!?]+)(?=[ \t\n]|$)|\.(?=\n|$)")
-_SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta"])
+_SPLIT_WORDS = frozenset(["cannot", "gonna", "wanna", "gotta"])  # split by the lexer ("can not")
 # Words (not split by the lexer) each followed by a space or tab and then by all the spaces
 # after it: the tokens are the words. ASCII flag: case-insensitivity must not reach e.g. U+212A.
 _NOT_SPLIT_WORD = r"(?!(?:cannot|gonna|wanna|gotta)(?![A-Za-z]))"
@@ -627,19 +483,6 @@ def _rules_for(char: str) -> tuple:
     return rules
 
 
-def _abbreviation_words() -> frozenset:
-    """Lower-cased words that some abbreviation rule could join with a following period."""
-    words = set()
-    for source in (ABMONTH, ABDAYS, ABSTATE, ABCOMP, ABNUM, ABTITLE,
-                   "etc|al|seq|ca|fig|figs|prop|no|nos|art|bldg|pp|op|vs|Alex|Wm|Jos|Cie|cf|TREAS|Invt|Elec|"
-                   "Natl|Mfg|Mtg|Jr|Sr|Bros|Blvd|Rd|Esq|Kan|Kans|Co|Cos|Pty|Ptys|Ppty|Pptys|Wis|Wisc|Dr|Drs|Prof|Profs|"
-                   "Sen|Sens|Rep|Reps|Atty|Attys|Gov|Govs|St|Ste|Supt|Supts|Cmdr|Comdr|Sept|Tues|Thurs"):
-        for word in source.split("|"):
-            words.add(re.sub(r"[\[\]?]", "", word).lower())
-    return frozenset(words)
-
-
-_ABBREVIATION_WORDS = _abbreviation_words()
 _LINE_BREAKS = re.compile("[\r\n\u2028\u2029\u000b\u000c\u0085]")
 # A "plain" caption: ASCII words separated by single spaces, commas glued to the word before,
 # optionally a final period. Such a caption tokenizes to its lowercased words whatever follows.
@@ -670,40 +513,6 @@ _ABBREV_WORDS = re.compile(f"(?:{ABBREV1})|(?:{ABBREV3})|(?:(?:{ABBREV4})\\.)|(?
 _OTHER_LINE_BREAK_CHARS = "\r\u2028\u2029\u000b\u000c\u0085"  # line breaks but "\n"
 
 
-def tokenize_tokens(captions: list[str]) -> list[list[str]]:
-    """PTB tokens of each caption (lowercased, punctuation dropped), as pycocoevalcap gets them.
-
-    `captions` must be in the order pycocoevalcap feeds them to Java (image by image, each
-    image's captions in order), because a caption's last token can depend on the next caption.
-    """
-    cleaned = [_LINE_BREAKS.sub(" ", caption) for caption in captions]
-    result: list[list[str]] = []
-    for index, caption in enumerate(cleaned):
-        if _is_plain(caption):
-            words = caption.replace(",", " ").replace(".", " ").lower().split()
-            result.append(words)
-            continue
-        following = "\n" + cleaned[index + 1] if index + 1 < len(cleaned) else ""
-        tokens = _scan(caption + following, 0, len(caption))
-        result.append([t for t in (tok.lower() for tok in tokens) if t not in PUNCTUATION])
-    return result
-
-
-def non_plain_lines(captions: list[str]) -> list[int]:
-    """Indices of the captions `_is_plain` rejects, for captions without line breaks.
-
-    The same test as `_is_plain`, written as local conditions on the code points of all
-    captions at once (numpy), because a regex or Python check per caption costs more than the
-    whole rest of the tokenization of plain captions. `_PLAIN` holds exactly when every
-    character is an ASCII letter, space, comma or period, the line starts with a letter, and:
-    a comma follows a letter and precedes a space; a space follows a letter and precedes a
-    letter or the final period, or follows a comma and precedes a letter; a period is the last
-    character and follows a letter, or a space that follows a letter.
-    """
-    data = _ascii_lines("\n".join(captions))
-    return _non_plain_lines(data, data.lower(), len(captions))
-
-
 def _ascii_lines(text: str) -> bytes:
     """Captions joined by "\n" as `text`, plus a final "\n", one byte per character: every
     non-ASCII character becomes "?", which like it makes a line non-plain, so
@@ -718,53 +527,47 @@ _CLASS_OF_BYTE[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvw
 _CLASS_OF_BYTE[[ord(" "), ord(","), ord("."), ord("\n")]] = [_SPACE, _COMMA, _PERIOD, _NEWLINE]
 
 
-def _window_codes(classes: np.ndarray) -> np.ndarray:
-    """For each position i, the classes at i-2 .. i+2 (line breaks beyond the ends) as one
-    base-6 number, the first the most significant."""
-    padded = np.concatenate([[_NEWLINE, _NEWLINE], classes, [_NEWLINE, _NEWLINE]]).astype(np.uint16)
-    code = padded[:-4] * 6
-    for shift in (1, 2, 3):
-        code += padded[shift:len(padded) - 4 + shift]
-        code *= 6
-    code += padded[4:]
-    return code
+def _bad_characters(classes: np.ndarray) -> np.ndarray:
+    """Whether each character (by its class, `_CLASS_OF_BYTE`) breaks `_PLAIN`, as conditions
+    on its neighbours (line breaks beyond the ends): not an ASCII letter, space, comma, period
+    or line break; a comma not between a letter and a space; a space neither after a letter
+    and before a letter or a final period (a period before a line break), nor after a comma
+    and before a letter; a period not before a line break, or after neither a letter nor a
+    space after a letter; and a line's first character (after a line break) not a letter. A
+    line is plain exactly when none of its characters is bad (the split words and a final
+    abbreviation aside, which `_non_plain_lines` checks apart)."""
+    letter, space, comma, period, newline = (classes == kind for kind in (_LETTER, _SPACE, _COMMA, _PERIOD, _NEWLINE))
 
+    def before(mask, edge=False):  # at i: mask[i - 1], `edge` at the first character
+        return np.concatenate([[edge], mask[:-1]])
 
-def _bad_windows() -> np.ndarray:
-    """Whether the character in the middle of a window of five classes breaks `_PLAIN`, for
-    every window (indexed as `_window_codes`).
+    def after(mask, edge=False):  # at i: mask[i + 1], `edge` at the last character
+        return np.concatenate([mask[1:], [edge]])
 
-    The conditions of `non_plain_lines`' docstring, each on the character's neighbours: not an
-    ASCII letter, space, comma, period or line break; a comma not between a letter and a
-    space; a space neither after a letter and before a letter or a final period (a period
-    before a line break), nor after a comma and before a letter; a period not before a line
-    break, or after neither a letter nor a space after a letter; and a line's first character
-    (after a line break) not a letter. A line is plain exactly when none of its characters is
-    bad, and a position only ever looks two characters either way, so one table look-up per
-    character replaces some thirty whole-text mask operations.
-    """
-    before2, before1, here, after1, after2 = np.indices((6,) * 5).reshape(5, -1)
-    letter_before, letter_after = before1 == _LETTER, after1 == _LETTER
-    bad = here == _OTHER
-    bad |= (here == _COMMA) & ~(letter_before & (after1 == _SPACE))
-    final_period_after = (after1 == _PERIOD) & (after2 == _NEWLINE)
-    bad |= (here == _SPACE) & ~((letter_before & (letter_after | final_period_after))
-                                | ((before1 == _COMMA) & letter_after))
-    bad |= (here == _PERIOD) & ~((after1 == _NEWLINE)
-                                 & (letter_before | ((before1 == _SPACE) & (before2 == _LETTER))))
-    bad |= (before1 == _NEWLINE) & (here != _LETTER)  # a line starts with a letter (so is not empty)
+    letter_before, letter_after, line_break_after = before(letter), after(letter), after(newline, True)
+    bad = classes == _OTHER
+    bad |= comma & ~(letter_before & after(space))
+    bad |= space & ~((letter_before & (letter_after | after(period & line_break_after)))
+                     | (before(comma) & letter_after))
+    bad |= period & ~(line_break_after & (letter_before | (before(space) & before(letter_before))))
+    bad |= before(newline, True) & ~letter  # a line starts with a letter (so is not empty)
     return bad
 
 
-_BAD_WINDOW = _bad_windows()
 _CLASS_TABLE = _CLASS_OF_BYTE.tobytes()  # for bytes.translate
 
 
 def _non_plain_lines(data: bytes, lowered_data: bytes, count: int) -> list[int]:
-    """`non_plain_lines` of the `count` lines of `_ascii_lines` text and its `bytes.lower()`."""
+    """Indices of the lines `_is_plain` rejects, of the `count` lines of `_ascii_lines` text
+    and its `bytes.lower()`.
+
+    The same test as `_is_plain`, written as local conditions on the characters of all
+    captions at once (numpy, `_bad_characters`), because a regex or Python check per caption
+    costs more than the whole rest of the tokenization of plain captions.
+    """
     codes = np.frombuffer(data, dtype=np.uint8)
     classes = np.frombuffer(data.translate(_CLASS_TABLE), dtype=np.uint8)  # = _CLASS_OF_BYTE[codes]
-    bad = np.take(_BAD_WINDOW, _window_codes(classes))  # (take: faster than indexing here)
+    bad = _bad_characters(classes)
     letter = classes == _LETTER
     line_end = np.flatnonzero(classes == _NEWLINE)
     non_plain = np.zeros(count, dtype=bool)
@@ -786,43 +589,26 @@ def _non_plain_lines(data: bytes, lowered_data: bytes, count: int) -> list[int]:
     word_end -= classes[word_end - 1] == _SPACE
     word_starts = np.flatnonzero(letter & ~np.concatenate([[False], letter[:-1]]))
     word_start = word_starts[np.searchsorted(word_starts, word_end) - 1]
-    non_plain[candidates[_final_abbreviations(lowered_data, lowered, word_start, word_end)]] = True
+    non_plain[candidates[_final_abbreviations(lowered, word_start, word_end)]] = True
     return np.flatnonzero(non_plain).tolist()
 
 
-def _final_abbreviations(lowered_data: bytes, lowered: str, word_start: np.ndarray, word_end: np.ndarray):
-    """Whether each word lowered[word_start:word_end] (ASCII letters) is a single letter or
-    an abbreviation, asking the regex once per distinct word: words of up to 8 letters are
-    told apart by their bytes packed into one integer (zero-padded; letters are never 0),
-    longer ones as strings."""
-    length = word_end - word_start
-    result = length == 1
-    short = np.flatnonzero((length > 1) & (length <= 8))
-    if len(short):
-        codes = np.frombuffer(lowered_data + bytes(8), dtype=np.uint8)
-        window = codes[word_start[short, None] + np.arange(8)]
-        window[np.arange(8) >= length[short, None]] = 0
-        distinct, inverse = np.unique(np.ascontiguousarray(window).view("<u8")[:, 0], return_inverse=True)
-        words = [int(value).to_bytes(8, "little").rstrip(b"\0").decode("ascii") for value in distinct.tolist()]
-        answers = np.fromiter((_ABBREV_WORDS.fullmatch(word + ".") is not None for word in words), dtype=bool,
-                              count=len(words))
-        result[short] = answers[inverse.reshape(-1)]
-    long = np.flatnonzero(length > 8)
-    if len(long):
-        words = [lowered[a:b] for a, b in zip(word_start[long].tolist(), word_end[long].tolist())]
-        abbreviations = {word for word in set(words) if _ABBREV_WORDS.fullmatch(word + ".")}
-        result[long] = np.fromiter(map(abbreviations.__contains__, words), dtype=bool, count=len(words))
-    return result
+def _final_abbreviations(lowered: str, word_start: np.ndarray, word_end: np.ndarray) -> np.ndarray:
+    """Whether each word lowered[word_start:word_end] is a single letter or an abbreviation
+    (asking the regex once per distinct word)."""
+    words = [lowered[a:b] for a, b in zip(word_start.tolist(), word_end.tolist())]
+    abbreviations = {word for word in set(words) if len(word) == 1 or _ABBREV_WORDS.fullmatch(word + ".")}
+    return np.fromiter(map(abbreviations.__contains__, words), dtype=bool, count=len(words))
 
 
 def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
     """pycocoevalcap's tokenized form of each caption: PTB tokens joined by single spaces.
 
-    Same result as joining `tokenize_tokens`, computed in bulk: plain captions (the vast
-    majority in caption data) are lowercased and stripped of their commas and final period
-    with whole-text string operations; only the other captions go through the scanner, each
-    distinct segment once (`_scan_segmented`). `memo` (segment -> tokens) may be shared by
-    calls on the same data, e.g. predictions then references; by default it is per call.
+    Computed in bulk: plain captions (the vast majority in caption data) are lowercased and
+    stripped of their commas and final period with whole-text string operations; only the
+    other captions go through the scanner, each distinct segment once (`_scan_segmented`).
+    `memo` (segment -> tokens) may be shared by calls on the same data, e.g. predictions then
+    references; by default it is per call.
     """
     if not captions:
         return []
@@ -844,18 +630,18 @@ def tokenize(captions: list[str], memo: dict | None = None) -> list[str]:
     bulk = []
     for index in _non_plain_lines(data, lowered, len(captions)):
         caption = captions[index]
-        if "<" in caption or _MARK in caption:
+        if "<" in caption or _MARK in caption:  # scanned whole (see `_scan_segmented`)
             following = "\n" + captions[index + 1] if index < last else ""
-            lines[index] = _scan_segmented(caption, following, memo)
+            lines[index] = _kept(_scan(caption + following, 0, len(caption))) or ""
         else:
             bulk.append(index)
-    for index, line in zip(bulk, _scan_segmented_bulk(captions, bulk, memo)):
+    for index, line in zip(bulk, _scan_segmented(captions, bulk, memo)):
         lines[index] = line
     return lines
 
 
-_MARK = "\x01"  # stands for a caption boundary in `_scan_segmented_bulk`
-# a tail whose tokens may depend on the next caption (see `_scan_segmented_bulk`)
+_MARK = "\x01"  # stands for a caption boundary in `_scan_segmented`
+# a tail whose tokens may depend on the next caption (see `_scan_segmented`)
 _LETTER_PERIOD_END = re.compile(f"[A-Za-z]\\.{SPACE}*$")
 
 
@@ -883,13 +669,15 @@ def _kept(tokens: list[str]) -> str | None:
 _MISSING = object()
 
 
-def _scan_segmented(caption: str, following: str, memo: dict) -> str:
-    """Kept tokens of one caption (as `_kept`), scanning each distinct segment once per `memo`.
+def _scan_segmented(captions: list[str], indices: list[int], memo: dict) -> list[str]:
+    """Kept tokens (as `_kept`, "" for none) of `captions[i]` for each i of `indices`, each
+    distinct segment scanned once per `memo`.
 
-    Same result as `_scan(caption + following, 0, len(caption))` filtered like
-    `tokenize_tokens`, because a space followed by a character `c` matched by `_SEGMENT_BREAK`
-    (not a space or line break, digit, period, ASCII capital or "<") is always a token
-    boundary, and nothing scanned before it looks past `c` or tells one such `c` from another:
+    Same result as `_kept(_scan(caption + following, 0, len(caption)))`, `following` being
+    "\n" and the next caption, because a space followed by a character `c` matched by
+    `_SEGMENT_BREAK` (not a space or line break, digit, period, ASCII capital or "<") is
+    always a token boundary, and nothing scanned before it looks past `c` or tells one such
+    `c` from another:
 
     - the scanner has no look-behind, so the tokens after the boundary depend only on the text
       from the boundary on;
@@ -898,8 +686,8 @@ def _scan_segmented(caption: str, following: str, memo: dict) -> str:
       (a period), the sentence-start contexts (`SENTEND`: a space, a line break, a capital or
       `<`; acronym followers: capitalised words), `abbrev3` (a digit), one-character contexts
       (the space itself), and `sgml`, whose `[^>\n]*` can run on indefinitely: captions
-      containing `<` are therefore scanned whole. The fast paths of `_scan` look no further
-      than the character after a space either.
+      containing `<` are therefore scanned whole (by `tokenize`). The fast path of `_scan`
+      looks no further than the character after a space either.
 
     A space after an ASCII letter is a token boundary whatever follows it (but a space, a line
     break or "<"): the rules whose match spans a space need a digit (`frac`, `phone`), a
@@ -908,42 +696,23 @@ def _scan_segmented(caption: str, following: str, memo: dict) -> str:
     other context is at most the space itself when it follows a letter.
 
     So the tokens of every segment but the last are the same as in front of " a"; the last one
-    sees the real following text (the next caption matters there). Captions differ but their
-    segments (words and the odd fragment) repeat, which is what makes the memo pay.
-    """
-    if "<" in caption:
-        return _kept(_scan(caption + following, 0, len(caption))) or ""
-    segments = _SEGMENT_BREAK.split(caption)
-    tail = segments.pop()
-    parts = list(map(memo.get, segments, repeat(_MISSING)))
-    if _MISSING in parts:
-        for position, segment in enumerate(segments):
-            if parts[position] is _MISSING:
-                parts[position] = memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
-    if _is_plain(tail):  # e.g. "grass." or "table .": its lowercased words whatever follows
-        parts.append(_plain_kept(tail))
-    else:
-        parts.append(_kept(_scan(tail + following, 0, len(tail))))
-    return " ".join([part for part in parts if part is not None])  # no tokens, no space
-
-
-def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) -> list[str]:
-    """`_scan_segmented(captions[i], following, memo)` for each i of `indices`, in bulk.
+    (the tail) sees the real following text (the next caption matters there). Captions differ
+    but their segments (words and the odd fragment) repeat, which is what makes the memo pay.
 
     The captions (none holding "<" or `_MARK`) are joined as `_MARK` + "\n" + caption + "\n"
     + `_MARK` + ... and cut with one regex call at segment breaks and line breaks. Within a
     caption the breaks are the ones of `_SEGMENT_BREAK` on the caption alone (the look-ahead
     sees the caption's own characters, and at its end "\n", which like the end of the text is
     no break), so the pieces between two marks are exactly the caption's segments, the last one
-    being its tail. Tails are handled per caption as in `_scan_segmented` (their kept tokens
-    remembered where they do not depend on the next caption, below); all other pieces go through the
-    memo, the missing ones scanned in front of " a" as there. The kept parts (not None) are
-    joined with spaces, "\n" at the marks, so each caption's line is its parts joined by
-    spaces between one leading and one trailing space (just " " when it has none).
+    being its tail. All pieces but the tails go through the memo, the missing ones scanned in
+    front of " a". The kept parts (not None) are joined with spaces, "\n" at the marks, so each
+    caption's line is its parts joined by spaces between one leading and one trailing space
+    (just " " when it has none).
 
-    A tail that does not end in an ASCII letter and a period (trailing spaces aside) sees of
-    the next caption only whether there is one: after "\n", the only rules whose context looks
-    further (sentence starts after `abbrev1`, acronym followers after `letter_followed` and
+    A plain tail ("grass." or "table .") gives its lowercased words whatever follows. A tail
+    that does not end in an ASCII letter and a period (trailing spaces aside) sees of the next
+    caption only whether there is one: after "\n", the only rules whose context looks further
+    (sentence starts after `abbrev1`, acronym followers after `letter_followed` and
     `acronym_followed`) match a letter and a period, every other context either stops at the
     "\n" or cannot take it in, and no match spans a line break. Such tails are scanned once
     per call and remembered (the last caption's tail, which sees the end of the text, aside).
@@ -985,11 +754,7 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     missing.discard(_MARK)
     missing.difference_update(memo)
     for segment in missing:
-        lowered = segment.lower()
-        if segment.isascii() and segment.isalpha() and lowered not in _SPLIT_WORDS:
-            memo[segment] = lowered  # what `_scan` gives: `_WORD_RUN` takes "segment " as one token
-        else:
-            memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
+        memo[segment] = _kept(_scan(segment + " a", 0, len(segment) + 1))
     parts = list(map(memo.get, pieces))
     for position in marks:
         parts[position] = "\n"
@@ -999,8 +764,4 @@ def _scan_segmented_bulk(captions: list[str], indices: list[int], memo: dict) ->
     return [line[1:-1] for line in text.split("\n")[1:-1]]
 
 
-__all__ = ["PUNCTUATION", "tokenize", "tokenize_tokens"]
-
-if __name__ == "__main__":  # pragma: no cover - manual inspection helper
-    for line in sys.stdin:
-        print(tokenize([line.rstrip("\n")])[0])
+__all__ = ["PUNCTUATION", "tokenize"]

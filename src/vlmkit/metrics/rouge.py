@@ -25,31 +25,6 @@ def _lcs_python(a: list[str], b: list[str]) -> int:
     return previous[-1]
 
 
-def lcs_lengths(pairs_a: list[list[str]], pairs_b: list[list[str]]) -> np.ndarray:
-    """LCS length of each pair (a[i], b[i]); vectorised when every b has at most 63 tokens."""
-    count = len(pairs_a)
-    result = np.zeros(count, dtype=np.int64)
-    if count == 0:
-        return result
-    fast = [i for i in range(count) if len(pairs_b[i]) <= 63]
-    slow = sorted(set(range(count)) - set(fast))
-    for i in slow:
-        result[i] = _lcs_python(pairs_a[i], pairs_b[i])
-    if not fast:
-        return result
-    vocab: dict[str, int] = {}
-    a_len = max(len(pairs_a[i]) for i in fast)
-    b_len = max(len(pairs_b[i]) for i in fast)
-    a_ids = np.full((len(fast), max(a_len, 1)), -1, dtype=np.int64)
-    b_ids = np.full((len(fast), max(b_len, 1)), -2, dtype=np.int64)
-    for row, i in enumerate(fast):
-        a_ids[row, :len(pairs_a[i])] = [vocab.setdefault(t, len(vocab)) for t in pairs_a[i]]
-        b_ids[row, :len(pairs_b[i])] = [vocab.setdefault(t, len(vocab)) for t in pairs_b[i]]
-    b_lengths = np.array([len(pairs_b[i]) for i in fast], dtype=np.int64)
-    result[fast] = _lcs_bit_parallel(a_ids, b_ids, b_lengths)
-    return result
-
-
 def _lcs_bit_parallel(a_ids: np.ndarray, b_ids: np.ndarray, b_lengths: np.ndarray) -> np.ndarray:
     """LCS lengths of padded id rows (ids >= 0; a padding negative and never equal to b padding;
     b rows <= 63 words).
