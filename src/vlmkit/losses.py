@@ -89,6 +89,17 @@ def contrastive_loss(
     return loss, logits_per_image
 
 
+@torch.no_grad()
+def matching_accuracy(logits: torch.Tensor) -> torch.Tensor:
+    """How often row i of (B, B_global) logits scores its own pair highest: the pair's column is i, or
+    rank * B + i when a distributed local loss scored this rank's rows against every rank's columns."""
+    rows = logits.shape[0]
+    targets = torch.arange(rows, device=logits.device)
+    if logits.shape[1] != rows:
+        targets = targets + rows * dist.get_rank()
+    return (logits.argmax(dim=1) == targets).float().mean()
+
+
 def sigmoid_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

@@ -16,7 +16,7 @@ from torch import nn
 from vlmkit.capabilities import EmbedsImages, EmbedsTexts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 from vlmkit.errors import UserError
-from vlmkit.losses import contrastive_loss, sigmoid_loss
+from vlmkit.losses import contrastive_loss, matching_accuracy, sigmoid_loss
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
@@ -91,15 +91,8 @@ class CLIP(VLModel):
             loss, logits = contrastive_loss(
                 image, text, self.logit_scale, local_loss=options.local_loss, label_smoothing=options.label_smoothing
             )
-        with torch.no_grad():
-            batch_size = logits.shape[0]
-            targets = torch.arange(batch_size, device=logits.device)
-            if logits.shape[1] != batch_size:  # distributed local loss: own rows start at rank*B
-                import torch.distributed as dist
-
-                targets = targets + batch_size * dist.get_rank()
-            accuracy = (logits.argmax(dim=1) == targets).float().mean()
-        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=accuracy, logit_scale=self.logit_scale.exp()))
+        logs = detached_logs(loss=loss, i2t_acc=matching_accuracy(logits), logit_scale=self.logit_scale.exp())
+        return ModelOutput(loss=loss, logs=logs)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ from torch import nn
 from vlmkit.capabilities import EmbedsTexts
 from vlmkit.encoders.config import TextConfig, build_text_tower
 from vlmkit.errors import UserError
-from vlmkit.losses import contrastive_loss
+from vlmkit.losses import contrastive_loss, matching_accuracy
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
@@ -115,14 +115,7 @@ class TextEncoder(VLModel):
         second = self.encode_text(batch["pair_tokens"])  # (B, D)
         scale = torch.tensor(math.log(self.training_options.scale), device=first.device)
         loss, logits = contrastive_loss(first, second, scale, local_loss=True)
-        with torch.no_grad():
-            targets = torch.arange(logits.shape[0], device=logits.device)
-            if logits.shape[1] != logits.shape[0]:  # distributed: this rank's rows start at rank * B
-                import torch.distributed as dist
-
-                targets = targets + logits.shape[0] * dist.get_rank()
-            accuracy = (logits.argmax(dim=1) == targets).float().mean()
-        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, pair_acc=accuracy))
+        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, pair_acc=matching_accuracy(logits)))
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
         return CaptionPairs(records, tokenizer, seed=seed)

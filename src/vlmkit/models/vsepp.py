@@ -18,7 +18,7 @@ import torch
 from vlmkit.capabilities import EmbedsImages, EmbedsTexts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 from vlmkit.errors import UserError
-from vlmkit.losses import hinge_triplet_loss
+from vlmkit.losses import hinge_triplet_loss, matching_accuracy
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
@@ -69,9 +69,7 @@ class VSEPlusPlus(VLModel):
         text = self.encode_text(batch["tokens"])  # (B, D)
         options = self.training_options
         loss, scores = hinge_triplet_loss(image, text, margin=options.margin, hardest=options.hardest)  # (), (B, B)
-        with torch.no_grad():
-            i2t_acc = (scores.argmax(dim=1) == torch.arange(scores.shape[0], device=scores.device)).float().mean()
-        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=i2t_acc))
+        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=matching_accuracy(scores)))
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         from vlmkit.encoders.lm import random_tokens
