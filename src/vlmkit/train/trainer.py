@@ -154,11 +154,11 @@ class MetricsLog:
     def __init__(self, run: Path, info: distributed.DistInfo, every: int, progress):
         self.info, self.every, self.progress = info, every, progress
         self.file = open(run / METRICS_FILE, "a") if info.is_main else None
-        self.pending: list[tuple[dict, dict]] = []  # (host values, tensor logs) per step
+        self.pending: list[tuple[int, float, dict, float, int]] = []  # (step, lr, tensor logs, samples/s, skipped)
         self.last: dict = {}
 
-    def add(self, host: dict, logs: dict) -> None:
-        self.pending.append((host, logs))
+    def add(self, step: int, lr: float, logs: dict, samples_per_s: float, skipped: int) -> None:
+        self.pending.append((step, lr, logs, samples_per_s, skipped))
         if self.progress:
             self.progress.update(1)
         if len(self.pending) >= self.every:
@@ -167,12 +167,12 @@ class MetricsLog:
     def flush(self) -> None:
         if not self.pending:
             return
-        tensors = [value.float().reshape(()) for _, logs in self.pending for value in logs.values()]
+        tensors = [value.float().reshape(()) for _, _, logs, _, _ in self.pending for value in logs.values()]
         values = iter(torch.stack(tensors).tolist() if tensors else [])
-        rows = [{key: next(values) for key in logs} for _, logs in self.pending]
+        rows = [{key: next(values) for key in logs} for _, _, logs, _, _ in self.pending]
         rows = distributed.mean_logs_across_ranks(rows, self.info)
-        for (host, _), row in zip(self.pending, rows):
-            self.last = {"step": host["step"], "lr": host["lr"], **row, **{k: v for k, v in host.items() if k not in ("step", "lr")}}
+        for (step, lr, _, samples_per_s, skipped), row in zip(self.pending, rows):
+            self.last = {"step": step, "lr": lr, **row, "samples_per_s": samples_per_s, "skipped": skipped}
             if self.file:
                 self.file.write(json.dumps(self.last) + "\n")
         if self.file:
@@ -391,7 +391,7 @@ class Trainer:
                 window_samples += samples * info.world_size
                 trained_samples += samples
                 elapsed = time.perf_counter() - window_start
-                log.add({"step": step + 1, "lr": lr, "samples_per_s": window_samples / max(elapsed, 1e-9), "skipped": skips.total}, logs)
+                log.add(step + 1, lr, logs, window_samples / max(elapsed, 1e-9), skips.total)
                 if (step + 1) % recipe.log_every == 0:
                     window_start, window_samples = time.perf_counter(), 0
                 if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
