@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -15,23 +15,26 @@ import torch
 from vlmkit.errors import UserError
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
+def _temporary_next_to(path: Path) -> tuple[int, str]:
+    """A new, uniquely named file beside `path`: (open descriptor, its path).
 
-
-def _with_default_mode(handle: int) -> None:
-    # mkstemp creates 0600 files; an atomically written file should look like any other the user writes.
-    os.fchmod(handle, 0o666 & ~_umask())
+    Unlike mkstemp (always mode 0600) it is created with mode 0666 for the kernel to apply the
+    user's umask to, so an atomically written file looks like any other file the user writes.
+    """
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, tmp = _temporary_next_to(path)
     try:
-        _with_default_mode(handle)
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -50,8 +53,7 @@ def atomic_torch_save(path: str | os.PathLike, obj) -> None:
     """torch.save through a temporary file (optimizer and RNG states; read back with weights_only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    _with_default_mode(handle)
+    handle, tmp = _temporary_next_to(path)
     os.close(handle)
     try:
         torch.save(obj, tmp)
