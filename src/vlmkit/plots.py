@@ -13,7 +13,6 @@ one-line note that a figure was skipped; the drawing functions raise `PlotsUnava
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -70,14 +69,15 @@ def new_figure(width: float, height: float) -> "Figure":
 
 
 def save(figure: "Figure", path: str | Path) -> "Figure":
-    """Write `figure` to `path` (format from the suffix, PNG by default) through a temporary file."""
+    """Write `figure` to `path` (format from the suffix, PNG by default) atomically, as every run file is."""
+    from io import BytesIO
+
+    from vlmkit.io import atomic_write_bytes
+
     path = Path(path)
-    partial = path.with_name(path.name + ".tmp")
-    try:
-        figure.savefig(partial, format=path.suffix.lstrip(".").lower() or "png", dpi=DPI, facecolor="white")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    encoded = BytesIO()
+    figure.savefig(encoded, format=path.suffix.lstrip(".").lower() or "png", dpi=DPI, facecolor="white")
+    atomic_write_bytes(path, encoded.getvalue())
     return figure
 
 
