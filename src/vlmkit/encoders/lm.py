@@ -74,3 +74,9 @@ def random_tokens(vocab_size: int, context_length: int, eos_token_id: int, pad_t
         tokens[row, length] = eos_token_id
         tokens[row, length + 1 :] = pad_token_id
     return tokens
+
+
+def random_texts(text, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """`random_tokens` shaped by a TextConfig, ended by its eos token (the last id for towers without one). (B, L)"""
+    end = text.eos_token_id if text.eos_token_id is not None else text.vocab_size - 1
+    return random_tokens(text.vocab_size, text.context_length, end, text.pad_token_id, batch_size, generator)

@@ -15,6 +15,7 @@ from torch import nn
 
 from vlmkit.capabilities import EmbedsImages, EmbedsTexts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
+from vlmkit.encoders.lm import random_texts
 from vlmkit.errors import UserError
 from vlmkit.losses import contrastive_loss, matching_accuracy, sigmoid_loss
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
@@ -98,13 +99,7 @@ class CLIP(VLModel):
         generator = torch.Generator().manual_seed(seed)
         vision, text = self.config.vision, self.config.text
         pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
-        tokens = torch.randint(1, text.vocab_size - 2, (batch_size, text.context_length), generator=generator)
-        end = text.eos_token_id if text.eos_token_id is not None else text.vocab_size - 1
-        for row in range(batch_size):
-            length = 3 + (row * 4) % (text.context_length - 4)  # texts of different lengths, padded
-            tokens[row, length] = end
-            tokens[row, length + 1 :] = text.pad_token_id
-        return {"pixels": pixels, "tokens": tokens}
+        return {"pixels": pixels, "tokens": random_texts(text, batch_size, generator)}  # texts of different lengths, padded
 
     def after_optimizer_step(self) -> None:
         with torch.no_grad():

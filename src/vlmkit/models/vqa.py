@@ -358,15 +358,14 @@ class VQAClassifier(VLModel):
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random questions/statements: even rows are questions (soft scores), odd rows statements."""
-        from vlmkit.encoders.lm import random_tokens
+        from vlmkit.encoders.lm import random_texts
 
         generator = torch.Generator().manual_seed(seed)
         vision, text = self.config.vision, self.config.text
-        end = text.eos_token_id if text.eos_token_id is not None else text.vocab_size - 1
         scores = torch.rand(batch_size, len(self.config.answers), generator=generator).round()
         return {
             "pixels": torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator),
-            "tokens": random_tokens(text.vocab_size, text.context_length, end, text.pad_token_id, batch_size, generator),
+            "tokens": random_texts(text, batch_size, generator),
             "answer_scores": scores,
             "statement_labels": torch.randint(0, 2, (batch_size,), generator=generator).float(),
             "is_statement": torch.arange(batch_size) % 2 == 1,

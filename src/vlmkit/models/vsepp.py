@@ -72,13 +72,12 @@ class VSEPlusPlus(VLModel):
         return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=matching_accuracy(scores)))
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
-        from vlmkit.encoders.lm import random_tokens
+        from vlmkit.encoders.lm import random_texts
 
         generator = torch.Generator().manual_seed(seed)
-        vision, text = self.config.vision, self.config.text
-        end = text.eos_token_id if text.eos_token_id is not None else text.vocab_size - 1
+        vision = self.config.vision
         return {"pixels": torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator),
-                "tokens": random_tokens(text.vocab_size, text.context_length, end, text.pad_token_id, batch_size, generator)}
+                "tokens": random_texts(self.config.text, batch_size, generator)}
 
 
 register_config("vsepp-tiny", "vsepp", tiny=True, config={
