@@ -337,7 +337,8 @@ class Trainer:
 
     # ---- the loop ----
     def _prepare(self):
-        """The model (new or resumed) with tokenizer, transforms, training options and locks; the run folder written."""
+        """The model (new or resumed) with tokenizer, transforms and training options, and its dataset;
+        everything the recipe asks for is checked here, and nothing is written yet."""
         recipe, run = self.recipe, self.run
         records = self._records()
         if self.resume:
@@ -353,21 +354,33 @@ class Trainer:
         for role in self._locked_roles():
             model.tower(role)  # a lock the family cannot honour fails before the run folder is written
         dataset = model.training_dataset(records, train_transform, tokenizer, seed=recipe.seed, caption=recipe.caption)
-        if self.info.is_main:
-            self.lock = RunLock(run)
-            _remove_leftovers(run)
-            if not self.resume:
-                (run / METRICS_FILE).unlink(missing_ok=True)  # a fresh run (over a crashed one) starts a fresh log
-                model.save_pretrained(run)
-                atomic_write_json(run / RECIPE_FILE, {"data": str(self.data), **_recipe_dict(recipe)})
         return model, dataset
 
+    def _write_run_folder(self, model) -> None:
+        """Staging leftovers of a killed save removed; a fresh run's model, recipe and (empty) log written."""
+        if not self.info.is_main:
+            return
+        _remove_leftovers(self.run)
+        if not self.resume:
+            (self.run / METRICS_FILE).unlink(missing_ok=True)  # a fresh run (over a crashed one) starts a fresh log
+            model.save_pretrained(self.run)
+            atomic_write_json(self.run / RECIPE_FILE, {"data": str(self.data), **_recipe_dict(self.recipe)})
+
     def train(self) -> dict:
+        model, dataset = self._prepare()
+        lock = RunLock(self.run) if self.info.is_main else None  # held from the first write to the last
+        try:
+            self._write_run_folder(model)
+            return self._train(model, dataset)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, model, dataset) -> dict:
         from vlmkit.data.loader import SkipCounter
         from vlmkit.train.parallelize import parallelize
 
         recipe, info = self.recipe, self.info
-        model, dataset = self._prepare()
         model.to(info.device)
         for role in self._locked_roles():
             model.lock(role)
@@ -402,8 +415,6 @@ class Trainer:
                     self._save_checkpoint(model, optimizer, step + 1, skips.total)
         finally:
             log.close()
-            if getattr(self, "lock", None) is not None:
-                self.lock.release()
         self._finish(skips)
         return {"run": str(self.run), "steps": recipe.steps, "loss": log.last.get("loss"),
                 "samples_per_s": log.last.get("samples_per_s"), **skips.summary()}
