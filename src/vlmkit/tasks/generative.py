@@ -1,12 +1,12 @@
 """Captioning, VQA and visual-reasoning evaluation, with the baselines they are compared to.
 
 Tasks ask a model for capabilities, never for its class:
-- `evaluate_caption` needs "generate" and scores with the pycocoevalcap metrics
+- `evaluate_caption` needs `Generates` and scores with the pycocoevalcap metrics
   (`vlmkit.metrics.caption.score_captions`);
-- `evaluate_vqa` needs "answer" (SimVLM generates with the question as prefix; the VQA
+- `evaluate_vqa` needs `Answers` (a generative family answers with the question as its prompt; a
   classifier picks from its answer vocabulary) and scores VQA accuracy: the soft accuracy
   where a question has several human answers, normalised exact match where it has one;
-- `evaluate_reasoning` needs "reasoning" and scores true/false accuracy.
+- `evaluate_reasoning` needs `Verifies` and scores true/false accuracy.
 Baselines: `nearest_neighbour_captions` (the consensus caption of the k training images
 closest in pixel space, Devlin et al. 2015) and `majority_answers` (the most frequent training
 answer of each question type).
