@@ -93,6 +93,80 @@ class TextConfig:
 
 
 
+@dataclass
+class LMConfig:
+    """The one decoder-only language model of the library, GPT-2 style or Llama style by its options.
+
+    GPT-2: learned positions, LayerNorm, GELU (tanh) MLP, biases, head tied to the token embedding.
+    Llama: rotary positions, RMSNorm, SwiGLU MLP (`gated_mlp`), no biases, grouped-query attention
+    (`kv_heads` < `heads`), an untied head. `lm_config_gpt2` / `lm_config_llama` give the two
+    defaults; every field can be set on its own (HF configs map onto them one to one).
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024  # the most positions (GPT-2's n_positions, Llama's max_position_embeddings)
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    kv_heads: int | None = None  # grouped-query attention: key/value heads (None = heads)
+    mlp_hidden: int | None = None  # feed-forward width (None = 4 * width)
+    activation: str = "gelu_tanh"  # GPT-2's gelu_new; Llama: silu
+    gated_mlp: bool = False  # SwiGLU: down(act(gate(x)) * up(x)) (Llama)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    positions: str = "learned"  # learned | rotary
+    rope_theta: float = 10000.0  # rotary base (positions="rotary")
+    bias: bool = True  # biases on the attention and MLP projections (GPT-2 has them, Llama not)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the LM head is the token embedding (GPT-2); Llama has its own
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "lm", "vocab_size", "context_length", "width", "heads")
+        _at_least_zero(self, "lm", "depth", "pad_token_id")
+        _divisible(self, "lm")
+        _activation(self, "lm")
+        kv_heads = self.heads if self.kv_heads is None else self.kv_heads
+        if kv_heads < 1 or self.heads % kv_heads:
+            raise UserError(f"lm.kv_heads {self.kv_heads} must divide lm.heads {self.heads}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise UserError(f"lm.mlp_hidden must be at least 1, got {self.mlp_hidden}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise UserError(f"lm.norm must be 'layernorm' or 'rmsnorm', not {self.norm!r}")
+        if self.positions not in ("learned", "rotary"):
+            raise UserError(f"lm.positions must be 'learned' or 'rotary', not {self.positions!r}")
+        if self.positions == "rotary" and (self.width // self.heads) % 2:
+            raise UserError(f"rotary positions need an even head size; lm.width / lm.heads is {self.width // self.heads}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise UserError(f"lm.{name} {value} is outside the vocabulary of {self.vocab_size} tokens")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lm.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def hidden(self) -> int:
+        return 4 * self.width if self.mlp_hidden is None else self.mlp_hidden
+
+
+def lm_config_gpt2(**overrides) -> dict:
+    """The GPT-2 style options of `LMConfig`, as a config dict (overrides win)."""
+    return {"activation": "gelu_tanh", "gated_mlp": False, "norm": "layernorm", "positions": "learned", "bias": True,
+            "tie_embeddings": True, **overrides}
+
+
+def lm_config_llama(**overrides) -> dict:
+    """The Llama style options of `LMConfig`, as a config dict (overrides win)."""
+    return {"activation": "silu", "gated_mlp": True, "norm": "rmsnorm", "positions": "rotary", "bias": False,
+            "tie_embeddings": False, "norm_eps": 1e-6, **overrides}
+
+
 def _positive(config, where: str, *names: str) -> None:
     for name in names:
         if getattr(config, name) < 1:
