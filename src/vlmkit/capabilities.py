@@ -71,6 +71,13 @@ class MatchesImageText(Capability, Protocol):
         """(B,) probability that text row b describes image row b (an image-text matching head)."""
 
 
+
+class ScoresText(Capability, Protocol):
+    name: ClassVar[str] = "score text likelihood"
+
+    def token_nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) tokenizer output -> per-row (sum of next-token negative log-likelihoods, number of predicted tokens)."""
+
 def methods_of(capability: type) -> list[str]:
     """The method names a capability protocol asks for (its own and its bases', not Protocol's)."""
     names = []

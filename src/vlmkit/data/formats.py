@@ -119,7 +119,8 @@ def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_
     renamed with `csv_img_key`/`csv_caption_key`; comma or tab detected from the header unless
     `csv_separator` is given), or WebDataset shards: one `.tar`, a folder of `.tar` files, or a
     brace pattern such as `shards/{00000..00009}.tar`. Relative image paths are resolved against
-    the dataset file's folder (or `image_root` when given). With `require_text=False` records
+    the dataset file's folder (or `image_root` when given). A `.txt` file is text only (for language
+    models): one record `{"texts": [line]}` per non-empty line, with no image. With `require_text=False` records
     without a caption get `texts: []` (for question-only datasets) instead of an error.
     """
     text = os.fspath(path)
@@ -141,10 +142,12 @@ def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_
         records = _read_csv(text, csv_img_key, csv_caption_key, csv_separator, image_root)
     elif suffix == ".tar":
         return _read_shards([text], text, require_text)
+    elif suffix == ".txt":
+        records = _read_txt(text)
     else:
         raise UserError(
             f"dataset '{text}' has an unknown extension '{suffix or '(none)'}'; use .jsonl, .json (COCO), "
-            f".csv/.tsv, or WebDataset .tar shards"
+            f".csv/.tsv, WebDataset .tar shards, or .txt (text only, one text per line)"
         )
     if not records:
         raise UserError(f"dataset '{text}' contains no records; add at least one image with a caption")
@@ -176,6 +179,14 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool) -> dict:
     record = {key: value for key, value in raw.items() if key not in ("text", "texts", "image")}
     return {"image": _resolve(image, base_dir), "texts": texts, **record}
 
+
+def _read_txt(path: str) -> list[dict]:
+    """Text-only records, one per non-empty line (a language model's corpus)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [{"texts": [line.strip()]} for line in handle if line.strip()]
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded); convert it to UTF-8") from None
 
 def _read_jsonl(path: str, image_root, require_text: bool) -> list[dict]:
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))

@@ -63,18 +63,23 @@ class PretrainedTowers:
         """The pretrained text tower's tokenizer (None without init_text)."""
         return self.text_model.tokenizer if self.text_model is not None else None
 
-    def configure(self, config: dict, model_overrides: dict) -> dict:
-        """The model config dict with the pretrained towers' architectures in place of the recipe's."""
+    def configure(self, config: dict, model_overrides: dict, family) -> dict:
+        """The model config dict with the pretrained towers' architectures in place of the recipe's.
+
+        Each family names the config section of each tower role (`tower_configs`): a CLIP's `text`,
+        a language model's `lm`, so an LM run can become the text side of a captioner.
+        """
         if self.text_model is not None:
-            text = to_dict(self.text_model.config.text)
+            section = family.tower_configs["text"]
+            text = to_dict(getattr(self.text_model.config, self.text_model.tower_configs["text"]))
             positions = text["context_length"]
-            wanted = model_overrides.get("text.context_length", min(positions, self.tokenizer.context_length))
+            wanted = model_overrides.get(f"{section}.context_length", min(positions, self.tokenizer.context_length))
             if wanted > positions:
-                raise UserError(f"text.context_length {wanted} is longer than the {positions} positions of init_text {self.text_source}")
+                raise UserError(f"{section}.context_length {wanted} is longer than the {positions} positions of init_text {self.text_source}")
             text["context_length"] = wanted
-            config["text"] = text
+            config[section] = text
         if self.image_model is not None:
-            config["vision"] = to_dict(self.image_model.config.vision)
+            config[family.tower_configs["image"]] = to_dict(getattr(self.image_model.config, self.image_model.tower_configs["image"]))
         return config
 
     def load_into(self, model) -> None:
@@ -103,5 +108,15 @@ class PretrainedTowers:
             else:
                 state["proj.weight"] = projection.detach().clone()
                 print(f"vlmkit: {where}: the text projection {tuple(projection.shape)} is new (randomly initialised)", file=sys.stderr)
+        for key in ("token_embedding.weight", "lm_head.weight"):
+            source_rows, target_rows = state.get(key), expected.get(key)
+            if (source_rows is not None and target_rows is not None and target_rows.shape[0] > source_rows.shape[0]
+                    and target_rows.shape[1:] == source_rows.shape[1:]):
+                # The family added special tokens (an image placeholder): new rows start at the mean
+                # of the pretrained ones, as HF's resize_token_embeddings does.
+                added = target_rows.shape[0] - source_rows.shape[0]
+                mean = source_rows.float().mean(dim=0, keepdim=True).to(source_rows.dtype)
+                state[key] = torch.cat([source_rows, mean.expand(added, -1)], dim=0)
+                print(f"vlmkit: {where}: {added} new token row(s) in {key} start at the mean embedding", file=sys.stderr)
         with torch.no_grad():
             load_state_dict_strict(target, {key: value.detach().clone() for key, value in state.items()}, where, "vlmkit tower")

@@ -60,6 +60,8 @@ class VLModel(nn.Module):
     capabilities: ClassVar[tuple[type, ...]] = ()
     training_class: ClassVar[type] = NoTrainingOptions
     towers: ClassVar[dict[str, str]] = {}  # role ("image" / "text") -> attribute of a tower a recipe may lock
+    # role -> the config section describing that tower (what init_text / init_image copy between families).
+    tower_configs: ClassVar[dict[str, str]] = {"image": "vision", "text": "text"}
     # DDP needs to know whether a step can leave parameters without a gradient (a head skipped when a
     # micro-batch has none of its samples); True lets it skip the search for unused parameters.
     uses_every_parameter: ClassVar[bool] = False
@@ -129,12 +131,16 @@ class VLModel(nn.Module):
 
     @classmethod
     def adapt_config_to_tokenizer(cls, config: dict[str, Any], tokenizer) -> dict[str, Any]:
-        """Fit a config dict's text side to the tokenizer it is trained with (vocab, special ids)."""
-        if "text" in config:
-            text = config["text"]
+        """Fit a config dict's text side (its `tower_configs["text"]` section) to the tokenizer it is
+        trained with: vocabulary size and special ids (a section without a bos field keeps none)."""
+        section = cls.tower_configs.get("text")
+        if section in config:
+            text = config[section]
             text["vocab_size"] = tokenizer.vocab_size
             text["eos_token_id"] = tokenizer.eos_id if text.get("eos_token_id", 0) is not None else None
             text["pad_token_id"] = tokenizer.pad_id
+            if "bos_token_id" in text or "bos_token_id" in _field_names(cls.config_class, section):
+                text["bos_token_id"] = tokenizer.bos_id
             tokenizer.context_length = text.get("context_length", tokenizer.context_length)
         return config
 
@@ -162,6 +168,10 @@ class VLModel(nn.Module):
         records = [record for record in records if record.get("texts")]
         if not records:
             raise UserError(f"no training record has captions ('text' or 'texts'), which the '{self.family}' family trains on")
+        imageless = sum("image" not in record for record in records)
+        if imageless:
+            raise UserError(f"{imageless} of {len(records)} training records have no image (a text-only dataset?), but the "
+                            f"'{self.family}' family trains on image-caption pairs; give a dataset with images")
         return ImageTextDataset(records, transform, tokenizer=tokenizer, caption=caption, seed=seed)
 
     @property
@@ -265,3 +275,16 @@ class VLModel(nn.Module):
         self.require(EmbedsTexts, task="embed_texts")
         texts = [texts] if isinstance(texts, str) else list(texts)
         return self._embed_in_batches(texts, batch_size, self.tokenize, self.encode_text)
+
+
+def _field_names(config_class: type, section: str) -> set[str]:
+    """Field names of the dataclass behind `config_class.<section>` (empty if it is not one)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config_class):
+        return set()
+    for item in dataclasses.fields(config_class):
+        if item.name == section:
+            kind = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+            return {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
+    return set()

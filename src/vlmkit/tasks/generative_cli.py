@@ -1,4 +1,4 @@
-"""Generative verbs: `vlmkit caption`, `vlmkit ask`, `vlmkit baseline`, and `vlmkit eval caption|vqa|reasoning`.
+"""Generative verbs: `vlmkit caption`, `vlmkit ask`, `vlmkit baseline`, and `vlmkit eval caption|vqa|reasoning|perplexity`.
 
 Importing this module registers the eval sub-verbs with `vlmkit.tasks.cli.evaluation`
 (tasks.cli imports it, as one of its EVALUATION_MODULES, before it builds the `eval` parser).
@@ -78,11 +78,19 @@ def _eval_reasoning(args) -> dict:
     return evaluate_reasoning(_model(args.model), _records(args.data), **_batch(args, 128))
 
 
+def _eval_perplexity(args) -> dict:
+    from vlmkit.tasks.perplexity import evaluate_perplexity, read_texts
+
+    return evaluate_perplexity(_model(args.model), read_texts(args.data), **_batch(args, 64))
+
+
 _eval_caption.arguments = _decoding_arguments
 _eval_vqa.arguments = _decoding_arguments
 _eval_reasoning.arguments = lambda parser: parser.add_argument("--batch-size", type=int, default=None)
 evaluation("caption", "caption metrics (BLEU-1..4, ROUGE-L, CIDEr) of generated captions")(_eval_caption)
 evaluation("vqa", "VQA accuracy, overall and per question type")(_eval_vqa)
+_eval_perplexity.arguments = lambda parser: parser.add_argument("--batch-size", type=int, default=None)
+evaluation("perplexity", "perplexity of a language model on texts (a .txt file or records)")(_eval_perplexity)
 evaluation("reasoning", "true/false accuracy on statements about each image")(_eval_reasoning)
 
 

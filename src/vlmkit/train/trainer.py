@@ -240,7 +240,7 @@ class Trainer:
         from vlmkit.models.registry import named_config
 
         family, config = named_config(self.recipe.model)
-        config = self._towers().configure(config, dict(self.recipe.model_overrides))  # init_text / init_image
+        config = self._towers().configure(config, dict(self.recipe.model_overrides), self.family)  # init_text / init_image
         # The model follows the tokenizer it is trained with and the data (a VQA head sized to the
         # training answers); explicit overrides still win.
         config = self.family.adapt_config_to_tokenizer(config, tokenizer)
