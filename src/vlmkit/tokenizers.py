@@ -109,6 +109,17 @@ class Tokenizer:
         """The id of one vocabulary entry, or None when it is not in the vocabulary."""
         return self.backend.token_to_id(token)
 
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Register `tokens` (e.g. "<image>") as special tokens and return their ids, in order.
+
+        A special token is matched in text before normalization and splitting, so it always
+        encodes as its one id and is dropped by `decode(skip_special_tokens=True)`. Tokens already in
+        the vocabulary keep their id; new ones get the next ids, so `vocab_size` grows and a model's
+        embedding table must grow with it. The tokens are saved with the tokenizer.
+        """
+        self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        return [self.backend.token_to_id(t) for t in tokens]
+
     # ----------------------------------------------------------------------------- encoding
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """Encode one text or a batch into a `(B, L)` LongTensor with special tokens, padded to L.

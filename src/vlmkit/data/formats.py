@@ -122,6 +122,12 @@ def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_
     the dataset file's folder (or `image_root` when given). A `.txt` file is text only (for language
     models): one record `{"texts": [line]}` per non-empty line, with no image. With `require_text=False` records
     without a caption get `texts: []` (for question-only datasets) instead of an error.
+
+    LLaVA's instruction data (`[{"id", "image", "conversations": [{"from": "human" | "gpt",
+    "value"}]}]` in a `.json` list or `.jsonl`) is read as it is: `conversations` is checked
+    (alternating human/gpt turns ending with an answer) and kept, `image` is resolved against
+    `image_root` (LLaVA's `--image_folder`) or the file's folder and may be absent (text-only
+    conversations), and `texts` is `[]` unless the record has captions too.
     """
     text = os.fspath(path)
     if "{" in text and "}" in text:
@@ -162,8 +168,11 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool) -> dict:
     """Validate one JSON record and normalise `text`/`texts` to `texts: list[str]`."""
     if not isinstance(raw, dict):
         raise UserError(f"{where} is a JSON {type(raw).__name__}, not an object; write one {{\"image\": ..., \"text\": ...}} object per line")
+    conversational = "conversations" in raw or "dialogues" in raw
+    if conversational:
+        _check_conversations(raw, where)
     image = raw.get("image")
-    if not isinstance(image, str) or not image:
+    if not (conversational and image is None) and (not isinstance(image, str) or not image):
         raise UserError(f"{where} has no \"image\" path; every record needs \"image\": \"<path relative to the file or absolute>\"")
     texts = raw.get("texts")
     single = raw.get("text")
@@ -174,10 +183,26 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool) -> dict:
     if not isinstance(texts, list) or not all(isinstance(item, str) for item in texts):
         raise UserError(f"{where} has a \"texts\" field that is not a list of strings; write \"texts\": [\"caption\", ...]")
     texts = [item for item in texts if item.strip()]
-    if require_text and not texts:
+    if require_text and not texts and not conversational:
         raise UserError(f"{where} has no caption; add \"text\": \"<caption>\" or \"texts\": [\"<caption>\", ...]")
     record = {key: value for key, value in raw.items() if key not in ("text", "texts", "image")}
+    if image is None:  # a text-only conversation
+        return {"texts": texts, **record}
     return {"image": _resolve(image, base_dir), "texts": texts, **record}
+
+
+def _check_conversations(raw: dict, where: str) -> None:
+    """LLaVA's `conversations: [{from, value}]`, or the synthetic `dialogues: [{type, conversations}]`."""
+    from vlmkit.data.conversation import check_messages  # only conversation datasets pay for it
+
+    if "conversations" in raw:
+        check_messages(raw["conversations"], where)
+        return
+    dialogues = raw["dialogues"]
+    if not isinstance(dialogues, list) or not all(isinstance(item, dict) for item in dialogues):
+        raise UserError(f"{where} has a \"dialogues\" field that is not a list of {{\"type\", \"conversations\"}} objects; fix it")
+    for number, dialogue in enumerate(dialogues):
+        check_messages(dialogue.get("conversations"), f"{where} dialogue {number}")
 
 
 def _read_txt(path: str) -> list[dict]:

@@ -147,31 +147,54 @@ def collate(samples: Sequence[dict | None], tokenizer: Tokenizer | None = None, 
 
 
 class SkipCounter:
-    """Totals of skipped samples over a run, with the first `keep` image references for the report."""
+    """Totals of skipped samples over a run, with the first `keep` image references for the report.
+
+    Batches may also carry `skip_reasons` ({reason: count}) and `num_truncated` (samples cut to
+    a maximum length but kept), as `ConversationDataset` batches do; both are summed and reported.
+    """
 
     def __init__(self, keep: int = 10):
         self.keep = keep
         self.total = 0
         self.examples: list[str] = []
+        self.reasons: dict[str, int] = {}
+        self.truncated = 0
 
     def update(self, batch: dict) -> int:
-        """Add one collated batch's skips; returns how many it had."""
+        """Add one collated batch's skips (and truncations); returns how many samples it skipped."""
         count = int(batch.get("num_skipped", 0))
         self.total += count
+        self.truncated += int(batch.get("num_truncated", 0))
+        for reason, number in batch.get("skip_reasons", {}).items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + int(number)
         for image in batch.get("skipped", []):
             if len(self.examples) < self.keep and image not in self.examples:
                 self.examples.append(image)
         return count
 
     def summary(self) -> dict:
-        """{"skipped": total, "skipped_examples": [first few image references]} for the run summary."""
-        return {"skipped": self.total, "skipped_examples": list(self.examples)}
+        """{"skipped": total, "skipped_examples": [first few references]} for the run summary, plus
+        "skip_reasons" and "truncated" when batches reported them."""
+        summary: dict = {"skipped": self.total, "skipped_examples": list(self.examples)}
+        if self.reasons:
+            summary["skip_reasons"] = dict(self.reasons)
+        if self.truncated:
+            summary["truncated"] = self.truncated
+        return summary
 
     def message(self) -> str | None:
-        """One sentence for stderr at the end of a run, or None when nothing was skipped."""
-        if not self.total:
+        """One sentence for stderr at the end of a run, or None when nothing was skipped or cut."""
+        if not self.total and not self.truncated:
             return None
+        truncated = f"{self.truncated} sample(s) truncated to the maximum length" if self.truncated else ""
+        if not self.total:
+            return f"{truncated} (kept; raise the maximum length to keep them whole)"
         shown = self.examples[:3]
         more = f" and {self.total - len(shown)} more" if self.total > len(shown) else ""
         shown = ", ".join(shown) or "(paths not recorded)"
-        return f"skipped {self.total} unreadable image(s): {shown}{more}; fix or remove them from the dataset"
+        if not self.reasons:
+            skipped = f"skipped {self.total} unreadable image(s): {shown}{more}; fix or remove them from the dataset"
+        else:
+            reasons = ", ".join(f"{number} {reason}" for reason, number in sorted(self.reasons.items()))
+            skipped = f"skipped {self.total} sample(s) ({reasons}): {shown}{more}; fix or remove them, or raise the maximum length"
+        return f"{skipped}; {truncated}" if truncated else skipped
