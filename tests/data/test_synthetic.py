@@ -54,7 +54,7 @@ def test_counts_and_split(synth_dir):
 def test_record_schema_labels_and_boxes(synth_dir):
     for split in ("train", "test"):
         for record in read(synth_dir / f"{split}.jsonl"):
-            assert set(record) <= {"image", "texts", "label", "qa", "statements", "objects"}
+            assert set(record) <= {"image", "texts", "label", "qa", "statements", "objects", "dialogues"}
             assert re.fullmatch(rf"images/{split}-\d{{6}}\.png", record["image"])
             assert record["texts"] and all(isinstance(text, str) and text for text in record["texts"])
             assert len(set(record["texts"])) == len(record["texts"]) >= 3

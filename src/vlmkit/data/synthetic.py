@@ -11,6 +11,15 @@ Layout of the output folder::
 
     DIR/train.jsonl  DIR/test.jsonl  DIR/meta.json  DIR/images/{train,test}-NNNNNN.png
 
+Each record carries `image`, `texts` (captions), `label` (single-object scenes), `qa`,
+`statements`, `objects` and `dialogues`: LLaVA-style instruction conversations about the scene,
+`[{"type", "conversations": [{"from": "human" | "gpt", "value"}]}]` with `<image>\n` leading the
+first human turn. Types: `short_answer` (one of the questions with LLaVA-1.5's "Answer the
+question using a single word or phrase."), `description` (the objects, their sizes and regions),
+`counting` and `relation` (answers that give their reasoning; relation only when two objects are
+clearly apart) and `multi_turn` (2-3 rounds). `data.conversation.conversation_records` turns them
+into one LLaVA record per dialogue.
+
 `--holdout "red triangle"` keeps that combination out of every train scene *and* out of every
 train text (captions, questions, false statements), while test scenes still show it: a clean
 compositional-generalisation split.
@@ -316,6 +325,113 @@ def _statements(objects: list[dict], size: int, allowed: Sequence[str], rng: ran
     return statements
 
 
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer suffix
+_DIALOGUE_IMAGE = "<image>\n"  # LLaVA's placeholder, at the start of the first human turn
+
+
+def _region(obj: dict, size: int) -> str:
+    """Where an object lies in a 3 x 3 grid: 'in the top left', 'at the bottom', 'in the center'."""
+    cx, cy = _center(obj)
+    column = "left" if cx < size / 3 else "right" if cx > 2 * size / 3 else ""
+    row = "top" if cy < size / 3 else "bottom" if cy > 2 * size / 3 else ""
+    if row and column:
+        return f"in the {row} {column}"
+    if row:
+        return f"at the {row}"
+    return f"on the {column}" if column else "in the center"
+
+
+def _sized(obj: dict, size: int) -> str:
+    word = _size_word(obj, size)
+    return f"{word} {obj['name']}" if word else obj["name"]
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict]:
+    """LLaVA turns for (question, answer) pairs, the image placeholder leading the first question."""
+    turns = []
+    for number, (question, answer) in enumerate(pairs):
+        turns.append({"from": "human", "value": (_DIALOGUE_IMAGE if number == 0 else "") + question})
+        turns.append({"from": "gpt", "value": answer})
+    return turns
+
+
+def _description(objects: list[dict], size: int) -> str:
+    ordered = sorted(objects, key=lambda obj: _center(obj)[0])
+    count = "one shape" if len(objects) == 1 else f"{_COUNT_WORDS[len(objects)]} shapes"
+    sentences = [f"The image shows {count} on a plain light background."]
+    for obj in ordered:
+        sentences.append(f"{_capital(_region(obj, size))} there is {_a(_sized(obj, size))}.")
+    if len(objects) > 1:
+        sentences.append(f"From left to right: {_join([obj['name'] for obj in ordered])}.")
+    return " ".join(sentences)
+
+
+def _counting(objects: list[dict], rng: random.Random) -> tuple[str, str]:
+    shapes = [obj["name"].split()[1] for obj in objects]
+    shape = rng.choice(sorted(set(shapes)) if rng.random() < 0.7 else SHAPES)
+    matching = [obj["name"] for obj in objects if obj["name"].endswith(" " + shape)]
+    number = len(matching)
+    question = f"How many {_PLURAL[shape]} are in the image? Explain your answer."
+    shown = _join([obj["name"] for obj in objects])
+    if len(objects) == 1:
+        verdict = f"which is {_a(shape)}" if number else f"which is not {_a(shape)}"
+        answer = f"The image shows only {shown}, {verdict}. So the answer is {_COUNT_WORDS.get(number, 'zero')}."
+    elif number == 0:
+        answer = f"The image shows {shown}; none of them is {_a(shape)}. So the answer is zero."
+    else:
+        verb = "is" if number == 1 else "are"
+        answer = (f"Among the {_COUNT_WORDS[len(objects)]} shapes in the image, the {_PLURAL[shape] if number > 1 else shape} "
+                  f"{verb} {_join(matching)}. So the answer is {_COUNT_WORDS[number]}.")
+    return question, answer
+
+
+def _relation(objects: list[dict], size: int, rng: random.Random) -> tuple[str, str] | None:
+    pairs = [(a, b, _relation_phrase(a, b, size)) for a in objects for b in objects if a is not b]
+    pairs = [item for item in pairs if item[2]]
+    if not pairs:
+        return None
+    a, b, phrase = rng.choice(pairs)
+    question = f"Where is the {a['name']} relative to the {b['name']}? Explain your reasoning."
+    relation = {"left of": "to the left of", "right of": "to the right of"}.get(phrase, phrase)
+    further = {"left of": "further left", "right of": "further right", "above": "higher up", "below": "lower down"}[phrase]
+    answer = (f"The {a['name']} is {_region(a, size)} of the image and the {b['name']} is {_region(b, size)}; "
+              f"the {a['name']} lies {further}, so it is {relation} the {b['name']}.")
+    return question, answer
+
+
+def _dialogues(objects: list[dict], size: int, qa: list[dict], rng: random.Random) -> list[dict]:
+    """Instruction-tuning conversations about one scene, in LLaVA's turn format (see `generate`).
+
+    Built only from the scene's objects and its (holdout-respecting) questions, so they mention
+    nothing a split may not show. Their randomness is a stream of its own, so adding them left the
+    captions, questions, statements and images byte-identical.
+    """
+    short = rng.choice(qa)
+    dialogues = [
+        {"type": "short_answer",
+         "conversations": _turns((f"{_capital(short['question'])}\n{SHORT_ANSWER_PROMPT}", short["answer"]))},
+        {"type": "description", "conversations": _turns((rng.choice(
+            ["Describe the image in detail.", "What is in this image? Describe it in detail.",
+             "Give a detailed description of the image."]), _description(objects, size)))},
+        {"type": "counting", "conversations": _turns(_counting(objects, rng))},
+    ]
+    relation = _relation(objects, size, rng)
+    if relation is not None:
+        dialogues.append({"type": "relation", "conversations": _turns(relation)})
+    names = [obj["name"] for obj in sorted(objects, key=lambda obj: _center(obj)[0])]
+    count = "one shape" if len(names) == 1 else f"{_COUNT_WORDS[len(names)]} shapes"
+    rounds = [("What shapes do you see?", f"I see {count}: {_join(names)}.")]
+    follow_ups = [(f"{_capital(item['question'])}", _capital(item["answer"]) + ".") for item in qa
+                  if item["type"] in ("color", "shape", "relation")]
+    rounds += rng.sample(follow_ups, min(len(follow_ups), rng.randint(1, 2)))
+    dialogues.append({"type": "multi_turn", "conversations": _turns(*rounds)})
+    return dialogues
+
+
 def make_scene(seed: int, split: str, index: int, num_objects: int, single_class: str | None,
                allowed: Sequence[str], image_size: int) -> tuple[Image.Image, dict]:
     """Render one scene and build its record (without the `image` field).
@@ -337,6 +453,9 @@ def make_scene(seed: int, split: str, index: int, num_objects: int, single_class
     record["qa"] = _question_answers(objects, image_size, allowed, rng)
     record["statements"] = _statements(objects, image_size, allowed, rng)
     record["objects"] = objects
+    # A stream of its own: the fields above keep the exact bytes they had before dialogues existed.
+    dialogue_rng = random.Random(f"vlmkit-synth-dialogues:{seed}:{split}:{index}")
+    record["dialogues"] = _dialogues(objects, image_size, record["qa"], dialogue_rng)
     return image, record
 
 
