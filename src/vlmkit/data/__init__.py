@@ -14,6 +14,8 @@ import importlib
 _EXPORTS = {
     "CorruptImage": "formats", "load_image": "formats", "read_records": "formats",
     "ImageTextDataset": "loader", "SkipCounter": "loader", "collate": "loader", "sample_rng": "loader",
+    "ConversationDataset": "conversation", "IGNORE_INDEX": "conversation", "TEMPLATES": "conversation",
+    "encode_conversation": "conversation", "encode_prompt": "conversation",
     "CLASSES": "synthetic", "COLORS": "synthetic", "SHAPES": "synthetic", "generate": "synthetic",
     "CLIP_MEAN": "transforms", "CLIP_STD": "transforms", "ImageTransform": "transforms",
 }
