@@ -215,7 +215,7 @@ class Trainer:
     def _records(self):
         from vlmkit.data.formats import read_records
 
-        records = read_records(self.data)
+        records = read_records(self.data, require_image=self.family.needs_images)
         if not records:
             raise UserError(f"{self.data} holds no records")
         return records
