@@ -111,7 +111,7 @@ def tar_ref(tar_path: str | os.PathLike, member: str) -> str:
 
 def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_caption_key: str = "title",
                  csv_separator: str | None = None, image_root: str | os.PathLike | None = None,
-                 require_text: bool = True) -> list[dict]:
+                 require_text: bool = True, require_image: bool = True) -> list[dict]:
     """Read an image-text dataset into records with `image` (absolute reference) and `texts`.
 
     `path` is a `.jsonl` file (the vlmkit contract), a `.json` file (a list of such records, or
@@ -121,7 +121,8 @@ def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_
     brace pattern such as `shards/{00000..00009}.tar`. Relative image paths are resolved against
     the dataset file's folder (or `image_root` when given). A `.txt` file is text only (for language
     models): one record `{"texts": [line]}` per non-empty line, with no image. With `require_text=False` records
-    without a caption get `texts: []` (for question-only datasets) instead of an error.
+    without a caption get `texts: []` (for question-only datasets) instead of an error; with
+    `require_image=False` JSON records may have no `image` (text-only datasets for language models).
 
     LLaVA's instruction data (`[{"id", "image", "conversations": [{"from": "human" | "gpt",
     "value"}]}]` in a `.json` list or `.jsonl`) is read as it is: `conversations` is checked
@@ -141,9 +142,9 @@ def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_
         raise UserError(f"dataset '{text}' does not exist; check the path (create the built-in one with `vlmkit data synth --out DIR`)")
     suffix = Path(text).suffix.lower()
     if suffix == ".jsonl":
-        records = _read_jsonl(text, image_root, require_text)
+        records = _read_jsonl(text, image_root, require_text, require_image)
     elif suffix == ".json":
-        records = _read_json(text, image_root, require_text)
+        records = _read_json(text, image_root, require_text, require_image)
     elif suffix in (".csv", ".tsv"):
         records = _read_csv(text, csv_img_key, csv_caption_key, csv_separator, image_root)
     elif suffix == ".tar":
@@ -164,7 +165,7 @@ def _resolve(image: str, base_dir: str) -> str:
     return os.path.normpath(image if os.path.isabs(image) else os.path.join(base_dir, image))
 
 
-def _normalise(raw: Any, where: str, base_dir: str, require_text: bool) -> dict:
+def _normalise(raw: Any, where: str, base_dir: str, require_text: bool, require_image: bool = True) -> dict:
     """Validate one JSON record and normalise `text`/`texts` to `texts: list[str]`."""
     if not isinstance(raw, dict):
         raise UserError(f"{where} is a JSON {type(raw).__name__}, not an object; write one {{\"image\": ..., \"text\": ...}} object per line")
@@ -172,7 +173,9 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool) -> dict:
     if conversational:
         _check_conversations(raw, where)
     image = raw.get("image")
-    if not (conversational and image is None) and (not isinstance(image, str) or not image):
+    if image is None and (conversational or not require_image):
+        image = ""  # a text-only record (a conversation, or a language model's text): no `image` key below
+    elif not isinstance(image, str) or not image:
         raise UserError(f"{where} has no \"image\" path; every record needs \"image\": \"<path relative to the file or absolute>\"")
     texts = raw.get("texts")
     single = raw.get("text")
@@ -186,9 +189,7 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool) -> dict:
     if require_text and not texts and not conversational:
         raise UserError(f"{where} has no caption; add \"text\": \"<caption>\" or \"texts\": [\"<caption>\", ...]")
     record = {key: value for key, value in raw.items() if key not in ("text", "texts", "image")}
-    if image is None:  # a text-only conversation
-        return {"texts": texts, **record}
-    return {"image": _resolve(image, base_dir), "texts": texts, **record}
+    return {**({"image": _resolve(image, base_dir)} if image else {}), "texts": texts, **record}
 
 
 def _check_conversations(raw: dict, where: str) -> None:
@@ -213,7 +214,8 @@ def _read_txt(path: str) -> list[dict]:
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded); convert it to UTF-8") from None
 
-def _read_jsonl(path: str, image_root, require_text: bool) -> list[dict]:
+
+def _read_jsonl(path: str, image_root, require_text: bool, require_image: bool = True) -> list[dict]:
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     records = []
     with open(path, encoding="utf-8") as handle:
@@ -224,11 +226,11 @@ def _read_jsonl(path: str, image_root, require_text: bool) -> list[dict]:
                 raw = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"{path} line {line_number} is not valid JSON ({error.msg} at column {error.colno}); fix or remove that line") from None
-            records.append(_normalise(raw, f"{path} line {line_number}", base_dir, require_text))
+            records.append(_normalise(raw, f"{path} line {line_number}", base_dir, require_text, require_image))
     return records
 
 
-def _read_json(path: str, image_root, require_text: bool) -> list[dict]:
+def _read_json(path: str, image_root, require_text: bool, require_image: bool = True) -> list[dict]:
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8") as handle:
@@ -236,7 +238,7 @@ def _read_json(path: str, image_root, require_text: bool) -> list[dict]:
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}); fix the file") from None
     if isinstance(data, list):
-        return [_normalise(raw, f"{path} item {number}", base_dir, require_text) for number, raw in enumerate(data)]
+        return [_normalise(raw, f"{path} item {number}", base_dir, require_text, require_image) for number, raw in enumerate(data)]
     if isinstance(data, dict) and "images" in data and "annotations" in data:
         return _coco_captions(data, path, base_dir, require_text)
     raise UserError(f"{path} is neither a list of records nor COCO captions (\"images\" + \"annotations\"); convert it to JSONL")

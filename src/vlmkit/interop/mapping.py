@@ -50,10 +50,16 @@ def module(ours: str, theirs: str, names: Iterable[str] = ("weight", "bias")) ->
     return [rename(f"{ours}.{name}", f"{theirs}.{name}") for name in names]
 
 
-def fused(ours: str, parts: tuple[str, ...]) -> Rule:
-    """Our fused tensor (QKV rows [q; k; v]) from separate foreign projections, concatenated on dim 0."""
+def fused(ours: str, parts: tuple[str, ...], sizes: tuple[int, ...] | None = None) -> Rule:
+    """Our fused tensor (QKV rows [q; k; v]) from separate foreign projections, concatenated on dim 0.
+
+    `sizes` are the parts' rows when they differ (grouped-query attention's smaller k and v);
+    without them the parts are equal.
+    """
     count = len(parts)
-    return Rule(ours, parts, join=lambda *tensors: torch.cat(tensors, dim=0), split=lambda t: tuple(t.chunk(count, dim=0)))
+    if sizes is None:
+        return Rule(ours, parts, join=lambda *tensors: torch.cat(tensors, dim=0), split=lambda t: tuple(t.chunk(count, dim=0)))
+    return Rule(ours, parts, join=lambda *tensors: torch.cat(tensors, dim=0), split=lambda t: tuple(t.split(list(sizes), dim=0)))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ Self-attention uses one fused QKV projection; cross-attention projects queries f
 keys/values from `context` (fused KV). Masks are boolean (True = attend) or additive floats,
 broadcastable to (B, heads, Q, K). During decoding a `LayerCache` keeps this layer's keys and
 values: self-attention appends the new step's, cross-attention computes them once.
+
+Grouped-query attention (`kv_heads` < `num_heads`, Llama 2/3): the fused projection has
+(heads + 2 * kv_heads) * head_dim outputs, rows [q; k; v]; query head h reads key/value head
+h // (heads / kv_heads). The cache keeps the kv_heads keys and values only. Rotary positions
+(`rotary=(cos, sin)`, see layers.rotary) rotate q and k before the keys enter the cache.
 """
 from __future__ import annotations
 
@@ -12,6 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlmkit.layers.rotary import apply_rotary
+
+# SDPA's `enable_gqa` (torch >= 2.5) reads grouped keys without copying them, but only the flash and
+# math kernels take it; with a mask it would fall back to math, so masked calls expand k/v instead
+# (as HF's sdpa_attention does).
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 @dataclass
@@ -55,7 +67,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (fused QKV) or cross-attention (separate Q, fused KV)."""
+    """Multi-head self-attention (fused QKV) or cross-attention (separate Q, fused KV); `kv_heads`
+    < `num_heads` makes it grouped-query attention."""
 
     def __init__(
         self,
@@ -65,26 +78,54 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         out_bias: bool = True,
         dropout: float = 0.0,
+        kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads = num_heads
+        kv_heads = num_heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or num_heads % kv_heads:
+            raise ValueError(f"{kv_heads} key/value heads do not divide {num_heads} heads")
+        self.num_heads, self.kv_heads = num_heads, kv_heads
         self.head_dim = dim // num_heads
         self.is_cross = context_dim is not None
         self.dropout = dropout
+        kv_dim = kv_heads * self.head_dim
         if self.is_cross:
             self.q = nn.Linear(dim, dim, bias=qkv_bias)
-            self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+            self.kv = nn.Linear(context_dim, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+            self.qkv = nn.Linear(dim, dim + 2 * kv_dim, bias=qkv_bias)
         self.out = nn.Linear(dim, dim, bias=out_bias)
 
-    def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+    def _heads(self, x: torch.Tensor, parts: int, heads: int | None = None) -> tuple[torch.Tensor, ...]:
         batch, length, _ = x.shape
-        # (B, T, parts*D) -> parts x (B, H, T, Dh)
-        x = x.view(batch, length, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # (B, T, parts*heads*Dh) -> parts x (B, heads, T, Dh)
+        x = x.view(batch, length, parts, heads or self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return x.unbind(0)
+
+    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused projections (B, T, (H + 2KV) Dh) -> q (B, H, T, Dh), k and v (B, KV, T, Dh)."""
+        if self.kv_heads == self.num_heads:
+            return self._heads(qkv, 3)
+        q_dim = self.num_heads * self.head_dim
+        (query,) = self._heads(qkv[..., :q_dim], 1)
+        key, value = self._heads(qkv[..., q_dim:], 2, self.kv_heads)
+        return query, key, value
+
+    def _attend(self, query, key, value, mask, is_causal: bool) -> torch.Tensor:
+        """SDPA over grouped keys/values: native GQA where the kernel takes it, expanded k/v otherwise."""
+        gqa = {}
+        if self.kv_heads != self.num_heads:
+            if _SDPA_GQA and mask is None:
+                gqa = {"enable_gqa": True}
+            else:
+                groups = self.num_heads // self.kv_heads
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)  # (B, H, K, Dh)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None, **gqa,
+        )  # (B, H, T, Dh)
 
     def forward(
         self,
@@ -94,27 +135,35 @@ class Attention(nn.Module):
         is_causal: bool = False,
         cache: LayerCache | None = None,
         num_queries: int | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`num_queries`: only the first N positions ask (all positions still give keys and values);
-        used when only the [CLS] output of a last layer is needed. Output (B, N or T, D)."""
+        used when only the [CLS] output of a last layer is needed. `rotary`: (cos, sin), each
+        (B or 1, T, Dh), rotating this step's queries and keys (self-attention only). Output (B, N or T, D)."""
         batch, length, dim = x.shape  # (B, T, D)
         if num_queries is not None and not self.is_cross and cache is None and not is_causal:
             # Slices of the fused weight: keys/values for every position, queries for the first N.
             weight, bias = self.qkv.weight, self.qkv.bias
-            key, value = self._heads(F.linear(x, weight[dim:], None if bias is None else bias[dim:]), 2)
+            key, value = self._heads(F.linear(x, weight[dim:], None if bias is None else bias[dim:]), 2, self.kv_heads)
             (query,) = self._heads(F.linear(x[:, :num_queries], weight[:dim], None if bias is None else bias[:dim]), 1)
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+            if rotary is not None:
+                cos, sin = rotary
+                query, key = apply_rotary(query, cos[:, :num_queries], sin[:, :num_queries]), apply_rotary(key, cos, sin)
+            out = self._attend(query, key, value, mask, is_causal=False)
             return self.out(out.transpose(1, 2).reshape(batch, num_queries, dim))  # (B, N, D)
         if self.is_cross:
             (query,) = self._heads(self.q(x), 1)
             if cache is not None and cache.key is not None:
                 key, value = cache.key, cache.value  # image keys/values computed once per generation
             else:
-                key, value = self._heads(self.kv(context), 2)
+                key, value = self._heads(self.kv(context), 2, self.kv_heads)
                 if cache is not None:
                     cache.key, cache.value = key, value
         else:
-            query, key, value = self._heads(self.qkv(x), 3)
+            query, key, value = self._split_qkv(self.qkv(x))  # (B, H, T, Dh), (B, KV, T, Dh) x 2
+            if rotary is not None:  # keys are cached rotated: a cached key keeps its own position
+                cos, sin = rotary
+                query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
             if cache is not None:
                 if cache.key is not None:
                     key = torch.cat([cache.key, key], dim=2)
@@ -127,12 +176,7 @@ class Attention(nn.Module):
                         from vlmkit.layers.masks import causal_mask
 
                         mask, is_causal = causal_mask(length, key.shape[2], device=x.device), False
-        out = F.scaled_dot_product_attention(
-            query, key, value,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and mask is None,
-        )  # (B, H, T, Dh)
+        out = self._attend(query, key, value, mask, is_causal)  # (B, H, T, Dh)
         out = out.transpose(1, 2).reshape(batch, length, dim)  # (B, T, D)
         return self.out(out)
 

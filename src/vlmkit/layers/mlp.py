@@ -30,13 +30,22 @@ def make_activation(name: str) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Linear -> activation -> Linear, the transformer feed-forward block."""
+    """Linear -> activation -> Linear, the transformer feed-forward block.
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", out_dim: int | None = None, bias: bool = True):
+    `gated=True` is the GLU variant (SwiGLU with "silu", Llama): fc2(act(gate) * up), where one
+    fused `fc1` of 2 * hidden outputs gives [gate; up] (one matmul instead of two).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", out_dim: int | None = None, bias: bool = True,
+                 gated: bool = False):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.gated = gated
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim if gated else hidden_dim, bias=bias)
         self.act = make_activation(activation)
         self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.fc1(x).chunk(2, dim=-1)  # (..., hidden) x 2
+            return self.fc2(self.act(gate) * up)
         return self.fc2(self.act(self.fc1(x)))

@@ -1,13 +1,18 @@
 """The transformer block and the one transformer stack every tower is built on.
 
 `TransformerBlock` is pre-LN by default (CLIP, ViT, GPT) and post-LN on request (BERT);
-it can carry a cross-attention sublayer (decoders, Q-Former), LayerScale and drop-path.
+it can carry a cross-attention sublayer (decoders, Q-Former), LayerScale and drop-path, and
+takes the Llama options: RMSNorm (`norm="rmsnorm"`), grouped-query attention (`kv_heads`), a
+gated SwiGLU MLP (`gated_mlp`, `mlp_hidden`) and no biases (`bias=False`).
 `Transformer` stacks blocks (cross-attention in every N-th) and owns the gradient-checkpointing
 switch, the only one in the library. `TokenTransformer` is the whole text stack on top of it:
 
     tokens (B, T) -> token + learned position (+ type) embeddings [-> norm] [-> dropout]
     [precomputed embeddings in front, e.g. image tokens] -> blocks -> final norm (B, T, D)
     [-> LM head tied to the token embedding, or its own] -> logits (B, T, V)
+
+With `positions="rotary"` there is no position table: every block's attention rotates its
+queries and keys by the tokens' positions instead (Llama), computed once per forward.
 
 The text towers (CLIP's causal one, BERT's bidirectional one), the decoder LM and SimVLM's
 PrefixLM are all a `TokenTransformer` with different masks, heads and pooling.
@@ -21,6 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from vlmkit.layers.attention import Attention, KVCache
 from vlmkit.layers.masks import causal_mask, combine
 from vlmkit.layers.mlp import MLP
+from vlmkit.layers.norm import make_norm
+from vlmkit.layers.rotary import rotary_angles
+
+POSITIONS = ("learned", "rotary")
 
 
 class LayerScale(nn.Module):
@@ -63,15 +72,20 @@ class TransformerBlock(nn.Module):
         layer_scale: float | None = None,
         drop_path: float = 0.0,
         dropout: float = 0.0,
+        norm: str = "layernorm",
+        kv_heads: int | None = None,
+        mlp_hidden: int | None = None,
+        gated_mlp: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.prenorm = prenorm
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, dropout=dropout)
-        self.cross_attn = Attention(dim, num_heads, context_dim=context_dim) if context_dim else None
-        self.norm_cross = nn.LayerNorm(dim, eps=norm_eps) if context_dim else None
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), activation)
+        self.norm1 = make_norm(norm, dim, norm_eps)
+        self.attn = Attention(dim, num_heads, dropout=dropout, qkv_bias=bias, out_bias=bias, kv_heads=kv_heads)
+        self.cross_attn = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=bias, out_bias=bias) if context_dim else None
+        self.norm_cross = make_norm(norm, dim, norm_eps) if context_dim else None
+        self.norm2 = make_norm(norm, dim, norm_eps)
+        self.mlp = MLP(dim, mlp_hidden or int(dim * mlp_ratio), activation, bias=bias, gated=gated_mlp)
         self.scale1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.scale2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
@@ -93,11 +107,14 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None = None,
         name: str = "",
         num_queries: int | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """`num_queries`: compute outputs for the first N positions only (see Attention)."""
+        """`num_queries`: compute outputs for the first N positions only (see Attention); `rotary`:
+        the (cos, sin) of rotary positions for the self-attention."""
         self_cache = cache.layer(name + ".self") if cache is not None else None
         x = self._residual(
-            x, self.norm1, lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache, num_queries=num_queries),
+            x, self.norm1,
+            lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache, num_queries=num_queries, rotary=rotary),
             self.scale1, num_queries,
         )
         if self.cross_attn is not None and context is not None:
@@ -146,17 +163,21 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_all: bool = False,
         last_layer_queries: int | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """`last_layer_queries=N`: the last block computes only the first N positions (e.g. the
-        [CLS] token a pooled embedding needs), skipping its MLP and output projection elsewhere."""
+        [CLS] token a pooled embedding needs), skipping its MLP and output projection elsewhere.
+        `rotary`: (cos, sin) of rotary positions, shared by every block."""
         hidden_states = [x]
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             num_queries = last_layer_queries if index == last else None
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, is_causal, context, context_mask, use_reentrant=False, num_queries=num_queries)
+                x = checkpoint(block, x, mask, is_causal, context, context_mask, use_reentrant=False, num_queries=num_queries,
+                               rotary=rotary)
             else:
-                x = block(x, mask, is_causal, context, context_mask, cache, name=f"block{index}", num_queries=num_queries)
+                x = block(x, mask, is_causal, context, context_mask, cache, name=f"block{index}", num_queries=num_queries,
+                          rotary=rotary)
             if return_all:
                 hidden_states.append(x)
         return hidden_states if return_all else x
@@ -168,9 +189,12 @@ class TokenTransformer(nn.Module):
     Options cover the families: `type_vocab_size` and `embed_norm` (BERT's token types and
     embedding LayerNorm), `prenorm=False` (post-LN blocks already end in a norm, so no final one),
     `context_dim` / `cross_attention_every` (cross-attention to image tokens), and
-    `tie_embeddings=False` (an LM head of its own instead of the token embedding). Parameter names
+    `tie_embeddings=False` (an LM head of its own instead of the token embedding). The decoder-LM
+    options (`norm`, `positions`, `kv_heads`, `mlp_hidden`, `gated_mlp`, `bias`, `rope_theta`)
+    give the Llama style; their defaults are the GPT/CLIP stack. Parameter names
     (`token_embedding`, `positional_embedding`, `type_embedding`, `embed_norm`, `transformer.blocks.N`,
-    `final_norm`, `lm_head`) are what the HF / OpenCLIP / BERT interop mappings name.
+    `final_norm`, `lm_head`) are what the HF / OpenCLIP / BERT interop mappings name; a rotary
+    stack has no `positional_embedding`.
     """
 
     def __init__(
@@ -190,50 +214,79 @@ class TokenTransformer(nn.Module):
         context_dim: int | None = None,
         cross_attention_every: int = 1,
         tie_embeddings: bool = True,
+        norm: str = "layernorm",
+        positions: str = "learned",
+        kv_heads: int | None = None,
+        mlp_hidden: int | None = None,
+        gated_mlp: bool = False,
+        bias: bool = True,
+        rope_theta: float = 10000.0,
     ) -> None:
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"unknown positions '{positions}'; use one of {', '.join(POSITIONS)}")
         self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01) if positions == "learned" else None
         self.type_embedding = nn.Embedding(type_vocab_size, width) if type_vocab_size else None
         self.embed_norm = nn.LayerNorm(width, eps=norm_eps) if embed_norm else None
         self.embed_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.transformer = Transformer(
             width, depth, heads, mlp_ratio=mlp_ratio, activation=activation, prenorm=prenorm, norm_eps=norm_eps,
             dropout=dropout, context_dim=context_dim, cross_attention_every=cross_attention_every,
+            norm=norm, kv_heads=kv_heads, mlp_hidden=mlp_hidden, gated_mlp=gated_mlp, bias=bias,
         )
         # Post-LN stacks (BERT) already end in a norm; pre-LN stacks need a final one.
-        self.final_norm = nn.LayerNorm(width, eps=norm_eps) if prenorm else nn.Identity()
+        self.final_norm = make_norm(norm, width, norm_eps) if prenorm else nn.Identity()
         self.lm_head = None if tie_embeddings else nn.Linear(width, vocab_size, bias=False)
         self.context_length, self.width, self.vocab_size = context_length, width, vocab_size
+        self.positions, self.rope_theta, self.head_dim = positions, rope_theta, width // heads
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token embedding alone, no positions. (B, T) -> (B, T, D)"""
+        return self.token_embedding(tokens)
+
     def embed(
-        self, tokens: torch.Tensor, position_offset: int | torch.Tensor = 0, token_types: torch.Tensor | None = None
+        self, tokens: torch.Tensor | None, position_offset: int | torch.Tensor = 0, token_types: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token + position (+ type) embeddings, normed and dropped out as configured. (B, T, D)
+        """Token (or given `inputs_embeds`) + learned position (+ type) embeddings, normed and dropped out. (B, T, D)
 
         Positions start at `position_offset`: an int for every row, or a (B,) tensor of per-row
         starts (left-padded prompts; the pads then sit at negative positions, clamped to 0, and
-        are masked anyway).
+        are masked anyway); `position_ids` (B, T) give every token its own. A rotary stack adds
+        no positions here (its attention rotates queries and keys instead).
         """
-        length = tokens.shape[1]
-        if torch.is_tensor(position_offset):
-            index = (torch.arange(length, device=tokens.device) + position_offset[:, None]).clamp(min=0)  # (B, T)
-            positions = self.positional_embedding[index]  # (B, T, D)
-        else:
-            if position_offset + length > self.context_length:
-                raise ValueError(f"sequence of {position_offset + length} tokens exceeds the context length {self.context_length}")
-            positions = self.positional_embedding[position_offset : position_offset + length]  # (T, D)
-        x = self.token_embedding(tokens) + positions.to(self.token_embedding.weight.dtype)  # (B, T, D)
+        x = self.token_embedding(tokens) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        if self.positional_embedding is not None:
+            length = x.shape[1]
+            if position_ids is not None or torch.is_tensor(position_offset):
+                index = position_ids if position_ids is not None else torch.arange(length, device=x.device) + position_offset[:, None]
+                positions = self.positional_embedding[index.clamp(min=0)]  # (B, T, D)
+            else:
+                if position_offset + length > self.context_length:
+                    raise ValueError(f"sequence of {position_offset + length} tokens exceeds the context length {self.context_length}")
+                positions = self.positional_embedding[position_offset : position_offset + length]  # (T, D)
+            x = x + positions.to(self.token_embedding.weight.dtype)  # (B, T, D)
         if self.type_embedding is not None:
             x = x + self.type_embedding(token_types if token_types is not None else torch.zeros_like(tokens))
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         return self.embed_dropout(x)
 
+    def rotary(self, length: int, position_offset: int | torch.Tensor, position_ids: torch.Tensor | None,
+               device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin), each (B or 1, T, Dh) in float32, of a rotary stack's positions; None for learned positions."""
+        if self.positions != "rotary":
+            return None
+        if position_ids is None:
+            offset = position_offset[:, None] if torch.is_tensor(position_offset) else position_offset
+            position_ids = torch.arange(length, device=device)[None, :] + offset  # (B or 1, T)
+        return rotary_angles(position_ids, self.head_dim, self.rope_theta)
+
     def forward(
         self,
-        tokens: torch.Tensor,
+        tokens: torch.Tensor | None,
         prefix_embeds: torch.Tensor | None = None,
         token_types: torch.Tensor | None = None,
         position_offset: int | torch.Tensor | None = None,
@@ -244,6 +297,8 @@ class TokenTransformer(nn.Module):
         cache: KVCache | None = None,
         last_layer_queries: int | None = None,
         output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The last hidden state after the final norm, (B, N+T, D); with `output_hidden_states`
         also every block's input and output (before the final norm), as `(hidden, states)`.
@@ -254,18 +309,23 @@ class TokenTransformer(nn.Module):
         that was given `prefix_embeds` passes it explicitly. `mask` is boolean (True = attend),
         broadcastable to (B, heads, N+T, K) with K = cached + new positions; `is_causal` with a
         `mask` ANDs causality into it (e.g. a padding mask over the keys of left-padded prompts).
+        `inputs_embeds` (B, T, D) replace the token embeddings (positions are still added or
+        rotated); `position_ids` (B, T) replace `position_offset`. In a rotary stack the positions
+        run over the whole sequence, `prefix_embeds` included (`position_ids` is then (B, N+T)).
         """
         past = cache.length if cache is not None else 0
-        x = self.embed(tokens, past if position_offset is None else position_offset, token_types)  # (B, T, D)
+        offset = past if position_offset is None else position_offset
+        x = self.embed(tokens, offset, token_types, inputs_embeds=inputs_embeds, position_ids=position_ids)  # (B, T, D)
         if prefix_embeds is not None:
             x = torch.cat([prefix_embeds, x], dim=1)  # (B, N+T, D)
+        rotary = self.rotary(x.shape[1], offset, position_ids, x.device)  # (B or 1, N+T, Dh) x 2, or None
         if is_causal and mask is not None:
             # SDPA takes a mask or is_causal, not both: fold causality in (queries are the last keys).
             length = x.shape[1]
             mask, is_causal = combine(causal_mask(length, past + length, device=x.device), mask), False  # (B, 1, T, K)
         hidden = self.transformer(
             x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask, cache=cache,
-            return_all=output_hidden_states, last_layer_queries=last_layer_queries,
+            return_all=output_hidden_states, last_layer_queries=last_layer_queries, rotary=rotary,
         )
         x = self.final_norm(hidden[-1] if output_hidden_states else hidden)  # (B, N+T, D)
         return (x, hidden) if output_hidden_states else x

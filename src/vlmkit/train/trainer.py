@@ -215,7 +215,10 @@ class Trainer:
     def _records(self):
         from vlmkit.data.formats import read_records
 
-        records = read_records(self.data)
+        # A text-only family reads records without images, and whichever texts they hold (captions,
+        # questions, statements): its training_dataset says so itself when there are none.
+        images = self.family.needs_images
+        records = read_records(self.data, require_image=images, require_text=images)
         if not records:
             raise UserError(f"{self.data} holds no records")
         return records

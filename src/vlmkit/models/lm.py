@@ -1,0 +1,244 @@
+"""A text-only language model: the library's one decoder-only LM (GPT-2 or Llama style) on its own.
+
+tokens (B, L) = [bos] text [eos] pad ... -> DecoderLM (causal) -> logits (B, L-1, V)
+-> next-token cross-entropy over the real targets, through the end token.
+
+It trains on the texts of any dataset (captions, question + answer pairs, statements; records
+need no image), scores texts (`token_nll`, for perplexity) and continues prompts
+(`generate_text`, left-padded prompts decoded with the KV cache). HF `GPT2LMHeadModel` and
+`LlamaForCausalLM` folders load into it exactly (`vlmkit.interop.hf_lm`) and it exports back to
+them. The LLM-connected families (Frozen, LLaVA, Flamingo, BLIP-2) build on the same `DecoderLM`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vlmkit.data.records import answers_of
+from vlmkit.encoders.config import LMConfig, lm_config_gpt2, lm_config_llama
+from vlmkit.encoders.lm import DecoderLM, random_tokens
+from vlmkit.errors import UserError
+from vlmkit.generation import GenerationConfig, generate
+from vlmkit.layers.attention import KVCache
+from vlmkit.layers.masks import real_tokens_through_end
+from vlmkit.losses import lm_loss_and_logs
+from vlmkit.models.base import ModelOutput, VLModel
+from vlmkit.models.registry import register_config, register_family
+
+
+@dataclass
+class LanguageModelConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+
+
+@dataclass
+class LanguageModelTraining:
+    """The recipe's `training:` options of the text-only LM."""
+
+    label_smoothing: float = 0.0
+
+
+def record_lm_texts(records: Sequence[dict]) -> list[str]:
+    """Every text of the records an LM can learn from: captions, "question answer" pairs, statements."""
+    texts = []
+    for record in records:
+        texts.extend(record.get("texts") or [])
+        for item in record.get("qa") or []:
+            texts.extend(f"{item['question']} {answer}" for answer in dict.fromkeys(answers_of(item)))
+        texts.extend(item["text"] for item in record.get("statements") or [])
+    return [text for text in texts if text.strip()]
+
+
+def encode_texts(tokenizer, texts: Sequence[str], bos_id: int | None, eos_id: int | None, pad_id: int,
+                 max_length: int) -> torch.Tensor:
+    """`[bos] text [eos]` per text, right-padded with `pad_id` to the longest row (at most `max_length`). (B, L)
+
+    Built from the tokenizer's plain ids rather than its own template, so every tokenizer (CLIP-style
+    BPE, GPT-2's, which adds no specials, Llama's) gives the same layout; an overlong row is cut
+    and still ends in its end token.
+    """
+    rows = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        row = ([bos_id] if bos_id is not None else []) + ids
+        row = row[: max_length - 1] if eos_id is not None else row[:max_length]
+        rows.append(row + ([eos_id] if eos_id is not None else []))
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+class TextDataset(torch.utils.data.Dataset):
+    """One text per sample; `collate` gives `tokens` (B, L): [bos] text [eos] pad..., L = the longest row."""
+
+    def __init__(self, texts: Sequence[str], tokenizer, lm: LMConfig) -> None:
+        if not texts:
+            raise UserError("no training record has texts (captions 'texts', questions 'qa' or 'statements') for the language model")
+        self.texts, self.tokenizer, self.lm = list(texts), tokenizer, lm
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Samples do not depend on the epoch (the trainer's permutation does the shuffling)."""
+
+    def __getitem__(self, index: int) -> str:
+        return self.texts[index]
+
+    def collate(self, texts: Sequence[str]) -> dict:
+        lm = self.lm
+        tokens = encode_texts(self.tokenizer, texts, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id, lm.context_length)
+        return {"tokens": tokens, "num_skipped": 0, "skipped": []}
+
+
+@register_family
+class LanguageModel(VLModel):
+    family = "lm"
+    config_class = LanguageModelConfig
+    training_class = LanguageModelTraining
+    towers = {"text": "lm"}
+    export_formats = {"hf": "vlmkit.interop.hf_lm:export"}
+    needs_images = False
+    uses_every_parameter = True
+
+    def __init__(self, config: LanguageModelConfig) -> None:
+        super().__init__(config)
+        self.lm = DecoderLM.from_config(config.lm)
+        self.generation_config = GenerationConfig(max_new_tokens=32)
+
+    # ---- training ----------------------------------------------------------------------------
+    def _targets(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens (B, L-1) and which of them are trained on: real ones through the first end token.
+
+        The end is looked for among the targets, so a tokenizer whose bos is its eos (GPT-2's) works too.
+        """
+        targets = tokens[:, 1:]  # (B, L-1)
+        eos = self.config.lm.eos_token_id
+        mask = real_tokens_through_end(targets, eos) if eos is not None else torch.ones_like(targets, dtype=torch.bool)
+        return targets, mask
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        tokens = batch["tokens"]  # (B, L): [bos] text [eos] pad...
+        logits = self.lm(tokens[:, :-1])  # (B, L-1, V)
+        targets, target_mask = self._targets(tokens)  # (B, L-1) x 2
+        loss, logs = lm_loss_and_logs(logits, targets, target_mask, self.training_options.label_smoothing)
+        return ModelOutput(loss=loss, logs=logs, logits=logits)
+
+    def token_nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token negative log-likelihood (B,) of each row's real targets, and their count (B,).
+
+        `tokens` (B, L) are laid out as in training; perplexity = exp(nll.sum() / count.sum()).
+        """
+        logits = self.lm(tokens[:, :-1])  # (B, L-1, V)
+        targets, target_mask = self._targets(tokens)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)  # (B, L-1)
+        weights = target_mask.to(nll.dtype)
+        return (nll * weights).sum(dim=1), weights.sum(dim=1)
+
+    def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        lm = self.config.lm
+        end = lm.eos_token_id if lm.eos_token_id is not None else lm.vocab_size - 1
+        tokens = random_tokens(lm.vocab_size, min(lm.context_length, 32), end, lm.pad_token_id, batch_size, generator)
+        if lm.bos_token_id is not None:
+            tokens[:, 0] = lm.bos_token_id
+        return {"tokens": tokens}
+
+    @classmethod
+    def adapt_config_to_tokenizer(cls, config: dict[str, Any], tokenizer) -> dict[str, Any]:
+        """The `lm` section follows the tokenizer: vocabulary size and bos / eos / pad ids."""
+        lm = config.setdefault("lm", {})
+        lm["vocab_size"] = tokenizer.vocab_size
+        lm["bos_token_id"], lm["eos_token_id"], lm["pad_token_id"] = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        tokenizer.context_length = lm.get("context_length", tokenizer.context_length)
+        return config
+
+    @classmethod
+    def tokenizer_texts(cls, records: list[dict]) -> list[str]:
+        return record_lm_texts(records)
+
+    def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
+        return TextDataset(record_lm_texts(records), tokenizer, self.config.lm)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def prompt_tokens(self, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[bos] prompt` rows (no end token), left-padded: tokens (B, T0) and each row's pad count (B,)."""
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer attached; load it with vlmkit.load(folder)")
+        lm = self.config.lm
+        bos = [lm.bos_token_id] if lm.bos_token_id is not None else []
+        rows = [bos + (self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []) for prompt in prompts]
+        if any(not row for row in rows):
+            raise UserError("an empty prompt needs a start token, and this LM has none (lm.bos_token_id); give some text")
+        width = max(len(row) for row in rows)
+        tokens = torch.tensor([[lm.pad_token_id] * (width - len(row)) + row for row in rows], dtype=torch.long, device=device)
+        num_pad = torch.tensor([width - len(row) for row in rows], dtype=torch.long, device=device)
+        return tokens, num_pad
+
+    def decoding_step(self, num_pad: torch.Tensor):
+        """The step function of `vlmkit.generation.generate` for prompts with `num_pad` (B,) left pads."""
+        padded = bool(num_pad.any())
+
+        def step(tokens: torch.Tensor, cache: KVCache | None, rows: torch.Tensor) -> torch.Tensor:
+            start = cache.length if cache is not None else 0
+            new = tokens[:, start:]  # (N, T'): the whole sequence without a cache, the new token with one
+            if padded:  # hide the pads and start every row's positions at its first real token
+                pads = num_pad.index_select(0, rows)  # (N,)
+                key_is_real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= pads[:, None]  # (N, K)
+                hidden = self.lm(new, cache=cache, attention_mask=key_is_real, position_offset=start - pads, return_hidden=True)
+            else:
+                hidden = self.lm(new, cache=cache, return_hidden=True)  # (N, T', D)
+            return self.lm.logits(hidden[:, -1])  # (N, V)
+
+        return step
+
+    @torch.no_grad()
+    def generate_text(self, prompts: str | Sequence[str], **decoding) -> list[str]:
+        """Continuations of `prompts` (one text or a list), without the prompts themselves.
+
+        `decoding` takes any `GenerationConfig` field (max_new_tokens, num_beams, do_sample, top_p,
+        use_cache...); defaults come from `self.generation_config`.
+        """
+        lm = self.config.lm
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            return []
+        if lm.eos_token_id is None:
+            raise UserError("this LM has no end token (lm.eos_token_id), so generation could never stop; set it in the config")
+        config = GenerationConfig.from_kwargs(self.generation_config, **decoding)
+        was_training = self.training
+        self.eval()
+        try:
+            tokens, num_pad = self.prompt_tokens(prompts, self.device)
+            room = lm.context_length - tokens.shape[1]
+            if room < 1:
+                raise UserError(f"the prompt of {tokens.shape[1]} tokens leaves no room within the context of {lm.context_length}; shorten it")
+            settings = {"max_new_tokens": min(config.max_new_tokens, room), "min_new_tokens": min(config.min_new_tokens, room)}
+            output = generate(self.decoding_step(num_pad), tokens, config, eos_token_id=lm.eos_token_id,
+                              pad_token_id=lm.pad_token_id, tokenizer=self.tokenizer, **settings)
+        finally:
+            self.train(was_training)
+        return output.texts
+
+
+register_config("lm-tiny", "lm", tiny=True, config={
+    # Llama style, grouped-query attention (4 heads, 2 kv heads); the tokenizer sets vocab and ids in training.
+    "lm": lm_config_llama(vocab_size=1024, context_length=64, width=128, depth=4, heads=4, kv_heads=2, mlp_hidden=344,
+                          bos_token_id=1022, eos_token_id=1023, pad_token_id=0),
+})
+register_config("gpt2-tiny", "lm", tiny=True, config={
+    "lm": lm_config_gpt2(vocab_size=1024, context_length=64, width=64, depth=2, heads=4,
+                         bos_token_id=1022, eos_token_id=1023, pad_token_id=0),
+})
+register_config("gpt2", "lm", {
+    # GPT-2 small (124M): HF's `gpt2`; the end token is also its start token.
+    "lm": lm_config_gpt2(vocab_size=50257, context_length=1024, width=768, depth=12, heads=12,
+                         bos_token_id=50256, eos_token_id=50256, pad_token_id=50256),
+})
+register_config("tinyllama-1.1b", "lm", {
+    # TinyLlama-1.1B: Llama 2 architecture, 22 layers, 32 heads with 4 kv heads.
+    "lm": lm_config_llama(vocab_size=32000, context_length=2048, width=2048, depth=22, heads=32, kv_heads=4,
+                          mlp_hidden=5632, norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+})
