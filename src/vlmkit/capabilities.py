@@ -75,8 +75,9 @@ class MatchesImageText(Capability, Protocol):
 class ScoresText(Capability, Protocol):
     name: ClassVar[str] = "score text likelihood"
 
-    def token_nll(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) tokenizer output -> per-row (sum of next-token negative log-likelihoods, number of predicted tokens)."""
+    def text_nll(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per text: (sum of next-token negative log-likelihoods (B,), number of predicted tokens (B,)),
+        tokenized as the model trains (texts longer than its context are cut)."""
 
 def methods_of(capability: type) -> list[str]:
     """The method names a capability protocol asks for (its own and its bases', not Protocol's)."""

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from vlmkit.capabilities import ScoresText
 from vlmkit.data.records import answers_of
 from vlmkit.encoders.config import LMConfig, lm_config_gpt2, lm_config_llama
 from vlmkit.encoders.lm import DecoderLM, random_tokens
@@ -98,7 +99,9 @@ class LanguageModel(VLModel):
     family = "lm"
     config_class = LanguageModelConfig
     training_class = LanguageModelTraining
+    capabilities = (ScoresText,)
     towers = {"text": "lm"}
+    tower_configs = {"text": "lm"}
     export_formats = {"hf": "vlmkit.interop.hf_lm:export"}
     needs_images = False
     uses_every_parameter = True
@@ -136,6 +139,12 @@ class LanguageModel(VLModel):
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)  # (B, L-1)
         weights = target_mask.to(nll.dtype)
         return (nll * weights).sum(dim=1), weights.sum(dim=1)
+
+    def text_nll(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_nll` of texts laid out as in training ([bos] text [eos], cut to the context)."""
+        lm = self.config.lm
+        tokens = encode_texts(self.tokenizer, texts, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id, lm.context_length)
+        return self.token_nll(tokens.to(self.device))
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)

@@ -1,6 +1,6 @@
 """Perplexity of a language model on texts: exp(total next-token NLL / number of predicted tokens).
 
-The model needs the `ScoresText` capability (`token_nll`). Texts come from a `.txt` file (one
+The model needs the `ScoresText` capability (`text_nll`). Texts come from a `.txt` file (one
 per non-empty line) or any records file (captions, questions with their answers, statements).
 Texts longer than the model's context are cut by its tokenizer (which keeps the end token); how
 many were cut is part of the result, so a number is never computed on silently shortened data.
@@ -28,12 +28,12 @@ def evaluate_perplexity(model, texts: Sequence[str], batch_size: int = 64) -> di
     was_training = model.training
     model.eval()
     total_nll, total_tokens, truncated = 0.0, 0, 0
-    limit = model.tokenizer.context_length
+    limit = model.tokenizer.context_length - 2  # room left by the begin and end tokens
     try:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            truncated += sum(len(model.tokenizer.encode(text)) > limit for text in chunk)
-            nll, count = model.token_nll(model.tokenizer(chunk).to(model.device))
+            truncated += sum(len(model.tokenizer.encode(text, add_special_tokens=False)) > limit for text in chunk)
+            nll, count = model.text_nll(chunk)
             total_nll += float(nll.double().sum())
             total_tokens += int(count.sum())
     finally:
