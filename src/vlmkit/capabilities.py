@@ -57,6 +57,13 @@ class Answers(Capability, Protocol):
         """One answer per (image, question) row."""
 
 
+class AnswersInContext(Capability, Protocol):
+    name: ClassVar[str] = "answer with in-context examples"
+
+    def answer_in_context(self, pixels: torch.Tensor, questions: list[str],
+                          examples: Sequence[Sequence[tuple[torch.Tensor, str, str]]], **decoding) -> list[str]:
+        """One answer per row, after that row's examples: (pixels (3, H, W), question, answer) each."""
+
 class Verifies(Capability, Protocol):
     name: ClassVar[str] = "verify statements"
 

@@ -289,6 +289,70 @@ def left_padded_prompts(tokenizer, prompts: Sequence[str], bos_id: int, pad_id: 
     return tokens, num_pad
 
 
+@dataclass
+class EmbeddedPrompts:
+    """Prompts given as embeddings (image features among the text), left-padded to one length.
+
+    Families that put images *into* a language model's input sequence (a visual prefix, image
+    tokens scattered at placeholders, interleaved few-shot examples) build one of these and decode
+    with `embedded_prompt_step`; the generated tokens then continue after it.
+    """
+
+    embeds: torch.Tensor  # (B, T0, D) left-padded input embeddings
+    key_is_real: torch.Tensor  # (B, T0) bool: False on the left padding
+    positions: torch.Tensor  # (B, T0) long: 0, 1, ... from each row's first real position
+
+    @property
+    def num_pad(self) -> torch.Tensor:
+        return (~self.key_is_real).sum(dim=1)  # (B,)
+
+
+def left_pad_embeddings(sequences: Sequence[torch.Tensor]) -> EmbeddedPrompts:
+    """Rows of different lengths, (T_i, D) each, left-padded with zeros into `EmbeddedPrompts`."""
+    width = max(row.shape[0] for row in sequences)
+    first = sequences[0]
+    embeds = first.new_zeros(len(sequences), width, first.shape[-1])  # (B, T0, D)
+    key_is_real = torch.zeros(len(sequences), width, dtype=torch.bool, device=first.device)
+    for index, row in enumerate(sequences):  # one copy per row, at prompt-building time only
+        embeds[index, width - row.shape[0]:] = row
+        key_is_real[index, width - row.shape[0]:] = True
+    positions = (key_is_real.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T0)
+    return EmbeddedPrompts(embeds, key_is_real, positions)
+
+
+def embedded_prompt_step(lm, prompts: EmbeddedPrompts) -> tuple[StepFn, torch.Tensor]:
+    """(step_fn, placeholder prompt tokens) decoding a `DecoderLM` after embedded prompts.
+
+    `generate` appends new tokens after the placeholder prompt (pad ids, one per prompt position,
+    never read: the first step feeds `prompts.embeds`). With a cache, the first step runs the
+    whole prompt and later steps only the new token; without one every step re-runs the prompt
+    embeddings plus the embedded new tokens (the reference the cache is tested against). Pads
+    are hidden from every query, and positions count from each row's first real position.
+    """
+    from vlmkit.layers.masks import padding_mask
+
+    batch, prompt_length, _ = prompts.embeds.shape
+    placeholder = torch.zeros(batch, prompt_length, dtype=torch.long, device=prompts.embeds.device)
+
+    def step(tokens: torch.Tensor, cache: KVCache | None, rows: torch.Tensor) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        total = tokens.shape[1]
+        num_pad = prompts.num_pad.index_select(0, rows)  # (N,)
+        new = torch.arange(max(start, prompt_length), total, device=tokens.device)  # generated positions to feed
+        new_positions = new[None, :] - num_pad[:, None]  # (N, t)
+        if start == 0:
+            embeds = torch.cat([prompts.embeds.index_select(0, rows), lm.embed_tokens(tokens[:, prompt_length:])], dim=1)
+            positions = torch.cat([prompts.positions.index_select(0, rows), new_positions], dim=1)  # (N, T)
+        else:
+            embeds, positions = lm.embed_tokens(tokens[:, start:]), new_positions
+        key_is_real = torch.cat([prompts.key_is_real.index_select(0, rows),
+                                 torch.ones(len(rows), total - prompt_length, dtype=torch.bool, device=tokens.device)], dim=1)
+        logits = lm(inputs_embeds=embeds, mask=padding_mask(key_is_real), cache=cache, position_ids=positions)
+        return logits[:, -1]  # (N, V)
+
+    return step, placeholder
+
+
 class Generative:
     """Mixin giving a family `generate(pixels, prompt=None, **decoding) -> list[str]`.
 
@@ -299,9 +363,14 @@ class Generative:
 
     generation_config: GenerationConfig
 
+    @property
+    def text_config(self):
+        """The config section of the text side (`text`, or `lm` for families on the language model)."""
+        return getattr(self.config, getattr(self, "tower_configs", {}).get("text", "text"))
+
     def max_new_tokens_allowed(self, prompt_tokens: torch.Tensor) -> int:
         """How many tokens fit after the prompt (the decoder's context length bounds it)."""
-        return self.config.text.context_length - prompt_tokens.shape[1]
+        return self.text_config.context_length - prompt_tokens.shape[1]
 
     @torch.no_grad()
     def generate_output(self, pixels: torch.Tensor, prompt: str | Sequence[str] | None = None, **decoding) -> GenerationOutput:
@@ -323,11 +392,11 @@ class Generative:
             step_fn, prompt_tokens = self.decoding_setup(pixels.to(self.device), prompts)
             room = self.max_new_tokens_allowed(prompt_tokens)
             if room < 1:
-                raise UserError(f"the prompt leaves no room to generate within the model's context of {self.config.text.context_length} tokens; shorten it")
+                raise UserError(f"the prompt leaves no room to generate within the model's context of {self.text_config.context_length} tokens; shorten it")
             config = replace(config, max_new_tokens=min(config.max_new_tokens, room),
                              min_new_tokens=min(config.min_new_tokens, room))
-            return generate(step_fn, prompt_tokens, config, eos_token_id=self.config.text.eos_token_id,
-                            pad_token_id=self.config.text.pad_token_id, tokenizer=self.tokenizer)
+            return generate(step_fn, prompt_tokens, config, eos_token_id=self.text_config.eos_token_id,
+                            pad_token_id=self.text_config.pad_token_id, tokenizer=self.tokenizer)
         finally:
             self.train(was_training)
 

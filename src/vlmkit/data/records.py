@@ -28,3 +28,10 @@ def record_texts(records: Sequence[dict], questions: bool = True, statements: bo
         if statements:
             texts.extend(item["text"] for item in record.get("statements") or [])
     return texts
+
+
+def qa_text(question: str, answer: str | None = None) -> str:
+    """A question (and its answer) written as plain text, the form a language model learns VQA from
+    and is prompted with: "Question: {question} Answer: {answer}" (no answer: ends at "Answer:")."""
+    prompt = f"Question: {question.strip()} Answer:"
+    return prompt if answer is None else f"{prompt} {answer.strip()}"

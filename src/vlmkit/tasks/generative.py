@@ -13,7 +13,7 @@ answer of each question type).
 """
 from __future__ import annotations
 
-from vlmkit.capabilities import Answers, Generates, Verifies
+from vlmkit.capabilities import Answers, AnswersInContext, Generates, Verifies
 
 from collections import Counter
 from typing import Sequence
@@ -135,13 +135,18 @@ def score_vqa(predictions: dict[str, str], items) -> dict:
 
 
 @torch.no_grad()
-def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, **decoding) -> dict:
+def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, shots: int = 0,
+                 support: Sequence[dict] | None = None, seed: int = 0, **decoding) -> dict:
     """VQA accuracy of the model's answers, overall and per question type.
 
     `batch_size` counts images; each image is preprocessed once and shared by its questions.
+    `shots=K` (models that `AnswersInContext`) puts K examples before every question: image,
+    question and most common answer of K questions drawn from the `support` records (training
+    data), a new draw per question from a generator seeded with `seed`.
     """
     model.require(Answers, task="vqa")
     items = vqa_items(records)
+    draw = _example_drawer(model, support, shots, seed) if shots else None
     predictions = {}
     with_questions = [(index, record) for index, record in enumerate(records) if record.get("qa")]
     for chunk in _batches(with_questions, batch_size):
@@ -149,8 +154,38 @@ def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, **decodin
         owner = torch.tensor([row for row, (_, record) in enumerate(chunk) for _ in record["qa"]], device=pixels.device)
         questions = [item["question"] for _, record in chunk for item in record["qa"]]
         qids = [f"{record.get('id', index)}:{q}" for index, record in chunk for q in range(len(record["qa"]))]
-        predictions.update(zip(qids, model.answer(pixels.index_select(0, owner), questions, **decoding)))
-    return score_vqa(predictions, items)
+        if draw is None:
+            answers = model.answer(pixels.index_select(0, owner), questions, **decoding)
+        else:
+            answers = model.answer_in_context(pixels.index_select(0, owner), questions, [draw() for _ in questions], **decoding)
+        predictions.update(zip(qids, answers))
+    result = score_vqa(predictions, items)
+    return {**result, "shots": shots} if shots else result
+
+
+def _example_drawer(model, support: Sequence[dict] | None, shots: int, seed: int):
+    """A function drawing `shots` (pixels (3, H, W), question, answer) examples from the support set."""
+    import random
+
+    from vlmkit.data.records import answers_of
+
+    model.require(AnswersInContext, task=f"{shots}-shot vqa")
+    pool = [(record, item) for record in support or [] for item in record.get("qa") or []]
+    if shots < 0 or len(pool) < shots:
+        raise UserError(f"{shots}-shot VQA needs at least {shots} support questions ('qa' in the --support records); found {len(pool)}")
+    rng, pixels_of = random.Random(seed), {}
+
+    def pixels(image: str) -> torch.Tensor:
+        if image not in pixels_of:
+            pixels_of[image] = _pixels(model, [image])[0]
+        return pixels_of[image]
+
+    def draw() -> list[tuple[torch.Tensor, str, str]]:
+        chosen = rng.sample(pool, shots)
+        return [(pixels(record["image"]), item["question"], Counter(answers_of(item)).most_common(1)[0][0])
+                for record, item in chosen]
+
+    return draw
 
 
 def majority_answers(train_records: Sequence[dict], records: Sequence[dict]) -> dict[str, str]:

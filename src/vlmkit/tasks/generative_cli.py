@@ -69,7 +69,13 @@ def _eval_vqa(args) -> dict:
         from vlmkit.errors import UserError
 
         raise UserError(f"decoding options apply to generative models; the '{model.family}' model classifies answers, drop them")
-    return evaluate_vqa(model, _records(args.data), **_batch(args, 16), **decoding)
+    if args.shots and not args.support:
+        from vlmkit.errors import UserError
+
+        raise UserError(f"--shots {args.shots} needs --support TRAIN_RECORDS to draw the in-context examples from")
+    support = _records(args.support) if args.shots else None
+    return evaluate_vqa(model, _records(args.data), **_batch(args, 16), shots=args.shots, support=support,
+                        seed=args.shots_seed, **decoding)
 
 
 def _eval_reasoning(args) -> dict:
@@ -85,7 +91,15 @@ def _eval_perplexity(args) -> dict:
 
 
 _eval_caption.arguments = _decoding_arguments
-_eval_vqa.arguments = _decoding_arguments
+def _vqa_arguments(parser: argparse.ArgumentParser) -> None:
+    _decoding_arguments(parser)
+    group = parser.add_argument_group("in-context examples")
+    group.add_argument("--shots", type=int, default=0, help="examples (image, question, answer) before each question")
+    group.add_argument("--support", default=None, help="records the examples are drawn from (the training data)")
+    group.add_argument("--shots-seed", type=int, default=0, help="seed of the example draws")
+
+
+_eval_vqa.arguments = _vqa_arguments
 _eval_reasoning.arguments = lambda parser: parser.add_argument("--batch-size", type=int, default=None)
 evaluation("caption", "caption metrics (BLEU-1..4, ROUGE-L, CIDEr) of generated captions")(_eval_caption)
 evaluation("vqa", "VQA accuracy, overall and per question type")(_eval_vqa)
