@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmkit.capabilities import ScoresText
-from vlmkit.data.records import answers_of
+from vlmkit.data.records import answers_of, qa_text
 from vlmkit.encoders.config import LMConfig, lm_config_gpt2, lm_config_llama
 from vlmkit.encoders.lm import DecoderLM, random_tokens
 from vlmkit.errors import UserError
@@ -43,12 +43,13 @@ class LanguageModelTraining:
 
 
 def record_lm_texts(records: Sequence[dict]) -> list[str]:
-    """Every text of the records an LM can learn from: captions, "question answer" pairs, statements."""
+    """Every text of the records an LM can learn from: captions, questions with their answers (as
+    `qa_text` writes them, the form prompt-based VQA asks in), statements."""
     texts = []
     for record in records:
         texts.extend(record.get("texts") or [])
         for item in record.get("qa") or []:
-            texts.extend(f"{item['question']} {answer}" for answer in dict.fromkeys(answers_of(item)))
+            texts.extend(qa_text(item["question"], answer) for answer in dict.fromkeys(answers_of(item)))
         texts.extend(item["text"] for item in record.get("statements") or [])
     return [text for text in texts if text.strip()]
 
