@@ -99,10 +99,14 @@ class Attention(nn.Module):
         used when only the [CLS] output of a last layer is needed. Output (B, N or T, D)."""
         batch, length, dim = x.shape  # (B, T, D)
         if num_queries is not None and not self.is_cross and cache is None and not is_causal:
-            # Slices of the fused weight: keys/values for every position, queries for the first N.
-            weight, bias = self.qkv.weight, self.qkv.bias
-            key, value = self._heads(F.linear(x, weight[dim:], None if bias is None else bias[dim:]), 2)
-            (query,) = self._heads(F.linear(x[:, :num_queries], weight[:dim], None if bias is None else bias[:dim]), 1)
+            if type(self.qkv) is nn.Linear:
+                # Slices of the fused weight: keys/values for every position, queries for the first N.
+                weight, bias = self.qkv.weight, self.qkv.bias
+                key, value = self._heads(F.linear(x, weight[dim:], None if bias is None else bias[dim:]), 2)
+                (query,) = self._heads(F.linear(x[:, :num_queries], weight[:dim], None if bias is None else bias[:dim]), 1)
+            else:  # an adapted projection (LoRA) is more than its weight: project all, keep N queries
+                query, key, value = self._heads(self.qkv(x), 3)
+                query = query[:, :, :num_queries]  # (B, H, N, Dh)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
             return self.out(out.transpose(1, 2).reshape(batch, num_queries, dim))  # (B, N, D)
         if self.is_cross:
