@@ -339,9 +339,10 @@ class Trainer:
                             f"the file is damaged (delete {checkpoint.name} and point checkpoints/latest at an older step)") from None
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
-        # Lines logged after the checkpoint belong to the interrupted attempt: drop them.
+        # Lines logged after the checkpoint belong to the interrupted attempt: drop them. Rank 0 only, as
+        # for every run-folder write: another rank replacing the file later would drop what rank 0 logs.
         metrics = self.run / METRICS_FILE
-        if metrics.exists():
+        if self.info.is_main and metrics.exists():
             kept = [line for line in metrics.read_text(errors="replace").splitlines() if _logged_step(line) <= state["step"]]
             atomic_write_bytes(metrics, ("\n".join(kept) + "\n" if kept else "").encode())
         return state["step"], state["skipped"]
