@@ -249,6 +249,10 @@ def test_our_adapter_loads_in_peft_with_the_same_outputs(tmp_path):
         expected = ours(TOKENS)
         torch.testing.assert_close(loaded(input_ids=TOKENS).logits, expected, rtol=1e-5, atol=1e-5)
     assert (expected - base).abs().max() > 1e-2  # the adapters change the outputs, so the match means something
+    merge_lora(ours)
+    assert ours.layers[0].attn.qkv.lora_slices["v"] == (48, 64)  # the declared layout survives the merge
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_peft_adapter_loads_into_our_twin_with_the_same_outputs(tmp_path):

@@ -71,6 +71,8 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)  # the base layer's own tensors are adopted, not re-created
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        if hasattr(base, "lora_slices"):  # a declared fused layout stays with the layer (and its merge)
+            self.lora_slices = base.lora_slices
         self.slices = dict(sorted(slices.items(), key=lambda item: item[1]))
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.dropout_p = dropout
@@ -114,9 +116,8 @@ class LoRALinear(nn.Linear):
         with torch.no_grad():
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
         linear.weight, linear.bias = self.weight, self.bias
-        for attribute in ("lora_slices",):
-            if hasattr(self, attribute):
-                setattr(linear, attribute, getattr(self, attribute))
+        if hasattr(self, "lora_slices"):
+            linear.lora_slices = self.lora_slices
         return linear
 
     def extra_repr(self) -> str:
