@@ -295,3 +295,32 @@ def export(model, directory: Path) -> None:
     hf = config_to_hf(model.config)
     state = to_theirs(model.state_dict(), lm_format(model.config))
     write_folder(model, directory, hf, state, hf["architectures"][0])
+
+
+_LLAMA_MODULES = {("attn.qkv", "q"): "self_attn.q_proj", ("attn.qkv", "k"): "self_attn.k_proj",
+                  ("attn.qkv", "v"): "self_attn.v_proj", ("attn.out", "all"): "self_attn.o_proj",
+                  ("mlp.fc1", "gate"): "mlp.gate_proj", ("mlp.fc1", "up"): "mlp.up_proj", ("mlp.fc2", "all"): "mlp.down_proj"}
+
+
+def llama_peft_translator(ours: str = "lm.", theirs: str = "model.") -> Callable[[str, str], str | None]:
+    """(our module path, LoRA slice) -> the LlamaForCausalLM module path PEFT names, for `interop.peft`.
+
+    `ours` is where the LM sits in our model (`lm.` in every family), `theirs` where the decoder
+    sits in the HF model (`model.` for LlamaForCausalLM, `model.language_model.` for a Llava in
+    transformers v5's in-memory layout). The head is `lm_head` at the HF model's top level.
+    """
+    head = theirs.rsplit("model.", 1)[0] + "lm_head" if theirs.endswith("model.") else "lm_head"
+
+    def translate(path: str, name: str) -> str | None:
+        if not path.startswith(ours):
+            return None
+        inner = path[len(ours):]
+        if inner == "lm_head" and name == "all":
+            return head
+        parts = inner.split(".")
+        if len(parts) < 5 or parts[:2] != ["transformer", "blocks"]:
+            return None
+        module = _LLAMA_MODULES.get((".".join(parts[3:]), name))
+        return None if module is None else f"{theirs}layers.{parts[2]}.{module}"
+
+    return translate

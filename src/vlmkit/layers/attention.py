@@ -96,6 +96,8 @@ class Attention(nn.Module):
             self.kv = nn.Linear(context_dim, 2 * kv_dim, bias=qkv_bias)
         else:
             self.qkv = nn.Linear(dim, dim + 2 * kv_dim, bias=qkv_bias)
+            # Named output slices of the fused projection: LoRA targets such as "attn.qkv:q,v" find their rows.
+            self.qkv.lora_slices = {"q": (0, dim), "k": (dim, dim + kv_dim), "v": (dim + kv_dim, dim + 2 * kv_dim)}
         self.out = nn.Linear(dim, dim, bias=out_bias)
 
     def _heads(self, x: torch.Tensor, parts: int, heads: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -142,10 +144,14 @@ class Attention(nn.Module):
         (B or 1, T, Dh), rotating this step's queries and keys (self-attention only). Output (B, N or T, D)."""
         batch, length, dim = x.shape  # (B, T, D)
         if num_queries is not None and not self.is_cross and cache is None and not is_causal:
-            # Slices of the fused weight: keys/values for every position, queries for the first N.
-            weight, bias = self.qkv.weight, self.qkv.bias
-            key, value = self._heads(F.linear(x, weight[dim:], None if bias is None else bias[dim:]), 2, self.kv_heads)
-            (query,) = self._heads(F.linear(x[:, :num_queries], weight[:dim], None if bias is None else bias[:dim]), 1)
+            if type(self.qkv) is nn.Linear:
+                # Slices of the fused weight: keys/values for every position, queries for the first N.
+                weight, bias = self.qkv.weight, self.qkv.bias
+                key, value = self._heads(F.linear(x, weight[dim:], None if bias is None else bias[dim:]), 2, self.kv_heads)
+                (query,) = self._heads(F.linear(x[:, :num_queries], weight[:dim], None if bias is None else bias[:dim]), 1)
+            else:  # an adapted projection (LoRA) is more than its weight: project all, keep N queries
+                query, key, value = self._split_qkv(self.qkv(x))
+                query = query[:, :, :num_queries]  # (B, H, N, Dh)
             if rotary is not None:
                 cos, sin = rotary
                 query, key = apply_rotary(query, cos[:, :num_queries], sin[:, :num_queries]), apply_rotary(key, cos, sin)

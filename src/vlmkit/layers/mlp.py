@@ -41,6 +41,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = gated
         self.fc1 = nn.Linear(dim, 2 * hidden_dim if gated else hidden_dim, bias=bias)
+        if gated:  # LoRA targets "mlp.fc1:gate,up" find their rows
+            self.fc1.lora_slices = {"gate": (0, hidden_dim), "up": (hidden_dim, 2 * hidden_dim)}
         self.act = make_activation(activation)
         self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=bias)
 

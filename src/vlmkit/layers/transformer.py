@@ -332,5 +332,6 @@ class TokenTransformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits from hidden states after the final norm. (B, T, V)"""
-        weight = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.T  # (B, T, V)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)  # (B, T, V); a module call, so an adapted head (LoRA) counts
+        return hidden @ self.token_embedding.weight.T  # (B, T, V)

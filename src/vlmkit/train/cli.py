@@ -1,4 +1,5 @@
-"""`vlmkit train --recipe NAME --data TRAIN.jsonl --out RUN [--resume] [key=value ...]`."""
+"""`vlmkit train --recipe NAME --data TRAIN.jsonl --out RUN [--resume] [key=value ...]`;
+`vlmkit train --recipe NAME --dry-run [--gpus N] [--data TRAIN.jsonl]` counts and sizes the run instead."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--recipe", help="a shipped recipe's name (clip-tiny, siglip-tiny, ...; an unknown name lists them) or a .yaml path (not needed with --resume)")
     parser.add_argument("--data", help="training data: JSONL, CSV or WebDataset shards")
-    parser.add_argument("--out", required=True, help="run folder to create (or to continue with --resume)")
+    parser.add_argument("--out", help="run folder to create (or to continue with --resume)")
     parser.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device and print its parameter count and a per-GPU memory "
+                        "estimate (JSON on stdout), then exit without training or writing anything; --data is optional")
+    parser.add_argument("--gpus", type=int, default=1, help="with --dry-run: GPUs the estimate divides over (FSDP shards over them)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.set_defaults(func=run_train)
 
@@ -27,6 +32,10 @@ def run_train(args: argparse.Namespace) -> int:
     from vlmkit.train.trainer import RECIPE_FILE, Trainer
 
     overrides = parse_overrides(args.overrides)
+    if args.dry_run:
+        return _dry_run(args, overrides)
+    if not args.out:
+        raise UserError("train needs --out RUN (the run folder to create or, with --resume, to continue)")
     run = Path(args.out)
     if args.resume:
         saved_path = run / RECIPE_FILE
@@ -55,4 +64,24 @@ def run_train(args: argparse.Namespace) -> int:
         data = args.data
     summary = Trainer(recipe, data, run, resume=args.resume).train()
     print_json(summary)
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, overrides: dict) -> int:
+    """Count the recipe's model and estimate its per-GPU training memory; writes nothing."""
+    import sys
+
+    from vlmkit.cli import print_json
+    from vlmkit.errors import UserError
+    from vlmkit.train.estimate import estimate, summary_lines
+    from vlmkit.train.recipe import load_recipe
+
+    if args.resume:
+        raise UserError("--dry-run sizes a new run from --recipe; leave out --resume")
+    if not args.recipe:
+        raise UserError("--dry-run needs --recipe")
+    result = estimate(load_recipe(args.recipe, overrides), gpus=args.gpus, data=args.data)
+    for line in summary_lines(result):
+        print(line, file=sys.stderr)
+    print_json(result)
     return 0

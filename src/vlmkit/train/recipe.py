@@ -48,6 +48,9 @@ class Recipe:
     grad_clip: float | None = 1.0
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     gradient_checkpointing: bool = False
+    # Under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2, per
+    # transformer block) instead of replicating them (DDP). One process ignores it.
+    fsdp: bool = False
     compile: bool = False
     lock_image: bool = False  # freeze the image tower (LiT-style)
     lock_text: bool = False  # freeze the text tower

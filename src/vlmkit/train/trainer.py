@@ -295,6 +295,11 @@ class Trainer:
 
     # ---- checkpoints ----
     def _save_checkpoint(self, model, optimizer, step: int, skipped: int) -> None:
+        from vlmkit.train.parallelize import full_model_state, full_optimizer_state, is_sharded
+
+        # Under FSDP every rank joins the gathering; rank 0 then writes what one process would.
+        sharded = is_sharded(self.recipe, self.info)
+        weights, optimizer_state = full_model_state(model, sharded), full_optimizer_state(model, optimizer, sharded)
         if not self.info.is_main:
             return
         name = f"step-{step:07d}"
@@ -302,9 +307,9 @@ class Trainer:
         staging = self.run / CHECKPOINTS / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_safetensors(model.state_dict(), staging / WEIGHTS_FILE)
+        save_safetensors(weights, staging / WEIGHTS_FILE)
         atomic_torch_save(staging / "state.pt", {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "step": step,
             "skipped": skipped,
             "rng_torch": torch.get_rng_state(),
@@ -313,27 +318,34 @@ class Trainer:
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # the checkpoint appears whole or not at all
         atomic_write_bytes(self.run / CHECKPOINTS / "latest", name.encode())
-        save_safetensors(model.state_dict(), self.run / WEIGHTS_FILE)  # the run folder loads as a model
+        save_safetensors(weights, self.run / WEIGHTS_FILE)  # the run folder loads as a model
         kept = sorted(p for p in (self.run / CHECKPOINTS).glob("step-*") if p.is_dir())
         for old in kept[: -self.recipe.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def _restore(self, model, optimizer) -> tuple[int, int]:
+    def _restore_weights(self, model) -> Path:
+        """The latest checkpoint's weights into the (not yet sharded) model; returns the checkpoint."""
         checkpoint = latest_checkpoint(self.run)
         if checkpoint is None:
             raise UserError(f"--resume: {self.run} has no checkpoint to resume from; train without --resume first")
         load_state_dict_strict(model, load_safetensors(checkpoint / WEIGHTS_FILE), str(checkpoint), "vlmkit")
+        return checkpoint
+
+    def _restore(self, model, optimizer, checkpoint: Path) -> tuple[int, int]:
+        from vlmkit.train.parallelize import is_sharded, load_optimizer_state
+
         try:  # weights_only: a pickle in state.pt can name no code to run
             state = torch.load(checkpoint / "state.pt", weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(model, optimizer, state["optimizer"], is_sharded(self.recipe, self.info))
         except Exception as error:
             raise UserError(f"cannot resume from {checkpoint / 'state.pt'}: {str(error).splitlines()[0][:200]}; "
                             f"the file is damaged (delete {checkpoint.name} and point checkpoints/latest at an older step)") from None
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
-        # Lines logged after the checkpoint belong to the interrupted attempt: drop them.
+        # Lines logged after the checkpoint belong to the interrupted attempt: drop them. Rank 0 only, as
+        # for every run-folder write: another rank replacing the file later would drop what rank 0 logs.
         metrics = self.run / METRICS_FILE
-        if metrics.exists():
+        if self.info.is_main and metrics.exists():
             kept = [line for line in metrics.read_text(errors="replace").splitlines() if _logged_step(line) <= state["step"]]
             atomic_write_bytes(metrics, ("\n".join(kept) + "\n" if kept else "").encode())
         return state["step"], state["skipped"]
@@ -381,16 +393,18 @@ class Trainer:
 
     def _train(self, model, dataset) -> dict:
         from vlmkit.data.loader import SkipCounter
-        from vlmkit.train.parallelize import parallelize
+        from vlmkit.train.parallelize import parallelize, uses_bf16
 
         recipe, info = self.recipe, self.info
         model.to(info.device)
         for role in self._locked_roles():
             model.lock(role)
+        checkpoint = self._restore_weights(model) if self.resume else None  # whole weights, before any sharding
+        trained = parallelize(model, recipe, info)  # checkpointing -> FSDP or DDP -> compile, in that order
+        # After parallelize: FSDP replaces the parameters by their shards, which the optimizer must hold.
         optimizer = make_optimizer(model, recipe.lr, recipe.weight_decay, (recipe.beta1, recipe.beta2), recipe.eps)
-        start_step, skipped = self._restore(model, optimizer) if self.resume else (0, 0)
-        trained = parallelize(model, recipe, info)  # checkpointing -> DDP -> compile, in that order
-        use_bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and info.device.type == "cuda")
+        start_step, skipped = self._restore(model, optimizer, checkpoint) if self.resume else (0, 0)
+        use_bf16 = uses_bf16(recipe, info.device)
         autocast = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
         micro_batches = self._loader(dataset, start_step)
         log = MetricsLog(self.run, info, recipe.log_every, _progress(recipe.steps, start_step, info.is_main))
@@ -442,7 +456,8 @@ class Trainer:
                 logs[key] = logs.get(key, 0.0) + value / recipe.grad_accum
         if samples:
             if recipe.grad_clip:
-                logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip).detach()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip).detach()
+                logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
             optimizer.step()
             model.after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
