@@ -309,7 +309,8 @@ def llama_peft_translator(ours: str = "lm.", theirs: str = "model.") -> Callable
     sits in the HF model (`model.` for LlamaForCausalLM, `model.language_model.` for a Llava in
     transformers v5's in-memory layout). The head is `lm_head` at the HF model's top level.
     """
-    head = theirs.rsplit("model.", 1)[0] + "lm_head" if theirs.endswith("model.") else "lm_head"
+    # "model." -> "lm_head"; the hub Llava layout "language_model.model." -> "language_model.lm_head".
+    head = theirs[: -len("model.")] + "lm_head" if theirs == "model." or theirs.endswith(".model.") else "lm_head"
 
     def translate(path: str, name: str) -> str | None:
         if not path.startswith(ours):
