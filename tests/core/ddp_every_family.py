@@ -15,7 +15,9 @@ from vlmkit.train.trainer import Trainer
 def main(data: str, out: str, recipes: list[str]) -> None:
     dist.init_process_group("gloo")
     for name in recipes:
-        recipe = load_recipe(name, {"steps": 2, "batch_size": 8, "warmup_steps": 1, "save_every": 2, "log_every": 1})
+        # From scratch: a recipe's pretrained towers (init_text: runs/lm-tiny) are runs of this machine.
+        recipe = load_recipe(name, {"steps": 2, "batch_size": 8, "warmup_steps": 1, "save_every": 2, "log_every": 1,
+                                    "init_text": None, "init_image": None})
         Trainer(recipe, data, f"{out}/{name}").train()
     dist.barrier()
     dist.destroy_process_group()

@@ -148,7 +148,7 @@ def test_text_only_records_train_load_and_generate(tmp_path):
     from vlmkit.data.formats import read_records
 
     dataset = model.training_dataset(read_records(data, require_image=False, require_text=False), None, model.tokenizer, seed=0)
-    assert len(dataset) == len(TEXTS) + 2 and "what color is the star? yellow" in dataset.texts
+    assert len(dataset) == len(TEXTS) + 2 and "Question: what color is the star? Answer: yellow" in dataset.texts
     batch = dataset.collate([dataset[0], dataset[1]])["tokens"]
     assert batch[:, 0].tolist() == [model.tokenizer.bos_id] * 2 and model.tokenizer.eos_id in batch[1].tolist()
 

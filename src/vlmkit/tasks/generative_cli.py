@@ -87,7 +87,8 @@ def _eval_reasoning(args) -> dict:
 def _eval_perplexity(args) -> dict:
     from vlmkit.tasks.perplexity import evaluate_perplexity, read_texts
 
-    return evaluate_perplexity(_model(args.model), read_texts(args.data), **_batch(args, 64))
+    model = _model(args.model)
+    return evaluate_perplexity(model, read_texts(args.data, model), **_batch(args, 64))
 
 
 _eval_caption.arguments = _decoding_arguments

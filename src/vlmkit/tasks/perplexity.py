@@ -1,7 +1,7 @@
 """Perplexity of a language model on texts: exp(total next-token NLL / number of predicted tokens).
 
 The model needs the `ScoresText` capability (`text_nll`). Texts come from a `.txt` file (one
-per non-empty line) or any records file (captions, questions with their answers, statements).
+per non-empty line) or any records file, read as the model's family reads its training texts.
 Texts longer than the model's context are cut by its tokenizer (which keeps the end token); how
 many were cut is part of the result, so a number is never computed on silently shortened data.
 """
@@ -44,10 +44,11 @@ def evaluate_perplexity(model, texts: Sequence[str], batch_size: int = 64) -> di
             "truncated": truncated}
 
 
-def read_texts(path: str) -> list[str]:
-    """The texts of a `.txt` file (one per non-empty line) or of a records file (see `record_texts`)."""
+def read_texts(path: str, model) -> list[str]:
+    """The texts of a `.txt` file (one per non-empty line) or of a records file, read as the model's
+    family reads its training texts (`tokenizer_texts`: for the `lm` family, captions, questions
+    with their answers as one text each, statements), so a test set is scored like training data."""
     from vlmkit.data.formats import read_records
-    from vlmkit.data.records import record_texts
 
-    records = read_records(path, require_text=False)
-    return record_texts(records, questions=True, statements=True)
+    records = read_records(path, require_text=False, require_image=False)
+    return list(type(model).tokenizer_texts(records))
