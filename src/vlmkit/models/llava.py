@@ -102,7 +102,7 @@ class LlavaTraining:
     """The recipe's `training:` options of LLaVA (see the module docstring)."""
 
     stage: int = 2  # 1: projector on captions (plain template); 2: projector + LM on conversations
-    template: str | None = None  # default: plain for stage 1, the model's template (vicuna_v1) for stage 2
+    template: str | None = None  # default: plain for stage 1, vicuna_v1 for stage 2 (saved as the model's template)
     max_length: int = 2048  # tokens per sample, image tokens included (longer samples are cut, and counted)
     # Stage 2 data: the records' conversations / dialogues, plus (as LLaVA-1.5's mix does with VQA and
     # caption sets) each record's `qa` as short-answer turns and its captions after CAPTION_PROMPT.
@@ -236,7 +236,9 @@ class Llava(Generative, VLModel):
         of `input_ids` (B, L), in order (image n fills the n-th run of K placeholders). (B, L, D)"""
         embeds = self.lm.embed_tokens(input_ids)  # (B, L, D)
         is_image = input_ids == self.config.image_token_id  # (B, L)
-        placeholders, num_images, per_image = int(is_image.sum()), pixels.shape[0], self.config.num_image_tokens
+        num_images, per_image = pixels.shape[0], self.config.num_image_tokens
+        # (A meta tensor, as in `vlmkit train --dry-run`, has no values to count.)
+        placeholders = int(is_image.sum()) if not is_image.is_meta else num_images * per_image
         if placeholders != num_images * per_image:
             raise UserError(f"the batch has {placeholders} image placeholders but {num_images} images x {per_image} tokens; "
                             f"expand each {self.config.image_token} to {per_image} placeholder ids, one per image")
@@ -264,7 +266,7 @@ class Llava(Generative, VLModel):
         """Apply the stage: what is locked, the template the model will speak, LoRA adapters on the LM."""
         super().set_training_options(options)
         training = self.training_options
-        self.config.template = training.template or ("plain" if training.stage == 1 else self.config.template)
+        self.config.template = training.template or ("plain" if training.stage == 1 else "vicuna_v1")
         if training.train_vision:
             self.visual.requires_grad_(True)
             self._locked.discard("image")
@@ -340,8 +342,7 @@ class Llava(Generative, VLModel):
         if not flat:
             wanted = "captions ('text' / 'texts')" if self.training_options.stage == 1 else "conversations, questions or captions"
             raise UserError(f"no training record has {wanted}, which LLaVA stage {self.training_options.stage} trains on")
-        template = self.training_options.template or self.config.template
-        return LlavaDataset(flat, transform, tokenizer, template=template, max_length=self.training_options.max_length,
+        return LlavaDataset(flat, transform, tokenizer, template=self.config.template, max_length=self.training_options.max_length,
                             seed=seed, image_token=self.config.image_token, image_token_id=self.config.image_token_id,
                             num_image_tokens=self.config.num_image_tokens)
 
@@ -361,8 +362,7 @@ class Llava(Generative, VLModel):
             ids = ids[:length]
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, len(ids) - len(reply) : len(ids)] = torch.tensor(ids[len(ids) - len(reply):])
-        return {"pixels": pixels, "input_ids": input_ids, "labels": labels, "attention_mask": input_ids != lm.pad_token_id,
-                "has_image": torch.ones(batch_size, dtype=torch.bool)}
+        return {"pixels": pixels, "input_ids": input_ids, "labels": labels, "attention_mask": input_ids != lm.pad_token_id}
 
     # ---- inference ---------------------------------------------------------------------------------
     def _prompt_embeds(self, messages: Sequence[dict], pixels: torch.Tensor | None) -> torch.Tensor:
