@@ -127,6 +127,12 @@ class LlavaTraining:
             raise UserError("training.lora_rank applies to stage 2 (stage 1 trains the projector alone); drop it or set stage: 2")
 
 
+def _fill_template(template) -> str:
+    """A template's fixed text (system prompt and role markers) with empty messages."""
+    return " ".join(part.replace("{system}", template.system).replace("{message}", "") for part in
+                    (template.first_turn, template.turn))
+
+
 class Projector(nn.Module):
     """Vision features (.., W) -> LM embeddings (.., D): `linear_1` [-> GELU -> `linear_2`] (HF's names)."""
 
@@ -317,11 +323,13 @@ class Llava(Generative, VLModel):
 
     @classmethod
     def tokenizer_texts(cls, records: list[dict]) -> list[str]:
-        """Captions, questions, answers and conversation turns (unused with init_text / init)."""
-        from vlmkit.data.conversation import conversation_texts
+        """Captions, questions, answers, conversation turns and the templates' own words (system
+        prompts, role markers), so prompts tokenize compactly (unused with init_text / init)."""
+        from vlmkit.data.conversation import TEMPLATES, conversation_texts
         from vlmkit.data.records import record_texts
 
-        return record_texts(records, questions=True) + conversation_texts(records)
+        template_texts = [_fill_template(t) for t in TEMPLATES.values()] + [SHORT_ANSWER_PROMPT, CAPTION_PROMPT]
+        return record_texts(records, questions=True) + conversation_texts(records) + template_texts * 20
 
     def training_records(self, records: Sequence[dict]) -> list[dict]:
         """The conversation records of the stage: captions for stage 1; conversations (+ qa, captions) for stage 2."""
