@@ -278,3 +278,25 @@ def test_chat_cli_message_json_end_to_end_and_bad_inputs(trained_run, capsys):
     assert main(["chat", image, "--model", run, "--message", "Hi", "--beams", "2", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("vlmkit: error:") == 3 and "Traceback" not in err
+
+
+def test_cached_decoding_steps_reproduce_the_training_forward_logits(tokenizer, tmp_path):
+    from vlmkit.layers.attention import KVCache
+    from vlmkit.models.llava import CAPTION_PROMPT, LlavaDataset
+
+    model = _model(tokenizer).eval()
+    turns = [{"from": "human", "value": "<image>\n" + CAPTION_PROMPT}, {"from": "gpt", "value": "a red circle on the left"}]
+    dataset = LlavaDataset([{"image": _image(tmp_path), "conversations": turns}], model.transform, tokenizer,
+                           template="vicuna_v1", max_length=256, image_token_id=model.config.image_token_id,
+                           num_image_tokens=model.config.num_image_tokens)
+    batch = dataset.collate([dataset[0]])
+    with torch.no_grad():
+        expected = model(batch).logits  # (1, L-1, V)
+        step, placeholder = model.decoding_setup(batch["pixels"], None)
+        prompt_length = placeholder.shape[1]
+        reply = batch["input_ids"][:, prompt_length:]  # the supervised reply follows the prompt exactly
+        assert (batch["labels"][0, :prompt_length] == IGNORE_INDEX).all() and (batch["labels"][0, prompt_length:] != IGNORE_INDEX).all()
+        cache, rows = KVCache(), torch.arange(1)
+        for t in range(reply.shape[1]):
+            logits = step(torch.cat([placeholder, reply[:, :t]], dim=1), cache, rows)
+            assert torch.allclose(logits, expected[:, prompt_length - 1 + t], atol=1e-4), t

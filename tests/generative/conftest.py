@@ -30,7 +30,9 @@ def _tiny_model(name: str, tokenizer, **overrides):
     cls = get_family(family)
     config = cls.adapt_config_to_tokenizer(config, tokenizer)
     training = {key[len("training."):]: overrides.pop(key) for key in list(overrides) if key.startswith("training.")}
-    config = apply_overrides(config, {**cls.example_config, "text.width": 64, "text.depth": 2, **overrides})
+    # Families on the language model (`lm` section) have no `text` tower to shrink.
+    shrink = {"text.width": 64, "text.depth": 2} if "text" in config else {}
+    config = apply_overrides(config, {**cls.example_config, **shrink, **overrides})
     torch.manual_seed(0)
     model = cls.from_config_dict(config)
     model.set_training_options(training)
