@@ -12,7 +12,7 @@ the methods a task calls and a `name` for messages.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Sequence
 
 from vlmkit.errors import MissingCapability
 
@@ -63,6 +63,15 @@ class AnswersInContext(Capability, Protocol):
     def answer_in_context(self, pixels: torch.Tensor, questions: list[str],
                           examples: Sequence[Sequence[tuple[torch.Tensor, str, str]]], **decoding) -> list[str]:
         """One answer per row, after that row's examples: (pixels (3, H, W), question, answer) each."""
+
+class Chats(Capability, Protocol):
+    name: ClassVar[str] = "chat about an image"
+
+    def chat(self, pixels: torch.Tensor | None, messages: list[dict], stream: Callable[[str], None] | None = None,
+             **decoding) -> str:
+        """The assistant's reply to `messages` ({"role": "user" | "assistant", "content"} turns, ending with
+        a user turn) about one image (1, 3, H, W) or (3, H, W); `stream` gets each new piece of text."""
+
 
 class Verifies(Capability, Protocol):
     name: ClassVar[str] = "verify statements"

@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "caption": ("vlmkit.tasks.generative_cli", "caption images with a generative model"),
     "ask": ("vlmkit.tasks.generative_cli", "answer a question about an image"),
     "baseline": ("vlmkit.tasks.generative_cli", "model-free baselines: caption-nn, vqa-majority"),
+    "chat": ("vlmkit.tasks.chat_cli", "chat about an image with a model that chats (interactive, or --message)"),
     "eval": ("vlmkit.tasks.cli", "evaluate a model; prints one JSON object"),
     "classify": ("vlmkit.tasks.cli", "zero-shot classify images among given labels"),
     "embed": ("vlmkit.tasks.cli", "write normalised image and text embeddings to safetensors"),

@@ -126,6 +126,7 @@ def generate(
     eos_token_id: int,
     pad_token_id: int = 0,
     tokenizer=None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
     **settings,
 ) -> GenerationOutput:
     """Decode up to `max_new_tokens` after `prompt_tokens` (B, T0) with the family's `step_fn`.
@@ -133,21 +134,26 @@ def generate(
     Greedy when `num_beams == 1` and not `do_sample`; beam search when `num_beams > 1`;
     temperature/top-k/top-p sampling when `do_sample`. Generation of a row ends at
     `eos_token_id` or any of `stop_token_ids`. With a `tokenizer` the output carries texts.
+    `on_token`, if given, is called after every step with the chosen tokens (B,) (pad ids for
+    finished rows), e.g. to stream text (`TextStreamer`); greedy and sampling only.
     Keyword `settings` override fields of `config`.
     """
     config = GenerationConfig.from_kwargs(config, **settings)
     device = prompt_tokens.device
     stop_ids = torch.tensor(sorted({int(eos_token_id), *config.stop_token_ids}), device=device)
     if config.num_beams > 1:
+        if on_token is not None:
+            raise UserError("streaming needs greedy decoding or sampling; beam search picks its tokens only at the end (drop num_beams)")
         tokens, scores, lengths = _beam_search(step_fn, prompt_tokens, config, stop_ids, pad_token_id)
     else:
-        tokens, scores, lengths = _greedy_or_sample(step_fn, prompt_tokens, config, stop_ids, pad_token_id)
+        tokens, scores, lengths = _greedy_or_sample(step_fn, prompt_tokens, config, stop_ids, pad_token_id, on_token)
     texts = decode_texts(tokenizer, tokens.cpu(), lengths.cpu(), stop_ids.tolist()) if tokenizer is not None else []
     return GenerationOutput(tokens=tokens, scores=scores, texts=texts, lengths=lengths)
 
 
 def _greedy_or_sample(step_fn: StepFn, prompt: torch.Tensor, config: GenerationConfig, stop_ids: torch.Tensor,
-                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      pad_id: int, on_token: Callable[[torch.Tensor], None] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, device = prompt.shape[0], prompt.device
     cache = KVCache() if config.use_cache else None
     rows = torch.arange(batch, device=device)
@@ -176,6 +182,8 @@ def _greedy_or_sample(step_fn: StepFn, prompt: torch.Tensor, config: GenerationC
         finished = finished | is_stop
         generated = torch.cat([generated, next_token[:, None]], dim=1)  # (B, t+1)
         sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+        if on_token is not None:
+            on_token(next_token)
         if bool(finished.all()):
             break
     return generated, scores, lengths
@@ -271,6 +279,41 @@ def decode_texts(tokenizer, tokens: torch.Tensor, lengths: torch.Tensor, stop_id
 
 
 _PUNCTUATION_SPACE = re.compile(r" ([.,!?;:]|'s|n't|'m|'re|'ve)(?=\s|$)")
+
+
+class TextStreamer:
+    """An `on_token` callback for `generate` that calls `emit(piece)` with each new piece of row 0's text.
+
+    The row is re-decoded after every token and only the text past what was already emitted goes
+    out, so multi-token characters (byte-level BPE) and the decoder's spacing come out as in the
+    final text: the pieces add up to `decode_texts`' text. Stops at the first stop token.
+    """
+
+    def __init__(self, tokenizer, stop_ids: Sequence[int], emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.stop_ids, self.emit = tokenizer, {int(t) for t in stop_ids}, emit
+        self.ids: list[int] = []
+        self.sent = ""
+        self.done = False
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        token = int(tokens[0])
+        if self.done or token in self.stop_ids:
+            self.done = True
+            return
+        self.ids.append(token)
+        text = _PUNCTUATION_SPACE.sub(r"\1", self.tokenizer.decode(self.ids))
+        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
+            return
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+            self.emit(piece)
+
+    def finish(self) -> None:
+        """Emit what was held back (a character never completed): the pieces then add up to the text."""
+        text = _PUNCTUATION_SPACE.sub(r"\1", self.tokenizer.decode(self.ids))
+        if len(text) > len(self.sent):
+            self.emit(text[len(self.sent):])
+        self.sent = text
 
 
 def left_padded_prompts(tokenizer, prompts: Sequence[str], bos_id: int, pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,6 +440,42 @@ class Generative:
                              min_new_tokens=min(config.min_new_tokens, room))
             return generate(step_fn, prompt_tokens, config, eos_token_id=self.text_config.eos_token_id,
                             pad_token_id=self.text_config.pad_token_id, tokenizer=self.tokenizer)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate_from_embeddings(self, prompts: EmbeddedPrompts, stream: Callable[[str], None] | None = None,
+                                 **decoding) -> GenerationOutput:
+        """Decode the family's language model (its `text` tower, a `DecoderLM`) after prompts given as
+        embeddings (image tokens among the text), with the KV cache unless `use_cache=False`.
+
+        `stream`, for one prompt, is called with each new piece of text as it is generated.
+        `decoding` takes GenerationConfig fields over `self.generation_config`; the length is capped
+        to the room left in the LM's context.
+        """
+        from vlmkit.errors import UserError
+
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer attached; load it with vlmkit.load(run_folder)")
+        if stream is not None and prompts.embeds.shape[0] != 1:
+            raise UserError(f"streaming decodes one prompt at a time, got {prompts.embeds.shape[0]}")
+        was_training = self.training
+        self.eval()
+        try:
+            step, placeholder = embedded_prompt_step(self.tower("text"), prompts)
+            room = self.max_new_tokens_allowed(placeholder)
+            if room < 1:
+                raise UserError(f"the prompt of {placeholder.shape[1]} positions leaves no room within the LM's context of "
+                                f"{self.text_config.context_length}; shorten it")
+            config = GenerationConfig.from_kwargs(self.generation_config, **decoding)
+            config = replace(config, max_new_tokens=min(config.max_new_tokens, room), min_new_tokens=min(config.min_new_tokens, room))
+            eos = self.text_config.eos_token_id
+            on_token = TextStreamer(self.tokenizer, {eos, *config.stop_token_ids}, stream) if stream is not None else None
+            output = generate(step, placeholder, config, eos_token_id=eos, pad_token_id=self.text_config.pad_token_id,
+                              tokenizer=self.tokenizer, on_token=on_token)
+            if on_token is not None:
+                on_token.finish()
+            return output
         finally:
             self.train(was_training)
 

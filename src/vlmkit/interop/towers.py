@@ -100,6 +100,10 @@ class PretrainedTowers:
         if positions is not None and wanted is not None and positions.ndim == 2 and wanted.shape[0] < positions.shape[0]:
             print(f"vlmkit: {where}: using the first {wanted.shape[0]} of {positions.shape[0]} text positions", file=sys.stderr)
             state["positional_embedding"] = positions[: wanted.shape[0]]
+        if "proj.weight" in state and "proj.weight" not in expected:
+            # A tower that feeds its hidden states on (LLaVA's vision tower) has no CLIP projection.
+            del state["proj.weight"]
+            print(f"vlmkit: {where}: the CLIP projection is not used (the model reads the tower's hidden states)", file=sys.stderr)
         if "proj.weight" in expected and "proj.weight" not in state:
             projection = expected["proj.weight"]  # (embed_dim, width): the CLIP's own, new
             if projection.shape[0] == projection.shape[1]:

@@ -58,6 +58,10 @@ class Recipe:
     # OpenCLIP CLIP, vlmkit run). init_text also brings its tokenizer (the `tokenizer` key is then unused).
     init_text: str | None = None
     init_image: str | None = None
+    # A whole model to start from: a vlmkit run folder of the same family (its config, tokenizer and
+    # weights, loaded strictly). Unlike --resume, the run is new: fresh optimizer, step 0, own folder
+    # (LLaVA's stage 2 starts from its stage-1 run). Excludes init_text / init_image.
+    init: str | None = None
     # Bookkeeping.
     seed: int = 0
     save_every: int = 500

@@ -227,6 +227,8 @@ class Trainer:
         from vlmkit import tokenizers
 
         recipe = self.recipe
+        if recipe.init:  # the initial model's own tokenizer
+            return tokenizers.Tokenizer.load(self._init_run())
         if self._towers().tokenizer is not None:  # a pretrained text tower brings its own tokenizer
             return self._towers().tokenizer
         if recipe.tokenizer in ("bpe", "wordpiece"):
@@ -243,6 +245,8 @@ class Trainer:
         from vlmkit.models.registry import named_config
 
         family, config = named_config(self.recipe.model)
+        if self.recipe.init:  # the initial run's architecture (its weights are loaded below)
+            config = json.loads((self._init_run() / CONFIG_FILE).read_text())["config"]
         config = self._towers().configure(config, dict(self.recipe.model_overrides), self.family)  # init_text / init_image
         # The model follows the tokenizer it is trained with and the data (a VQA head sized to the
         # training answers); explicit overrides still win.
@@ -252,7 +256,22 @@ class Trainer:
         torch.manual_seed(self.recipe.seed)
         model = self.family.from_config_dict(config)
         self._towers().load_into(model)
+        if self.recipe.init:
+            load_state_dict_strict(model, load_safetensors(self._init_run() / WEIGHTS_FILE), f"init {self.recipe.init}", "vlmkit")
         return model
+
+    def _init_run(self) -> Path:
+        """The run folder of the recipe's `init`, checked: a vlmkit run of this family, no init_text / init_image."""
+        recipe, folder = self.recipe, Path(self.recipe.init)
+        if recipe.init_text or recipe.init_image:
+            raise UserError(f"init {recipe.init} brings the whole model (towers included); drop init_text / init_image from the recipe")
+        if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise UserError(f"init {recipe.init} is not a vlmkit run folder (no {CONFIG_FILE} and {WEIGHTS_FILE}); give a trained run")
+        family = json.loads((folder / CONFIG_FILE).read_text()).get("family")
+        if family != self.family.family:
+            raise UserError(f"init {recipe.init} holds a '{family}' model but the recipe trains '{self.family.family}'; "
+                            f"init starts a run from a model of the same family")
+        return folder
 
     def _resumed_model(self):
         from vlmkit.tokenizers import Tokenizer
@@ -319,6 +338,9 @@ class Trainer:
         staging.rename(final)  # the checkpoint appears whole or not at all
         atomic_write_bytes(self.run / CHECKPOINTS / "latest", name.encode())
         save_safetensors(weights, self.run / WEIGHTS_FILE)  # the run folder loads as a model
+        extras = getattr(model, "save_training_artifacts", None)  # e.g. LoRA adapters in PEFT's layout
+        if extras is not None:
+            extras(self.run, weights)
         kept = sorted(p for p in (self.run / CHECKPOINTS).glob("step-*") if p.is_dir())
         for old in kept[: -self.recipe.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
