@@ -138,8 +138,10 @@ def test_text_only_records_train_load_and_generate(tmp_path):
     data.write_text("\n".join(json.dumps(record) for record in records) + "\n")
     run = tmp_path / "run"
     assert main(["train", "--recipe", "lm-tiny", "--data", str(data), "--out", str(run), "steps=3", "batch_size=4",
-                 "warmup_steps=1", "save_every=3", "vocab_size=600", "model.lm.depth=2"]) == 0
+                 "warmup_steps=1", "save_every=3", "vocab_size=600", "model.lm.depth=2",
+                 "model.lm.context_length=40"]) == 0
     model = vlmkit.load(run)
+    assert model.tokenizer.context_length == model.config.lm.context_length == 40  # the override reaches the tokenizer
     assert model.family == "lm" and model.config.lm.vocab_size == model.tokenizer.vocab_size
     assert model.config.lm.eos_token_id == model.tokenizer.eos_id
     texts = model.generate_text(["a red", "what color is the star?"], max_new_tokens=4)

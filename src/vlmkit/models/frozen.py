@@ -98,9 +98,6 @@ class Frozen(Generative, VLModel):
         rows = [self._interleaved([(image, text)]) for image, text in zip(pixels, texts)]
         return embedded_prompt_step(self.lm, left_pad_embeddings(rows))
 
-    def max_new_tokens_allowed(self, prompt_tokens: torch.Tensor) -> int:
-        return self.config.lm.context_length - prompt_tokens.shape[1]
-
     def answer(self, pixels: torch.Tensor, questions: list[str], **decoding) -> list[str]:
         """Answers generated after "Question: q Answer:" (greedy, short, by default)."""
         return self.answer_in_context(pixels, questions, [[] for _ in questions], **decoding)
@@ -115,29 +112,7 @@ class Frozen(Generative, VLModel):
         for image, question, shots in zip(pixels, questions, examples):
             segments = [(shot_image, qa_text(q, a) + " ") for shot_image, q, a in shots]
             rows.append(self._interleaved(segments + [(image, qa_text(question))]))
-        return self._generate_from(left_pad_embeddings(rows), **decoding)
-
-    @torch.no_grad()
-    def _generate_from(self, prompts, **decoding) -> list[str]:
-        from dataclasses import replace
-
-        from vlmkit.generation import generate
-
-        if self.tokenizer is None:
-            raise UserError("this model has no tokenizer attached; load it with vlmkit.load(run_folder)")
-        was_training = self.training
-        self.eval()
-        try:
-            step, placeholder = embedded_prompt_step(self.lm, prompts)
-            room = self.max_new_tokens_allowed(placeholder)
-            if room < 1:
-                raise UserError(f"the prompt of {placeholder.shape[1]} positions leaves no room within the LM's context of {self.config.lm.context_length}; use fewer examples")
-            config = GenerationConfig.from_kwargs(self.generation_config, **decoding)
-            config = replace(config, max_new_tokens=min(config.max_new_tokens, room), min_new_tokens=min(config.min_new_tokens, room))
-            return generate(step, placeholder, config, eos_token_id=self.config.lm.eos_token_id,
-                            pad_token_id=self.config.lm.pad_token_id, tokenizer=self.tokenizer).texts
-        finally:
-            self.train(was_training)
+        return self.generate_from_embeddings(left_pad_embeddings(rows), **decoding).texts
 
     # ---- training hooks ------------------------------------------------------------------------
     @classmethod

@@ -90,7 +90,7 @@ def meta_model(recipe: Recipe, data: str | None = None) -> nn.Module:
         from vlmkit.interop.towers import PretrainedTowers
 
         towers = PretrainedTowers(recipe.init_text, recipe.init_image)
-        config = towers.configure(config, dict(recipe.model_overrides))
+        config = towers.configure(config, dict(recipe.model_overrides), family)
         tokenizer = towers.tokenizer or tokenizer
     config = family.adapt_config_to_tokenizer(config, tokenizer)
     config = family.adapt_config_to_data(config, records)
@@ -142,7 +142,7 @@ def _longest_block_shapes(model: nn.Module, micro_batch: int) -> list[tuple[nn.M
                 return None
             length = table.shape[0]
         for block in stack.blocks:
-            shapes.append((block, torch.Size([micro_batch, length, block.norm1.normalized_shape[0]])))
+            shapes.append((block, torch.Size([micro_batch, length, block.mlp.fc1.in_features])))
     return shapes
 
 

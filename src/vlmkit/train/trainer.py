@@ -253,6 +253,9 @@ class Trainer:
         config = self.family.adapt_config_to_tokenizer(config, tokenizer)
         config = self.family.adapt_config_to_data(config, records)
         config = apply_overrides(config, dict(self.recipe.model_overrides))
+        text = config.get(self.family.tower_configs.get("text"))
+        if isinstance(text, dict) and "context_length" in text:  # an override of it reaches the tokenizer too
+            tokenizer.context_length = text["context_length"]
         torch.manual_seed(self.recipe.seed)
         model = self.family.from_config_dict(config)
         self._towers().load_into(model)
