@@ -40,6 +40,37 @@ class LanguageModelTraining:
     """The recipe's `training:` options of the text-only LM."""
 
     label_smoothing: float = 0.0
+    # "text": every caption / question + answer / statement is its own sample. "record": the texts
+    # of one record (one scene) are joined, in a seeded random order, into documents of up to the
+    # context length, so the LM learns that later sentences depend on earlier ones; an LM that
+    # reads its context is what Frozen and few-shot prompting steer with an image prefix.
+    documents: str = "record"
+
+    def __post_init__(self) -> None:
+        if self.documents not in ("text", "record"):
+            raise UserError(f"training.documents must be 'text' or 'record', got {self.documents!r}")
+
+
+def record_documents(records: Sequence[dict], tokenizer, budget: int, seed: int) -> list[str]:
+    """Each record's texts (`record_lm_texts`) shuffled with a per-record seed and packed greedily
+    into documents of at most `budget` tokens (a text longer than that stays alone and is cut later)."""
+    import random
+
+    documents = []
+    for index, record in enumerate(records):
+        texts = record_lm_texts([record])
+        random.Random(seed * 1_000_003 + index).shuffle(texts)
+        current, used = [], 0
+        for text in texts:
+            size = len(tokenizer.encode(text, add_special_tokens=False)) + 1  # + the joining space / period
+            if current and used + size > budget:
+                documents.append(". ".join(current))
+                current, used = [], 0
+            current.append(text)
+            used += size
+        if current:
+            documents.append(". ".join(current))
+    return documents
 
 
 def record_lm_texts(records: Sequence[dict]) -> list[str]:
@@ -170,7 +201,11 @@ class LanguageModel(VLModel):
         return record_lm_texts(records)
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
-        return TextDataset(record_lm_texts(records), tokenizer, self.config.lm)
+        if self.training_options.documents == "record":
+            texts = record_documents(records, tokenizer, self.config.lm.context_length - 2, seed)
+        else:
+            texts = record_lm_texts(records)
+        return TextDataset(texts, tokenizer, self.config.lm)
 
     # ---- generation ----------------------------------------------------------------------------
     def prompt_tokens(self, prompts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
