@@ -216,6 +216,7 @@ class Llava(Generative, VLModel):
     training_class = LlavaTraining
     towers = {"image": "visual", "text": "lm"}
     tower_configs = {"image": "vision", "text": "lm"}
+    export_formats = {"hf": "vlmkit.interop.hf_llava:export"}  # LlavaForConditionalGeneration
     example_config = {}
 
     def __init__(self, config: LlavaConfig) -> None:
