@@ -16,7 +16,7 @@ The contenders run in interleaved rounds in one process, each side on one thread
 `torch.set_num_threads(1)`), so machine noise hits both; the medians of `--rounds` rounds are
 compared as ratios. Prints one JSON object on stdout and a table on stderr.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_llava.py [--rounds 5] [--batch 8] [--new-tokens 32]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_llava.py [--rounds 9] [--batch 8] [--new-tokens 32]
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def hf_prompt(model, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--train-batch", type=int, default=8)
@@ -185,8 +185,9 @@ def main() -> None:
         fn()  # warm-up (the generation functions already ran once above)
 
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, fn in contenders.items():
+    for round_ in range(args.rounds):
+        order = list(contenders.items())
+        for name, fn in order if round_ % 2 == 0 else order[::-1]:  # ABBA: a drift in machine load hits both sides alike
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
