@@ -103,7 +103,8 @@ def _exporter(model, to: str):
 
 
 def export_hf(model, directory: Path) -> None:
-    """Write `model` as an HF transformers folder (CLIPModel for CLIP, BertModel + sentence-transformers files for a text encoder)."""
+    """Write `model` as an HF transformers folder (CLIPModel for CLIP, BertModel + sentence-transformers files for a text encoder,
+    GPT2LMHeadModel / LlamaForCausalLM for an LM, LlavaForConditionalGeneration for LLaVA)."""
     _exporter(model, "hf")(model, Path(directory))
 
 
