@@ -390,8 +390,9 @@ def embedded_prompt_step(lm, prompts: EmbeddedPrompts) -> tuple[StepFn, torch.Te
             embeds, positions = lm.embed_tokens(tokens[:, start:]), new_positions
         key_is_real = torch.cat([prompts.key_is_real.index_select(0, rows),
                                  torch.ones(len(rows), total - prompt_length, dtype=torch.bool, device=tokens.device)], dim=1)
-        logits = lm(inputs_embeds=embeds, mask=padding_mask(key_is_real), cache=cache, position_ids=positions)
-        return logits[:, -1]  # (N, V)
+        hidden = lm(inputs_embeds=embeds, mask=padding_mask(key_is_real), cache=cache, position_ids=positions,
+                    return_hidden=True)  # (N, T, D)
+        return lm.logits(hidden[:, -1])  # (N, V): the head on the last position only (the prompt's others are never read)
 
     return step, placeholder
 

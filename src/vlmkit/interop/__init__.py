@@ -5,6 +5,7 @@
 - a sentence-transformers folder (`modules.json`) or an HF BertModel folder -> `text_encoder`,
 - an HF transformers CLIPModel folder (`config.json` with model_type "clip") -> `clip`,
 - an HF GPT2LMHeadModel / LlamaForCausalLM folder (model_type "gpt2" / "llama") -> `lm`,
+- an HF LlavaForConditionalGeneration folder (model_type "llava") -> `llava`,
 - an OpenAI / OpenCLIP state dict file (`.safetensors`, `.pt`, `.pth`, `.bin`) -> `clip`,
 and returns the model in eval mode with its tokenizer and image transform attached. Every format
 is a list of key-mapping rules (`interop.mapping`) used both to load and to export.
@@ -20,8 +21,8 @@ EXPORT_FORMATS = ("vlmkit", "hf", "openclip")
 
 
 def detect_format(source: Path) -> str:
-    """"hf-clip", "hf-lm", "bert", or "openclip" for a path, or a UserError saying what was expected."""
-    from vlmkit.interop import bert, hf_clip, hf_lm, openclip
+    """"hf-clip", "hf-lm", "hf-llava", "bert", or "openclip" for a path, or a UserError saying what was expected."""
+    from vlmkit.interop import bert, hf_clip, hf_llava, hf_lm, openclip
     from vlmkit.interop.files import read_json
 
     source = Path(source)
@@ -38,9 +39,11 @@ def detect_format(source: Path) -> str:
                 return "bert"
             if hf_lm.is_hf_lm(config):
                 return "hf-lm"
+            if hf_llava.is_hf_llava(config):
+                return "hf-llava"
             raise UserError(
                 f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
-                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, OpenCLIP"
+                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, OpenCLIP"
             )
         raise UserError(
             f"{source} is not a model folder (no config.json, modules.json or {openclip.OPENCLIP_CONFIG}); "
@@ -56,7 +59,7 @@ def detect_format(source: Path) -> str:
 
 def load_foreign(source: Path, model_name: str | None = None, activation: str | None = None,
                  pool: str | None = None, dtype=None, **unknown):
-    """Load an HF CLIP / BERT / sentence-transformers / GPT-2 / Llama folder or an OpenAI/OpenCLIP state dict.
+    """Load an HF CLIP / BERT / sentence-transformers / GPT-2 / Llama / Llava folder or an OpenAI/OpenCLIP state dict.
 
     Detects the format (`detect_format`), converts the keys strictly (a missing, unexpected or
     mis-shaped tensor is a UserError naming the keys and the assumed format), attaches the
@@ -64,7 +67,7 @@ def load_foreign(source: Path, model_name: str | None = None, activation: str | 
     `activation` for OpenCLIP files, `pool` ("mean" | "cls") for BERT, `dtype` (default float32)
     for all; an option that does not apply to the detected format is an error.
     """
-    from vlmkit.interop import bert, hf_clip, hf_lm, openclip
+    from vlmkit.interop import bert, hf_clip, hf_llava, hf_lm, openclip
     from vlmkit.interop.common import reject_kwargs
 
     if unknown:
@@ -80,6 +83,9 @@ def load_foreign(source: Path, model_name: str | None = None, activation: str | 
     if kind == "hf-lm":
         reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_lm.FORMAT_NAME)
         return hf_lm.load(source, dtype=dtype)
+    if kind == "hf-llava":
+        reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_llava.FORMAT_NAME)
+        return hf_llava.load(source, dtype=dtype)
     reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_clip.FORMAT_NAME)
     return hf_clip.load(source, dtype=dtype)
 
@@ -97,7 +103,8 @@ def _exporter(model, to: str):
 
 
 def export_hf(model, directory: Path) -> None:
-    """Write `model` as an HF transformers folder (CLIPModel for CLIP, BertModel + sentence-transformers files for a text encoder)."""
+    """Write `model` as an HF transformers folder (CLIPModel for CLIP, BertModel + sentence-transformers files for a text encoder,
+    GPT2LMHeadModel / LlamaForCausalLM for an LM, LlavaForConditionalGeneration for LLaVA)."""
     _exporter(model, "hf")(model, Path(directory))
 
 

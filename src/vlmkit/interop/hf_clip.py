@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vlmkit.errors import UserError
-from vlmkit.interop.mapping import BlockNames, Format, block_rules, check_position_ids, module, rename
+from vlmkit.interop.mapping import BlockNames, Format, Rule, block_rules, check_position_ids, module, rename
 
 FORMAT_NAME = "HF transformers CLIPModel"
 HF_BLOCK = BlockNames(
@@ -47,12 +47,24 @@ def mlp_ratio(width: int, hidden: int, where: str) -> float:
     return ratio
 
 
-def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """A vlmkit CLIP config dict from an HF `CLIPConfig` dict (config.json)."""
-    vision = {**VISION_DEFAULTS, **(hf.get("vision_config") or {})}
-    text = {**TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+def vision_config_from_hf(vision: dict[str, Any], where: str) -> dict[str, Any]:
+    """A vlmkit ViT `vision` config dict from an HF `CLIPVisionConfig` dict (CLIPModel's or Llava's vision_config)."""
+    vision = {**VISION_DEFAULTS, **vision}
     if vision["num_channels"] != 3 or isinstance(vision["image_size"], (list, tuple)) or isinstance(vision["patch_size"], (list, tuple)):
         raise UserError(f"{where}: only square RGB images are supported (num_channels 3, integer image_size and patch_size)")
+    return {
+        "type": "vit", "image_size": int(vision["image_size"]), "patch_size": int(vision["patch_size"]),
+        "width": vision["hidden_size"], "depth": vision["num_hidden_layers"], "heads": vision["num_attention_heads"],
+        "mlp_ratio": mlp_ratio(vision["hidden_size"], vision["intermediate_size"], where),
+        "activation": _activation(vision["hidden_act"], where),
+        "norm_eps": float(vision["layer_norm_eps"]),
+    }
+
+
+def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """A vlmkit CLIP config dict from an HF `CLIPConfig` dict (config.json)."""
+    vision = hf.get("vision_config") or {}
+    text = {**TEXT_DEFAULTS, **(hf.get("text_config") or {})}
     eos = text["eos_token_id"]
     if isinstance(eos, list):
         eos = eos[0]
@@ -60,13 +72,7 @@ def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     return {
         "embed_dim": int(hf.get("projection_dim", 512)),
         "init_logit_scale": float(hf.get("logit_scale_init_value", 2.6592)),
-        "vision": {
-            "type": "vit", "image_size": int(vision["image_size"]), "patch_size": int(vision["patch_size"]),
-            "width": vision["hidden_size"], "depth": vision["num_hidden_layers"], "heads": vision["num_attention_heads"],
-            "mlp_ratio": mlp_ratio(vision["hidden_size"], vision["intermediate_size"], f"{where} vision_config"),
-            "activation": _activation(vision["hidden_act"], f"{where} vision_config"),
-            "norm_eps": float(vision["layer_norm_eps"]),
-        },
+        "vision": vision_config_from_hf(vision, f"{where} vision_config"),
         "text": {
             "vocab_size": text["vocab_size"], "context_length": text["max_position_embeddings"],
             "width": text["hidden_size"], "depth": text["num_hidden_layers"], "heads": text["num_attention_heads"],
@@ -87,24 +93,37 @@ def _skip(key: str) -> str | None:
     return None
 
 
+def vision_rules(vision, ours: str, theirs: str) -> list[Rule]:
+    """The rules of an HF CLIP vision transformer (`CLIPVisionTransformer`) at `theirs` for our ViT at `ours`.
+
+    `theirs` is "vision_model" inside a CLIPModel, "vision_tower.vision_model" in a Llava hub
+    checkpoint (transformers 5 drops the inner "vision_model" when it saves one). Without the
+    projection, which the ViT's owner maps (CLIPModel's `visual_projection`).
+    """
+    rules = [
+        rename(f"{ours}.class_embedding", f"{theirs}.embeddings.class_embedding"),
+        rename(f"{ours}.patch_embed.weight", f"{theirs}.embeddings.patch_embedding.weight"),
+        rename(f"{ours}.positional_embedding", f"{theirs}.embeddings.position_embedding.weight"),
+        *module(f"{ours}.norm_pre", f"{theirs}.pre_layrnorm"),  # (sic) HF's spelling
+        *module(f"{ours}.norm_post", f"{theirs}.post_layernorm"),
+    ]
+    for index in range(vision.depth):
+        rules += block_rules(f"{ours}.transformer.blocks.{index}", f"{theirs}.encoder.layers.{index}", HF_BLOCK)
+    return rules
+
+
 def clip_format(config) -> Format:
     """The HF CLIPModel key layout for a vlmkit CLIP config (ViT image tower, causal text tower)."""
     rules = [rename("logit_scale", "logit_scale")]
-    vision, text = "vision_model", "text_model"
+    text = "text_model"
+    rules += vision_rules(config.vision, "visual", "vision_model")
     rules += [
-        rename("visual.class_embedding", f"{vision}.embeddings.class_embedding"),
-        rename("visual.patch_embed.weight", f"{vision}.embeddings.patch_embedding.weight"),
-        rename("visual.positional_embedding", f"{vision}.embeddings.position_embedding.weight"),
-        *module("visual.norm_pre", f"{vision}.pre_layrnorm"),  # (sic) HF's spelling
-        *module("visual.norm_post", f"{vision}.post_layernorm"),
         rename("visual.proj.weight", "visual_projection.weight"),
         rename("text.token_embedding.weight", f"{text}.embeddings.token_embedding.weight"),
         rename("text.positional_embedding", f"{text}.embeddings.position_embedding.weight"),
         *module("text.final_norm", f"{text}.final_layer_norm"),
         rename("text.proj.weight", "text_projection.weight"),
     ]
-    for index in range(config.vision.depth):
-        rules += block_rules(f"visual.transformer.blocks.{index}", f"{vision}.encoder.layers.{index}", HF_BLOCK)
     for index in range(config.text.depth):
         rules += block_rules(f"text.transformer.blocks.{index}", f"{text}.encoder.layers.{index}", HF_BLOCK)
     return Format(FORMAT_NAME, rules, skip=_skip, check_skipped=check_position_ids)
@@ -152,6 +171,28 @@ def check_exportable(model) -> None:
             raise UserError(f"this CLIP model has {problem}, which HF's CLIPModel cannot hold; save it with format='vlmkit'")
 
 
+def vision_config_to_hf(vision, projection_dim: int) -> dict[str, Any]:
+    """The HF `CLIPVisionConfig` dict of a vlmkit ViT config (check `vision_export_problem` first)."""
+    return {
+        "model_type": "clip_vision_model", "hidden_size": vision.width, "intermediate_size": int(vision.width * vision.mlp_ratio),
+        "num_hidden_layers": vision.depth, "num_attention_heads": vision.heads, "image_size": vision.image_size,
+        "patch_size": vision.patch_size, "num_channels": 3, "hidden_act": TO_HF_ACTIVATION[vision.activation],
+        "layer_norm_eps": vision.norm_eps, "projection_dim": projection_dim, "attention_dropout": 0.0,
+    }
+
+
+def vision_export_problem(vision) -> str | None:
+    """The first feature of a vlmkit image tower that HF's CLIP vision transformer cannot hold, or None."""
+    problems = {
+        "a ResNet image tower (HF CLIP is ViT-only)": vision.type != "vit",
+        "a conv stem": bool(vision.conv_stem),
+        "no ln_pre": not vision.norm_pre,
+        "LayerScale": vision.layer_scale is not None,
+        f"activation '{vision.activation}'": vision.activation not in TO_HF_ACTIVATION,
+    }
+    return next((problem for problem, present in problems.items() if present), None)
+
+
 def config_to_hf(config) -> dict[str, Any]:
     """The HF `CLIPConfig` dict (config.json) of a vlmkit CLIP config."""
     import math
@@ -165,12 +206,7 @@ def config_to_hf(config) -> dict[str, Any]:
         "logit_scale_init_value": float(config.init_logit_scale) if math.isfinite(config.init_logit_scale) else 2.6592,
         "initializer_factor": 1.0,
         "dtype": "float32",
-        "vision_config": {
-            "model_type": "clip_vision_model", "hidden_size": vision.width, "intermediate_size": int(vision.width * vision.mlp_ratio),
-            "num_hidden_layers": vision.depth, "num_attention_heads": vision.heads, "image_size": vision.image_size,
-            "patch_size": vision.patch_size, "num_channels": 3, "hidden_act": TO_HF_ACTIVATION[vision.activation],
-            "layer_norm_eps": vision.norm_eps, "projection_dim": config.embed_dim, "attention_dropout": 0.0,
-        },
+        "vision_config": vision_config_to_hf(vision, config.embed_dim),
         "text_config": {
             "model_type": "clip_text_model", "vocab_size": text.vocab_size, "hidden_size": text.width,
             "intermediate_size": int(text.width * text.mlp_ratio), "num_hidden_layers": text.depth,

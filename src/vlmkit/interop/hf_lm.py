@@ -169,8 +169,14 @@ def gpt2_format(config, state: dict[str, torch.Tensor] | None = None) -> Format:
     return Format(ARCHITECTURES["gpt2"], rules, skip=skip, check_skipped=check)
 
 
-def llama_format(config, state: dict[str, torch.Tensor] | None = None) -> Format:
-    """The LlamaForCausalLM key layout of an `lm` config (q/k/v and gate/up fused into ours)."""
+def llama_format(config, state: dict[str, torch.Tensor] | None = None, prefix: str = "model.",
+                 head: str = "lm_head.weight") -> Format:
+    """The LlamaForCausalLM key layout of an `lm` config (q/k/v and gate/up fused into ours).
+
+    `prefix` is where the decoder's keys sit and `head` the untied head's key: `model.` and
+    `lm_head.weight` in a LlamaForCausalLM, `language_model.model.` and
+    `language_model.lm_head.weight` in a Llava hub checkpoint.
+    """
     from vlmkit.layers.rotary import inverse_frequencies
 
     lm = config.lm
@@ -178,11 +184,11 @@ def llama_format(config, state: dict[str, torch.Tensor] | None = None) -> Format
     q_rows, kv_rows = lm.heads * head_dim, lm.num_kv_heads * head_dim
     params = ("weight", "bias") if lm.bias else ("weight",)
     rules: list[Rule] = [
-        rename("lm.token_embedding.weight", "model.embed_tokens.weight"),
-        rename("lm.final_norm.weight", "model.norm.weight"),
+        rename("lm.token_embedding.weight", f"{prefix}embed_tokens.weight"),
+        rename("lm.final_norm.weight", f"{prefix}norm.weight"),
     ]
     for index in range(lm.depth):
-        ours, theirs = f"lm.transformer.blocks.{index}", f"model.layers.{index}"
+        ours, theirs = f"lm.transformer.blocks.{index}", f"{prefix}layers.{index}"
         rules += [rename(f"{ours}.norm1.weight", f"{theirs}.input_layernorm.weight"),
                   rename(f"{ours}.norm2.weight", f"{theirs}.post_attention_layernorm.weight")]
         for param in params:
@@ -194,17 +200,18 @@ def llama_format(config, state: dict[str, torch.Tensor] | None = None) -> Format
                 rename(f"{ours}.mlp.fc2.{param}", f"{mlp}.down_proj.{param}"),
             ]
     if not lm.tie_embeddings:
-        rules.append(rename("lm.lm_head.weight", "lm_head.weight"))
+        rules.append(rename("lm.lm_head.weight", head))
     state = state or {}
+    embeddings = f"{prefix}embed_tokens.weight"
     checks = {
         "inv_freq": _check_equal(lambda: inverse_frequencies(head_dim, lm.rope_theta), f"the rotary frequencies of theta {lm.rope_theta}"),
-        "tied": _check_equal(lambda: state["model.embed_tokens.weight"], "a copy of model.embed_tokens.weight (the tied head)"),
+        "tied": _check_equal(lambda: state[embeddings], f"a copy of {embeddings} (the tied head)"),
     }
 
     def pick(key: str) -> str | None:
-        if key.startswith("model.layers.") and key.endswith(".self_attn.rotary_emb.inv_freq"):
+        if key.startswith(f"{prefix}layers.") and key.endswith(".self_attn.rotary_emb.inv_freq"):
             return "inv_freq"
-        if key == "lm_head.weight" and lm.tie_embeddings and "model.embed_tokens.weight" in state:
+        if key == head and lm.tie_embeddings and embeddings in state:
             return "tied"
         return None
 

@@ -12,7 +12,7 @@ h // (heads / kv_heads). The cache keeps the kv_heads keys and values only. Rota
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,26 +20,59 @@ from torch import nn
 
 from vlmkit.layers.rotary import apply_rotary
 
-# SDPA's `enable_gqa` (torch >= 2.5) reads grouped keys without copying them, but only the flash and
-# math kernels take it; with a mask it would fall back to math, so masked calls expand k/v instead
-# (as HF's sdpa_attention does).
+# SDPA's `enable_gqa` (torch >= 2.5) reads grouped keys without copying them. On the GPU only the flash
+# and math kernels take it, so with a mask it would fall back to math: masked GPU calls expand k/v
+# instead (as HF's sdpa_attention does). The CPU kernels take it with a mask too, and copying the
+# cached k/v for every layer of every decoding step (left-padded prompts carry a mask) costs more
+# than the attention itself.
 _SDPA_GQA = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 @dataclass
 class LayerCache:
-    """Keys and values of one attention layer kept between decoding steps. (B, H, T, Dh)"""
+    """Keys and values of one attention layer kept between decoding steps. (B, H, T, Dh)
+
+    Self-attention adds each step's keys with `append`: they are written into preallocated storage
+    (`key` / `value` are views of its first T positions) that grows by half its size, at least 64
+    positions, when full, so a decoding step copies only its own keys rather than the whole cache
+    (as `torch.cat` would, every layer, every step). Cross-attention sets `key` / `value` once.
+    """
 
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
+    storage: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
         return 0 if self.key is None else self.key.shape[2]
 
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add keys and values (B, H, t, Dh) after the cached ones; returns all of them (B, H, T + t, Dh)."""
+        if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+            # Under autograd, in-place writes would invalidate the views earlier steps saved for backward.
+            if self.key is not None:
+                key, value = torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2)
+            self.key, self.value, self.storage = key, value, None
+            return key, value
+        past, total = self.length, self.length + key.shape[2]
+        if self.storage is None or self.storage[0].shape[2] < total:
+            capacity = total + max(64, total // 2)
+            storage = tuple(new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3]) for new in (key, value))
+            if past:
+                storage[0][:, :, :past], storage[1][:, :, :past] = self.key, self.value
+            self.storage = storage
+        stored_key, stored_value = self.storage
+        stored_key[:, :, past:total], stored_value[:, :, past:total] = key, value
+        self.key, self.value = stored_key[:, :, :total], stored_value[:, :, :total]
+        return self.key, self.value
+
     def reorder(self, beam_indices: torch.Tensor) -> None:
         """Keep the rows of the surviving beams (beam search)."""
-        if self.key is not None:
+        if self.storage is not None:
+            length = self.length
+            self.storage = tuple(stored.index_select(0, beam_indices) for stored in self.storage)
+            self.key, self.value = (stored[:, :, :length] for stored in self.storage)
+        elif self.key is not None:
             self.key = self.key.index_select(0, beam_indices)
             self.value = self.value.index_select(0, beam_indices)
 
@@ -119,7 +152,7 @@ class Attention(nn.Module):
         """SDPA over grouped keys/values: native GQA where the kernel takes it, expanded k/v otherwise."""
         gqa = {}
         if self.kv_heads != self.num_heads:
-            if _SDPA_GQA and mask is None:
+            if _SDPA_GQA and (mask is None or query.device.type == "cpu"):
                 gqa = {"enable_gqa": True}
             else:
                 groups = self.num_heads // self.kv_heads
@@ -171,10 +204,7 @@ class Attention(nn.Module):
                 cos, sin = rotary
                 query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
             if cache is not None:
-                if cache.key is not None:
-                    key = torch.cat([cache.key, key], dim=2)
-                    value = torch.cat([cache.value, value], dim=2)
-                cache.key, cache.value = key, value
+                key, value = cache.append(key, value)  # (B, KV, past + T, Dh) x 2
                 if is_causal and mask is None and key.shape[2] != length:
                     if length == 1:  # one new query (a decoding step) sees every cached key: no mask needed
                         is_causal = False

@@ -321,8 +321,11 @@ class TokenTransformer(nn.Module):
         rotary = self.rotary(x.shape[1], offset, position_ids, x.device)  # (B or 1, N+T, Dh) x 2, or None
         if is_causal and mask is not None:
             # SDPA takes a mask or is_causal, not both: fold causality in (queries are the last keys).
+            # One query (a decoding step) is the last key itself and sees every key: nothing to fold.
             length = x.shape[1]
-            mask, is_causal = combine(causal_mask(length, past + length, device=x.device), mask), False  # (B, 1, T, K)
+            if length > 1:
+                mask = combine(causal_mask(length, past + length, device=x.device), mask)  # (B, 1, T, K)
+            is_causal = False
         hidden = self.transformer(
             x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask, cache=cache,
             return_all=output_hidden_states, last_layer_queries=last_layer_queries, rotary=rotary,

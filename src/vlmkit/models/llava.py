@@ -216,6 +216,7 @@ class Llava(Generative, VLModel):
     training_class = LlavaTraining
     towers = {"image": "visual", "text": "lm"}
     tower_configs = {"image": "vision", "text": "lm"}
+    export_formats = {"hf": "vlmkit.interop.hf_llava:export"}  # LlavaForConditionalGeneration
     example_config = {}
 
     def __init__(self, config: LlavaConfig) -> None:
@@ -373,21 +374,35 @@ class Llava(Generative, VLModel):
         return {"pixels": pixels, "input_ids": input_ids, "labels": labels, "attention_mask": input_ids != lm.pad_token_id}
 
     # ---- inference ---------------------------------------------------------------------------------
-    def _prompt_embeds(self, messages: Sequence[dict], pixels: torch.Tensor | None) -> torch.Tensor:
-        """One prompt row: the conversation through the template's assistant marker, image tokens in place. (T, D)"""
+    def _prompt_ids(self, messages: Sequence[dict], has_image: bool) -> torch.Tensor:
+        """One prompt row: the conversation through the template's assistant marker, placeholders expanded. (T',)"""
         if self.tokenizer is None:
             raise UserError("this model has no tokenizer attached; load it with vlmkit.load(run_folder)")
         ids = encode_prompt(list(messages), self.config.template, self.tokenizer, self.config.image_token,
-                            has_image=pixels is not None)  # (T,): one placeholder per image
+                            has_image=has_image)  # (T,): one placeholder per image
         repeats = torch.where(ids == self.config.image_token_id, self.config.num_image_tokens, 1)
-        ids = ids.repeat_interleave(repeats).to(self.device)  # (T',): the placeholders expanded
+        return ids.repeat_interleave(repeats).to(self.device)  # (T',)
+
+    def _prompt_embeds(self, messages: Sequence[dict], pixels: torch.Tensor | None) -> torch.Tensor:
+        """One prompt row with its image tokens in place. (T', D)"""
+        ids = self._prompt_ids(messages, has_image=pixels is not None)  # (T',)
         images = pixels[None].to(self.device) if pixels is not None else torch.empty(0, device=self.device)
         return self.embed_with_images(ids[None], images)[0]  # (T', D)
 
     def _prompts(self, pixels: torch.Tensor, conversations: Sequence[Sequence[dict]]) -> EmbeddedPrompts:
+        """Left-padded prompts, one image each; the images go through the vision tower as one batch."""
         if len(conversations) != pixels.shape[0]:
             raise UserError(f"got {pixels.shape[0]} images and {len(conversations)} prompts; give one prompt per image")
-        return left_pad_embeddings([self._prompt_embeds(turns, image) for image, turns in zip(pixels, conversations)])
+        rows = [self._prompt_ids(turns, has_image=True) for turns in conversations]
+        lengths = torch.tensor([len(row) for row in rows], device=self.device)  # (B,)
+        width = int(lengths.max())
+        ids = torch.full((len(rows), width), self.config.lm.pad_token_id, dtype=torch.long, device=self.device)  # (B, T0)
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):] = row
+        key_is_real = torch.arange(width, device=self.device)[None] >= (width - lengths)[:, None]  # (B, T0)
+        # Image n fills the n-th run of placeholders, which is row n's; the pads are masked keys.
+        embeds = self.embed_with_images(ids, pixels.to(self.device))  # (B, T0, D)
+        return EmbeddedPrompts(embeds, key_is_real, (key_is_real.long().cumsum(dim=1) - 1).clamp(min=0))
 
     def decoding_setup(self, pixels: torch.Tensor, prompts: list[str] | None):
         """Each row: the template's prompt with the image and the instruction (CAPTION_PROMPT by default)."""
