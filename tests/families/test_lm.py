@@ -185,3 +185,17 @@ def test_lm_tiny_learns_the_captions():
         loss.backward()
         optimizer.step()
     assert first > 5.5 and loss.item() < 1.0, (first, loss.item())
+
+
+def test_record_documents_pack_each_scene_into_context_sized_documents():
+    from vlmkit.models.lm import record_documents, record_lm_texts
+    from vlmkit.tokenizers import train_clip_bpe
+
+    tokenizer = train_clip_bpe(TEXTS, vocab_size=600, context_length=32)
+    records = [{"texts": TEXTS[:4], "qa": [{"question": "what color is the star?", "answer": "yellow"}]}, {"texts": TEXTS[4:]}]
+    documents = record_documents(records, tokenizer, budget=20, seed=0)
+    assert documents == record_documents(records, tokenizer, budget=20, seed=0)  # seeded
+    pieces = sorted(piece for document in documents for piece in document.split(". "))
+    assert pieces == sorted(record_lm_texts(records))  # every text once, none cut
+    assert all(len(tokenizer.encode(d, add_special_tokens=False)) <= 20 or ". " not in d for d in documents)
+    assert len(documents) < len(record_lm_texts(records))  # several texts share a document
