@@ -150,7 +150,7 @@ def test_text_only_records_train_load_and_generate(tmp_path):
     from vlmkit.data.formats import read_records
 
     dataset = model.training_dataset(read_records(data, require_image=False, require_text=False), None, model.tokenizer, seed=0)
-    assert len(dataset) == len(TEXTS) + 2 and "Question: what color is the star? Answer: yellow" in dataset.texts
+    assert len(dataset) == len(TEXTS) + 2 and ["Question: what color is the star? Answer: yellow"] in dataset.texts
     batch = dataset.collate([dataset[0], dataset[1]])["tokens"]
     assert batch[:, 0].tolist() == [model.tokenizer.bos_id] * 2 and model.tokenizer.eos_id in batch[1].tolist()
 
@@ -188,14 +188,23 @@ def test_lm_tiny_learns_the_captions():
 
 
 def test_record_documents_pack_each_scene_into_context_sized_documents():
-    from vlmkit.models.lm import record_documents, record_lm_texts
+    from vlmkit.models.lm import LanguageModel, TextDataset, record_documents, record_lm_texts
     from vlmkit.tokenizers import train_clip_bpe
 
     tokenizer = train_clip_bpe(TEXTS, vocab_size=600, context_length=32)
     records = [{"texts": TEXTS[:4], "qa": [{"question": "what color is the star?", "answer": "yellow"}]}, {"texts": TEXTS[4:]}]
     documents = record_documents(records, tokenizer, budget=20, seed=0)
     assert documents == record_documents(records, tokenizer, budget=20, seed=0)  # seeded
-    pieces = sorted(piece for document in documents for piece in document.split(". "))
-    assert pieces == sorted(record_lm_texts(records))  # every text once, none cut
-    assert all(len(tokenizer.encode(d, add_special_tokens=False)) <= 20 or ". " not in d for d in documents)
+    assert sorted(text for document in documents for text in document) == sorted(record_lm_texts(records))  # each once
+    assert all(sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in d) <= 20 or len(d) == 1 for d in documents)
     assert len(documents) < len(record_lm_texts(records))  # several texts share a document
+    # A document is [bos] t1 [eos] t2 [eos] ...: every sentence ends as it would alone, and all are trained on.
+    config = LanguageModel.adapt_config_to_tokenizer({"lm": lm_config_llama(width=32, depth=1, heads=4, context_length=32)}, tokenizer)
+    model = LanguageModel.from_config_dict(config)
+    document = next(d for d in documents if len(d) > 1)
+    batch = TextDataset([document, document[0]], tokenizer, model.config.lm).collate([document, document[0]])
+    tokens, lengths = batch["tokens"], batch["lengths"]
+    assert tokens[0, : lengths[0]].tolist().count(tokenizer.eos_id) == len(document)
+    targets, mask = model._targets(tokens, lengths)
+    assert mask.sum(dim=1).tolist() == [int(lengths[0]) - 1, int(lengths[1]) - 1]
+    assert targets[0][mask[0]][-1] == tokenizer.eos_id

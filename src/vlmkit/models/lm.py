@@ -51,9 +51,10 @@ class LanguageModelTraining:
             raise UserError(f"training.documents must be 'text' or 'record', got {self.documents!r}")
 
 
-def record_documents(records: Sequence[dict], tokenizer, budget: int, seed: int) -> list[str]:
+def record_documents(records: Sequence[dict], tokenizer, budget: int, seed: int) -> list[list[str]]:
     """Each record's texts (`record_lm_texts`) shuffled with a per-record seed and packed greedily
-    into documents of at most `budget` tokens (a text longer than that stays alone and is cut later)."""
+    into documents (lists of texts) of at most `budget` tokens, end tokens included (a text longer
+    than that stays alone and is cut later)."""
     import random
 
     documents = []
@@ -62,14 +63,14 @@ def record_documents(records: Sequence[dict], tokenizer, budget: int, seed: int)
         random.Random(seed * 1_000_003 + index).shuffle(texts)
         current, used = [], 0
         for text in texts:
-            size = len(tokenizer.encode(text, add_special_tokens=False)) + 1  # + the joining space / period
+            size = len(tokenizer.encode(text, add_special_tokens=False)) + 1  # + its end token
             if current and used + size > budget:
-                documents.append(". ".join(current))
+                documents.append(current)
                 current, used = [], 0
             current.append(text)
             used += size
         if current:
-            documents.append(". ".join(current))
+            documents.append(current)
     return documents
 
 
@@ -85,28 +86,35 @@ def record_lm_texts(records: Sequence[dict]) -> list[str]:
     return [text for text in texts if text.strip()]
 
 
-def encode_texts(tokenizer, texts: Sequence[str], bos_id: int | None, eos_id: int | None, pad_id: int,
-                 max_length: int) -> torch.Tensor:
-    """`[bos] text [eos]` per text, right-padded with `pad_id` to the longest row (at most `max_length`). (B, L)
+def encode_texts(tokenizer, texts: Sequence[str | Sequence[str]], bos_id: int | None, eos_id: int | None, pad_id: int,
+                 max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[bos] text [eos]` per text, right-padded with `pad_id` to the longest row (at most `max_length`),
+    and each row's length. (B, L), (B,)
 
-    Built from the tokenizer's plain ids rather than its own template, so every tokenizer (CLIP-style
-    BPE, GPT-2's, which adds no specials, Llama's) gives the same layout; an overlong row is cut
-    and still ends in its end token.
+    A text may be a document, a list of texts: `[bos] t1 [eos] t2 [eos] ...`, each text ended as it
+    would be alone, so the LM learns to stop after a sentence. Built from the tokenizer's plain ids
+    rather than its own template, so every tokenizer (CLIP-style BPE, GPT-2's, which adds no
+    specials, Llama's) gives the same layout; an overlong row is cut and still ends in its end token.
     """
     rows = []
     for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = []
+        for sentence in ([text] if isinstance(text, str) else text):
+            ids += tokenizer.encode(sentence, add_special_tokens=False) + ([eos_id] if eos_id is not None else [])
         row = ([bos_id] if bos_id is not None else []) + ids
-        row = row[: max_length - 1] if eos_id is not None else row[:max_length]
-        rows.append(row + ([eos_id] if eos_id is not None else []))
+        if len(row) > max_length:
+            row = row[: max_length - 1] + ([eos_id] if eos_id is not None else row[max_length - 1 : max_length])
+        rows.append(row)
     width = max(len(row) for row in rows)
-    return torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    tokens = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    return tokens, torch.tensor([len(row) for row in rows], dtype=torch.long)
 
 
 class TextDataset(torch.utils.data.Dataset):
-    """One text per sample; `collate` gives `tokens` (B, L): [bos] text [eos] pad..., L = the longest row."""
+    """One text (or document) per sample; `collate` gives `tokens` (B, L): [bos] text [eos] pad..., L =
+    the longest row, and `lengths` (B,), which say what is trained on (a document has several end tokens)."""
 
-    def __init__(self, texts: Sequence[str], tokenizer, lm: LMConfig) -> None:
+    def __init__(self, texts: Sequence[str | list[str]], tokenizer, lm: LMConfig) -> None:
         if not texts:
             raise UserError("no training record has texts (captions 'texts', questions 'qa' or 'statements') for the language model")
         self.texts, self.tokenizer, self.lm = list(texts), tokenizer, lm
@@ -117,13 +125,13 @@ class TextDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Samples do not depend on the epoch (the trainer's permutation does the shuffling)."""
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index: int) -> str | list[str]:
         return self.texts[index]
 
     def collate(self, texts: Sequence[str]) -> dict:
         lm = self.lm
-        tokens = encode_texts(self.tokenizer, texts, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id, lm.context_length)
-        return {"tokens": tokens, "num_skipped": 0, "skipped": []}
+        tokens, lengths = encode_texts(self.tokenizer, texts, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id, lm.context_length)
+        return {"tokens": tokens, "lengths": lengths, "num_skipped": 0, "skipped": []}
 
 
 @register_family
@@ -144,12 +152,16 @@ class LanguageModel(VLModel):
         self.generation_config = GenerationConfig(max_new_tokens=32)
 
     # ---- training ----------------------------------------------------------------------------
-    def _targets(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next tokens (B, L-1) and which of them are trained on: real ones through the first end token.
+    def _targets(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens (B, L-1) and which of them are trained on: the first `lengths - 1` (B,) when
+        given (documents hold several end tokens), else real ones through the first end token.
 
         The end is looked for among the targets, so a tokenizer whose bos is its eos (GPT-2's) works too.
         """
         targets = tokens[:, 1:]  # (B, L-1)
+        if lengths is not None:
+            positions = torch.arange(targets.shape[1], device=tokens.device)
+            return targets, positions[None, :] < (lengths.to(tokens.device) - 1)[:, None]  # (B, L-1)
         eos = self.config.lm.eos_token_id
         mask = real_tokens_through_end(targets, eos) if eos is not None else torch.ones_like(targets, dtype=torch.bool)
         return targets, mask
@@ -157,7 +169,7 @@ class LanguageModel(VLModel):
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         tokens = batch["tokens"]  # (B, L): [bos] text [eos] pad...
         logits = self.lm(tokens[:, :-1])  # (B, L-1, V)
-        targets, target_mask = self._targets(tokens)  # (B, L-1) x 2
+        targets, target_mask = self._targets(tokens, batch.get("lengths"))  # (B, L-1) x 2
         loss, logs = lm_loss_and_logs(logits, targets, target_mask, self.training_options.label_smoothing)
         return ModelOutput(loss=loss, logs=logs, logits=logits)
 
@@ -175,7 +187,7 @@ class LanguageModel(VLModel):
     def text_nll(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """`token_nll` of texts laid out as in training ([bos] text [eos], cut to the context)."""
         lm = self.config.lm
-        tokens = encode_texts(self.tokenizer, texts, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id, lm.context_length)
+        tokens, _ = encode_texts(self.tokenizer, texts, lm.bos_token_id, lm.eos_token_id, lm.pad_token_id, lm.context_length)
         return self.token_nll(tokens.to(self.device))
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -202,7 +214,7 @@ class LanguageModel(VLModel):
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
         if self.training_options.documents == "record":
-            texts = record_documents(records, tokenizer, self.config.lm.context_length - 2, seed)
+            texts = record_documents(records, tokenizer, self.config.lm.context_length - 1, seed)  # - [bos]
         else:
             texts = record_lm_texts(records)
         return TextDataset(texts, tokenizer, self.config.lm)
