@@ -34,6 +34,7 @@ import torch
 
 from vlmkit.data.formats import CorruptImage, load_image
 from vlmkit.data.loader import SkipCounter, sample_rng
+from vlmkit.data.records import ROLES, check_messages  # noqa: F401 (part of this module's API)
 from vlmkit.data.transforms import ImageTransform
 from vlmkit.errors import UserError
 
@@ -41,8 +42,6 @@ logger = logging.getLogger("vlmkit.data")
 
 IGNORE_INDEX = -100  # labels the loss ignores (PyTorch's cross_entropy default, LLaVA's constant)
 DEFAULT_IMAGE_TOKEN = "<image>"
-# LLaVA's `from` values, and the chat-API names for the same two speakers.
-ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 # Reasons a sample is skipped (the keys of `skip_reasons` in a batch and in the end-of-run report).
 UNREADABLE_IMAGE = "unreadable image"
@@ -135,39 +134,6 @@ class EncodedConversation:
 
 
 # ----------------------------------------------------------------------------- messages
-
-
-def check_messages(messages: Any, where: str = "conversation", prompt: bool = False) -> list[tuple[str, str]]:
-    """Validate a conversation and return its turns as `(role, text)` with role "human" or "gpt".
-
-    A turn is `{"from": ..., "value": ...}` (LLaVA; `{"role", "content"}` is accepted too) with
-    role human/user or gpt/assistant. Turns must alternate starting with a human turn and end
-    with an assistant turn (for `prompt=True`, an inference prompt, with a human turn). Anything
-    else raises a UserError naming `where` (the record).
-    """
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where} has no conversation turns; give \"conversations\": [{{\"from\": \"human\", \"value\": ...}}, "
-                        f"{{\"from\": \"gpt\", \"value\": ...}}]")
-    turns = []
-    for number, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise UserError(f"{where} turn {number} is not an object; write {{\"from\": \"human\" | \"gpt\", \"value\": \"...\"}}")
-        role, value = message.get("from", message.get("role")), message.get("value", message.get("content"))
-        if role not in ROLES:
-            raise UserError(f"{where} turn {number} is from {role!r}; turns are from 'human' (or 'user') or 'gpt' (or 'assistant')")
-        if not isinstance(value, str):
-            raise UserError(f"{where} turn {number} has no text \"value\"; give each turn \"value\": \"...\"")
-        expected = "human" if number % 2 == 0 else "gpt"
-        if ROLES[role] != expected:
-            raise UserError(f"{where} turn {number} is a {ROLES[role]} turn where a {expected} turn belongs; turns must "
-                            f"alternate human, gpt, human, ... starting with the human")
-        turns.append((expected, value))
-    if prompt and turns[-1][0] != "human":
-        raise UserError(f"{where} ends with an assistant turn; a prompt ends with the human turn to answer")
-    if not prompt and turns[-1][0] != "gpt":
-        raise UserError(f"{where} has no assistant turn after its last human turn; end the conversation with a "
-                        f"'gpt' answer (there is nothing to learn from an unanswered question)")
-    return turns
 
 
 def _rounds(messages: Any, template: Template, image_token: str, has_image: bool | None, where: str,

@@ -194,7 +194,7 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool, require_
 
 def _check_conversations(raw: dict, where: str) -> None:
     """LLaVA's `conversations: [{from, value}]`, or the synthetic `dialogues: [{type, conversations}]`."""
-    from vlmkit.data.conversation import check_messages  # only conversation datasets pay for it
+    from vlmkit.data.records import check_messages
 
     if "conversations" in raw:
         check_messages(raw["conversations"], where)

@@ -1,11 +1,17 @@
-"""Helpers over the record fields of DESIGN.md's data contract that several families read.
+"""Helpers over the record fields of DESIGN.md's data contract that several families read (no torch).
 
-A record is `{"image", "texts", ...}` with optional `qa` (`[{question, answer | answers, type}]`),
+A record is `{"image", "texts", ...}` with optional `qa` (`[{question, answer | answers, type}]`), `conversations`
+(LLaVA's `[{from, value}]`, checked by `check_messages`),
 `statements` (`[{text, label}]`) and `objects` (`[{name, box}]`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
+
+from vlmkit.errors import UserError
+
+# LLaVA's `from` values, and the chat-API names for the same two speakers.
+ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 
 def answers_of(item: dict) -> list[str]:
@@ -35,3 +41,36 @@ def qa_text(question: str, answer: str | None = None) -> str:
     and is prompted with: "Question: {question} Answer: {answer}" (no answer: ends at "Answer:")."""
     prompt = f"Question: {question.strip()} Answer:"
     return prompt if answer is None else f"{prompt} {answer.strip()}"
+
+
+def check_messages(messages: Any, where: str = "conversation", prompt: bool = False) -> list[tuple[str, str]]:
+    """Validate a conversation and return its turns as `(role, text)` with role "human" or "gpt".
+
+    A turn is `{"from": ..., "value": ...}` (LLaVA; `{"role", "content"}` is accepted too) with
+    role human/user or gpt/assistant. Turns must alternate starting with a human turn and end
+    with an assistant turn (for `prompt=True`, an inference prompt, with a human turn). Anything
+    else raises a UserError naming `where` (the record).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where} has no conversation turns; give \"conversations\": [{{\"from\": \"human\", \"value\": ...}}, "
+                        f"{{\"from\": \"gpt\", \"value\": ...}}]")
+    turns = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"{where} turn {number} is not an object; write {{\"from\": \"human\" | \"gpt\", \"value\": \"...\"}}")
+        role, value = message.get("from", message.get("role")), message.get("value", message.get("content"))
+        if role not in ROLES:
+            raise UserError(f"{where} turn {number} is from {role!r}; turns are from 'human' (or 'user') or 'gpt' (or 'assistant')")
+        if not isinstance(value, str):
+            raise UserError(f"{where} turn {number} has no text \"value\"; give each turn \"value\": \"...\"")
+        expected = "human" if number % 2 == 0 else "gpt"
+        if ROLES[role] != expected:
+            raise UserError(f"{where} turn {number} is a {ROLES[role]} turn where a {expected} turn belongs; turns must "
+                            f"alternate human, gpt, human, ... starting with the human")
+        turns.append((expected, value))
+    if prompt and turns[-1][0] != "human":
+        raise UserError(f"{where} ends with an assistant turn; a prompt ends with the human turn to answer")
+    if not prompt and turns[-1][0] != "gpt":
+        raise UserError(f"{where} has no assistant turn after its last human turn; end the conversation with a "
+                        f"'gpt' answer (there is nothing to learn from an unanswered question)")
+    return turns
