@@ -133,7 +133,8 @@ class Frozen(Generative, VLModel):
 register_config("frozen-tiny", "frozen", tiny=True, config={
     # 64 px ViT -> pooled vector -> 2 prefix embeddings for lm-tiny's shape (Llama style, width 128).
     "vision": {"type": "vit", "image_size": 64, "patch_size": 8, "width": 64, "depth": 2, "heads": 4},
-    "lm": lm_config_llama(vocab_size=1024, context_length=64, width=128, depth=4, heads=4, kv_heads=2, eos_token_id=1023),
+    "lm": lm_config_llama(vocab_size=1024, context_length=128, width=128, depth=4, heads=4, kv_heads=2, mlp_hidden=344,
+                          bos_token_id=1022, eos_token_id=1023, pad_token_id=0),
     "num_prefix_tokens": 2,
 })
 register_config("frozen-nfrn50-gpt2", "frozen", {

@@ -282,7 +282,8 @@ class LanguageModel(VLModel):
 
 register_config("lm-tiny", "lm", tiny=True, config={
     # Llama style, grouped-query attention (4 heads, 2 kv heads); the tokenizer sets vocab and ids in training.
-    "lm": lm_config_llama(vocab_size=1024, context_length=64, width=128, depth=4, heads=4, kv_heads=2, mlp_hidden=344,
+    # 128 positions: documents of several sentences, and Frozen's 4-shot prompts (5 images + 4 examples).
+    "lm": lm_config_llama(vocab_size=1024, context_length=128, width=128, depth=4, heads=4, kv_heads=2, mlp_hidden=344,
                           bos_token_id=1022, eos_token_id=1023, pad_token_id=0),
 })
 register_config("gpt2-tiny", "lm", tiny=True, config={
