@@ -79,3 +79,9 @@ def test_the_documented_block_formula():
 def test_bad_dry_runs_exit_2(args, message, capsys):
     assert main(["train", "--dry-run", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["lm-tiny", "frozen-tiny"])
+def test_dry_run_of_families_on_the_language_model_needs_no_data(recipe, capsys):
+    assert main(["train", "--recipe", recipe, "--dry-run", "init_text=null"]) == 0  # bos id from the stand-in vocabulary
+    assert json.loads(capsys.readouterr().out)["parameters"]["total"] > 0

@@ -200,15 +200,6 @@ class LanguageModel(VLModel):
         return {"tokens": tokens}
 
     @classmethod
-    def adapt_config_to_tokenizer(cls, config: dict[str, Any], tokenizer) -> dict[str, Any]:
-        """The `lm` section follows the tokenizer: vocabulary size and bos / eos / pad ids."""
-        lm = config.setdefault("lm", {})
-        lm["vocab_size"] = tokenizer.vocab_size
-        lm["bos_token_id"], lm["eos_token_id"], lm["pad_token_id"] = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-        tokenizer.context_length = lm.get("context_length", tokenizer.context_length)
-        return config
-
-    @classmethod
     def tokenizer_texts(cls, records: list[dict]) -> list[str]:
         return record_lm_texts(records)
 

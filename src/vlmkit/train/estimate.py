@@ -49,6 +49,10 @@ class _VocabOnly:
     pad_id: int = 0
 
     @property
+    def bos_id(self) -> int:  # the trained BPE's layout: <|startoftext|>, then <|endoftext|> last
+        return self.vocab_size - 2
+
+    @property
     def eos_id(self) -> int:
         return self.vocab_size - 1
 
