@@ -25,13 +25,15 @@ class Batcher:
         self.on_batch = on_batch
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: Any, key: Hashable = ()) -> Any:
         """Queue `item` and wait for its result (or its exception)."""
-        if self._worker is None:  # started on first use, inside the server's event loop
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._work())
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # started on first use inside the server's loop (again, should the loop change)
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._worker = loop.create_task(self._work())
+        future = loop.create_future()
         self._queue.put_nowait((key, item, future))
         return await future
 

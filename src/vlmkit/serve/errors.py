@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 
-# An absolute path of two or more components (/home/x/run, C:\x\y), as library messages may carry.
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.\-~]+){2,}[\\/]?")
+# An absolute path of two or more components (/home/x/run, C:\x\y), as library messages may carry;
+# the service's own URL paths (/v1/caption) stay.
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][\w.\-~]+){2,}[\\/]?")
+_URL_PATHS = ("/v1/", "/static/")
 
 
 class ApiError(Exception):
@@ -22,7 +24,7 @@ class ApiError(Exception):
 
 def clean_message(message: str, limit: int = 400) -> str:
     """`message` on one line, without file-system paths, at most `limit` characters."""
-    text = _PATH.sub("<path>", " ".join(str(message).split()))
+    text = _PATH.sub(lambda m: m.group(0) if m.group(0).startswith(_URL_PATHS) else "<path>", " ".join(str(message).split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
