@@ -32,7 +32,8 @@ def decode_image(data: str, field: str, max_pixels: int):
         try:
             image = Image.open(io.BytesIO(raw))  # reads the header only
         except Image.DecompressionBombError:
-            raise ApiError(413, "image_too_large", f"{field} has more pixels than PIL accepts; the limit is {max_pixels} pixels") from None
+            raise ApiError(413, "image_too_large", f"{field} claims more pixels than PIL decodes safely (a decompression bomb?); "
+                                                   f"the limit is {max_pixels} pixels") from None
         except (OSError, ValueError, SyntaxError, EOFError):
             raise ApiError(400, "invalid_image", f"{field} is not a readable image; send a PNG, JPEG, GIF, BMP or WebP file") from None
         width, height = image.size

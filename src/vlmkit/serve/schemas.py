@@ -49,7 +49,7 @@ class SearchRequest(Strict):
     model: str | None = Field(None, description="the model that embeds the query; default: the one the index was built with")
     text: str | None = None
     image: Base64Image | None = None
-    k: int = Field(10, ge=1)
+    k: int | None = Field(None, ge=1, description="how many hits (default 10, or the server's limit if lower)")
 
 
 class CaptionRequest(Decoding):

@@ -222,8 +222,9 @@ class Service:
     async def search(self, request: schemas.SearchRequest) -> dict:
         if (request.text is None) == (request.image is None):
             raise ApiError(400, "invalid_request", "give either a 'text' or an 'image' query, not both and not neither")
-        if request.k > self.settings.max_k:
-            raise ApiError(400, "limit_exceeded", f"k {request.k} is over the server's limit of {self.settings.max_k}; ask for fewer hits")
+        k = min(10, self.settings.max_k) if request.k is None else request.k
+        if k > self.settings.max_k:
+            raise ApiError(400, "limit_exceeded", f"k {k} is over the server's limit of {self.settings.max_k}; ask for fewer hits")
         index_name, index = self.pick_index(request.index)
         if request.text is not None:
             name, model = self.index_model(index, request.model, EmbedsTexts)
@@ -235,7 +236,7 @@ class Service:
             raise ApiError(400, "invalid_request", f"model '{name}' embeds into {query.shape[1]} dimensions but index '{index_name}' "
                                                    f"holds {index.dim}; name the model the index was built with")
         vectors = np.ascontiguousarray(query.numpy(), dtype=np.float32)  # (1, D), already L2-normalised
-        hits = (await asyncio.to_thread(index.search, vectors, request.k))[0]
+        hits = (await asyncio.to_thread(index.search, vectors, k))[0]
         return {"index": index_name, "model": name, "hits": [_public_hit(index_name, hit) for hit in hits]}
 
     def index_image(self, index_name: str, row: int) -> Path:
