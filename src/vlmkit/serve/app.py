@@ -63,20 +63,22 @@ def create_app(models: dict[str, Any], indexes: dict[str, Any] | None = None, se
                         for name, index in service.indexes.items()],
         }
 
+    # Routes return JSONResponse themselves: FastAPI's default walk over the answer (jsonable_encoder)
+    # costs more than the model call for a batch of embeddings.
     @app.post("/v1/embed", tags=["models"])
-    async def embed(request: schemas.EmbedRequest) -> dict:
+    async def embed(request: schemas.EmbedRequest) -> JSONResponse:
         """L2-normalised embeddings of images or texts (models that embed images / texts)."""
-        return await service.limited(service.embed(request))
+        return JSONResponse(await service.limited(service.embed(request)))
 
     @app.post("/v1/classify", tags=["models"])
-    async def classify(request: schemas.ClassifyRequest) -> dict:
+    async def classify(request: schemas.ClassifyRequest) -> JSONResponse:
         """Zero-shot probabilities of the labels for one image (models that embed both)."""
-        return await service.limited(service.classify(request))
+        return JSONResponse(await service.limited(service.classify(request)))
 
     @app.post("/v1/search", tags=["models"])
-    async def search(request: schemas.SearchRequest) -> dict:
+    async def search(request: schemas.SearchRequest) -> JSONResponse:
         """The k nearest records of an index to a text or image query."""
-        return await service.limited(service.search(request))
+        return JSONResponse(await service.limited(service.search(request)))
 
     @app.get("/v1/indexes/{index}/rows/{row}/image", tags=["models"])
     async def index_image(index: str, row: int) -> FileResponse:
@@ -84,33 +86,33 @@ def create_app(models: dict[str, Any], indexes: dict[str, Any] | None = None, se
         return FileResponse(service.index_image(index, row))
 
     @app.post("/v1/caption", tags=["models"])
-    async def caption(request: schemas.CaptionRequest) -> dict:
+    async def caption(request: schemas.CaptionRequest) -> JSONResponse:
         """A caption for one image (models that generate text)."""
-        return await service.limited(service.caption(request))
+        return JSONResponse(await service.limited(service.caption(request)))
 
     @app.post("/v1/ask", tags=["models"])
-    async def ask(request: schemas.AskRequest) -> dict:
+    async def ask(request: schemas.AskRequest) -> JSONResponse:
         """The answer to a question about one image (models that answer questions)."""
-        return await service.limited(service.ask(request))
+        return JSONResponse(await service.limited(service.ask(request)))
 
     @app.post("/v1/chat", tags=["models"])
     async def chat(request: schemas.ChatRequest):
         """The assistant's next turn; streamed as server-sent events unless `stream` is false."""
         if not request.stream:
-            return await service.limited(service.chat(request))
+            return JSONResponse(await service.limited(service.chat(request)))
         name, model, pixels, messages, decoding = await service.limited(service.chat_setup(request))
         return StreamingResponse(service.chat_events(name, model, pixels, messages, decoding), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     @app.post("/v1/match", tags=["models"])
-    async def match(request: schemas.MatchRequest) -> dict:
+    async def match(request: schemas.MatchRequest) -> JSONResponse:
         """The probability that each text describes the image (models with an image-text matching head)."""
-        return await service.limited(service.match(request))
+        return JSONResponse(await service.limited(service.match(request)))
 
     @app.post("/v1/imagine", tags=["models"])
-    async def imagine(request: schemas.ImagineRequest) -> dict:
+    async def imagine(request: schemas.ImagineRequest) -> JSONResponse:
         """Images generated from a text prompt, as base64 PNGs (text-to-image models)."""
-        return await service.limited(service.imagine(request))
+        return JSONResponse(await service.limited(service.imagine(request)))
 
     if (STATIC / "index.html").is_file():
         from fastapi.staticfiles import StaticFiles
