@@ -361,7 +361,8 @@ class BLIP(Generative, VLModel):
         config = self.config
         image = self.image_tokens(pixels)  # (B, 1+N, W)
         prompts = prompts if prompts is not None else [""] * pixels.shape[0]
-        start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else config.dec_token_id
+        bos = getattr(self.tokenizer, "bos_id", None)  # [CLS]; without a tokenizer only empty prompts work
+        start = bos if bos is not None else config.dec_token_id
         prompt_tokens, num_pad = left_padded_prompts(self.tokenizer, prompts, start, config.text.pad_token_id, pixels.device)
         first = num_pad  # (B,) the column of each row's start token
         num_pad = num_pad if bool(num_pad.any()) else None
