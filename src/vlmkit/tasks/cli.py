@@ -50,10 +50,15 @@ def _zeroshot(args) -> dict:
     return evaluate_zeroshot(_model(args.model), _records(args.data), label_key=args.label_key, templates=templates)
 
 
+def _retrieval_arguments(parser):
+    parser.add_argument("--rerank-k", type=int, default=None, metavar="K",
+                        help="re-rank each query's top K candidates with the model's image-text matching head (BLIP)")
+
+
 def _retrieval(args) -> dict:
     from vlmkit.tasks.retrieval import evaluate_retrieval
 
-    return evaluate_retrieval(_model(args.model), _records(args.data))
+    return evaluate_retrieval(_model(args.model), _records(args.data), rerank_k=args.rerank_k)
 
 
 def _linear_probe_arguments(parser):
@@ -70,6 +75,7 @@ def _linear_probe(args) -> dict:
 
 
 _zeroshot.arguments = _zeroshot_arguments
+_retrieval.arguments = _retrieval_arguments
 _linear_probe.arguments = _linear_probe_arguments
 evaluation("zeroshot", "zero-shot classification with prompt ensembling")(_zeroshot)
 evaluation("retrieval", "image-text retrieval recall@1/5/10 both ways")(_retrieval)
