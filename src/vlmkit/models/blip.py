@@ -349,10 +349,58 @@ class BLIP(Generative, VLModel):
     @classmethod
     def adapt_config_to_tokenizer(cls, config: dict, tokenizer) -> dict:
         """BLIP's tokenizer is BERT's plus [DEC] and [ENC] (added here when missing)."""
-        dec_id, enc_id = tokenizer.add_special_tokens([DEC_TOKEN, ENC_TOKEN])
-        config = super().adapt_config_to_tokenizer(config, tokenizer)
+        add = getattr(tokenizer, "add_special_tokens", None)
+        if add is None:  # a stand-in vocabulary of a known size (`train --dry-run`): its last two ids
+            config = super().adapt_config_to_tokenizer(config, tokenizer)
+            dec_id, enc_id = tokenizer.vocab_size - 2, tokenizer.vocab_size - 1
+        else:
+            dec_id, enc_id = add([DEC_TOKEN, ENC_TOKEN])
+            config = super().adapt_config_to_tokenizer(config, tokenizer)
         config["dec_token_id"], config["enc_token_id"] = dec_id, enc_id
         return config
+
+    # ---- a pretrained text side (init_text: BERT / MiniLM) ------------------------------------
+    @classmethod
+    def adapt_pretrained_tower_config(cls, role: str, section: dict) -> dict:
+        """A BERT-family text tower becomes BLIP's: pooled at [CLS], no token types (folded into the
+        positions, see below), ended by the tokenizer's [SEP] (set from the tokenizer next)."""
+        if role == "text":
+            section = {**section, "pool": "cls", "causal": False, "type_vocab_size": 0,
+                       "eos_token_id": section.get("eos_token_id") or 0}
+        return section
+
+    def adapt_pretrained_tower_state(self, role: str, state: dict, expected: dict) -> dict:
+        """BERT weights into the three-mode stack: token type 0's embedding (every BLIP text is type 0)
+        is added into the position table, exactly; each decoder self-attention starts as a copy of the
+        encoder's (BLIP initialises both from BERT); the cross-attention is new (random, as in BLIP)."""
+        if role != "text":
+            return state
+        state = dict(state)
+        types = state.pop("type_embedding.weight", None)
+        if types is not None:
+            state["positional_embedding"] = state["positional_embedding"] + types[0]
+        new = []
+        for key in expected:
+            if key in state:
+                continue
+            if ".decoder_attn." in key or ".decoder_norm1." in key:
+                state[key] = state[key.replace("decoder_attn.", "attn.").replace("decoder_norm1.", "norm1.")]
+            elif ".cross_attn." in key or ".norm_cross." in key:
+                state[key] = expected[key]
+                new.append(key)
+        if new:
+            import sys
+
+            print(f"vlmkit: init_text: {len(new)} cross-attention tensors are new (randomly initialised); "
+                  f"the decoder self-attention starts as a copy of the encoder's", file=sys.stderr)
+        return state
+
+    def after_pretrained_towers(self) -> None:
+        """The momentum encoders start as copies of the (now pretrained) online ones."""
+        if self.has_momentum():
+            with torch.no_grad():
+                for online, momentum in self._momentum_pairs():
+                    momentum.copy_(online)
 
     # ---- generation --------------------------------------------------------------------------
     def decoding_setup(self, pixels: torch.Tensor, prompts: list[str] | None):
