@@ -247,6 +247,7 @@ class BLIP(Generative, VLModel):
 
     def itm_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """ITM logits (B, 2) [no match, match] of text row b against image-token row b (B, 1+N, W)."""
+        self.require(MatchesImageText, task="image-text matching")
         ids = self._with_first(tokens, self.config.enc_token_id)
         hidden = self.text(ids, mask=self._text_mask(ids), context=image_tokens, last_layer_queries=1)  # (B, 1, D)
         return self.itm_head(hidden[:, 0])
@@ -266,6 +267,7 @@ class BLIP(Generative, VLModel):
     def caption_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor, cache: KVCache | None = None,
                        mask: torch.Tensor | None = None, position_offset=None) -> torch.Tensor:
         """Next-token logits (B, T, V) of the causal decoder over `tokens` (already starting with [DEC])."""
+        self.require(Generates, task="captioning")
         hidden = self.text(tokens, mask=mask, is_causal=True, context=image_tokens, cache=cache,
                            position_offset=position_offset, decoder=True)  # (B, T, D)
         return self.lm_head(hidden, self.text.token_embedding.weight)
@@ -307,8 +309,8 @@ class BLIP(Generative, VLModel):
                 image_m = self.vision_proj_m(self.visual_m(pixels, pooled_only=True).pooled)  # (B, E)
                 text_m = self.text_proj_m(self.text_m(tokens, mask=self._text_mask(tokens), last_layer_queries=1)[:, 0])
             itc, sim_i2t, sim_t2i = momentum_contrastive_loss(
-                image_features, text_features, image_m, text_m, self.image_queue.clone(), self.text_queue.clone(),
-                temperature, self.training_options.alpha,
+                image_features, text_features, image_m, text_m, self.image_queue, self.text_queue,
+                temperature, self.training_options.alpha,  # the loss reads copies (torch.cat): enqueueing next is safe
             )
             if self.training:
                 enqueue((self.image_queue, self.text_queue), (F.normalize(image_m, dim=-1), F.normalize(text_m, dim=-1)),
