@@ -151,6 +151,7 @@ class BLIP(Generative, VLModel):
     training_class = BLIPTraining
     towers = {"image": "visual", "text": "text"}
     export_formats = {"hf": "vlmkit.interop.hf_blip:export"}
+    uses_every_parameter = True  # every side it holds is in every step (momentum copies take no gradient)
 
     def __init__(self, config: BLIPConfig) -> None:
         super().__init__(config)
