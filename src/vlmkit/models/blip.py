@@ -23,6 +23,7 @@ does not substitute [ENC]; salesforce/BLIP's training and evaluation code does).
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +141,11 @@ class CaptionDataset(ImageTextDataset):
         if texts:
             batch["caption_tokens"] = self.tokenizer([self.prompt + text for text in texts])
         batch["prompt_length"] = torch.full((len(texts),), self.prompt_length, dtype=torch.long)
+        # The ITM hard negatives are drawn from a generator seeded by the batch itself (run seed, epoch,
+        # samples), a plain int so no device sync: a resumed run draws what the uninterrupted one drew,
+        # whatever else consumed the global RNG in between (a new DataLoader iterator does).
+        key = f"{self.seed}:{self.epoch}:{batch['indices'].tolist()}".encode()
+        batch["negative_seed"] = int(hashlib.sha256(key).hexdigest()[:15], 16)
         return batch
 
 
@@ -280,7 +286,7 @@ class BLIP(Generative, VLModel):
         image = self.image_tokens(pixels)  # (B, 1+N, W)
         losses, logs, logits = {}, {}, None
         if config.encoder:
-            losses["itc"], losses["itm"], logs = self._itc_itm(pixels, image, tokens)
+            losses["itc"], losses["itm"], logs = self._itc_itm(pixels, image, tokens, batch.get("negative_seed"))
         if config.decoder:
             caption = batch.get("caption_tokens", tokens)  # (B, L): [CLS] prompt caption [SEP] pad
             prompt_length = batch.get("prompt_length")  # (B,) prompt tokens after [CLS], or None
@@ -297,7 +303,7 @@ class BLIP(Generative, VLModel):
         loss = sum(weights[name] * value for name, value in losses.items())
         return ModelOutput(loss=loss, logs={**detached_logs(loss=loss, **losses), **logs}, logits=logits)
 
-    def _itc_itm(self, pixels: torch.Tensor, image: torch.Tensor, tokens: torch.Tensor):
+    def _itc_itm(self, pixels: torch.Tensor, image: torch.Tensor, tokens: torch.Tensor, negative_seed: int | None = None):
         """ITC (with momentum distillation when `distill`) and ITM with hard negatives; (itc, itm, logs)."""
         batch = tokens.shape[0]
         if batch < 2:
@@ -321,9 +327,10 @@ class BLIP(Generative, VLModel):
             itc, sim_i2t, sim_t2i = momentum_contrastive_loss(
                 image_features, text_features, image_features.detach(), text_features.detach(), empty, empty, temperature, 0.0)
         # ITM: [pairs ; each text with a hard negative image ; each image with a hard negative text]
-        # Training draws from the global RNG (the trainer checkpoints it); evaluation from a fixed seed,
-        # so a validation loss is a function of the model and the batch.
-        generator = None if self.training else torch.Generator(device=sim_t2i.device).manual_seed(0)
+        # Drawn from the batch's own seed (CaptionDataset's `negative_seed`), else from the global RNG in
+        # training and a fixed seed in evaluation (a validation loss is a function of model and batch).
+        seed = negative_seed if negative_seed is not None else (None if self.training else 0)
+        generator = None if seed is None else torch.Generator(device=sim_t2i.device).manual_seed(seed)
         negative_images = sample_hard_negatives(sim_t2i, generator)  # (B,) an image for each text
         negative_texts = sample_hard_negatives(sim_i2t, generator)  # (B,) a text for each image
         itm_images = torch.cat([image, image[negative_images], image], dim=0)  # (3B, 1+N, W)
