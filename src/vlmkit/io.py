@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
+import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from vlmkit.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `vlmkit score` can write files without it
+    import torch
 
 
 def _temporary_next_to(path: Path) -> tuple[int, str]:
@@ -49,8 +53,42 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Refuse, before any work, an output FILE a command could not write: an existing folder, a
+    device or pipe, or a path through a file. Missing folders are fine: every command creates the
+    folders of its output files (`atomic_write_bytes` does), and says so in its --help."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        mode = path.stat().st_mode if path.exists() else 0
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{option} {path} is an existing folder; give a file path inside it, e.g. {path / 'out'}")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{option} {path} exists and is not a regular file; give a new file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path} lies inside {parent}, which is a file, not a folder; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"{option} {path}: the folder {parent} is not writable; choose another path or fix its permissions")
+            break
+    return path
+
+
+def write_output_file(path: str | os.PathLike, data: bytes, option: str) -> None:
+    """`check_output_file`, then `atomic_write_bytes`, with a failed write (full disk, permissions)
+    as one UserError: the previous file, if any, is left as it was and nothing half-written stays."""
+    path = check_output_file(path, option)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as error:
+        raise UserError(f"cannot write {option} {path} ({error.strerror or error}); nothing was written, "
+                        f"free some space or choose another path") from None
+
+
 def atomic_torch_save(path: str | os.PathLike, obj) -> None:
     """torch.save through a temporary file (optimizer and RNG states; read back with weights_only)."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = _temporary_next_to(path)
@@ -103,6 +141,33 @@ def key_mismatch_error(source: str, assumed_format: str, missing: list[str], une
     if mismatched:
         parts.append(f"shape mismatches: {name_listing(mismatched, 4)}")
     return UserError(f"weights in {source} do not fit the model (assumed format: {assumed_format}): " + "; ".join(parts) + hint)
+
+
+def in_model_precision(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`state_dict` with each floating tensor in the dtype of the model's tensor of the same name.
+
+    A vlmkit folder whose weights were saved in fp16 or bf16 loads into the float32 model it
+    describes, with a note on stderr; loaded as they are, the weights would make the model fail
+    later, at inference, on float32 inputs. Names the model lacks are left for the strict load
+    to report; a non-floating tensor of another dtype is an error.
+    """
+    expected = model.state_dict()
+    converted: dict[tuple[str, str], int] = {}
+    out = dict(state_dict)
+    for name, tensor in state_dict.items():
+        if name not in expected or tensor.dtype == expected[name].dtype:
+            continue
+        target = expected[name].dtype
+        if not (tensor.is_floating_point() and expected[name].is_floating_point()):
+            raise UserError(f"weights in {source}: '{name}' is {tensor.dtype} where the model holds {target}; "
+                            f"the file is not this model's, re-export it")
+        out[name] = tensor.to(target)
+        key = (str(tensor.dtype).replace("torch.", ""), str(target).replace("torch.", ""))
+        converted[key] = converted.get(key, 0) + 1
+    if converted:
+        what = ", ".join(f"{count} {stored} tensor(s) to {target}" for (stored, target), count in sorted(converted.items()))
+        print(f"vlmkit: note: {source} is not stored in the model's precision; converted {what} on load", file=sys.stderr)
+    return out
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assumed_format: str) -> None:

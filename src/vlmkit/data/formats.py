@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image
 
 from vlmkit.data.limits import InputLimits, current_limits
+from vlmkit.textfiles import decode_line, decode_text, json_type, parse_json
 from vlmkit.errors import UserError
 
 TAR_PREFIX = "tar://"
@@ -211,50 +212,6 @@ def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_
     return records
 
 
-def json_type(value: Any) -> str:
-    """What a JSON value is, in JSON's words, for messages: "a number (3)", "null", "a list", "an object"."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, (int, float)):
-        return f"a number ({value})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return "an empty string" if not str(value).strip() else "a string"
-
-
-def parse_json(text: str, where: str, fix: str) -> Any:
-    """`json.loads(text)`, with every way it can fail (bad syntax, nesting too deep for the parser)
-    as a UserError naming `where` and ending with `fix`."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{where} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); {fix}") from None
-    except RecursionError:
-        raise UserError(f"{where} holds JSON nested too deeply to read (thousands of levels); {fix}") from None
-
-
-def _decode_line(data: bytes, path: str, line_number: int) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} line {line_number} is not UTF-8 (byte {error.start + 1} of the line, 0x{data[error.start]:02x}); "
-                        f"convert the file to UTF-8 or fix that line") from None
-
-
-def _decode_text(data: bytes, path: str) -> str:
-    """A whole file's bytes as UTF-8 text (a BOM dropped), or a UserError naming the line of the bad byte."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise UserError(f"{path} is not UTF-8 (line {line} holds byte 0x{data[error.start]:02x}); convert the file to UTF-8"
-                        ) from None
-
-
 def _resolve(image: str, base_dir: str) -> str:
     return os.path.normpath(image if os.path.isabs(image) else os.path.join(base_dir, image))
 
@@ -327,7 +284,7 @@ def _read_jsonl(path: str, image_root, require_text: bool, require_image: bool =
     records = []
     with open(path, "rb") as handle:  # bytes, decoded line by line, so a bad byte names its line
         for line_number, data in enumerate(handle, start=1):
-            line = _decode_line(data, path, line_number)
+            line = decode_line(data, path, line_number)
             if not line.strip():
                 continue
             raw = parse_json(line, f"{path} line {line_number}", "fix or remove that line")
@@ -338,7 +295,7 @@ def _read_jsonl(path: str, image_root, require_text: bool, require_image: bool =
 def _read_json(path: str, image_root, require_text: bool, require_image: bool = True) -> list[dict]:
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as handle:
-        data = parse_json(_decode_text(handle.read(), path), path, "fix the file")
+        data = parse_json(decode_text(handle.read(), path), path, "fix the file")
     if isinstance(data, list):
         return [_normalise(raw, f"{path} item {number}", base_dir, require_text, require_image) for number, raw in enumerate(data)]
     if isinstance(data, dict) and "images" in data and "annotations" in data:
@@ -375,7 +332,7 @@ def _read_csv(path: str, img_key: str, caption_key: str, separator: str | None, 
 def _read_csv_rows(path: str, img_key: str, caption_key: str, separator: str | None, image_root,
                    lines: list[int]) -> list[dict]:
     with open(path, "rb") as raw:
-        text = _decode_text(raw.read(), path)  # a bad byte is reported with its line
+        text = decode_text(raw.read(), path)  # a bad byte is reported with its line
     with io.StringIO(text, newline="") as handle:
         header = handle.readline()
         if separator is None:
@@ -456,7 +413,7 @@ def _read_shards(shards: list[str], source: str, require_text: bool) -> list[dic
                     if "json" in parts:
                         try:
                             meta = json.loads(archive.extractfile(parts["json"]).read())
-                        except (json.JSONDecodeError, UnicodeDecodeError):
+                        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                             raise UserError(f"shard '{shard}' member '{parts['json'].name}' is not valid JSON; rebuild the shard") from None
                         record.update({k: meta[k] for k in _PASS_THROUGH_JSON_KEYS if isinstance(meta, dict) and k in meta})
                         if isinstance(meta, dict) and isinstance(meta.get("caption"), str) and meta["caption"].strip():

@@ -84,6 +84,8 @@ class VLModel(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = None  # a vlmkit.tokenizers.Tokenizer, attached by load() or the trainer
+        # Why there is none, when a loader knows (an OpenCLIP file with a vocabulary not CLIP's).
+        self.missing_tokenizer_reason: str | None = None
         self.transform = None  # a vlmkit.data.transforms.ImageTransform
         self.training_options = self.training_class()
         self._locked: set[str] = set()
@@ -218,13 +220,15 @@ class VLModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VLModel":
         """Load a folder written by `save_pretrained` (no network, no pickle)."""
-        from vlmkit.io import load_safetensors, load_state_dict_strict
+        from vlmkit.io import in_model_precision, load_safetensors, load_state_dict_strict
 
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
         with torch.device("meta"):  # skip random init: every tensor comes from the file
             model = cls.from_config_dict(meta["config"])
-        load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), "vlmkit")
+        source = str(directory / WEIGHTS_FILE)
+        state = in_model_precision(model, load_safetensors(directory / WEIGHTS_FILE), source)  # an fp16 file loads as fp32
+        load_state_dict_strict(model, state, source, "vlmkit")
         model.attach_preprocessing(directory)
         if (directory / GENERATION_FILE).exists() and getattr(model, "generation_config", None) is not None:
             model.generation_config = from_dict(type(model.generation_config), json.loads((directory / GENERATION_FILE).read_text()),
@@ -244,6 +248,8 @@ class VLModel(nn.Module):
     # ---- convenience API over the raw tensors ------------------------------------------
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         if self.tokenizer is None:
+            if self.missing_tokenizer_reason:
+                raise UserError(self.missing_tokenizer_reason)
             raise UserError("this model has no tokenizer attached; load it with vlmkit.load(run_folder)")
         return self.tokenizer(texts)
 

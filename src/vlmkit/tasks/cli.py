@@ -5,6 +5,7 @@ Evaluations print one JSON object on stdout; progress and notes go to stderr.
 from __future__ import annotations
 
 from vlmkit.capabilities import EmbedsImages, EmbedsTexts, provides
+from vlmkit.errors import UserError
 
 import argparse
 from pathlib import Path
@@ -97,14 +98,26 @@ def register(subparsers) -> None:
     classify.add_argument("--model", required=True)
     classify.add_argument("--labels", nargs="+", required=True, help='class names, e.g. "red circle" "blue square"')
     classify.add_argument("--templates", help="file with one prompt template per line")
-    classify.add_argument("--top", type=int, default=3, help="how many labels to list per image")
+    classify.add_argument("--top", type=_positive_int, default=3, help="how many labels to list per image (at least 1)")
     classify.set_defaults(func=_printing(_classify))
 
     embed = subparsers.add_parser("embed", help="write normalised image and text embeddings to safetensors")
     embed.add_argument("--model", required=True)
     embed.add_argument("--data", required=True)
-    embed.add_argument("--out", required=True, help="output .safetensors file")
+    embed.add_argument("--out", required=True,
+                       help="output .safetensors file (missing folders are created; an existing file is replaced)")
     embed.set_defaults(func=_printing(_embed))
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count that must be 1 or more (argparse prints the message, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _printing(handler):
@@ -137,9 +150,10 @@ def _classify(args) -> dict:
 
 
 def _embed(args) -> dict:
-    from vlmkit.io import save_safetensors
+    from vlmkit.io import check_output_file, save_safetensors
     import torch
 
+    check_output_file(args.out, "--out")  # refused before the model is loaded and the data embedded
     model = _model(args.model)
     records = _records(args.data)
     tensors = {}
@@ -150,5 +164,9 @@ def _embed(args) -> dict:
         tensors["text_embeddings"] = model.embed_texts(texts)
         tensors["text_to_image"] = torch.tensor([i for i, record in enumerate(records) for _ in record.get("texts", [])])
     out = Path(args.out)
-    save_safetensors(tensors, out, metadata={"source": str(args.data), "model": str(args.model)})
+    try:
+        save_safetensors(tensors, out, metadata={"source": str(args.data), "model": str(args.model)})
+    except OSError as error:
+        raise UserError(f"cannot write --out {out} ({error.strerror or error}); nothing was written, free some space "
+                        f"or choose another path") from None
     return {"out": str(out), **{name: list(tensor.shape) for name, tensor in tensors.items()}}
