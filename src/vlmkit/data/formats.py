@@ -73,9 +73,10 @@ def load_image(ref: str | os.PathLike, limits: InputLimits | None = None) -> Ima
                 return image.convert("RGB")
     except CorruptImage:
         raise
-    except Image.DecompressionBombError as error:
-        raise CorruptImage(f"image '{ref}' is too large to decode ({error}); shrink the file, or remove the record"
-                           ) from None
+    except Image.DecompressionBombError as error:  # PIL's own limit, checked by Image.open
+        claimed = str(error).split(" pixels)")[0].split("(")[-1]
+        raise CorruptImage(f"image '{ref}' claims {claimed} pixels, more than PIL decodes ({2 * Image.MAX_IMAGE_PIXELS:,}); "
+                           f"shrink it or remove the record") from None
     except (OSError, ValueError, SyntaxError, EOFError, KeyError, tarfile.TarError, MemoryError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptImage(f"image '{ref}' cannot be decoded ({reason}); replace the file or remove the record") from None

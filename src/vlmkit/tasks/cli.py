@@ -98,7 +98,7 @@ def register(subparsers) -> None:
     classify.add_argument("--model", required=True)
     classify.add_argument("--labels", nargs="+", required=True, help='class names, e.g. "red circle" "blue square"')
     classify.add_argument("--templates", help="file with one prompt template per line")
-    classify.add_argument("--top", type=_positive_int, default=3, help="how many labels to list per image (at least 1)")
+    classify.add_argument("--top", type=int, default=3, help="how many labels to list per image (at least 1)")
     classify.set_defaults(func=_printing(_classify))
 
     embed = subparsers.add_parser("embed", help="write normalised image and text embeddings to safetensors")
@@ -107,17 +107,6 @@ def register(subparsers) -> None:
     embed.add_argument("--out", required=True,
                        help="output .safetensors file (missing folders are created; an existing file is replaced)")
     embed.set_defaults(func=_printing(_embed))
-
-
-def _positive_int(text: str) -> int:
-    """argparse type of a count that must be 1 or more (argparse prints the message, exit code 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _printing(handler):
@@ -134,6 +123,8 @@ def _classify(args) -> dict:
     from vlmkit.tasks.zeroshot import read_templates, zeroshot_logits
     from vlmkit.data.formats import load_image
 
+    if args.top < 1:
+        raise UserError(f"--top {args.top} lists no label; give --top 1 or more")
     images = [load_image(path) for path in args.images]  # a bad path fails here, with its name
     model = _model(args.model)
     probabilities = zeroshot_logits(model, images, args.labels, read_templates(args.templates)).softmax(dim=-1)
