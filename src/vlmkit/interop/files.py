@@ -77,7 +77,7 @@ def _unreadable(path: Path, error: Exception) -> UserError:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].split(". Please")[0].strip() \
             if "WeightsUnpickler error:" in text else ""
         return UserError(
-            f"cannot read {path}: it holds more than tensors{f' ({detail[:120]})' if detail else ''}, and vlmkit never runs "
+            f"cannot read {path} as a pickle-free torch weights file: it holds more than tensors{f' ({detail[:120]})' if detail else ''}, and vlmkit never runs "
             f"code from a pickle; convert it to safetensors where it is trusted, or re-save it with "
             f"torch.save(model.state_dict())"
         )
