@@ -10,13 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # make_corpus is a script in this folder, importable
 
 from make_corpus import make_corpus  # noqa: E402
+from reliability_helpers import TINY  # noqa: E402
 
 from vlmkit.data.synthetic import generate  # noqa: E402
-
-# A tiny ViT CLIP that trains in a few seconds on 2 CPU cores.
-TINY = ["model.vision.depth=1", "model.text.depth=1", "model.vision.width=32", "model.text.width=32",
-        "model.vision.heads=2", "model.text.heads=2", "model.embed_dim=16", "batch_size=8", "warmup_steps=1",
-        "log_every=1", "steps=2", "save_every=2"]
 
 
 @pytest.fixture(scope="session")

@@ -171,7 +171,7 @@ def _data_files(folder: Path, good: Path, corpus: Corpus) -> dict[str, Path]:
                                    [{"image": str(good), "text": "a red circle " * 850_000, "label": "red circle"},
                                     {"image": str(good), "text": "a blue square", "label": "blue square"}])
     # Good scenes with every refused image twice (as two epochs would): a run skips and counts them.
-    bad = [path for name, path in corpus.bad_images.items() if name != "fifo"]  # a FIFO in a data file: see test
+    bad = list(corpus.bad_images.values())
     rows = [{"image": str(good), "text": "a red circle", "label": "red circle"},
             {"image": str(good), "text": "a blue square", "label": "blue square"}] * 4
     rows += [{"image": str(path), "text": "a broken image", "label": "red circle"} for path in bad + bad]

@@ -145,12 +145,12 @@ def test_an_11_mb_caption_is_cut_before_tokenizing(corpus, run, tmp_path, capsys
 def test_training_skips_and_counts_bad_images_by_occurrence_and_file(corpus, synth, tmp_path, capsys):
     import re
 
-    from conftest import TINY
+    from reliability_helpers import TINY
 
     out = tmp_path / "run"
     # 8 good rows and every refused image twice, over about three epochs: each bad file is skipped
     # several times, and the report gives both numbers.
-    bad_files = len(corpus.bad_images) - ("fifo" in corpus.bad_images)
+    bad_files = len(corpus.bad_images)
     steps = 3 * -(-(8 + 2 * bad_files) // 8)
     code, _, err = cli(capsys, "train", "--recipe", "clip-vit-tiny", "--data", corpus.data["bad_images"], "--out", out,
                        *TINY, f"steps={steps}", f"save_every={steps}")
@@ -165,10 +165,20 @@ def test_training_skips_and_counts_bad_images_by_occurrence_and_file(corpus, syn
     assert (out / "model.safetensors").is_file()
 
 
-def test_eval_refuses_a_bad_image_naming_it(corpus, run, capsys):
-    # Commands whose output is per record do not drop records silently: embed names the image.
-    assert_error(cli(capsys, "embed", "--model", run, "--data", corpus.data["bad_images"], "--out",
-                     corpus.root / "never.safetensors"), "image '")
+def test_evaluations_skip_and_count_bad_images_and_embed_names_the_first(corpus, run, capsys):
+    import re
+
+    bad_files = len(corpus.bad_images)
+    data = corpus.data["bad_images"]  # 8 good records, each bad image twice
+    code, out, err = cli(capsys, "eval", "zeroshot", "--model", run, "--data", data)
+    assert code == 0 and json.loads(out)["n"] == 8, err
+    assert re.fullmatch(rf"vlmkit: zero-shot leaves out {2 * bad_files} record\(s\) whose image cannot be used "
+                        rf"\({bad_files} files\): .* and {bad_files - 3} more; fix or remove them", err.strip()), err
+    code, out, err = cli(capsys, "eval", "retrieval", "--model", run, "--data", data)
+    assert code == 0 and json.loads(out)["n_images"] == 8 and "retrieval leaves out" in err, err
+    # A command whose output is one row per record does not drop records: embed names the image.
+    assert_error(cli(capsys, "embed", "--model", run, "--data", data, "--out", corpus.root / "never.safetensors"),
+                 "image '")
     assert not (corpus.root / "never.safetensors").exists()
 
 

@@ -45,6 +45,45 @@ class CorruptImage(UserError):
 
 
 def load_image(ref: str | os.PathLike, limits: InputLimits | None = None) -> Image.Image:
+    """The image a record refers to as RGB (see `_open_image`)."""
+    return _open_image(ref, limits, decode=True)
+
+
+def check_image(ref: str | os.PathLike, limits: InputLimits | None = None) -> None:
+    """Raise the `CorruptImage` that `load_image` would raise before decoding (missing, not a
+    regular file, not an image, over the limits), reading no more than the image's header."""
+    _open_image(ref, limits, decode=False)
+
+
+def usable_records(records: list[dict], what: str) -> list[dict]:
+    """The records whose image `load_image` reads (records without an image are kept), with one
+    note on stderr counting the others: an evaluation skips and counts what it cannot use, as
+    training does, instead of failing on the first bad image. `what` names the evaluation.
+
+    Each image is decoded here once (and again when evaluated): a truncated file only shows when
+    its pixels are decoded, and the header-only `check_image` would let it through.
+    """
+    import sys
+
+    kept, skipped = [], []
+    for record in records:
+        try:
+            if record.get("image"):
+                load_image(record["image"])
+            kept.append(record)
+        except CorruptImage:
+            skipped.append(record["image"])
+    if skipped:
+        files = sorted(set(skipped), key=skipped.index)
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        print(f"vlmkit: {what} leaves out {len(skipped)} record(s) whose image cannot be used ({len(files)} file"
+              f"{'s' if len(files) != 1 else ''}): {', '.join(files[:3])}{more}; fix or remove them", file=sys.stderr)
+    if records and not kept:
+        raise UserError(f"no image of the {len(records)} record(s) can be used (first: {skipped[0]}); fix the dataset")
+    return kept
+
+
+def _open_image(ref: str | os.PathLike, limits: InputLimits | None, decode: bool) -> Image.Image | None:
     """Open the image a record refers to (a path or a `tar://shard::member` reference) as RGB.
 
     Memory is bounded before decoding: the header's size is checked against `limits` (the
@@ -69,6 +108,8 @@ def load_image(ref: str | os.PathLike, limits: InputLimits | None = None) -> Ima
             warnings.simplefilter("ignore")
             with Image.open(source) as image:
                 _bound_decoding(image, ref, limits)
+                if not decode:
+                    return None
                 image.load()  # decode now, inside the try, so truncated files fail here
                 return image.convert("RGB")
     except CorruptImage:

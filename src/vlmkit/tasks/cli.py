@@ -33,6 +33,13 @@ def _records(path: str):
     return read_records(path)
 
 
+def _eval_records(path: str, what: str):
+    """An evaluation's records, those whose image cannot be used left out and counted on stderr."""
+    from vlmkit.data.formats import usable_records
+
+    return usable_records(_records(path), what)
+
+
 def _model(path: str):
     import vlmkit
 
@@ -48,13 +55,13 @@ def _zeroshot(args) -> dict:
     from vlmkit.tasks.zeroshot import evaluate_zeroshot, read_templates
 
     templates = read_templates(args.templates)
-    return evaluate_zeroshot(_model(args.model), _records(args.data), label_key=args.label_key, templates=templates)
+    return evaluate_zeroshot(_model(args.model), _eval_records(args.data, "zero-shot"), label_key=args.label_key, templates=templates)
 
 
 def _retrieval(args) -> dict:
     from vlmkit.tasks.retrieval import evaluate_retrieval
 
-    return evaluate_retrieval(_model(args.model), _records(args.data))
+    return evaluate_retrieval(_model(args.model), _eval_records(args.data, "retrieval"))
 
 
 def _linear_probe_arguments(parser):
@@ -67,7 +74,8 @@ def _linear_probe(args) -> dict:
     from vlmkit.tasks.linear_probe import evaluate_linear_probe
 
     model = _model(args.model)
-    return evaluate_linear_probe(model, _records(args.train), _records(args.test), label_key=args.label_key)
+    return evaluate_linear_probe(model, _eval_records(args.train, "linear probe (--train)"),
+                                 _eval_records(args.test, "linear probe (--test)"), label_key=args.label_key)
 
 
 _zeroshot.arguments = _zeroshot_arguments
