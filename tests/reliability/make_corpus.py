@@ -8,7 +8,8 @@ checked in).
   PNG (just under PIL's decompression-bomb limit, 170 KB), a PNG whose header claims 40
   gigapixels, truncated PNG and JPEG files, text and empty files named .png, a folder and a FIFO
   named .png, a JPEG to be reduced on load, and odd but valid images (palette with transparency,
-  16-bit grey, CMYK, grey + alpha, an animated GIF, 1-bit BMP, a 1 x 16,000 px strip);
+  16-bit grey, CMYK, grey + alpha, an animated GIF, 1-bit BMP, a 1 x 16,000 px strip, and the
+  largest image the default limits let through: 6,324 x 6,324 px RGB, 40 megapixels);
 - data/: JSONL, JSON and CSV datasets that are not UTF-8, nested thousands of levels deep, with a
   caption that is a number, null or a list, with an 11 MB caption, or with every bad image above;
 - scores/: caption and VQA score files with the same faults and with ids that are lists or objects;
@@ -63,12 +64,12 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
 
-def write_grey_png(path: Path, width: int, height: int, truncate_data: bool = False) -> Path:
-    """A black 8-bit grey PNG of any size, streamed (a 178-megapixel one is 170 KB and never held in
-    memory). With `truncate_data` only the header and a scrap of pixel data are written: a file whose
-    header claims a size it cannot hold."""
+def write_black_png(path: Path, width: int, height: int, truncate_data: bool = False, rgb: bool = False) -> Path:
+    """A black 8-bit grey (or RGB) PNG of any size, streamed (a 178-megapixel one is 170 KB and never
+    held in memory). With `truncate_data` only the header and a scrap of pixel data are written: a
+    file whose header claims a size it cannot hold."""
     compressor = zlib.compressobj(1)
-    row = b"\x00" * (width + 1)  # filter byte + pixels
+    row = b"\x00" * ((3 if rgb else 1) * width + 1)  # filter byte + pixels
     rows_per_block = max(1, 1_000_000 // len(row))
     parts, left = [], (min(height, 4) if truncate_data else height)
     while left > 0:
@@ -76,7 +77,7 @@ def write_grey_png(path: Path, width: int, height: int, truncate_data: bool = Fa
         parts.append(compressor.compress(row * count))
         left -= count
     parts.append(compressor.flush())
-    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2 if rgb else 0, 0, 0, 0))
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b""))
     return path
 
@@ -87,10 +88,10 @@ def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def _bad_images(folder: Path) -> dict[str, Path]:
     images = {
-        "thin_120k": write_grey_png(folder / "thin-1x120000.png", 120_000, 1),
-        "thin_400k": write_grey_png(folder / "thin-1x400000.png", 400_000, 1),
-        "huge_178mp": write_grey_png(folder / "huge-178mp.png", HUGE_SIDE, HUGE_SIDE),
-        "bomb_header": write_grey_png(folder / "bomb-200000x200000.png", 200_000, 200_000, truncate_data=True),
+        "thin_120k": write_black_png(folder / "thin-1x120000.png", 120_000, 1),
+        "thin_400k": write_black_png(folder / "thin-1x400000.png", 400_000, 1),
+        "huge_178mp": write_black_png(folder / "huge-178mp.png", HUGE_SIDE, HUGE_SIDE),
+        "bomb_header": write_black_png(folder / "bomb-200000x200000.png", 200_000, 200_000, truncate_data=True),
     }
     png = folder / "truncated.png"
     _noise(64, 64, 1).save(png)
@@ -133,6 +134,8 @@ def _odd_images(folder: Path) -> dict[str, Path]:
     _noise(31, 29, 6).convert("1").save(paths["bilevel_bmp"])
     paths["strip_16k"] = folder / "strip-16000x1.png"
     Image.fromarray(np.random.RandomState(7).randint(0, 256, (1, 16_000, 3), dtype=np.uint8)).save(paths["strip_16k"])
+    # The largest image the default limits let through (40 megapixels, RGB): the memory worst case.
+    paths["at_pixel_limit"] = write_black_png(folder / "at-pixel-limit-6324x6324.png", 6324, 6324, rgb=True)
     paths["large_jpeg"] = folder / "large-2400x1800.jpg"  # reduced on load when the pixel limit is lowered
     _noise(300, 225, 8).resize((2400, 1800)).save(paths["large_jpeg"], quality=85)
     return paths

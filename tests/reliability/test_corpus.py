@@ -330,6 +330,7 @@ def test_peak_memory_of_every_corpus_image_and_the_huge_caption_is_bounded(corpu
     assert not over, over
     outcomes = {Path(case).name: outcome for case, (_, outcome) in results.items()}
     assert outcomes["strip-16000x1.png"] == [3, 224, 224]  # thin but within the limits: read, bounded
+    assert outcomes["at-pixel-limit-6324x6324.png"] == [3, 224, 224]  # the worst case the limits allow
     assert outcomes["huge-178mp.png"].startswith("refused") and outcomes["thin-1x400000.png"].startswith("refused")
     assert outcomes["11 MB caption"] == [1, 77]
 

@@ -111,13 +111,14 @@ def _open_image(ref: str | os.PathLike, limits: InputLimits | None, decode: bool
                 if not decode:
                     return None
                 image.load()  # decode now, inside the try, so truncated files fail here
-                return image.convert("RGB")
+                # An RGB image is returned as decoded: convert() would copy it (120 MB at 40 megapixels).
+                return image if image.mode == "RGB" else image.convert("RGB")
     except CorruptImage:
         raise
     except Image.DecompressionBombError as error:  # PIL's own limit, checked by Image.open
         claimed = str(error).split(" pixels)")[0].split("(")[-1]
-        raise CorruptImage(f"image '{ref}' claims {claimed} pixels, more than PIL decodes ({2 * Image.MAX_IMAGE_PIXELS:,}); "
-                           f"shrink it or remove the record") from None
+        raise CorruptImage(f"image '{ref}' claims {claimed} pixels, more than PIL decodes ({2 * Image.MAX_IMAGE_PIXELS:,}, "
+                           f"PIL.Image.MAX_IMAGE_PIXELS x 2); shrink it or remove the record") from None
     except (OSError, ValueError, SyntaxError, EOFError, KeyError, tarfile.TarError, MemoryError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptImage(f"image '{ref}' cannot be decoded ({reason}); replace the file or remove the record") from None
@@ -189,6 +190,12 @@ def _read_tar_member(ref: str) -> bytes:
     if member not in index:
         raise CorruptImage(f"image '{ref}' is not in its shard; rebuild the shard or drop the record")
     offset, size = index[member]
+    # An image file holds at most ~4 bytes a pixel (uncompressed 16-bit or RGBA): a larger member
+    # is refused before it is read into memory.
+    limit = 4 * current_limits().max_image_pixels + (1 << 20)
+    if size > limit:
+        raise CorruptImage(f"image '{ref}' is a {size:,}-byte file, more than an image within the input limits can "
+                           f"take ({limit:,} bytes); remove it from the shard or raise VLMKIT_MAX_IMAGE_PIXELS")
     with open(tar_path, "rb") as handle:
         handle.seek(offset)
         return handle.read(size)

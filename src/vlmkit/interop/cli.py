@@ -15,7 +15,8 @@ def register(subparsers) -> None:
         "OpenAI/OpenCLIP weights file) and write it to the new folder DST. Prints one JSON object.",
     )
     convert.add_argument("source", metavar="SRC", help="checkpoint folder or weights file")
-    convert.add_argument("out", metavar="DST", help="output folder (must not exist, or be empty)")
+    convert.add_argument("out", metavar="DST",
+                         help="output folder (must not exist, or be empty; missing parent folders are created)")
     convert.add_argument("--to", choices=EXPORT_FORMATS, default="vlmkit", help="output format (default %(default)s)")
     convert.add_argument("--model-name", default=None, help="OpenCLIP architecture to assume, e.g. ViT-B-32 or RN50 (default: from shapes)")
     convert.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
