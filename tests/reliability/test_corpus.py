@@ -380,3 +380,24 @@ def test_text_is_cut_to_the_limit_before_tokenizing(monkeypatch):
     monkeypatch.setenv("VLMKIT_MAX_TEXT_CHARS", "13")
     assert tokenizer.encode("a red circle and more words") == tokenizer.encode("a red circle ")
     assert torch.equal(tokenizer(["a red circle and more words"]), tokenizer(["a red circle"]))
+
+
+def test_a_shard_member_too_large_for_any_image_within_the_limits_is_refused_unread(corpus, tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from vlmkit.data.formats import load_image, read_records
+    from vlmkit.errors import UserError
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as archive:
+        for name, data in [("big.png", os.urandom(1_200_000)), ("big.txt", b"a caption"),
+                           ("good.png", corpus.good_image.read_bytes()), ("good.txt", b"a red circle")]:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    big, good = sorted(read_records(shard), key=lambda record: record["image"])
+    monkeypatch.setenv("VLMKIT_MAX_IMAGE_PIXELS", "1024")  # at most 4 bytes a pixel + 1 MiB: 1,052,672 bytes
+    with pytest.raises(UserError, match="is a 1,200,000-byte file, more than an image within the input limits"):
+        load_image(big["image"])
+    assert load_image(good["image"]).size == (32, 32)
