@@ -401,3 +401,15 @@ def test_a_shard_member_too_large_for_any_image_within_the_limits_is_refused_unr
     with pytest.raises(UserError, match="is a 1,200,000-byte file, more than an image within the input limits"):
         load_image(big["image"])
     assert load_image(good["image"]).size == (32, 32)
+
+
+@pytest.mark.parametrize("content, fragment", [(b'{"family": "clip", "note": "caf\xe9"}', "is not UTF-8 (line 1"),
+                                               (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")])
+def test_a_damaged_config_json_in_a_model_folder_is_one_line(content, fragment, corpus, run, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged, ignore=shutil.ignore_patterns("checkpoints"))
+    (damaged / "config.json").write_bytes(content)
+    assert_error(cli(capsys, "classify", corpus.good_image, "--model", damaged, "--labels", "a", "b"),
+                 str(damaged / "config.json"), fragment)

@@ -19,8 +19,10 @@ def read_json(path: Path) -> dict:
     """A JSON object from `path`, or a UserError naming the file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
         raise UserError(f"cannot read {path} ({error}); the file is missing or not valid JSON") from None
+    except RecursionError:
+        raise UserError(f"cannot read {path}: its JSON is nested too deeply to parse; the file is damaged") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object; re-export the checkpoint")
     return data
