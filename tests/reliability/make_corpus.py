@@ -5,7 +5,7 @@ checked in).
 
 `make_corpus(root)` (what tests/reliability/test_corpus.py uses) writes, under `root`:
 - images/: thin images (1 x 120,000 and 1 x 400,000 px PNGs of a few hundred bytes), a 178-megapixel
-  PNG (just under PIL's decompression-bomb limit, 170 KB), a PNG whose header claims 40
+  PNG (just under PIL's decompression-bomb limit, under 1 MB), a PNG whose header claims 40
   gigapixels, truncated PNG and JPEG files, text and empty files named .png, a folder and a FIFO
   named .png, a JPEG to be reduced on load, and odd but valid images (palette with transparency,
   16-bit grey, CMYK, grey + alpha, an animated GIF, 1-bit BMP, a 1 x 16,000 px strip, and the
@@ -65,7 +65,7 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 
 
 def write_black_png(path: Path, width: int, height: int, truncate_data: bool = False, rgb: bool = False) -> Path:
-    """A black 8-bit grey (or RGB) PNG of any size, streamed (a 178-megapixel one is 170 KB and never
+    """A black 8-bit grey (or RGB) PNG of any size, streamed (a 178-megapixel one is 780 KB and never
     held in memory). With `truncate_data` only the header and a scrap of pixel data are written: a
     file whose header claims a size it cannot hold."""
     compressor = zlib.compressobj(1)
