@@ -6,8 +6,12 @@ and whatever optional fields the source carries (`label`, `qa`, `statements`, `o
 Images are referenced, never loaded here; `load_image` opens them later, in the data loader, and
 turns every kind of failure into `CorruptImage` so one bad file costs one sample, not the run.
 
-Malformed input - a missing file, a bad JSON line, a missing caption column, an unknown
-extension - raises `UserError` with one sentence naming the file (and line) and the fix.
+Malformed input - a missing file, a bad JSON line, bytes that are not UTF-8, JSON nested too deeply,
+a caption that is not a string, a missing caption column, an unknown extension - raises `UserError`
+with one sentence naming the file (and line) and the fix. Images are bounded by the input limits
+(`vlmkit.data.limits`) before they are decoded; one that is over them, missing, not a regular file or
+undecodable raises `CorruptImage`, which training skips and counts, `usable_records` leaves out of an
+evaluation with a note, and single-image commands report as their error.
 """
 from __future__ import annotations
 
@@ -240,6 +244,8 @@ def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_
         return _read_shards(shards, text, require_text)
     if not os.path.exists(text):
         raise UserError(f"dataset '{text}' does not exist; check the path (create the built-in one with `vlmkit data synth --out DIR`)")
+    if not os.path.isfile(text):  # a FIFO would block the read forever, a device never end
+        raise UserError(f"dataset '{text}' is not a regular file (a device or a pipe); give a .jsonl, .json, .csv, .tar or .txt file")
     suffix = Path(text).suffix.lower()
     if suffix == ".jsonl":
         records = _read_jsonl(text, image_root, require_text, require_image)

@@ -2,7 +2,8 @@
 
 Eval: convert to RGB, resize the shortest side to `resize_size` with PIL bicubic (the long side
 rounded down, as torchvision's `Resize(int)` does), center crop (offsets rounded as torchvision's
-`CenterCrop`: `int(round((h - th) / 2))`), scale to [0, 1], normalize. Train: torchvision's
+`CenterCrop`: `int(round((h - th) / 2))`), scale to [0, 1], normalize (an image so thin that the
+resized whole would exceed `MAX_RESIZED_PIXELS` has only the region the crop keeps resized). Train: torchvision's
 `RandomResizedCrop(scale, ratio)` (10 attempts, then the center-crop fallback) resized to
 `image_size`, then an optional horizontal flip. All randomness comes from a `random.Random` the
 caller passes, so an augmentation is reproducible from (seed, epoch, index).
