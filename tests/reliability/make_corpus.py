@@ -170,6 +170,9 @@ def _data_files(folder: Path, good: Path, corpus: Corpus) -> dict[str, Path]:
     files["bad_line"].write_text(json.dumps({"image": str(good), "text": "ok"}) + '\n{"image": "b.png", "text": }\n')
     files["empty"] = folder / "empty.jsonl"
     files["empty"].write_text("")
+    if hasattr(os, "mkfifo"):  # reading it would block forever
+        files["fifo"] = folder / "fifo.jsonl"
+        os.mkfifo(files["fifo"])
     files["huge_caption"] = _jsonl(folder / "huge-caption.jsonl",
                                    [{"image": str(good), "text": "a red circle " * 850_000, "label": "red circle"},
                                     {"image": str(good), "text": "a blue square", "label": "blue square"}])

@@ -113,11 +113,14 @@ BAD_DATA_MESSAGES = {
     "image_object": 'has no "image" path (its "image" is an object)',
     "bad_line": "line 2 is not valid JSON",
     "empty": "contains no records",
+    "fifo": "is not a regular file (a device or a pipe)",
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD_DATA_MESSAGES))
 def test_embed_and_eval_refuse_each_bad_data_file_in_one_line(name, corpus, run, tmp_path, capsys):
+    if name not in corpus.data:
+        pytest.skip("no FIFOs on this system")
     path = corpus.data[name]
     out = tmp_path / "embeddings.safetensors"
     assert_error(cli(capsys, "embed", "--model", run, "--data", path, "--out", out), str(path), BAD_DATA_MESSAGES[name])
