@@ -159,7 +159,7 @@ class SkipCounter:
         self.examples: list[str] = []
         self.reasons: dict[str, int] = {}
         self.truncated = 0
-        self.restored = False  # set by a resumed run whose `total` comes from its checkpoint
+        self.counted = 0  # skips added by update() in this process (a resumed run sets `total` beforehand)
         # Every distinct bad reference seen by this process: an image skipped once per epoch is
         # one file, however many times it was skipped (the report gives both numbers).
         self.files: set[str] = set()
@@ -168,6 +168,7 @@ class SkipCounter:
         """Add one collated batch's skips (and truncations); returns how many samples it skipped."""
         count = int(batch.get("num_skipped", 0))
         self.total += count
+        self.counted += count
         self.truncated += int(batch.get("num_truncated", 0))
         for reason, number in batch.get("skip_reasons", {}).items():
             self.reasons[reason] = self.reasons.get(reason, 0) + int(number)
@@ -195,7 +196,7 @@ class SkipCounter:
         if not self.files:
             return ""
         seen = len(self.files)
-        since = " since the resume" if self.restored else ""
+        since = " since the resume" if self.total > self.counted else ""
         return f"{seen} file{'s' if seen != 1 else ''}{since}"
 
     def message(self) -> str | None:

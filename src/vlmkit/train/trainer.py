@@ -435,7 +435,6 @@ class Trainer:
         log = MetricsLog(self.run, info, recipe.log_every, _progress(recipe.steps, start_step, info.is_main))
         skips = SkipCounter()
         skips.total = skipped
-        skips.restored = bool(skipped)  # the file names of skips before the resume are not kept
         window_start, window_samples, trained_samples = time.perf_counter(), 0, 0
         model.train()
         try:
