@@ -416,3 +416,17 @@ def test_a_damaged_config_json_in_a_model_folder_is_one_line(content, fragment, 
     (damaged / "config.json").write_bytes(content)
     assert_error(cli(capsys, "classify", corpus.good_image, "--model", damaged, "--labels", "a", "b"),
                  str(damaged / "config.json"), fragment)
+
+
+def test_skip_counts_give_occurrences_and_files_also_after_a_resume():
+    from vlmkit.data.loader import SkipCounter
+
+    counter = SkipCounter()
+    for _ in range(3):  # three epochs over the same two bad files
+        counter.update({"num_skipped": 2, "skipped": ["a.png", "b.png"]})
+    assert counter.message().startswith("skipped 6 unreadable image(s) (2 files): a.png, b.png;")
+    assert counter.summary()["skipped"] == 6 and counter.summary()["skipped_files"] == 2
+    resumed = SkipCounter()
+    resumed.total = 10  # restored from a checkpoint, without the file names
+    resumed.update({"num_skipped": 1, "skipped": ["a.png"]})
+    assert resumed.message().startswith("skipped 11 unreadable image(s) (1 file since the resume): a.png;")
