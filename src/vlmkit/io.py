@@ -143,33 +143,6 @@ def key_mismatch_error(source: str, assumed_format: str, missing: list[str], une
     return UserError(f"weights in {source} do not fit the model (assumed format: {assumed_format}): " + "; ".join(parts) + hint)
 
 
-def in_model_precision(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """`state_dict` with each floating tensor in the dtype of the model's tensor of the same name.
-
-    A vlmkit folder whose weights were saved in fp16 or bf16 loads into the float32 model it
-    describes, with a note on stderr; loaded as they are, the weights would make the model fail
-    later, at inference, on float32 inputs. Names the model lacks are left for the strict load
-    to report; a non-floating tensor of another dtype is an error.
-    """
-    expected = model.state_dict()
-    converted: dict[tuple[str, str], int] = {}
-    out = dict(state_dict)
-    for name, tensor in state_dict.items():
-        if name not in expected or tensor.dtype == expected[name].dtype:
-            continue
-        target = expected[name].dtype
-        if not (tensor.is_floating_point() and expected[name].is_floating_point()):
-            raise UserError(f"weights in {source}: '{name}' is {tensor.dtype} where the model holds {target}; "
-                            f"the file is not this model's, re-export it")
-        out[name] = tensor.to(target)
-        key = (str(tensor.dtype).replace("torch.", ""), str(target).replace("torch.", ""))
-        converted[key] = converted.get(key, 0) + 1
-    if converted:
-        what = ", ".join(f"{count} {stored} tensor(s) to {target}" for (stored, target), count in sorted(converted.items()))
-        print(f"vlmkit: note: {source} is not stored in the model's precision; converted {what} on load", file=sys.stderr)
-    return out
-
-
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assumed_format: str) -> None:
     """Load weights, failing loudly on any missing/unexpected key or shape mismatch."""
     expected = model.state_dict()

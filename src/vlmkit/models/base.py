@@ -220,15 +220,14 @@ class VLModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VLModel":
         """Load a folder written by `save_pretrained` (no network, no pickle)."""
-        from vlmkit.io import in_model_precision, load_safetensors, load_state_dict_strict
+        from vlmkit.io import load_safetensors, load_state_dict_strict
 
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
         with torch.device("meta"):  # skip random init: every tensor comes from the file
             model = cls.from_config_dict(meta["config"])
-        source = str(directory / WEIGHTS_FILE)
-        state = in_model_precision(model, load_safetensors(directory / WEIGHTS_FILE), source)  # an fp16 file loads as fp32
-        load_state_dict_strict(model, state, source, "vlmkit")
+        load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), "vlmkit")
+        _in_default_precision(model, directory / WEIGHTS_FILE)  # an fp16 file loads as float32, not fails at inference
         model.attach_preprocessing(directory)
         if (directory / GENERATION_FILE).exists() and getattr(model, "generation_config", None) is not None:
             model.generation_config = from_dict(type(model.generation_config), json.loads((directory / GENERATION_FILE).read_text()),
@@ -283,6 +282,25 @@ class VLModel(nn.Module):
         self.require(EmbedsTexts, task="embed_texts")
         texts = [texts] if isinstance(texts, str) else list(texts)
         return self._embed_in_batches(texts, batch_size, self.tokenize, self.encode_text)
+
+
+def _in_default_precision(model: nn.Module, source: Path) -> None:
+    """Convert, with a note on stderr, a model whose weights file stored floating tensors in another
+    precision (fp16, bf16) than torch's default (float32) the model was built for: kept as loaded,
+    they would make it fail later, at inference, on float32 inputs."""
+    import sys
+
+    default = torch.get_default_dtype()
+    stored: dict[str, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != default:
+            name = str(tensor.dtype).replace("torch.", "")
+            stored[name] = stored.get(name, 0) + 1
+    if stored:
+        model.to(default)
+        what = ", ".join(f"{count} {name}" for name, count in sorted(stored.items()))
+        print(f"vlmkit: note: {source} stores weights in another precision ({what} tensor(s)); converted them to "
+              f"{str(default).replace('torch.', '')} on load", file=sys.stderr)
 
 
 def _field_names(config_class: type, section: str) -> set[str]:
