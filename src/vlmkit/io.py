@@ -64,14 +64,21 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
             raise UserError(f"{option} {path} is an existing folder; give a file path inside it, e.g. {path / 'out'}")
         if not stat.S_ISREG(mode):
             raise UserError(f"{option} {path} exists and is not a regular file; give a new file path")
+    check_parent_folders(path, option)
+    return path
+
+
+def check_parent_folders(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output path whose nearest existing ancestor is a file or a folder the user cannot
+    write (the missing folders below it are created when the output is written)."""
+    path = Path(path)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{option} {path} lies inside {parent}, which is a file, not a folder; choose another path")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise UserError(f"{option} {path}: the folder {parent} is not writable; choose another path or fix its permissions")
-            break
-    return path
+            return
 
 
 def write_output_file(path: str | os.PathLike, data: bytes, option: str) -> None:

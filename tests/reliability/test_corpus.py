@@ -430,3 +430,18 @@ def test_skip_counts_give_occurrences_and_files_also_after_a_resume():
     resumed.total = 10  # restored from a checkpoint, without the file names
     resumed.update({"num_skipped": 1, "skipped": ["a.png"]})
     assert resumed.message().startswith("skipped 11 unreadable image(s) (1 file since the resume): a.png;")
+
+
+def test_convert_refuses_a_used_destination_before_loading_and_writes_nothing(corpus, run, tmp_path, capsys):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert_error(cli(capsys, "convert", run, used), "already exists and is not an empty folder")
+    assert [path.name for path in used.iterdir()] == ["keep.txt"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert_error(cli(capsys, "convert", run, a_file), "already exists")
+    assert_error(cli(capsys, "convert", run, a_file / "converted"), "which is a file, not a folder")
+    out = tmp_path / "new" / "converted"  # missing parents are created, as --help says
+    assert assert_json(cli(capsys, "convert", run, out))["out"] == str(out)
+    assert (out / "model.safetensors").is_file() and [path.name for path in out.parent.iterdir()] == ["converted"]

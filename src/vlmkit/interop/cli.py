@@ -34,10 +34,12 @@ def _convert(args: argparse.Namespace) -> int:
     from vlmkit.cli import print_json
     from vlmkit.errors import UserError
     from vlmkit.interop import export
+    from vlmkit.io import check_parent_folders
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not an empty folder; choose a new DST")
+    check_parent_folders(out, "DST")  # before the model is loaded
     options = {"model_name": args.model_name, "activation": args.activation, "pool": args.pool}
     model = vlmkit.load(args.source, **{key: value for key, value in options.items() if value is not None})
     out.parent.mkdir(parents=True, exist_ok=True)
