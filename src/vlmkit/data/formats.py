@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -30,8 +31,8 @@ from typing import Any
 from PIL import Image
 
 from vlmkit.data.limits import InputLimits, current_limits
-from vlmkit.textfiles import decode_line, decode_text, json_type, parse_json
 from vlmkit.errors import UserError
+from vlmkit.textfiles import decode_line, decode_text, json_type, parse_json
 
 TAR_PREFIX = "tar://"
 _TAR_SEPARATOR = "::"
@@ -49,45 +50,6 @@ class CorruptImage(UserError):
 
 
 def load_image(ref: str | os.PathLike, limits: InputLimits | None = None) -> Image.Image:
-    """The image a record refers to as RGB (see `_open_image`)."""
-    return _open_image(ref, limits, decode=True)
-
-
-def check_image(ref: str | os.PathLike, limits: InputLimits | None = None) -> None:
-    """Raise the `CorruptImage` that `load_image` would raise before decoding (missing, not a
-    regular file, not an image, over the limits), reading no more than the image's header."""
-    _open_image(ref, limits, decode=False)
-
-
-def usable_records(records: list[dict], what: str) -> list[dict]:
-    """The records whose image `load_image` reads (records without an image are kept), with one
-    note on stderr counting the others: an evaluation skips and counts what it cannot use, as
-    training does, instead of failing on the first bad image. `what` names the evaluation.
-
-    Each image is decoded here once (and again when evaluated): a truncated file only shows when
-    its pixels are decoded, and the header-only `check_image` would let it through.
-    """
-    import sys
-
-    kept, skipped = [], []
-    for record in records:
-        try:
-            if record.get("image"):
-                load_image(record["image"])
-            kept.append(record)
-        except CorruptImage:
-            skipped.append(record["image"])
-    if skipped:
-        files = sorted(set(skipped), key=skipped.index)
-        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-        print(f"vlmkit: {what} leaves out {len(skipped)} record(s) whose image cannot be used ({len(files)} file"
-              f"{'s' if len(files) != 1 else ''}): {', '.join(files[:3])}{more}; fix or remove them", file=sys.stderr)
-    if records and not kept:
-        raise UserError(f"no image of the {len(records)} record(s) can be used (first: {skipped[0]}); fix the dataset")
-    return kept
-
-
-def _open_image(ref: str | os.PathLike, limits: InputLimits | None, decode: bool) -> Image.Image | None:
     """Open the image a record refers to (a path or a `tar://shard::member` reference) as RGB.
 
     Memory is bounded before decoding: the header's size is checked against `limits` (the
@@ -112,8 +74,6 @@ def _open_image(ref: str | os.PathLike, limits: InputLimits | None, decode: bool
             warnings.simplefilter("ignore")
             with Image.open(source) as image:
                 _bound_decoding(image, ref, limits)
-                if not decode:
-                    return None
                 image.load()  # decode now, inside the try, so truncated files fail here
                 # An RGB image is returned as decoded: convert() would copy it (120 MB at 40 megapixels).
                 return image if image.mode == "RGB" else image.convert("RGB")
@@ -126,6 +86,32 @@ def _open_image(ref: str | os.PathLike, limits: InputLimits | None, decode: bool
     except (OSError, ValueError, SyntaxError, EOFError, KeyError, tarfile.TarError, MemoryError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptImage(f"image '{ref}' cannot be decoded ({reason}); replace the file or remove the record") from None
+
+
+def usable_records(records: list[dict], what: str) -> list[dict]:
+    """The records whose image `load_image` reads (records without an image are kept), with one
+    note on stderr counting the others: an evaluation skips and counts what it cannot use, as
+    training does, instead of failing on the first bad image. `what` names the evaluation.
+
+    Each image is decoded here once (and again when evaluated): a truncated file only shows when
+    its pixels are decoded, so a check of the header alone would let it through.
+    """
+    kept, skipped = [], []
+    for record in records:
+        try:
+            if record.get("image"):
+                load_image(record["image"])
+            kept.append(record)
+        except CorruptImage:
+            skipped.append(record["image"])
+    if skipped:
+        files = sorted(set(skipped), key=skipped.index)
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        print(f"vlmkit: {what} leaves out {len(skipped)} record(s) whose image cannot be used ({len(files)} file"
+              f"{'s' if len(files) != 1 else ''}): {', '.join(files[:3])}{more}; fix or remove them", file=sys.stderr)
+    if records and not kept:
+        raise UserError(f"no image of the {len(records)} record(s) can be used (first: {skipped[0]}); fix the dataset")
+    return kept
 
 
 def _require_regular_file(path: str) -> None:
@@ -340,6 +326,8 @@ def _read_jsonl(path: str, image_root, require_text: bool, require_image: bool =
     with open(path, "rb") as handle:  # bytes, decoded line by line, so a bad byte names its line
         for line_number, data in enumerate(handle, start=1):
             line = decode_line(data, path, line_number)
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not JSON
             if not line.strip():
                 continue
             raw = parse_json(line, f"{path} line {line_number}", "fix or remove that line")
