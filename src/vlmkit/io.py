@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import stat
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 

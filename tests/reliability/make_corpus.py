@@ -176,6 +176,12 @@ def _data_files(folder: Path, good: Path, corpus: Corpus) -> dict[str, Path]:
     files["huge_caption"] = _jsonl(folder / "huge-caption.jsonl",
                                    [{"image": str(good), "text": "a red circle " * 850_000, "label": "red circle"},
                                     {"image": str(good), "text": "a blue square", "label": "blue square"}])
+    # Odd but valid: a byte-order mark, Windows line ends, a CSV with a BOM and tabs.
+    line = json.dumps({"image": str(good), "text": "a red circle"})
+    files["bom_crlf_jsonl"] = folder / "bom-crlf.jsonl"
+    files["bom_crlf_jsonl"].write_bytes(b"\xef\xbb\xbf" + (line + "\r\n" + line + "\r\n").encode())
+    files["bom_tsv"] = folder / "bom.tsv"
+    files["bom_tsv"].write_bytes(b"\xef\xbb\xbffilepath\ttitle\r\n%s\ta red circle\r\n" % str(good).encode())
     # Good scenes with every refused image twice (as two epochs would): a run skips and counts them.
     bad = list(corpus.bad_images.values())
     rows = [{"image": str(good), "text": "a red circle", "label": "red circle"},

@@ -136,6 +136,12 @@ def test_train_refuses_a_bad_data_file_and_leaves_no_run_folder(name, corpus, tm
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["bom_crlf_jsonl", "bom_tsv"])
+def test_odd_but_valid_data_files_are_read(name, corpus, run, tmp_path, capsys):
+    result = assert_json(cli(capsys, "embed", "--model", run, "--data", corpus.data[name], "--out", tmp_path / "e.safetensors"))
+    assert result["image_embeddings"][0] == (2 if name == "bom_crlf_jsonl" else 1)
+
+
 def test_an_11_mb_caption_is_cut_before_tokenizing(corpus, run, tmp_path, capsys):
     path = corpus.data["huge_caption"]
     assert path.stat().st_size > 11_000_000
