@@ -213,6 +213,8 @@ def _score_files(folder: Path) -> dict[str, Path]:
     files["pred_caption_number"].write_text(json.dumps([{"image_id": 1, "caption": 3}, {"image_id": 2, "caption": "a"}]))
     files["pred_caption_null"] = folder / "pred-caption-null.json"
     files["pred_caption_null"].write_text(json.dumps([{"image_id": 1, "caption": None}]))
+    files["pred_huge_caption"] = folder / "pred-huge-caption.json"
+    files["pred_huge_caption"].write_text(json.dumps([{"image_id": 1, "caption": "a red circle " * 850_000}]))
     files["vqa_refs"] = folder / "vqa-refs.json"
     files["vqa_refs"].write_text(json.dumps({"annotations": [{"question_id": 1, "answers": ["yes"] * 10}]}))
     files["vqa_pred_list_id"] = folder / "vqa-pred-list-id.json"

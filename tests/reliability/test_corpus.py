@@ -262,6 +262,7 @@ SCORE_MESSAGES = {
     "pred_object_id": "has a 'image_id' that is an object",
     "pred_caption_number": "has a caption that is a number (3), not a string",
     "pred_caption_null": "has a caption that is null, not a string",
+    "pred_huge_caption": "has a caption of 11,050,000 characters, over the text limit (65,536)",
 }
 
 

@@ -95,7 +95,19 @@ def _captions_of(entry: dict, index: int, path: str, image_id) -> list[str]:
         if not caption.strip():
             raise UserError(f"entry {index} (image {image_id!r}) of '{path}' has an empty caption; fill it in or "
                             f"remove the entry")
+        _check_length(caption, f"entry {index} (image {image_id!r}) of '{path}' has a caption")
     return captions
+
+
+def _check_length(text: str, what: str) -> None:
+    """Refuse a text over the input limit (`max_text_chars`): tokenizing 11 MB for CIDEr takes half a
+    minute, and a score must be of the text as given, so it is not cut as model inputs are."""
+    from vlmkit.data.limits import current_limits
+
+    limit = current_limits().max_text_chars
+    if len(text) > limit:
+        raise UserError(f"{what} of {len(text):,} characters, over the text limit ({limit:,}); shorten it, or raise "
+                        f"the limit with VLMKIT_MAX_TEXT_CHARS")
 
 
 def load_caption_predictions(path: str) -> dict:
@@ -127,6 +139,7 @@ def load_vqa_predictions(path: str) -> dict:
         question_id = _entry_id(entry, index, path, ("question_id",))
         if not isinstance(entry.get("answer"), str):
             raise UserError(f"entry {index} (question {question_id!r}) of '{path}' has no string 'answer'")
+        _check_length(entry["answer"], f"entry {index} (question {question_id!r}) of '{path}' has an answer")
         if question_id in predictions:
             raise UserError(f"question {question_id!r} is answered twice in '{path}' (entry {index}); keep one")
         predictions[question_id] = entry["answer"]
