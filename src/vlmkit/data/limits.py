@@ -13,10 +13,11 @@ hostile or broken input costs bounded memory and time wherever it enters:
   tokenized (an 11 MB caption would otherwise take half a minute and gigabytes to tokenize, only
   for the tokens past the model's context to be thrown away).
 
-Change them for one process with `set_limits(max_image_pixels=..., ...)` (Python) or with the
-environment variables `VLMKIT_MAX_IMAGE_PIXELS`, `VLMKIT_MAX_IMAGE_SIDE` and
-`VLMKIT_MAX_TEXT_CHARS` (every command, and data-loader workers, which inherit them). An
-explicit `set_limits` wins over the environment.
+Change them with the environment variables `VLMKIT_MAX_IMAGE_PIXELS`, `VLMKIT_MAX_IMAGE_SIDE` and
+`VLMKIT_MAX_TEXT_CHARS` (every command, and every data-loader worker, which inherits the
+environment), or in Python with `set_limits(max_image_pixels=..., ...)`, which wins over the
+environment in this process and in workers forked from it (not in spawned ones: use the
+environment there).
 """
 from __future__ import annotations
 
