@@ -4,7 +4,7 @@ Each case ends either with exit 0 and the documented result, or with exit 2, exa
 stderr, no traceback, and nothing half-written. Verbs run in-process (`vlmkit.cli.main`); a
 subprocess is used only where the process boundary is the point (peak memory).
 
-Which inputs fail and which are skipped, as the README's "Limits" section documents: a dataset
+Which inputs fail and which are skipped, as the README's "Limits and bad input" section documents: a dataset
 file that cannot be read (not UTF-8, bad JSON, nesting too deep, a caption that is not a string)
 is an error naming the file and line; an image that cannot be used (missing, not a regular file,
 over the limits, undecodable) is skipped and counted by commands that score a whole dataset
@@ -25,7 +25,7 @@ import torch
 from vlmkit.cli import main
 
 # Peak memory of decoding + preprocessing one corpus image (or tokenizing the 11 MB caption), above
-# what the process held before: the bound the README's "Limits" section documents.
+# what the process held before: the bound the README's "Limits and bad input" section documents.
 MEMORY_BOUND_MB = 200
 
 
@@ -35,6 +35,8 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", hidden)  # what Python hides outside __main__ by default
         code = main([str(item) for item in argv])
     captured = capsys.readouterr()
     shown = "".join(f"{warning.filename}:{warning.lineno}: {warning.category.__name__}: {warning.message}\n"
