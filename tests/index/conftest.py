@@ -1,0 +1,44 @@
+"""Fixtures of the index tests: a small built-in dataset and a tiny, untrained CLIP saved as a run folder.
+
+An untrained model is enough: the tests check that the index returns what brute force over the
+same model's embeddings returns, not that the embeddings are good."""
+import pytest
+
+from vlmkit.data.synthetic import generate
+
+TEXTS = ["a red circle", "a blue square on the left", "a green triangle and a yellow star", "two objects"]
+
+
+def save_tiny_clip(out, seed: int = 0, embed_dim: int = 32):
+    """A clip-tiny made smaller (one block per tower, width 64), with tokenizer and transform, saved at `out`."""
+    import torch
+
+    from vlmkit.config import apply_overrides
+    from vlmkit.data.transforms import ImageTransform
+    from vlmkit.models.registry import get_family, named_config
+    from vlmkit.tokenizers import train_clip_bpe
+
+    tokenizer = train_clip_bpe(TEXTS, vocab_size=600, context_length=16)
+    family, config = named_config("clip-tiny")
+    cls = get_family(family)
+    config = cls.adapt_config_to_tokenizer(config, tokenizer)
+    config = apply_overrides(config, {"embed_dim": embed_dim, "vision.width": 64, "vision.depth": 1, "text.width": 64,
+                                      "text.depth": 1, "vision.image_size": 32})
+    torch.manual_seed(seed)
+    model = cls.from_config_dict(config)
+    model.tokenizer, model.transform = tokenizer, ImageTransform(config["vision"]["image_size"])
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """The built-in dataset, small (about 48 train / 12 test scenes), generated once per session."""
+    out = tmp_path_factory.mktemp("index-synth")
+    generate(out, n=60, seed=3, image_size=32, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip_run(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("index-model") / "clip")
