@@ -171,6 +171,9 @@ def _faiss_index(vectors, ivf: int | None, pq: int | None, pq_bits: int):
             raise UserError(f"IVF-PQ with --ivf {ivf} and {pq_bits}-bit codes needs at least {needed} vectors to train "
                             f"and the data gave {count}; use a smaller --ivf / --pq-bits or the exact index (no --ivf/--pq)")
         index = faiss.index_factory(dim, f"IVF{ivf},PQ{pq}x{pq_bits}", faiss.METRIC_INNER_PRODUCT)
+        # index_factory turns on polysemous training, which only Hamming pre-filtering (unused here)
+        # needs and which is 20x the rest of the training time.
+        faiss.downcast_index(index).do_polysemous_training = False
         index.train(vectors)
     index.add(vectors)
     return index
