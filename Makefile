@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench serve
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ venv: $(VENV)/.core
 
 demo: $(VENV)/.plots
 	$(VENV)/bin/vlmkit demo --out runs/demo
+
+$(VENV)/.serve: $(VENV)/.core
+	$(PY) -m pip install -q -e ".[serve]"
+	touch $@
+
+# The HTTP service on the demo run (trains a tiny CLIP first when runs/demo/run is absent): http://127.0.0.1:8000/docs
+serve: $(VENV)/.serve
+	$(VENV)/bin/vlmkit serve --demo
 
 # tests/test_packaging.py installs the built wheel into a fresh venv with this same torch.
 test: $(VENV)/.test
