@@ -6,8 +6,8 @@ among labels, searches the index, captions the image, and saves a full-page scre
 test (tests/serve/test_browser.py) uses the same functions; run it yourself to refresh the README's
 picture (the models and data are yours: a trained CLIP and a captioner read best):
 
-    .venv/bin/python scripts/screenshot.py --model clip=runs/clip --model cap=runs/virtex \\
-        --data data/synth/test.jsonl --out docs/images/web_page.png
+    .venv/bin/python scripts/screenshot.py --model clip=runs/clip --model captioner=runs/virtex \\
+        --data data/synth/test.jsonl --record 1 --out docs/images/web_page.png
 
 Without `--index`, an index of `--data` is built first with the first model (in a temporary folder).
 Needs `apt-get install chromium chromium-driver` and `pip install selenium`.
@@ -201,19 +201,24 @@ def chat(driver, message: str) -> list[tuple[str, str]]:
 
 
 def full_page_screenshot(driver, path: str | os.PathLike) -> None:
-    """Grow the window to the page's height, then save a PNG of all of it."""
-    width = driver.execute_script("return document.documentElement.scrollWidth")
+    """Save a PNG of the whole page: the viewport is stretched to the page's height (DevTools) first."""
+    width = max(1280, driver.execute_script("return document.documentElement.scrollWidth"))
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(max(width, 1280), height + 40)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(path))
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(path))
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", required=True, metavar="[NAME=]RUN", help="models to serve (repeatable)")
     parser.add_argument("--index", help="index folder to search (default: build one of --data with the first model)")
-    parser.add_argument("--data", required=True, help="records whose first image is the one the page uses")
+    parser.add_argument("--data", required=True, help="records to index; record --record's image is the one the page uses")
+    parser.add_argument("--record", type=int, default=0, help="which record's image to pick (default: the first)")
     parser.add_argument("--labels", default="red circle, blue square, green triangle, yellow star, purple circle")
     parser.add_argument("--query", default="a red circle")
     parser.add_argument("--out", default="docs/images/web_page.png")
@@ -225,7 +230,7 @@ def main() -> int:
     if executables is None:
         print("screenshot: chromium and chromedriver are not installed (apt-get install chromium chromium-driver)", file=sys.stderr)
         return 2
-    image = read_records(args.data)[0]["image"]
+    image = read_records(args.data)[args.record]["image"]
     with tempfile.TemporaryDirectory() as scratch:
         index = args.index
         if index is None:
