@@ -7,6 +7,7 @@ what `config.json` holds.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -46,12 +47,14 @@ def _type_name(annotation) -> str:
         return "a list"
     if origin is dict or annotation is dict:
         return "a mapping"
+    if dataclasses.is_dataclass(annotation):
+        return f"a mapping of {annotation.__name__} keys"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 class _Mismatch(Exception):
-    pass
+    """A value that does not fit its annotation; the argument, if any, says what was expected instead."""
 
 
 def _number(value, kind: type):
@@ -69,6 +72,9 @@ def _number(value, kind: type):
         value = int(value)
     if not isinstance(value, (int, float)):
         raise _Mismatch
+    if kind is float and not math.isfinite(value):
+        # inf and nan pass every range check (`inf > 0`, `nan < 1` is False) and break a run later
+        raise _Mismatch("a finite number")
     return kind(value)
 
 
@@ -81,14 +87,15 @@ def _coerce(value, annotation):
     if args is not None:
         if value is None and _NONE in args:
             return None
+        reasons = []
         for arg in args:
             if arg is _NONE:
                 continue
             try:
                 return _coerce(value, arg)
-            except _Mismatch:
-                continue
-        raise _Mismatch
+            except _Mismatch as mismatch:
+                reasons += mismatch.args
+        raise _Mismatch(*reasons[:1])
     origin = typing.get_origin(annotation)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -112,6 +119,8 @@ def _coerce(value, annotation):
     if annotation is str:
         if isinstance(value, str):
             return value
+        raise _Mismatch
+    if dataclasses.is_dataclass(annotation):  # a nested section given as a mapping is built by from_dict
         raise _Mismatch
     return value  # other annotations (callables, classes) are not checked
 
@@ -143,11 +152,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         nested = _resolve_type(hints[name])
         if nested is not None and isinstance(value, dict):
             value = from_dict(nested, value, where=f"{where}.{name}")
-        elif nested is None or value is not None:
+        else:  # a section given as a list, a number or null where it is required fails here, named
             try:
                 value = _coerce(value, hints[name])
-            except _Mismatch:
-                raise UserError(f"{where}.{name} must be {_type_name(hints[name])}, got {value!r}") from None
+            except _Mismatch as mismatch:
+                expected = mismatch.args[0] if mismatch.args else _type_name(hints[name])
+                raise UserError(f"{where}.{name} must be {expected}, got {value!r}") from None
         values[name] = value
     try:
         return cls(**values)

@@ -136,16 +136,19 @@ def build_recipe(base: dict[str, Any], overrides: dict[str, Any], where: str) ->
     if not isinstance(base, dict):
         raise UserError(f"{where} must be a mapping of recipe keys to values, got {type(base).__name__}")
     data = dict(base)
-    model_overrides = dict(data.get("model_overrides") or {})
-    training = dict(data.get("training") or {})
-    for key, value in overrides.items():
-        if key.startswith("model."):
-            model_overrides[key[len("model."):]] = value
-        elif key.startswith("training."):
-            training[key[len("training."):]] = value
-        else:
-            data[key] = value
-    data["model_overrides"], data["training"] = model_overrides, training
+    plain = {key: value for key, value in overrides.items() if not key.startswith(("model.", "training."))}
+    data.update(plain)
+    sections = {}
+    for section, prefix in (("model_overrides", "model."), ("training", "training.")):
+        given = data.get(section)
+        if given is not None and not isinstance(given, dict):
+            raise UserError(f"{where}: {section} must be a mapping of keys to values, got {given!r}; "
+                            f"on the command line set its keys one by one ({prefix}KEY=VALUE)")
+        sections[section] = dict(given or {})
+        for key, value in overrides.items():
+            if key.startswith(prefix):
+                sections[section][key[len(prefix):]] = value
+    data.update(sections)
     return from_dict(Recipe, data, where=where)
 
 
