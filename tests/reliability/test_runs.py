@@ -174,11 +174,20 @@ def test_a_damaged_run_file_is_one_line(name, content, needle, run, capsys):
     assert needle in one_line_error(capsys)
 
 
-def test_resuming_a_finished_run_says_so(finished, tmp_path, capsys):
+def test_resuming_a_finished_run_tidies_it_and_says_so(finished, tmp_path, capsys):
+    # What a user re-runs after a kill that came after the last checkpoint: no error, nothing trained twice.
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    assert train(run, None, resume=True) == 2
-    assert "has already trained 4 steps and the recipe asks for 4; pass steps=N with N above 4" in one_line_error(capsys)
+    (run / ".model.safetensors.0123abcd.tmp").write_bytes(b"half")
+    capsys.readouterr()
+    assert train(run, None, resume=True) == 0
+    captured = capsys.readouterr()
+    assert "has already trained all 4 steps; nothing left to train" in captured.err
+    assert json.loads(captured.out)["loss"] == logged(finished)[-1]["loss"]
+    assert logged(run) == logged(finished) and not list(run.rglob("*.tmp"))
+    # Asking for fewer steps than were trained is an error, not a silent success.
+    assert train(run, None, "steps=3", resume=True) == 2
+    assert "has already trained 4 steps and the recipe asks for 3" in one_line_error(capsys)
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(run, finished, monkeypatch, capsys):

@@ -366,13 +366,20 @@ class Trainer:
         })
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # the checkpoint appears whole or not at all
-        atomic_write_bytes(self.run / CHECKPOINTS / "latest", name.encode())
         save_safetensors(weights, self.run / WEIGHTS_FILE)  # the run folder loads as a model
         extras = getattr(model, "save_training_artifacts", None)  # e.g. LoRA adapters in PEFT's layout
         if extras is not None:
             extras(self.run, weights)
-        kept = sorted(p for p in (self.run / CHECKPOINTS).glob("step-*") if p.is_dir())
-        for old in kept[: -self.recipe.keep_checkpoints]:
+        # `latest` moves last: a kill before it resumes from the previous checkpoint and redoes this
+        # save, so a run whose `latest` names step N also has step N's weights in its folder.
+        atomic_write_bytes(self.run / CHECKPOINTS / "latest", name.encode())
+        self._prune_checkpoints()
+
+    def _prune_checkpoints(self) -> None:
+        """Keep the newest `keep_checkpoints` checkpoints (never the one `latest` names)."""
+        latest = latest_checkpoint(self.run)
+        kept = sorted(p for p in (self.run / CHECKPOINTS).glob("step-*") if p.is_dir() and p != latest)
+        for old in kept[: max(0, len(kept) + 1 - self.recipe.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _restore_weights(self, model) -> Path:
@@ -425,9 +432,9 @@ class Trainer:
             if checkpoint is None:
                 raise UserError(f"--resume: {run} has no checkpoint to resume from; train without --resume first")
             done = int(checkpoint.name.split("-")[1])
-            if done >= recipe.steps:  # nothing left to train: say so rather than exit 0 having done nothing
+            if done > recipe.steps:  # fewer steps than trained: never silently "finish" a longer run
                 raise UserError(f"--resume: {run} has already trained {done} steps and the recipe asks for {recipe.steps}; "
-                                f"pass steps=N with N above {done} to train on")
+                                f"pass steps=N with N of {done} or more")
         else:
             if (run / CONFIG_FILE).exists() and latest_checkpoint(run) is not None:
                 raise UserError(f"{run} already holds a trained run; pass --resume to continue it or choose another --out")
@@ -488,6 +495,11 @@ class Trainer:
         log = MetricsLog(self.run, info, recipe.log_every, _progress(recipe.steps, start_step, info.is_main))
         skips = SkipCounter()
         skips.total = skipped
+        if start_step >= recipe.steps and info.is_main:  # re-run after a kill at the very end: tidy, then done
+            self._prune_checkpoints()
+            log.last = self._last_logged()
+            print(f"vlmkit: {self.run} has already trained all {recipe.steps} steps; nothing left to train "
+                  f"(pass steps=N above {recipe.steps} to train on)", file=sys.stderr)
         window_start, window_samples, trained_samples = time.perf_counter(), 0, 0
         model.train()
         try:
@@ -513,6 +525,16 @@ class Trainer:
         self._finish(skips)
         return {"run": str(self.run), "steps": recipe.steps, "loss": log.last.get("loss"),
                 "samples_per_s": log.last.get("samples_per_s"), **skips.summary()}
+
+    def _last_logged(self) -> dict:
+        """The last complete row of metrics.jsonl (empty if none)."""
+        lines = (self.run / METRICS_FILE).read_text(errors="replace").splitlines() if (self.run / METRICS_FILE).exists() else []
+        for line in reversed(lines):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        return {}
 
     def _step(self, trained, model, optimizer, micro_batches, skips, autocast) -> tuple[dict, int]:
         """One optimizer step over `grad_accum` micro-batches: (mean logs as tensors, samples used)."""
