@@ -91,7 +91,8 @@ def test_rerunning_a_crashed_command_starts_a_fresh_log(finished, data, tmp_path
 
 def test_resume_truncates_the_log_to_the_checkpoint_and_drops_a_half_written_line(run, finished):
     with open(run / "metrics.jsonl", "a") as log:
-        log.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # logged after step 2 by the dead attempt
+        # logged after step 2 by the dead attempt, then lines that are no log rows at all
+        log.write('{"step": 5, "loss": 1.0}\n[1, 2]\n{"step": "x"}\n\xff\n{"step": 6, "lo')
     assert _resume(run) == 0
     rows = logged(run)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
@@ -210,6 +211,18 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(run, finished, 
     monkeypatch.setattr(trainer, "atomic_torch_save", real)  # space freed
     assert _resume(run) == 0
     assert [row["loss"] for row in logged(run)] == [row["loss"] for row in logged(finished)]
+
+
+def test_a_full_disk_while_logging_names_the_last_checkpoint(run, monkeypatch, capsys):
+    import vlmkit.train.trainer as trainer
+
+    def full(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(trainer.MetricsLog, "flush", full)
+    assert _resume(run) == 2
+    error = one_line_error(capsys)
+    assert "is full (No space left on device); its last checkpoint step-0000002 is intact" in error, error
 
 
 # ---- small --------------------------------------------------------------------------------------

@@ -145,9 +145,11 @@ class RunLock:
 def _logged_step(line: str) -> float:
     """The step of one metrics.jsonl line; a half-written line (a kill mid-write) counts as after any checkpoint."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+    # a line that is JSON but not one of ours (a list, a step that is no number) is dropped as well
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
 class MetricsLog:
@@ -190,11 +192,13 @@ class MetricsLog:
         self.pending = []
 
     def close(self) -> None:
-        self.flush()
-        if self.file:
-            self.file.close()
-        if self.progress:
-            self.progress.close()
+        try:
+            self.flush()
+        finally:  # a flush that fails (a full disk) still closes the file and ends the progress bar's line
+            if self.file:
+                self.file.close()
+            if self.progress:
+                self.progress.close()
 
 
 def _rows(batch: dict) -> int:
