@@ -43,6 +43,8 @@ def _type_name(annotation) -> str:
     if args is not None:
         return " or ".join("null" if arg is _NONE else _type_name(arg) for arg in args)
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(choice) for choice in typing.get_args(annotation))
     if origin is tuple:
         return "a list"
     if origin is dict or annotation is dict:
@@ -97,6 +99,10 @@ def _coerce(value, annotation):
                 reasons += mismatch.args
         raise _Mismatch(*reasons[:1])
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:  # a choice among fixed values: `precision: Literal["auto", "fp32", "bf16"]`
+        if isinstance(value, bool) or value not in typing.get_args(annotation):
+            raise _Mismatch
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
@@ -123,6 +129,41 @@ def _coerce(value, annotation):
     if dataclasses.is_dataclass(annotation):  # a nested section given as a mapping is built by from_dict
         raise _Mismatch
     return value  # other annotations (callables, classes) are not checked
+
+
+def bounded(default: Any = dataclasses.MISSING, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, **field_options) -> Any:
+    """A dataclass field whose numeric value must lie in a range that `check_fields` enforces:
+    `steps: int = bounded(1000, low=1)`, `lr: float = bounded(5e-4, low=0, low_open=True)` (above 0).
+    A None value (an optional field left unset) is not checked."""
+    metadata = {"range": (low, high, low_open, high_open)}
+    return dataclasses.field(default=default, metadata=metadata, **field_options)
+
+
+def _range_text(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"above {low:g}" if low_open else f"at least {low:g}"
+    return f"below {high:g}" if high_open else f"at most {high:g}"
+
+
+def check_fields(instance, where: str) -> None:
+    """Raise a UserError naming the first field of dataclass `instance` outside its `bounded` range or
+    its `Literal[...]` choices (called from `__post_init__`, so a dataclass built in code is checked as
+    one read from a file is)."""
+    hints = typing.get_type_hints(type(instance))
+    for item in dataclasses.fields(instance):
+        value = getattr(instance, item.name)
+        if typing.get_origin(hints[item.name]) is typing.Literal and value not in typing.get_args(hints[item.name]):
+            raise UserError(f"{where} {item.name} must be {_type_name(hints[item.name])}, got {value!r}")
+        if "range" not in item.metadata or value is None:
+            continue
+        low, high, low_open, high_open = item.metadata["range"]
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # value != value: NaN fails every range
+            raise UserError(f"{where} {item.name} must be {_range_text(low, high, low_open, high_open)}, got {value}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:

@@ -121,3 +121,17 @@ def test_resume_refuses_a_model_override_and_a_tokenizer_change(trained, tmp_pat
     assert train(run, None, "steps=3", "save_every=0", resume=True) == 2
     assert "save_every must be at least 1" in one_line_error(capsys)
     assert train(run, None, "steps=2", "model.vision.width=32", resume=True) == 0
+
+
+def test_a_recipe_built_in_code_is_checked_as_one_read_from_a_file():
+    # The ranges and choices are declared on the Recipe's fields, so both ways share one check.
+    from vlmkit.errors import UserError
+    from vlmkit.train.recipe import Recipe
+
+    for options, needle in [({"steps": 0}, "recipe key steps must be at least 1, got 0"),
+                            ({"precision": "fp8"}, "recipe key precision must be one of auto, fp32, bf16, got 'fp8'"),
+                            ({"beta2": 1.0}, "recipe key beta2 must be in [0, 1), got 1.0"),
+                            ({"lr": 0.0}, "recipe key lr must be above 0, got 0.0")]:
+        with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            Recipe(**options)
+    assert Recipe(grad_clip=None).grad_clip is None  # an optional value left unset is not range-checked
