@@ -148,22 +148,22 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
     return f"below {high:g}" if high_open else f"at most {high:g}"
 
 
-def check_fields(instance, where: str) -> None:
+def check_fields(instance, where: str, separator: str = " ") -> None:
     """Raise a UserError naming the first field of dataclass `instance` outside its `bounded` range or
     its `Literal[...]` choices (called from `__post_init__`, so a dataclass built in code is checked as
-    one read from a file is)."""
+    one read from a file is). Messages read `{where}{separator}{field} must be ...`."""
     hints = typing.get_type_hints(type(instance))
     for item in dataclasses.fields(instance):
         value = getattr(instance, item.name)
         if typing.get_origin(hints[item.name]) is typing.Literal and value not in typing.get_args(hints[item.name]):
-            raise UserError(f"{where} {item.name} must be {_type_name(hints[item.name])}, got {value!r}")
+            raise UserError(f"{where}{separator}{item.name} must be {_type_name(hints[item.name])}, got {value!r}")
         if "range" not in item.metadata or value is None:
             continue
         low, high, low_open, high_open = item.metadata["range"]
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high or value != value:  # value != value: NaN fails every range
-            raise UserError(f"{where} {item.name} must be {_range_text(low, high, low_open, high_open)}, got {value}")
+            raise UserError(f"{where}{separator}{item.name} must be {_range_text(low, high, low_open, high_open)}, got {value}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:

@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -397,8 +398,6 @@ class Trainer:
     def _restore(self, model, optimizer, checkpoint: Path) -> tuple[int, int]:
         from vlmkit.train.parallelize import is_sharded, load_optimizer_state
 
-        import pickle
-
         path = checkpoint / "state.pt"
         fix = f"delete {checkpoint.name} and point checkpoints/latest at an older step"
         try:  # weights_only: a pickle in state.pt can name no code to run
@@ -535,9 +534,11 @@ class Trainer:
         lines = (self.run / METRICS_FILE).read_text(errors="replace").splitlines() if (self.run / METRICS_FILE).exists() else []
         for line in reversed(lines):
             try:
-                return json.loads(line)
+                row = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(row, dict):
+                return row
         return {}
 
     def _step(self, trained, model, optimizer, micro_batches, skips, autocast) -> tuple[dict, int]:
