@@ -92,6 +92,7 @@ def main_harness(data: Path, out: Path, seed: int, kills: int, steps: int) -> di
     run = out / "killed"
     report = []
     while len([k for k in report if k["killed"]]) < kills:
+        assert len(report) < 4 * kills, f"too few attempts were killed: {report}"
         kind = "save" if len(report) % 2 == 0 else "step"
         argv = _attempt_args(run, data, steps)
         resumed = "--resume" in argv

@@ -108,6 +108,14 @@ def test_a_training_whose_every_image_is_missing_fails_and_saves_nothing(tmp_pat
     assert not (run / "checkpoints").exists()
 
 
+def test_a_resumed_run_whose_images_have_gone_fails_and_saves_nothing(run, data, tmp_path, capsys):
+    gone = tmp_path / "gone.jsonl"
+    gone.write_text("".join(json.dumps({"image": f"missing/{i}.png", "text": "a red circle"}) + "\n" for i in range(8)))
+    assert train(run, None, "steps=4", "--data", str(gone), resume=True) == 2
+    assert "no sample of steps 3-4 could be read" in one_line_error(capsys)
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["latest", "step-0000002"]
+
+
 def test_nan_weights_make_classify_and_embed_fail(finished, data, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 

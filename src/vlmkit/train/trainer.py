@@ -518,8 +518,10 @@ class Trainer:
                 if (step + 1) % recipe.log_every == 0:
                     window_start, window_samples = time.perf_counter(), 0
                 if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
-                    if trained_samples == 0 and not self.resume and not info.enabled:
-                        raise UserError(f"no sample of the first {step + 1} steps could be read ({skips.message()}); "
+                    # (one rank of several may legitimately get only unreadable samples: checked alone only)
+                    if trained_samples == 0 and not info.enabled:
+                        steps = f"the first {step + 1} steps" if start_step == 0 else f"steps {start_step + 1}-{step + 1}"
+                        raise UserError(f"no sample of {steps} could be read ({skips.message()}); "
                                         f"nothing was trained or saved")
                     log.flush()
                     self._save_checkpoint(model, optimizer, step + 1, skips.total)
