@@ -183,6 +183,14 @@ def test_a_damaged_run_file_is_one_line(name, content, needle, run, capsys):
     assert needle in one_line_error(capsys)
 
 
+def test_a_checkpoint_linked_to_another_run_is_refused(run, finished, capsys):
+    step = run / "checkpoints" / "step-0000002"
+    shutil.rmtree(step)
+    step.symlink_to(finished / "checkpoints" / "step-0000002")
+    assert _resume(run) == 2
+    assert "outside this run's checkpoints" in one_line_error(capsys)
+
+
 def test_resuming_a_finished_run_tidies_it_and_says_so(finished, tmp_path, capsys):
     # What a user re-runs after a kill that came after the last checkpoint: no error, nothing trained twice.
     run = tmp_path / "run"

@@ -98,6 +98,8 @@ def latest_checkpoint(run: Path) -> Path | None:
     if not re.fullmatch(r"step-\d+", name):
         raise UserError(f"{pointer} names {name!r}, not a checkpoint of this run (step-N); fix or delete it")
     path = run / CHECKPOINTS / name
+    if path.is_symlink() and path.resolve().parent != (run / CHECKPOINTS).resolve():  # a link into another run
+        raise UserError(f"{path} links to {path.resolve()}, outside this run's checkpoints; replace the link by the folder")
     if not path.is_dir():
         raise UserError(f"{pointer} names {name}, which {run / CHECKPOINTS} does not hold; "
                         f"point it at a step-N folder that is there (or delete it to start the run afresh)")
