@@ -38,6 +38,10 @@ def _resolve_type(annotation):
     return annotation if dataclasses.is_dataclass(annotation) else None
 
 
+def _plural(annotation) -> str:
+    return {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(annotation, "values")
+
+
 def _type_name(annotation) -> str:
     args = _union_args(annotation)
     if args is not None:
@@ -46,6 +50,11 @@ def _type_name(annotation) -> str:
     if origin is typing.Literal:
         return "one of " + ", ".join(str(choice) for choice in typing.get_args(annotation))
     if origin is tuple:
+        items = typing.get_args(annotation)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return f"a list of {_plural(items[0])}"
+        if items:
+            return f"a list of {len(items)} {_plural(items[0])}" if len(set(items)) == 1 else "a list"
         return "a list"
     if origin is dict or annotation is dict:
         return "a mapping"

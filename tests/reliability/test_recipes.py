@@ -48,6 +48,9 @@ def data(tmp_path_factory):
     ("model.text=null", "text must be a mapping of TextConfig keys, got None"),
     ("model.vision.mlp_ratio=.inf", "vision.mlp_ratio must be a finite number"),
     ("model.vision.width=64.5", "vision.width must be an integer, got 64.5"),
+    ("model.vision.conv_stem=[abc]", "vision.conv_stem must be a list of integers, got ['abc']"),
+    ("crop_scale=[1]", "crop_scale must be a list of 2 numbers, got [1]"),
+    ("model.text.dropout=1", "text.dropout must be in [0, 1), got 1.0"),
 ])
 def test_a_bad_value_is_one_line_and_leaves_no_run_folder(override, needle, data, tmp_path, capsys):
     run = tmp_path / "run"
