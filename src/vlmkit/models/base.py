@@ -292,13 +292,11 @@ class VLModel(nn.Module):
 
 
 def _field_names(config_class: type, section: str) -> set[str]:
-    """Field names of the dataclass behind `config_class.<section>` (empty if it is not one)."""
+    """Field names of the dataclass that `config_class.<section>` is annotated with (empty if none)."""
     import dataclasses
+    import typing
 
     if not dataclasses.is_dataclass(config_class):
         return set()
-    for item in dataclasses.fields(config_class):
-        if item.name == section:
-            kind = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
-            return {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
-    return set()
+    kind = typing.get_type_hints(config_class).get(section)
+    return {f.name for f in dataclasses.fields(kind)} if isinstance(kind, type) and dataclasses.is_dataclass(kind) else set()
