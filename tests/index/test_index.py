@@ -205,6 +205,7 @@ def test_bad_inputs_are_one_line_exit_2(clip_run, synth, flat_index, tmp_path, c
     _fails(capsys, [*build, "--data", data, "--out", str(tmp_path / "b"), "--ivf", "2", "--pq", "5", "--pq-bits", "4"],
            "divide", "32")
     _fails(capsys, [*build, "--data", data, "--out", str(tmp_path / "c"), "--ivf", "100", "--pq", "8"], "at least 256")
+    assert not (tmp_path / "c").exists()  # refused before anything was embedded or written
     _fails(capsys, [*build, "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "d")], "none.jsonl")
     _fails(capsys, ["index", "build", "--model", str(tmp_path / "nomodel"), "--data", data, "--out", str(tmp_path / "e")],
            "nomodel")

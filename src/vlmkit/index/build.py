@@ -157,6 +157,12 @@ def _embed_chunk(model, payloads: list[Any], first: int, rows: str, batch_size: 
             torch.tensor(skipped, dtype=torch.int64), notes)
 
 
+def _faiss_index_needs(count: int, ivf: int, pq_bits: int) -> None:
+    """The error for too few vectors to train IVF-PQ (k-means needs at least as many points as centroids)."""
+    raise UserError(f"IVF-PQ with --ivf {ivf} and {pq_bits}-bit codes needs at least {max(ivf, 2 ** pq_bits)} vectors "
+                    f"to train and the data gives {count}; use a smaller --ivf / --pq-bits or the exact index (no --ivf/--pq)")
+
+
 def _faiss_index(vectors, ivf: int | None, pq: int | None, pq_bits: int):
     """An exact inner-product index, or IVF-PQ (trained on the vectors) when `ivf` and `pq` are given."""
     faiss = import_faiss()
@@ -166,10 +172,8 @@ def _faiss_index(vectors, ivf: int | None, pq: int | None, pq_bits: int):
     else:
         if dim % pq:
             raise UserError(f"--pq {pq} must divide the vector dimension {dim}; pick a divisor of {dim}")
-        needed = max(ivf, 2 ** pq_bits)
-        if count < needed:
-            raise UserError(f"IVF-PQ with --ivf {ivf} and {pq_bits}-bit codes needs at least {needed} vectors to train "
-                            f"and the data gave {count}; use a smaller --ivf / --pq-bits or the exact index (no --ivf/--pq)")
+        if count < max(ivf, 2 ** pq_bits):
+            _faiss_index_needs(count, ivf, pq_bits)
         index = faiss.index_factory(dim, f"IVF{ivf},PQ{pq}x{pq_bits}", faiss.METRIC_INNER_PRODUCT)
         # index_factory turns on polysemous training, which only Hamming pre-filtering (unused here)
         # needs and which is 20x the rest of the training time.
@@ -218,6 +222,8 @@ def build_index(model_path: str | os.PathLike, data: str | os.PathLike, out: str
     owners, payloads = _items(records, rows)
     if not payloads:
         raise UserError(f"dataset '{data}' has no {'images' if rows == 'image' else 'captions'} to index")
+    if ivf is not None and len(payloads) < max(ivf, 2 ** pq_bits):  # known before embedding: fail before it
+        _faiss_index_needs(len(payloads), ivf, pq_bits)
     identity = {"format": FORMAT_VERSION, "model": str(Path(model_path).resolve()), "model_fingerprint": model_fp,
                 "data": str(Path(data).resolve()), "data_fingerprint": data_fingerprint(records), "rows": rows,
                 "items": len(payloads)}
