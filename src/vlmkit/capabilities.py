@@ -101,6 +101,13 @@ class ScoresText(Capability, Protocol):
         """Per text: (sum of next-token negative log-likelihoods (B,), number of predicted tokens (B,)),
         tokenized as the model trains (texts longer than its context are cut)."""
 
+class Imagines(Capability, Protocol):
+    name: ClassVar[str] = "generate images"
+
+    def imagine(self, prompts: Sequence[str], **options) -> torch.Tensor:
+        """(B, 3, H, W) images with values in [0, 1], one per text prompt (text-to-image families)."""
+
+
 def methods_of(capability: type) -> list[str]:
     """The method names a capability protocol asks for (its own and its bases', not Protocol's)."""
     names = []
