@@ -86,6 +86,12 @@ class MatchesImageText(Capability, Protocol):
     def match(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) probability that text row b describes image row b (an image-text matching head)."""
 
+    def image_match_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, ...) what `match_scores` reads of each image, computed once per image (retrieval re-ranking)."""
+
+    def match_scores(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) the matching head's score (a logit) of text row b against image-feature row b."""
+
 
 
 class ScoresText(Capability, Protocol):

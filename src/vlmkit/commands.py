@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "embed": ("vlmkit.tasks.cli", "write normalised image and text embeddings to safetensors"),
     "convert": ("vlmkit.interop.cli",
                 "convert a checkpoint: HF CLIP / BERT / OpenCLIP / vlmkit -> vlmkit, HF or OpenCLIP"),
+    "index": ("vlmkit.index.cli", "build a FAISS search index of a dataset, or search one (prints JSON)"),
     "score": ("vlmkit.metrics.cli", "score predictions with caption metrics or VQA accuracy"),
     "serve": ("vlmkit.serve.cli", "serve models over HTTP (FastAPI; pip install vlmkit[serve])"),
     "demo": ("vlmkit.demo", "generate data, train a tiny CLIP, evaluate, write a report"),

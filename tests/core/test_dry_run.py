@@ -85,3 +85,13 @@ def test_bad_dry_runs_exit_2(args, message, capsys):
 def test_dry_run_of_families_on_the_language_model_needs_no_data(recipe, capsys):
     assert main(["train", "--recipe", recipe, "--dry-run", "init_text=null"]) == 0  # bos id from the stand-in vocabulary
     assert json.loads(capsys.readouterr().out)["parameters"]["total"] > 0
+
+
+def test_dry_run_sizes_sequences_at_the_longest_training_sample(capsys):
+    """The dummy batch is short (LLaVA's: image tokens and a few words); the estimate is for the longest sample a
+    run trains on: the LM's context, capped by the family's `training.max_length` (tokens per sample)."""
+    result, _ = _dry_run(capsys, "--recipe", "llava-tiny-stage2", "init=null", "training.max_length=100")
+    vision, *_, language = result["transformer_blocks"]
+    assert language[1] == 100 and vision[1] < 100  # the ViT keeps its own (patch) length
+    result, _ = _dry_run(capsys, "--recipe", "lm-tiny", "init_text=null")
+    assert {block[1] for block in result["transformer_blocks"]} == {128}  # lm-tiny's context

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vlmkit.config import bounded, check_fields
 from vlmkit.errors import UserError
 
 
@@ -13,20 +14,21 @@ class VisionConfig:
     """An image tower: a ViT (optionally with a conv stem) or CLIP's modified ResNet."""
 
     type: str = "vit"  # vit | resnet
-    image_size: int = 224
-    patch_size: int = 32
-    width: int = 768  # ViT width; for a ResNet, the stem width (64 for RN50)
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
+    image_size: int = bounded(224, low=1)
+    patch_size: int = bounded(32, low=1)
+    width: int = bounded(768, low=1)  # ViT width; for a ResNet, the stem width (64 for RN50)
+    depth: int = bounded(12, low=0)
+    heads: int = bounded(12, low=1)
+    mlp_ratio: float = bounded(4.0, low=0, low_open=True)
     activation: str = "gelu"  # quick_gelu for OpenAI weights
     conv_stem: tuple[int, ...] = ()  # channels of stride-2 conv stages before patchify (hybrid ViT)
     pool: str = "cls"  # cls | mean
     norm_pre: bool = True  # CLIP's ln_pre
-    norm_eps: float = 1e-5
+    norm_eps: float = bounded(1e-5, low=0, low_open=True)
     layer_scale: float | None = None
-    drop_path: float = 0.0
+    drop_path: float = bounded(0.0, low=0, high=1, high_open=True)
     resnet_layers: tuple[int, ...] = (3, 4, 6, 3)
+    patch_bias: bool = False  # a bias on the patch projection (timm / BLIP ViTs; CLIP has none)
 
     @staticmethod
     def applicable_keys(data: dict) -> tuple[set[str], str]:
@@ -39,10 +41,8 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.type not in ("vit", "resnet"):
             raise UserError(f"unknown vision tower type '{self.type}'; use 'vit' or 'resnet'")
-        _positive(self, "vision", "image_size", "width", "heads")
+        check_fields(self, "vision", ".")
         if self.type == "vit":
-            _positive(self, "vision", "patch_size")
-            _at_least_zero(self, "vision", "depth")
             _divisible(self, "vision")
             if self.image_size % self.patch_size:
                 raise UserError(f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}")
@@ -60,26 +60,25 @@ _VISION_FIELDS = tuple(VisionConfig.__dataclass_fields__)
 class TextConfig:
     """A text tower: causal (CLIP/GPT-like) or bidirectional (BERT-like)."""
 
-    vocab_size: int = 49408
-    context_length: int = 77
-    width: int = 512
-    depth: int = 12
-    heads: int = 8
-    mlp_ratio: float = 4.0
+    vocab_size: int = bounded(49408, low=1)
+    context_length: int = bounded(77, low=1)
+    width: int = bounded(512, low=1)
+    depth: int = bounded(12, low=0)
+    heads: int = bounded(8, low=1)
+    mlp_ratio: float = bounded(4.0, low=0, low_open=True)
     activation: str = "gelu"
     causal: bool = True
     pool: str = "eos"  # eos (first end token) | argmax (highest id) | cls | mean
-    eos_token_id: int | None = 49407
-    pad_token_id: int = 0
+    eos_token_id: int | None = bounded(49407, low=0)
+    pad_token_id: int = bounded(0, low=0)
     prenorm: bool = True  # False = BERT's post-LN blocks
     embed_norm: bool = False  # BERT's embedding LayerNorm
-    type_vocab_size: int = 0  # BERT's token-type embeddings
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
+    type_vocab_size: int = bounded(0, low=0)  # BERT's token-type embeddings
+    norm_eps: float = bounded(1e-5, low=0, low_open=True)
+    dropout: float = bounded(0.0, low=0, high=1, high_open=True)
 
     def __post_init__(self) -> None:
-        _positive(self, "text", "vocab_size", "context_length", "width", "heads")
-        _at_least_zero(self, "text", "depth", "pad_token_id", "type_vocab_size")
+        check_fields(self, "text", ".")
         _divisible(self, "text")
         _activation(self, "text")
         if self.pool not in ("eos", "argmax", "cls", "mean"):
@@ -88,8 +87,6 @@ class TextConfig:
             value = getattr(self, name)
             if value is not None and value >= self.vocab_size:
                 raise UserError(f"text.{name} {value} is outside the vocabulary of {self.vocab_size} tokens")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"text.dropout must be in [0, 1), got {self.dropout}")
 
 
 
@@ -103,36 +100,33 @@ class LMConfig:
     defaults; every field can be set on its own (HF configs map onto them one to one).
     """
 
-    vocab_size: int = 50257
-    context_length: int = 1024  # the most positions (GPT-2's n_positions, Llama's max_position_embeddings)
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    kv_heads: int | None = None  # grouped-query attention: key/value heads (None = heads)
-    mlp_hidden: int | None = None  # feed-forward width (None = 4 * width)
+    vocab_size: int = bounded(50257, low=1)
+    context_length: int = bounded(1024, low=1)  # the most positions (GPT-2's n_positions, Llama's max_position_embeddings)
+    width: int = bounded(768, low=1)
+    depth: int = bounded(12, low=0)
+    heads: int = bounded(12, low=1)
+    kv_heads: int | None = bounded(None, low=1)  # grouped-query attention: key/value heads (None = heads)
+    mlp_hidden: int | None = bounded(None, low=1)  # feed-forward width (None = 4 * width)
     activation: str = "gelu_tanh"  # GPT-2's gelu_new; Llama: silu
     gated_mlp: bool = False  # SwiGLU: down(act(gate(x)) * up(x)) (Llama)
     norm: str = "layernorm"  # layernorm | rmsnorm
     positions: str = "learned"  # learned | rotary
-    rope_theta: float = 10000.0  # rotary base (positions="rotary")
+    rope_theta: float = bounded(10000.0, low=0, low_open=True)  # rotary base (positions="rotary")
     bias: bool = True  # biases on the attention and MLP projections (GPT-2 has them, Llama not)
-    norm_eps: float = 1e-5
+    norm_eps: float = bounded(1e-5, low=0, low_open=True)
     tie_embeddings: bool = True  # the LM head is the token embedding (GPT-2); Llama has its own
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int = 0
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, low=0, high=1, high_open=True)
 
     def __post_init__(self) -> None:
-        _positive(self, "lm", "vocab_size", "context_length", "width", "heads")
-        _at_least_zero(self, "lm", "depth", "pad_token_id")
+        check_fields(self, "lm", ".")
         _divisible(self, "lm")
         _activation(self, "lm")
         kv_heads = self.heads if self.kv_heads is None else self.kv_heads
-        if kv_heads < 1 or self.heads % kv_heads:
+        if self.heads % kv_heads:
             raise UserError(f"lm.kv_heads {self.kv_heads} must divide lm.heads {self.heads}")
-        if self.mlp_hidden is not None and self.mlp_hidden < 1:
-            raise UserError(f"lm.mlp_hidden must be at least 1, got {self.mlp_hidden}")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise UserError(f"lm.norm must be 'layernorm' or 'rmsnorm', not {self.norm!r}")
         if self.positions not in ("learned", "rotary"):
@@ -143,8 +137,6 @@ class LMConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise UserError(f"lm.{name} {value} is outside the vocabulary of {self.vocab_size} tokens")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"lm.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def num_kv_heads(self) -> int:
@@ -165,18 +157,6 @@ def lm_config_llama(**overrides) -> dict:
     """The Llama style options of `LMConfig`, as a config dict (overrides win)."""
     return {"activation": "silu", "gated_mlp": True, "norm": "rmsnorm", "positions": "rotary", "bias": False,
             "tie_embeddings": False, "norm_eps": 1e-6, **overrides}
-
-
-def _positive(config, where: str, *names: str) -> None:
-    for name in names:
-        if getattr(config, name) < 1:
-            raise UserError(f"{where}.{name} must be at least 1, got {getattr(config, name)}")
-
-
-def _at_least_zero(config, where: str, *names: str) -> None:
-    for name in names:
-        if getattr(config, name) < 0:
-            raise UserError(f"{where}.{name} must be 0 or more, got {getattr(config, name)}")
 
 
 def _divisible(config, where: str) -> None:
@@ -200,7 +180,7 @@ def build_vision_tower(config: VisionConfig, output_dim: int | None) -> nn.Modul
             image_size=config.image_size, patch_size=config.patch_size, width=config.width, depth=config.depth,
             heads=config.heads, output_dim=output_dim, mlp_ratio=config.mlp_ratio, activation=config.activation,
             conv_stem=tuple(config.conv_stem), pool=config.pool, norm_pre=config.norm_pre, norm_eps=config.norm_eps,
-            layer_scale=config.layer_scale, drop_path=config.drop_path,
+            layer_scale=config.layer_scale, drop_path=config.drop_path, patch_bias=config.patch_bias,
         )
     if config.type == "resnet":
         from vlmkit.encoders.resnet import ModifiedResNet

@@ -84,6 +84,8 @@ class VLModel(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = None  # a vlmkit.tokenizers.Tokenizer, attached by load() or the trainer
+        # Why there is none, when a loader knows (an OpenCLIP file with a vocabulary not CLIP's).
+        self.missing_tokenizer_reason: str | None = None
         self.transform = None  # a vlmkit.data.transforms.ImageTransform
         self.training_options = self.training_class()
         self._locked: set[str] = set()
@@ -145,6 +147,21 @@ class VLModel(nn.Module):
                 text["bos_token_id"] = tokenizer.bos_id
             tokenizer.context_length = text.get("context_length", tokenizer.context_length)
         return config
+
+    @classmethod
+    def adapt_pretrained_tower_config(cls, role: str, section: dict[str, Any]) -> dict[str, Any]:
+        """Fit the config section of a pretrained `role` tower (`init_text` / `init_image`) to this
+        family before the model is built (default: unchanged)."""
+        return section
+
+    def adapt_pretrained_tower_state(self, role: str, state: dict[str, torch.Tensor],
+                                     expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit a pretrained `role` tower's weights to this model's tower (`expected`: its own state)
+        before the strict copy (default: unchanged)."""
+        return state
+
+    def after_pretrained_towers(self) -> None:
+        """Called once the `init_text` / `init_image` weights are in (default: nothing)."""
 
     @classmethod
     def adapt_config_to_data(cls, config: dict[str, Any], records: list[dict]) -> dict[str, Any]:
@@ -212,8 +229,9 @@ class VLModel(nn.Module):
         atomic_write_json(directory / CONFIG_FILE, self.config_dict())
 
     @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> "VLModel":
-        return cls(from_dict(cls.config_class, config, where=f"{cls.family} config"))
+    def from_config_dict(cls, config: dict[str, Any], where: str | None = None) -> "VLModel":
+        """The model a config dict describes, every value checked (`where` names its source in errors)."""
+        return cls(from_dict(cls.config_class, config, where=where or f"{cls.family} config"))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "VLModel":
@@ -222,9 +240,16 @@ class VLModel(nn.Module):
 
         directory = Path(directory)
         meta = json.loads((directory / CONFIG_FILE).read_text())
-        with torch.device("meta"):  # skip random init: every tensor comes from the file
-            model = cls.from_config_dict(meta["config"])
+        where = f"{directory / CONFIG_FILE} config"
+        try:
+            with torch.device("meta"):  # skip random init: every tensor comes from the file
+                model = cls.from_config_dict(meta.get("config"), where=where)
+        except UserError as error:  # a range check inside a tower config does not know the file: name it
+            if str(directory / CONFIG_FILE) in str(error):
+                raise
+            raise UserError(f"{where}: {error}") from None
         load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), "vlmkit")
+        _in_default_precision(model, directory / WEIGHTS_FILE)  # an fp16 file loads as float32, not fails at inference
         model.attach_preprocessing(directory)
         if (directory / GENERATION_FILE).exists() and getattr(model, "generation_config", None) is not None:
             model.generation_config = from_dict(type(model.generation_config), json.loads((directory / GENERATION_FILE).read_text()),
@@ -244,6 +269,8 @@ class VLModel(nn.Module):
     # ---- convenience API over the raw tensors ------------------------------------------
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         if self.tokenizer is None:
+            if self.missing_tokenizer_reason:
+                raise UserError(self.missing_tokenizer_reason)
             raise UserError("this model has no tokenizer attached; load it with vlmkit.load(run_folder)")
         return self.tokenizer(texts)
 
@@ -265,7 +292,12 @@ class VLModel(nn.Module):
             ]
         finally:
             self.train(was_training)
-        return torch.cat(chunks) if chunks else torch.empty(0)
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0)
+        broken = (~torch.isfinite(embeddings)).any(dim=-1) if embeddings.ndim == 2 else torch.zeros(0, dtype=torch.bool)
+        if broken.any():  # NaN weights (a diverged run) must not become "probability null" with exit code 0
+            raise UserError(f"the model gives non-finite (NaN or inf) embeddings for {int(broken.sum())} of {len(items)} "
+                            f"input(s), so its weights are damaged (a diverged training?); load an earlier checkpoint or retrain")
+        return embeddings
 
     def embed_images(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
         """L2-normalised image embeddings (N, D), float32 on the CPU."""
@@ -279,14 +311,31 @@ class VLModel(nn.Module):
         return self._embed_in_batches(texts, batch_size, self.tokenize, self.encode_text)
 
 
+def _in_default_precision(model: nn.Module, source: Path) -> None:
+    """Convert, with a note on stderr, a model whose weights file stored floating tensors in another
+    precision (fp16, bf16) than torch's default (float32) the model was built for: kept as loaded,
+    they would make it fail later, at inference, on float32 inputs."""
+    import sys
+
+    default = torch.get_default_dtype()
+    stored: dict[str, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != default:
+            name = str(tensor.dtype).replace("torch.", "")
+            stored[name] = stored.get(name, 0) + 1
+    if stored:
+        model.to(default)
+        what = ", ".join(f"{count} {name}" for name, count in sorted(stored.items()))
+        print(f"vlmkit: note: {source} stores weights in another precision ({what} tensor(s)); converted them to "
+              f"{str(default).replace('torch.', '')} on load", file=sys.stderr)
+
+
 def _field_names(config_class: type, section: str) -> set[str]:
-    """Field names of the dataclass behind `config_class.<section>` (empty if it is not one)."""
+    """Field names of the dataclass that `config_class.<section>` is annotated with (empty if none)."""
     import dataclasses
+    import typing
 
     if not dataclasses.is_dataclass(config_class):
         return set()
-    for item in dataclasses.fields(config_class):
-        if item.name == section:
-            kind = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
-            return {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
-    return set()
+    kind = typing.get_type_hints(config_class).get(section)
+    return {f.name for f in dataclasses.fields(kind)} if isinstance(kind, type) and dataclasses.is_dataclass(kind) else set()

@@ -314,13 +314,8 @@ class Llava(Generative, VLModel):
         image_token = config.get("image_token", DEFAULT_IMAGE_TOKEN)
         if hasattr(tokenizer, "add_special_tokens"):  # the dry run's vocabulary-only stand-in keeps the config's id
             config["image_token_id"] = tokenizer.add_special_tokens([image_token])[0]
-        lm = config.setdefault("lm", {})
-        lm["vocab_size"] = tokenizer.vocab_size
-        for ours, theirs in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
-            if hasattr(tokenizer, theirs):
-                lm[ours] = getattr(tokenizer, theirs)
-        tokenizer.context_length = lm.get("context_length", getattr(tokenizer, "context_length", None))
-        return config
+        config.setdefault("lm", {})
+        return super().adapt_config_to_tokenizer(config, tokenizer)  # after the new token: the vocabulary grew
 
     @classmethod
     def tokenizer_texts(cls, records: list[dict]) -> list[str]:

@@ -37,12 +37,19 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.out:
         raise UserError("train needs --out RUN (the run folder to create or, with --resume, to continue)")
     run = Path(args.out)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a run folder; give a folder path")
+    from vlmkit.io import check_parent_folders
+
+    check_parent_folders(run, "--out")  # a path through a file, or an unwritable folder
     if args.resume:
         saved_path = run / RECIPE_FILE
         if not saved_path.exists():
             raise UserError(f"--resume: {run} is not a vlmkit run folder (no {RECIPE_FILE}); check --out")
-        saved = json.loads(saved_path.read_text())
-        data = args.data or saved.pop("data")
+        saved = _saved_recipe(saved_path)
+        data = args.data or saved.get("data")
+        if not isinstance(data, str):
+            raise UserError(f"--resume: {saved_path} does not say which data the run trained on; give it with --data")
         saved.pop("data", None)
         def saved_value(key):
             for prefix, section in (("model.", "model_overrides"), ("training.", "training")):
@@ -65,6 +72,21 @@ def run_train(args: argparse.Namespace) -> int:
     summary = Trainer(recipe, data, run, resume=args.resume).train()
     print_json(summary)
     return 0
+
+
+def _saved_recipe(path: Path) -> dict:
+    """The recipe a run saved (recipe.json), or one clear line when it is damaged."""
+    from vlmkit.errors import UserError
+
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"--resume: {path} cannot be read ({error}); the run folder is damaged, "
+                        f"restore the file or train a new run with another --out") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} holds {type(saved).__name__}, not a recipe mapping; the run folder is damaged, "
+                        f"restore the file or train a new run with another --out")
+    return saved
 
 
 def _dry_run(args: argparse.Namespace, overrides: dict) -> int:

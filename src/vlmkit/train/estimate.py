@@ -68,7 +68,7 @@ def meta_model(recipe: Recipe, data: str | None = None) -> nn.Module:
 
     family_name, config = named_config(recipe.model)
     family = get_family(family_name)
-    family.parse_training_options(recipe.training)
+    training = family.parse_training_options(recipe.training)
     records = []
     if data:
         from vlmkit.data.formats import read_records
@@ -104,6 +104,7 @@ def meta_model(recipe: Recipe, data: str | None = None) -> nn.Module:
     for role, wanted in (("image", recipe.lock_image), ("text", recipe.lock_text)):
         if wanted:
             model.lock(role)
+    model.training_options = training
     return model
 
 
@@ -125,7 +126,22 @@ def _block_shapes(model: nn.Module, micro_batch: int) -> list[tuple[nn.Module, t
     finally:
         for hook in hooks:
             hook.remove()
-    return seen
+    return _at_context_length(model, seen)
+
+
+def _at_context_length(model: nn.Module, shapes: list[tuple[nn.Module, torch.Size]]) -> list[tuple[nn.Module, torch.Size]]:
+    """`shapes` with each token stack's sequence stretched to its owner's `context_length`: the dummy
+    batch is short (LLaVA's: the image tokens and a few words), while training sizes memory for its
+    longest sample (a LM's batches run up to its whole context, or to the family's `training.max_length`)."""
+    from vlmkit.layers.transformer import Transformer
+
+    cap = getattr(getattr(model, "training_options", None), "max_length", None)  # a family's tokens-per-sample bound
+    longest: dict[nn.Module, int] = {}
+    for owner in model.modules():
+        stack, length = getattr(owner, "transformer", None), getattr(owner, "context_length", None)
+        if isinstance(stack, Transformer) and isinstance(length, int):
+            longest.update({block: min(length, cap) if isinstance(cap, int) else length for block in stack.blocks})
+    return [(block, torch.Size([shape[0], max(shape[1], longest.get(block, 0)), *shape[2:]])) for block, shape in shapes]
 
 
 def _longest_block_shapes(model: nn.Module, micro_batch: int) -> list[tuple[nn.Module, torch.Size]] | None:

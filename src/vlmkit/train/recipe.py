@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from vlmkit.config import from_dict
+from vlmkit.config import bounded, check_fields, from_dict
 from vlmkit.errors import UserError
 
 # The recipes ship inside the package (package data), so an installed wheel and a source
@@ -29,24 +29,24 @@ class Recipe:
     # Tokenizer: "bpe" or "wordpiece" (trained on the training captions), "clip" (OpenAI's
     # vocabulary), or a path to a tokenizer folder / tokenizer.json.
     tokenizer: str = "bpe"
-    vocab_size: int = 1024
+    vocab_size: int = bounded(1024, low=1)
     # Images: the model's image size; CLIP mean/std; RandomResizedCrop scale for training.
     crop_scale: tuple[float, float] = (0.9, 1.0)
-    hflip: float = 0.0
-    caption: str = "random"  # which of a record's captions a step sees: random | first
+    hflip: float = bounded(0.0, low=0, high=1)  # a probability
+    caption: Literal["random", "first"] = "random"  # which of a record's captions a step sees
     # Optimisation (OpenCLIP's ViT defaults, scaled for tiny models by the recipes).
-    steps: int = 1000
-    batch_size: int = 128  # samples per optimizer step (all ranks, all accumulation steps)
-    grad_accum: int = 1
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 100
-    weight_decay: float = 0.2
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    grad_clip: float | None = 1.0
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    steps: int = bounded(1000, low=1)
+    batch_size: int = bounded(128, low=1)  # samples per optimizer step (all ranks, all accumulation steps)
+    grad_accum: int = bounded(1, low=1)
+    lr: float = bounded(5e-4, low=0, low_open=True)
+    min_lr: float = bounded(0.0, low=0)
+    warmup_steps: int = bounded(100, low=0)
+    weight_decay: float = bounded(0.2, low=0)
+    beta1: float = bounded(0.9, low=0, high=1, high_open=True)
+    beta2: float = bounded(0.98, low=0, high=1, high_open=True)
+    eps: float = bounded(1e-6, low=0, low_open=True)
+    grad_clip: float | None = bounded(1.0, low=0, low_open=True)  # null: no clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     # Under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2, per
     # transformer block) instead of replicating them (DDP). One process ignores it.
@@ -63,36 +63,19 @@ class Recipe:
     # (LLaVA's stage 2 starts from its stage-1 run). Excludes init_text / init_image.
     init: str | None = None
     # Bookkeeping.
-    seed: int = 0
-    save_every: int = 500
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept
-    log_every: int = 10
-    num_workers: int = 0
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    seed: int = bounded(0, low=0)
+    save_every: int = bounded(500, low=1)
+    keep_checkpoints: int = bounded(2, low=1)  # the newest N checkpoints are kept
+    log_every: int = bounded(10, low=1)
+    num_workers: int = bounded(0, low=0)
+    threads: int = bounded(0, low=0)  # torch CPU threads; 0 = torch's default
 
     def __post_init__(self) -> None:
-        """Ranges and choices, checked before a run writes anything."""
-        at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "save_every": 1, "log_every": 1, "keep_checkpoints": 1,
-                    "vocab_size": 1, "warmup_steps": 0, "threads": 0, "num_workers": 0, "seed": 0}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise UserError(f"recipe key {name} must be at least {low}, got {getattr(self, name)}")
-        if not self.lr > 0 or self.min_lr < 0 or self.weight_decay < 0 or not self.eps > 0:
-            raise UserError("recipe keys lr and eps must be positive, min_lr and weight_decay 0 or more; "
-                            f"got lr={self.lr}, eps={self.eps}, min_lr={self.min_lr}, weight_decay={self.weight_decay}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise UserError(f"recipe keys beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise UserError(f"recipe key grad_clip must be positive or null (no clipping), got {self.grad_clip}")
-        if not 0 <= self.hflip <= 1:
-            raise UserError(f"recipe key hflip is a probability in [0, 1], got {self.hflip}")
+        """Ranges and choices (declared on the fields above), checked before a run writes anything."""
+        check_fields(self, "recipe key")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise UserError(f"recipe key crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}")
-        choices = {"precision": ("auto", "fp32", "bf16"), "caption": ("random", "first")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"recipe key {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 def list_recipes() -> list[str]:
@@ -136,16 +119,19 @@ def build_recipe(base: dict[str, Any], overrides: dict[str, Any], where: str) ->
     if not isinstance(base, dict):
         raise UserError(f"{where} must be a mapping of recipe keys to values, got {type(base).__name__}")
     data = dict(base)
-    model_overrides = dict(data.get("model_overrides") or {})
-    training = dict(data.get("training") or {})
-    for key, value in overrides.items():
-        if key.startswith("model."):
-            model_overrides[key[len("model."):]] = value
-        elif key.startswith("training."):
-            training[key[len("training."):]] = value
-        else:
-            data[key] = value
-    data["model_overrides"], data["training"] = model_overrides, training
+    plain = {key: value for key, value in overrides.items() if not key.startswith(("model.", "training."))}
+    data.update(plain)
+    sections = {}
+    for section, prefix in (("model_overrides", "model."), ("training", "training.")):
+        given = data.get(section)
+        if given is not None and not isinstance(given, dict):
+            raise UserError(f"{where}: {section} must be a mapping of keys to values, got {given!r}; "
+                            f"on the command line set its keys one by one ({prefix}KEY=VALUE)")
+        sections[section] = dict(given or {})
+        for key, value in overrides.items():
+            if key.startswith(prefix):
+                sections[section][key[len(prefix):]] = value
+    data.update(sections)
     return from_dict(Recipe, data, where=where)
 
 

@@ -8,9 +8,11 @@ stopped. Progress goes to a tqdm bar on stderr and to RUN/metrics.jsonl, one lin
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -96,7 +98,12 @@ def latest_checkpoint(run: Path) -> Path | None:
     if not re.fullmatch(r"step-\d+", name):
         raise UserError(f"{pointer} names {name!r}, not a checkpoint of this run (step-N); fix or delete it")
     path = run / CHECKPOINTS / name
-    return path if path.is_dir() else None
+    if path.is_symlink() and path.resolve().parent != (run / CHECKPOINTS).resolve():  # a link into another run
+        raise UserError(f"{path} links to {path.resolve()}, outside this run's checkpoints; replace the link by the folder")
+    if not path.is_dir():
+        raise UserError(f"{pointer} names {name}, which {run / CHECKPOINTS} does not hold; "
+                        f"point it at a step-N folder that is there (or delete it to start the run afresh)")
+    return path
 
 
 def _remove_leftovers(run: Path) -> None:
@@ -125,6 +132,10 @@ class RunLock:
             owner = self.file.read().strip() or "another process"
             self.file.close()
             raise UserError(f"{run} is being trained by {owner}; wait for it to finish or choose another --out") from None
+        except OSError as error:  # a file system without locks (some network mounts): train, but say it is unguarded
+            print(f"vlmkit: warning: cannot lock {run} ({error.strerror}); nothing stops a second run on the same --out",
+                  file=sys.stderr)
+        # Whatever the file holds now is a dead process's (its lock died with it): this run takes it over.
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"vlmkit train (pid {os.getpid()})\n")
@@ -137,9 +148,11 @@ class RunLock:
 def _logged_step(line: str) -> float:
     """The step of one metrics.jsonl line; a half-written line (a kill mid-write) counts as after any checkpoint."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+    # a line that is JSON but not one of ours (a list, a step that is no number) is dropped as well
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
 class MetricsLog:
@@ -182,11 +195,13 @@ class MetricsLog:
         self.pending = []
 
     def close(self) -> None:
-        self.flush()
-        if self.file:
-            self.file.close()
-        if self.progress:
-            self.progress.close()
+        try:
+            self.flush()
+        finally:  # a flush that fails (a full disk) still closes the file and ends the progress bar's line
+            if self.file:
+                self.file.close()
+            if self.progress:
+                self.progress.close()
 
 
 def _rows(batch: dict) -> int:
@@ -281,7 +296,13 @@ class Trainer:
 
         if not (self.run / CONFIG_FILE).exists():
             raise UserError(f"--resume: {self.run} is not a vlmkit run folder (no {CONFIG_FILE})")
-        meta = json.loads((self.run / CONFIG_FILE).read_text())
+        path = self.run / CONFIG_FILE
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"--resume: {path} cannot be read ({error}); the run folder is damaged") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise UserError(f"--resume: {path} holds no model configuration (a 'config' mapping); the run folder is damaged")
         return self.family.from_config_dict(meta["config"]), Tokenizer.load(self.run)
 
     def _towers(self):
@@ -325,6 +346,19 @@ class Trainer:
         if not self.info.is_main:
             return
         name = f"step-{step:07d}"
+        previous = latest_checkpoint(self.run)
+        try:
+            self._write_checkpoint(model, weights, optimizer_state, name, step, skipped)
+        except OSError as error:  # a full disk, a quota, a folder made read-only: the previous checkpoint stays whole
+            shutil.rmtree(self.run / CHECKPOINTS / f".{name}.tmp", ignore_errors=True)
+            kept = (f"the previous checkpoint {previous.name} is intact; free space and continue with --resume"
+                    if previous is not None else "no earlier checkpoint exists; free space and train again")
+            if latest_checkpoint(self.run) != previous:  # the checkpoint itself was written, a later file failed
+                kept = f"the checkpoint {name} is complete; free space and continue with --resume"
+            raise UserError(f"could not save step {step} in {self.run}: {error.strerror or error}; {kept}") from None
+
+    def _write_checkpoint(self, model, weights, optimizer_state, name: str, step: int, skipped: int) -> None:
+        """Stage checkpoint `name` in a hidden folder, rename it into place, then point `latest` at it."""
         final = self.run / CHECKPOINTS / name
         staging = self.run / CHECKPOINTS / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -339,13 +373,20 @@ class Trainer:
         })
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # the checkpoint appears whole or not at all
-        atomic_write_bytes(self.run / CHECKPOINTS / "latest", name.encode())
         save_safetensors(weights, self.run / WEIGHTS_FILE)  # the run folder loads as a model
         extras = getattr(model, "save_training_artifacts", None)  # e.g. LoRA adapters in PEFT's layout
         if extras is not None:
             extras(self.run, weights)
-        kept = sorted(p for p in (self.run / CHECKPOINTS).glob("step-*") if p.is_dir())
-        for old in kept[: -self.recipe.keep_checkpoints]:
+        # `latest` moves last: a kill before it resumes from the previous checkpoint and redoes this
+        # save, so a run whose `latest` names step N also has step N's weights in its folder.
+        atomic_write_bytes(self.run / CHECKPOINTS / "latest", name.encode())
+        self._prune_checkpoints()
+
+    def _prune_checkpoints(self) -> None:
+        """Keep the newest `keep_checkpoints` checkpoints (never the one `latest` names)."""
+        latest = latest_checkpoint(self.run)
+        kept = sorted(p for p in (self.run / CHECKPOINTS).glob("step-*") if p.is_dir() and p != latest)
+        for old in kept[: max(0, len(kept) + 1 - self.recipe.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _restore_weights(self, model) -> Path:
@@ -359,21 +400,30 @@ class Trainer:
     def _restore(self, model, optimizer, checkpoint: Path) -> tuple[int, int]:
         from vlmkit.train.parallelize import is_sharded, load_optimizer_state
 
+        path = checkpoint / "state.pt"
+        fix = f"delete {checkpoint.name} and point checkpoints/latest at an older step"
         try:  # weights_only: a pickle in state.pt can name no code to run
-            state = torch.load(checkpoint / "state.pt", weights_only=True)
-            load_optimizer_state(model, optimizer, state["optimizer"], is_sharded(self.recipe, self.info))
+            state = torch.load(path, weights_only=True)
+        except pickle.UnpicklingError:  # what weights_only raises for anything but tensors and plain containers
+            raise UserError(f"cannot resume from {path}: it holds objects other than tensors (a pickle that could run "
+                            f"code), which vlmkit never loads; the checkpoint is corrupt or not vlmkit's ({fix})") from None
         except Exception as error:
-            raise UserError(f"cannot resume from {checkpoint / 'state.pt'}: {str(error).splitlines()[0][:200]}; "
-                            f"the file is damaged (delete {checkpoint.name} and point checkpoints/latest at an older step)") from None
-        torch.set_rng_state(state["rng_torch"])
-        random.setstate(state["rng_python"])
+            raise UserError(f"cannot resume from {path}: {str(error).splitlines()[0][:200]}; the checkpoint is corrupt ({fix})") from None
+        try:
+            load_optimizer_state(model, optimizer, state["optimizer"], is_sharded(self.recipe, self.info))
+            torch.set_rng_state(state["rng_torch"])
+            random.setstate(state["rng_python"])
+            step, skipped = int(state["step"]), int(state["skipped"])
+        except Exception as error:  # a state of the right format whose contents do not fit (missing keys, wrong shapes)
+            raise UserError(f"cannot resume from {path}: its contents do not fit this run ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200] if str(error) else 'no details'}); the checkpoint is corrupt ({fix})") from None
         # Lines logged after the checkpoint belong to the interrupted attempt: drop them. Rank 0 only, as
         # for every run-folder write: another rank replacing the file later would drop what rank 0 logs.
         metrics = self.run / METRICS_FILE
         if self.info.is_main and metrics.exists():
-            kept = [line for line in metrics.read_text(errors="replace").splitlines() if _logged_step(line) <= state["step"]]
+            kept = [line for line in metrics.read_text(errors="replace").splitlines() if _logged_step(line) <= step]
             atomic_write_bytes(metrics, ("\n".join(kept) + "\n" if kept else "").encode())
-        return state["step"], state["skipped"]
+        return step, skipped
 
     # ---- the loop ----
     def _prepare(self):
@@ -383,6 +433,13 @@ class Trainer:
         records = self._records()
         if self.resume:
             model, tokenizer = self._resumed_model()
+            checkpoint = latest_checkpoint(run)
+            if checkpoint is None:
+                raise UserError(f"--resume: {run} has no checkpoint to resume from; train without --resume first")
+            done = int(checkpoint.name.split("-")[1])
+            if done > recipe.steps:  # fewer steps than trained: never silently "finish" a longer run
+                raise UserError(f"--resume: {run} has already trained {done} steps and the recipe asks for {recipe.steps}; "
+                                f"pass steps=N with N of {done} or more")
         else:
             if (run / CONFIG_FILE).exists() and latest_checkpoint(run) is not None:
                 raise UserError(f"{run} already holds a trained run; pass --resume to continue it or choose another --out")
@@ -412,6 +469,14 @@ class Trainer:
         try:
             self._write_run_folder(model)
             return self._train(model, dataset)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Outside a checkpoint save (which says more itself): the run folder, the log
+            checkpoint = latest_checkpoint(self.run)
+            kept = (f"its last checkpoint {checkpoint.name} is intact; free space and continue with --resume"
+                    if checkpoint is not None else "it has no checkpoint yet; free space and train again")
+            raise UserError(f"the disk holding {self.run} is full ({error.strerror}); {kept}") from None
         finally:
             if lock is not None:
                 lock.release()
@@ -435,6 +500,11 @@ class Trainer:
         log = MetricsLog(self.run, info, recipe.log_every, _progress(recipe.steps, start_step, info.is_main))
         skips = SkipCounter()
         skips.total = skipped
+        if start_step >= recipe.steps and info.is_main:  # re-run after a kill at the very end: tidy, then done
+            self._prune_checkpoints()
+            log.last = self._last_logged()
+            print(f"vlmkit: {self.run} has already trained all {recipe.steps} steps; nothing left to train "
+                  f"(pass steps=N above {recipe.steps} to train on)", file=sys.stderr)
         window_start, window_samples, trained_samples = time.perf_counter(), 0, 0
         model.train()
         try:
@@ -450,8 +520,10 @@ class Trainer:
                 if (step + 1) % recipe.log_every == 0:
                     window_start, window_samples = time.perf_counter(), 0
                 if (step + 1) % recipe.save_every == 0 or step + 1 == recipe.steps:
-                    if trained_samples == 0 and not self.resume and not info.enabled:
-                        raise UserError(f"no sample of the first {step + 1} steps could be read ({skips.message()}); "
+                    # (one rank of several may legitimately get only unreadable samples: checked alone only)
+                    if trained_samples == 0 and not info.enabled:
+                        steps = f"the first {step + 1} steps" if start_step == 0 else f"steps {start_step + 1}-{step + 1}"
+                        raise UserError(f"no sample of {steps} could be read ({skips.message()}); "
                                         f"nothing was trained or saved")
                     log.flush()
                     self._save_checkpoint(model, optimizer, step + 1, skips.total)
@@ -460,6 +532,18 @@ class Trainer:
         self._finish(skips)
         return {"run": str(self.run), "steps": recipe.steps, "loss": log.last.get("loss"),
                 "samples_per_s": log.last.get("samples_per_s"), **skips.summary()}
+
+    def _last_logged(self) -> dict:
+        """The last complete row of metrics.jsonl (empty if none)."""
+        lines = (self.run / METRICS_FILE).read_text(errors="replace").splitlines() if (self.run / METRICS_FILE).exists() else []
+        for line in reversed(lines):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                return row
+        return {}
 
     def _step(self, trained, model, optimizer, micro_batches, skips, autocast) -> tuple[dict, int]:
         """One optimizer step over `grad_accum` micro-batches: (mean logs as tensors, samples used)."""
