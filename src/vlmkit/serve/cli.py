@@ -8,7 +8,6 @@ uvicorn come with the `serve` extra; without it the command says how to install 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -157,10 +156,6 @@ def run_serve(args: argparse.Namespace) -> int:
                         batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, api_key=api_key,
                         cors_origins=list(args.cors_origin), model_sources=sources)
     _check_port_free(args.host, args.port)
-    # The model runs in a worker thread, holding the GIL for its Python-level code; the event loop
-    # thread, which gives the GIL back at every socket call, would wait up to the switch interval
-    # (5 ms by default) to get it back each time. A shorter interval keeps the loop responsive.
-    sys.setswitchinterval(float(os.environ.get("VLMKIT_SERVE_SWITCH_INTERVAL", "0.0002")))
     app = create_app(models, indexes, settings)
     print(f"vlmkit serve: http://{args.host}:{args.port} (API docs at /docs); Ctrl-C stops it", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
