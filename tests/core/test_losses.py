@@ -108,3 +108,24 @@ def test_two_processes_equal_one(kind, local_loss):
     text_grad = torch.cat([r["text_grad"] for r in ranks]) / 2
     assert torch.allclose(image_grad, image.grad, atol=1e-6)
     assert torch.allclose(text_grad, text.grad, atol=1e-6)
+
+
+def test_clip_family_trains_with_unicl_labels_from_the_records():
+    import vlmkit
+    from vlmkit.models.clip import _LabelledDataset
+
+    model = vlmkit.create_model("clip-tiny", loss="unicl")
+    batch = model.dummy_batch(4)
+    assert batch["labels"].tolist() == [0, 0, 1, 1]
+    output = model(batch)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and model.logit_scale.grad is not None
+
+    class Records:  # the part of an ImageTextDataset the wrapper reads
+        records = [{"label": "red circle"}, {}, {"label": "blue star"}, {"label": "red circle"}, {}]
+
+        def collate(self, samples):
+            return {"indices": torch.tensor(samples)}
+
+    labels = _LabelledDataset(Records()).collate([0, 1, 2, 3, 4])["labels"].tolist()
+    assert labels[0] == labels[3] and len(set(labels)) == 4  # unlabelled records are classes of their own
