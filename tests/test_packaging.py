@@ -79,6 +79,7 @@ def test_the_installed_wheel_ships_the_recipes_and_runs_the_cli(tmp_path):
     shipped = {Path(name).stem for name in names if name.startswith("vlmkit/configs/") and name.endswith(".yaml")}
     assert shipped == {path.stem for path in (ROOT / "src" / "vlmkit" / "configs").glob("*.yaml")} and "clip-tiny" in shipped
     assert "vlmkit/assets/bpe_simple_vocab_16e6.txt.gz" in names
+    assert {f"vlmkit/serve/static/{name}" for name in ("index.html", "app.js", "style.css")} <= names  # the web page
     phase("build")
 
     # A fresh environment: torch pinned first, then the wheel alone, then its runtime requirements.

@@ -86,6 +86,12 @@ class MatchesImageText(Capability, Protocol):
     def match(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) probability that text row b describes image row b (an image-text matching head)."""
 
+    def image_match_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, ...) what `match_scores` reads of each image, computed once per image (retrieval re-ranking)."""
+
+    def match_scores(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) the matching head's score (a logit) of text row b against image-feature row b."""
+
 
 
 class ScoresText(Capability, Protocol):
@@ -94,6 +100,13 @@ class ScoresText(Capability, Protocol):
     def text_nll(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per text: (sum of next-token negative log-likelihoods (B,), number of predicted tokens (B,)),
         tokenized as the model trains (texts longer than its context are cut)."""
+
+class Imagines(Capability, Protocol):
+    name: ClassVar[str] = "generate images"
+
+    def imagine(self, prompts: Sequence[str], **options) -> torch.Tensor:
+        """(B, 3, H, W) images with values in [0, 1], one per text prompt (text-to-image families)."""
+
 
 def methods_of(capability: type) -> list[str]:
     """The method names a capability protocol asks for (its own and its bases', not Protocol's)."""

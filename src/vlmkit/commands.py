@@ -26,7 +26,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "asif": ("vlmkit.models._asif_cli", "ASIF: a training-free dual encoder from two encoders and anchor pairs"),
     "convert": ("vlmkit.interop.cli",
                 "convert a checkpoint: HF CLIP / BERT / OpenCLIP / vlmkit -> vlmkit, HF or OpenCLIP"),
+    "index": ("vlmkit.index.cli", "build a FAISS search index of a dataset, or search one (prints JSON)"),
     "score": ("vlmkit.metrics.cli", "score predictions with caption metrics or VQA accuracy"),
+    "serve": ("vlmkit.serve.cli", "serve models over HTTP (FastAPI; pip install vlmkit[serve])"),
     "demo": ("vlmkit.demo", "generate data, train a tiny CLIP, evaluate, write a report"),
 }
 

@@ -5,7 +5,6 @@ vlmkit run/model folders (config.json with a "family" key) load here; anything e
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlmkit.errors import UserError
@@ -22,11 +21,10 @@ def load(path, device: str | None = None, **kwargs):
     model = None
     config_file = source / "config.json" if source.is_dir() else None
     if config_file is not None and config_file.exists():
-        try:
-            meta = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise UserError(f"{config_file} is not valid JSON ({error}); the folder is damaged") from None
-        if "family" in meta:
+        from vlmkit.textfiles import decode_text, parse_json
+
+        meta = parse_json(decode_text(config_file.read_bytes(), str(config_file)), str(config_file), "the folder is damaged")
+        if isinstance(meta, dict) and "family" in meta:
             from vlmkit.models.registry import get_family
 
             if not (source / "model.safetensors").exists():

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from vlmkit.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `vlmkit score` can write files without it
+    import torch
 
 
 def _temporary_next_to(path: Path) -> tuple[int, str]:
@@ -49,8 +52,49 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Refuse, before any work, an output FILE a command could not write: an existing folder, a
+    device or pipe, or a path through a file. Missing folders are fine: every command creates the
+    folders of its output files (`atomic_write_bytes` does), and says so in its --help."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        mode = path.stat().st_mode if path.exists() else 0
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{option} {path} is an existing folder; give a file path inside it, e.g. {path / 'out'}")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{option} {path} exists and is not a regular file; give a new file path")
+    check_parent_folders(path, option)
+    return path
+
+
+def check_parent_folders(path: str | os.PathLike, option: str) -> None:
+    """Refuse an output path whose nearest existing ancestor is a file or a folder the user cannot
+    write (the missing folders below it are created when the output is written)."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path} lies inside {parent}, which is a file, not a folder; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"{option} {path}: the folder {parent} is not writable; choose another path or fix its permissions")
+            return
+
+
+def write_output_file(path: str | os.PathLike, data: bytes, option: str) -> None:
+    """`check_output_file`, then `atomic_write_bytes`, with a failed write (full disk, permissions)
+    as one UserError: the previous file, if any, is left as it was and nothing half-written stays."""
+    path = check_output_file(path, option)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as error:
+        raise UserError(f"cannot write {option} {path} ({error.strerror or error}); nothing was written, "
+                        f"free some space or choose another path") from None
+
+
 def atomic_torch_save(path: str | os.PathLike, obj) -> None:
     """torch.save through a temporary file (optimizer and RNG states; read back with weights_only)."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = _temporary_next_to(path)

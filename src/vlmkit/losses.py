@@ -198,3 +198,73 @@ def unicl_loss(
     image_to_text = -(targets * F.log_softmax(logits_per_image, dim=-1)).sum(dim=1).mean()
     text_to_image = -(targets * F.log_softmax(logits_per_text, dim=-1)).sum(dim=1).mean()
     return (image_to_text + text_to_image) / 2, logits_per_image
+
+# ---- BLIP: contrastive loss against a momentum encoder's queue, hard negatives for ITM ---------
+def momentum_contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    image_features_m: torch.Tensor,
+    text_features_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temperature: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BLIP's (and ALBEF's) image-text contrastive loss with momentum distillation.
+
+    Online features (B, D) are scored against the momentum encoder's features of this batch
+    followed by the feature queues (Q, D) of past batches' momentum features, all L2-normalised:
+    `sim_i2t = img @ [txt_m ; text_queue].T / temperature` (and t2i alike). The soft targets mix
+    the momentum model's own similarity distribution with the one-hot pairing,
+    `alpha * softmax(sim_m) + (1 - alpha) * onehot`, and the loss is the cross-entropy against
+    them, averaged over both directions (blip_pretrain.py). Returns the loss and the online
+    (B, B) in-batch similarities i2t and t2i (divided by the temperature), which the ITM hard
+    negatives are drawn from.
+    """
+    batch = image_features.shape[0]
+    image_features, text_features = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+    with torch.no_grad():
+        all_images_m = torch.cat([F.normalize(image_features_m, dim=-1), image_queue], dim=0)  # (B+Q, D)
+        all_texts_m = torch.cat([F.normalize(text_features_m, dim=-1), text_queue], dim=0)  # (B+Q, D)
+        onehot = torch.zeros(batch, all_texts_m.shape[0], device=image_features.device)
+        onehot[:, :batch] = torch.eye(batch, device=image_features.device)
+        sim_i2t_m = all_images_m[:batch] @ all_texts_m.T / temperature  # (B, B+Q)
+        sim_t2i_m = all_texts_m[:batch] @ all_images_m.T / temperature  # (B, B+Q)
+        targets_i2t = alpha * sim_i2t_m.float().softmax(dim=1) + (1 - alpha) * onehot
+        targets_t2i = alpha * sim_t2i_m.float().softmax(dim=1) + (1 - alpha) * onehot
+    sim_i2t = image_features @ all_texts_m.T / temperature  # (B, B+Q)
+    sim_t2i = text_features @ all_images_m.T / temperature  # (B, B+Q)
+    loss_i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * targets_i2t).sum(dim=1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * targets_t2i).sum(dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2, sim_i2t[:, :batch], sim_t2i[:, :batch]
+
+
+@torch.no_grad()
+def enqueue(queues: tuple[torch.Tensor, ...], features: tuple[torch.Tensor, ...], pointer: torch.Tensor) -> None:
+    """Write each (B, D) feature batch (gathered from every rank when distributed) into its (Q, D) ring
+    buffer at `pointer` (a 0-d long tensor shared by the queues), wrapping around, then advance the
+    pointer; all in place. A batch larger than the queue keeps its last Q rows."""
+    size = queues[0].shape[0]
+    written = 0
+    for queue, rows in zip(queues, features):
+        rows = gather_features(rows.detach())[-size:]  # (min(world*B, Q), D)
+        index = (pointer + torch.arange(rows.shape[0], device=queue.device)) % size
+        queue.index_copy_(0, index, rows.to(queue.dtype))
+        written = rows.shape[0]
+    pointer.copy_((pointer + written) % size)
+
+
+@torch.no_grad()
+def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row i of a (B, B) similarity matrix, one column j != i drawn with probability
+    proportional to softmax(similarity[i]) over the columns other than i (BLIP's hard negatives).
+
+    Vectorised: one `torch.multinomial` over the whole batch. BLIP adds 1e-4 before zeroing the
+    diagonal so that a row whose softmax underflows everywhere still has negatives to draw.
+    Returns (B,) column indices; B must be at least 2.
+    """
+    if similarity.shape[0] < 2:
+        raise ValueError("hard negatives need a batch of at least 2 pairs")
+    weights = similarity.float().softmax(dim=1) + 1e-4  # (B, B)
+    weights.fill_diagonal_(0)  # the positive is never drawn
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)

@@ -127,10 +127,16 @@ class Tokenizer:
         L is `context_length` if given, else the tokenizer's own. Encoding runs in the backend's
         parallel `encode_batch`; the tensor is assembled with numpy in one scatter, not per token.
         """
+        from vlmkit.data.limits import current_limits
+
         if isinstance(texts, str):
             texts = [texts]
         length = self.context_length if context_length is None else int(context_length)
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=True)
+        # Cut before encoding: an 11 MB caption would take half a minute to encode only for all
+        # but the first `length` tokens to be dropped below (see vlmkit.data.limits).
+        limit = current_limits().max_text_chars
+        texts = [text if len(text) <= limit else text[:limit] for text in texts]
+        encodings = self.backend.encode_batch(texts, add_special_tokens=True)
         return torch.from_numpy(self._pad([encoding.ids for encoding in encodings], length))
 
     def _pad(self, sequences: list[list[int]], length: int) -> np.ndarray:
@@ -150,8 +156,11 @@ class Tokenizer:
         return out
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Ids of one text, with the special tokens unless told otherwise; no padding, no truncation."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Ids of one text, with the special tokens unless told otherwise; no padding, no truncation
+        (beyond the cut of every text to `max_text_chars` characters, see vlmkit.data.limits)."""
+        from vlmkit.data.limits import cut_text
+
+        return self.backend.encode(cut_text(text), add_special_tokens=add_special_tokens).ids
 
     def attention_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """True where `tokens` (B, L) hold text or special tokens, False on the trailing padding.
@@ -393,6 +402,14 @@ def clip_tokenizer(context_length: int = 77, pad_id: int = 0) -> Tokenizer:
     )
 
 
+def _cut_texts(texts: Iterable[str]) -> Iterable[str]:
+    """The training texts, each cut to `max_text_chars` (an 11 MB caption must not stall training)."""
+    from vlmkit.data.limits import current_limits
+
+    limit = current_limits().max_text_chars
+    return (text if len(text) <= limit else text[:limit] for text in texts)
+
+
 def train_clip_bpe(
     texts: Iterable[str], vocab_size: int, context_length: int = 77, pad_id: int = 0
 ) -> Tokenizer:
@@ -419,7 +436,7 @@ def train_clip_bpe(
         end_of_word_suffix=END_OF_WORD,
         show_progress=False,
     )
-    backend.train_from_iterator(texts, trainer)
+    backend.train_from_iterator(_cut_texts(texts), trainer)
     merges = [tuple(pair) for pair in json.loads(backend.to_str())["model"]["merges"][:num_merges]]
     vocab = _clip_vocab(merges)
     return Tokenizer(
@@ -490,7 +507,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, context_length: int =
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False
     )
-    backend.train_from_iterator(texts, trainer)
+    backend.train_from_iterator(_cut_texts(texts), trainer)
     _set_bert_template(backend)
     ids = {t: backend.token_to_id(t) for t in BERT_SPECIALS}
     return Tokenizer(

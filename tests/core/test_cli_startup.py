@@ -67,7 +67,7 @@ def test_top_level_help_imports_no_verb_module():
 
 
 @pytest.mark.parametrize("verb", ["data synth", "train", "caption", "eval", "eval caption", "classify",
-                                  "convert", "demo"])
+                                  "index build", "index search", "convert", "demo"])
 def test_verb_help_imports_no_torch_numpy_or_pil(verb):
     result = _probe(*verb.split(), "--help")
     assert result["code"] == 0 and result["stdout"].startswith("usage: vlmkit " + verb)

@@ -241,8 +241,8 @@ def test_corrupt_image_and_truncation_are_skipped_counted_and_reported(llava_jso
     assert rows == 2 and counter.total == 1 and counter.reasons == {UNREADABLE_IMAGE: 1}
     assert counter.examples == [str(folder / "broken.jpg")] and counter.truncated == 1
     message = counter.message()
-    assert "skipped 1 sample(s) (1 unreadable image)" in message and "1 sample(s) truncated" in message
-    assert dataset.counts == {"skipped": 1, "skipped_examples": [str(folder / "broken.jpg")],
+    assert "skipped 1 sample(s) (1 unreadable image; 1 file)" in message and "1 sample(s) truncated" in message
+    assert dataset.counts == {"skipped": 1, "skipped_files": 1, "skipped_examples": [str(folder / "broken.jpg")],
                               "skip_reasons": {UNREADABLE_IMAGE: 1}, "truncated": 1}
     # With DataLoader workers the counts travel in the batches, as the trainer sums them.
     in_workers = SkipCounter()

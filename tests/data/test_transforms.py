@@ -45,6 +45,17 @@ def test_eval_matches_reference(width, height, size, resize_size):
     assert np.abs(ours.numpy() - reference_eval(image, size, resize_size)).max() < 1e-5
 
 
+@pytest.mark.parametrize("width, height", [(20, 5000), (5000, 20)])
+def test_thin_images_resize_only_what_the_crop_keeps(width, height):
+    # 224 x 56,000 px if resized whole: over MAX_RESIZED_PIXELS, so only the kept region is resized.
+    from vlmkit.data.transforms import MAX_RESIZED_PIXELS
+
+    assert 224 * 224 * max(width, height) // min(width, height) > MAX_RESIZED_PIXELS
+    image = random_image(width, height)
+    levels = np.abs(ImageTransform(224)(image).numpy() - reference_eval(image, 224)) * np.array(CLIP_STD).reshape(3, 1, 1) * 255
+    assert levels.mean() < 1.0 and levels.max() < 64  # the same geometry; PIL's rounding differs a little
+
+
 def test_resize_rounding_and_crop_offsets_follow_torchvision():
     assert resized_shortest_side(640, 480, 224) == (298, 224)  # int(298.67): truncated, not rounded
     assert resized_shortest_side(480, 640, 224) == (224, 298)

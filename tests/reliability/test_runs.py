@@ -275,3 +275,10 @@ def test_atomically_written_files_keep_the_umask(umask, tmp_path):
     assert expected == 0o666 & ~umask
     for name in ("a.json", "s.pt", "w.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+@pytest.mark.parametrize("out", ["file", "file/run"])
+def test_an_out_that_is_or_lies_in_a_file_is_refused_before_anything(out, data, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert train(tmp_path / out, data, "steps=1") == 2
+    assert "--out" in one_line_error(capsys) and (tmp_path / "file").read_text() == "not a folder"

@@ -6,8 +6,12 @@ and whatever optional fields the source carries (`label`, `qa`, `statements`, `o
 Images are referenced, never loaded here; `load_image` opens them later, in the data loader, and
 turns every kind of failure into `CorruptImage` so one bad file costs one sample, not the run.
 
-Malformed input - a missing file, a bad JSON line, a missing caption column, an unknown
-extension - raises `UserError` with one sentence naming the file (and line) and the fix.
+Malformed input - a missing file, a bad JSON line, bytes that are not UTF-8, JSON nested too deeply,
+a caption that is not a string, a missing caption column, an unknown extension - raises `UserError`
+with one sentence naming the file (and line) and the fix. Images are bounded by the input limits
+(`vlmkit.data.limits`) before they are decoded; one that is over them, missing, not a regular file or
+undecodable raises `CorruptImage`, which training skips and counts, `usable_records` leaves out of an
+evaluation with a note, and single-image commands report as their error.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import io
 import json
 import os
 import re
+import stat
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -24,7 +30,9 @@ from typing import Any
 
 from PIL import Image
 
+from vlmkit.data.limits import InputLimits, current_limits
 from vlmkit.errors import UserError
+from vlmkit.textfiles import decode_line, decode_text, json_type, parse_json
 
 TAR_PREFIX = "tar://"
 _TAR_SEPARATOR = "::"
@@ -41,31 +49,107 @@ class CorruptImage(UserError):
 # ----------------------------------------------------------------------------- images
 
 
-def load_image(ref: str | os.PathLike) -> Image.Image:
+def load_image(ref: str | os.PathLike, limits: InputLimits | None = None) -> Image.Image:
     """Open the image a record refers to (a path or a `tar://shard::member` reference) as RGB.
 
-    Raises `CorruptImage` naming the image when it is missing or cannot be decoded, whatever the
-    underlying error (truncated file, not an image, decompression bomb, unreadable shard).
+    Memory is bounded before decoding: the header's size is checked against `limits` (the
+    process's `current_limits()` by default); a JPEG over the limits is first reduced on load
+    (PIL's `draft`, 1/2 to 1/8 of each side), anything still over them is refused undecoded.
+    Raises `CorruptImage` naming the image and what it is when it is missing, not a regular file
+    (a folder, a device, a pipe), over the limits, or cannot be decoded (truncated file, not an
+    image, unreadable shard).
     """
     ref = os.fspath(ref)
+    limits = limits or current_limits()
     try:
         if ref.startswith(TAR_PREFIX):
             source: Any = io.BytesIO(_read_tar_member(ref))
         else:
-            if not os.path.isfile(ref):
-                raise CorruptImage(f"image '{ref}' does not exist; fix the path in the dataset or remove the record")
+            _require_regular_file(ref)
             source = ref
         with warnings.catch_warnings():
-            # Palette PNGs with transparency warn on convert; the conversion is still right.
+            # Palette PNGs with transparency warn on convert (the conversion is still right), and
+            # PIL warns of "decompression bombs" above 89 megapixels: our own, lower, limit is
+            # checked below before anything is decoded, so neither warning has anything to add.
             warnings.simplefilter("ignore")
             with Image.open(source) as image:
+                _bound_decoding(image, ref, limits)
                 image.load()  # decode now, inside the try, so truncated files fail here
-                return image.convert("RGB")
+                # An RGB image is returned as decoded: convert() would copy it (120 MB at 40 megapixels).
+                return image if image.mode == "RGB" else image.convert("RGB")
     except CorruptImage:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, KeyError, tarfile.TarError) as error:
+    except Image.DecompressionBombError as error:  # PIL's own limit, checked by Image.open
+        claimed = str(error).split(" pixels)")[0].split("(")[-1]
+        raise CorruptImage(f"image '{ref}' claims {claimed} pixels, more than PIL decodes ({2 * Image.MAX_IMAGE_PIXELS:,}, "
+                           f"PIL.Image.MAX_IMAGE_PIXELS x 2); shrink it or remove the record") from None
+    except (OSError, ValueError, SyntaxError, EOFError, KeyError, tarfile.TarError, MemoryError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptImage(f"image '{ref}' cannot be decoded ({reason}); replace the file or remove the record") from None
+
+
+def usable_records(records: list[dict], what: str) -> list[dict]:
+    """The records whose image `load_image` reads (records without an image are kept), with one
+    note on stderr counting the others: an evaluation skips and counts what it cannot use, as
+    training does, instead of failing on the first bad image. `what` names the evaluation.
+
+    Each image is decoded here once (and again when evaluated): a truncated file only shows when
+    its pixels are decoded, so a check of the header alone would let it through.
+    """
+    kept, skipped = [], []
+    for record in records:
+        try:
+            if record.get("image"):
+                load_image(record["image"])
+            kept.append(record)
+        except CorruptImage:
+            skipped.append(record["image"])
+    if skipped:
+        files = sorted(set(skipped), key=skipped.index)
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        print(f"vlmkit: {what} leaves out {len(skipped)} record(s) whose image cannot be used ({len(files)} file"
+              f"{'s' if len(files) != 1 else ''}): {', '.join(files[:3])}{more}; fix or remove them", file=sys.stderr)
+    if records and not kept:
+        raise UserError(f"no image of the {len(records)} record(s) can be used (first: {skipped[0]}); fix the dataset")
+    return kept
+
+
+def _require_regular_file(path: str) -> None:
+    """Raise `CorruptImage` saying what `path` is when it is not a regular file (never open a FIFO:
+    it would block, nor a device such as /dev/zero: it never ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CorruptImage(f"image '{path}' does not exist; fix the path in the dataset or remove the record") from None
+    except OSError as error:
+        raise CorruptImage(f"image '{path}' cannot be read ({error.strerror}); fix its permissions or remove the record"
+                           ) from None
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    raise CorruptImage(f"image '{path}' is {kind}, not an image file; point at an image file or remove the record")
+
+
+def _bound_decoding(image: Image.Image, ref: str, limits: InputLimits) -> None:
+    """Reduce a JPEG on load when it is over `limits`, then refuse what is still over them (undecoded)."""
+    width, height = image.size
+
+    def over(w: int, h: int) -> bool:
+        return w * h > limits.max_image_pixels or max(w, h) > limits.max_image_side
+
+    if over(width, height) and image.format == "JPEG":
+        for factor in (2, 4, 8):  # the scales libjpeg decodes at directly
+            if not over(-(-width // factor), -(-height // factor)):
+                image.draft("RGB", (-(-width // factor), -(-height // factor)))
+                break
+    if over(*image.size):
+        raise CorruptImage(
+            f"image '{ref}' is {width} x {height} px, over the input limits ({limits.max_image_pixels:,} pixels, "
+            f"{limits.max_image_side:,} px a side); shrink it, remove the record, or raise the limits with "
+            f"VLMKIT_MAX_IMAGE_PIXELS / VLMKIT_MAX_IMAGE_SIDE"
+        )
 
 
 # Per-process index of tar shards: path -> (stat signature, {member name: (data offset, size)}).
@@ -74,8 +158,8 @@ _TAR_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
 
 
 def _tar_index(tar_path: str) -> dict[str, tuple[int, int]]:
-    stat = os.stat(tar_path)
-    signature = (stat.st_mtime_ns, stat.st_size)
+    status = os.stat(tar_path)
+    signature = (status.st_mtime_ns, status.st_size)
     cached = _TAR_INDEX.get(tar_path)
     if cached is not None and cached[0] == signature:
         return cached[1]
@@ -96,6 +180,12 @@ def _read_tar_member(ref: str) -> bytes:
     if member not in index:
         raise CorruptImage(f"image '{ref}' is not in its shard; rebuild the shard or drop the record")
     offset, size = index[member]
+    # An image file holds at most ~4 bytes a pixel (uncompressed 16-bit or RGBA): a larger member
+    # is refused before it is read into memory.
+    limit = 4 * current_limits().max_image_pixels + (1 << 20)
+    if size > limit:
+        raise CorruptImage(f"image '{ref}' is a {size:,}-byte file, more than an image within the input limits can "
+                           f"take ({limit:,} bytes); remove it from the shard or raise VLMKIT_MAX_IMAGE_PIXELS")
     with open(tar_path, "rb") as handle:
         handle.seek(offset)
         return handle.read(size)
@@ -140,6 +230,8 @@ def read_records(path: str | os.PathLike, *, csv_img_key: str = "filepath", csv_
         return _read_shards(shards, text, require_text)
     if not os.path.exists(text):
         raise UserError(f"dataset '{text}' does not exist; check the path (create the built-in one with `vlmkit data synth --out DIR`)")
+    if not os.path.isfile(text):  # a FIFO would block the read forever, a device never end
+        raise UserError(f"dataset '{text}' is not a regular file (a device or a pipe); give a .jsonl, .json, .csv, .tar or .txt file")
     suffix = Path(text).suffix.lower()
     if suffix == ".jsonl":
         records = _read_jsonl(text, image_root, require_text, require_image)
@@ -176,9 +268,19 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool, require_
     if image is None and (conversational or not require_image):
         image = ""  # a text-only record (a conversation, or a language model's text): no `image` key below
     elif not isinstance(image, str) or not image:
-        raise UserError(f"{where} has no \"image\" path; every record needs \"image\": \"<path relative to the file or absolute>\"")
+        given = f" (its \"image\" is {json_type(image)})" if "image" in raw else ""
+        raise UserError(f"{where} has no \"image\" path{given}; every record needs \"image\": \"<path relative to the file or absolute>\"")
     texts = raw.get("texts")
     single = raw.get("text")
+    if single is not None and not isinstance(single, str):
+        raise UserError(f"{where} has a \"text\" that is {json_type(single)}, not a string; write \"text\": \"<caption>\" "
+                        f"(or \"texts\": [\"<caption>\", ...] for several)")
+    if texts is not None and not isinstance(texts, list):
+        raise UserError(f"{where} has a \"texts\" that is {json_type(texts)}, not a list of strings; write \"texts\": [\"<caption>\", ...]")
+    bad = next((item for item in texts or [] if not isinstance(item, str)), "")
+    if not isinstance(bad, str):
+        raise UserError(f"{where} has a caption in \"texts\" that is {json_type(bad)}, not a string; write every caption "
+                        f"as a JSON string")
     if texts is None:
         texts = [] if single is None else [single]
     elif single is not None and single not in texts:
@@ -187,6 +289,9 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool, require_
         raise UserError(f"{where} has a \"texts\" field that is not a list of strings; write \"texts\": [\"caption\", ...]")
     texts = [item for item in texts if item.strip()]
     if require_text and not texts and not conversational:
+        given = next((f"its \"{key}\" is {json_type(raw[key])}" for key in ("text", "texts") if key in raw), "")
+        if given:
+            raise UserError(f"{where} has no caption ({given}); give \"text\": \"<caption>\" or \"texts\": [\"<caption>\", ...]")
         raise UserError(f"{where} has no caption; add \"text\": \"<caption>\" or \"texts\": [\"<caption>\", ...]")
     record = {key: value for key, value in raw.items() if key not in ("text", "texts", "image")}
     return {**({"image": _resolve(image, base_dir)} if image else {}), "texts": texts, **record}
@@ -218,25 +323,22 @@ def _read_txt(path: str) -> list[dict]:
 def _read_jsonl(path: str, image_root, require_text: bool, require_image: bool = True) -> list[dict]:
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # bytes, decoded line by line, so a bad byte names its line
+        for line_number, data in enumerate(handle, start=1):
+            line = decode_line(data, path, line_number)
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not JSON
             if not line.strip():
                 continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path} line {line_number} is not valid JSON ({error.msg} at column {error.colno}); fix or remove that line") from None
+            raw = parse_json(line, f"{path} line {line_number}", "fix or remove that line")
             records.append(_normalise(raw, f"{path} line {line_number}", base_dir, require_text, require_image))
     return records
 
 
 def _read_json(path: str, image_root, require_text: bool, require_image: bool = True) -> list[dict]:
     base_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}); fix the file") from None
+    with open(path, "rb") as handle:
+        data = parse_json(decode_text(handle.read(), path), path, "fix the file")
     if isinstance(data, list):
         return [_normalise(raw, f"{path} item {number}", base_dir, require_text, require_image) for number, raw in enumerate(data)]
     if isinstance(data, dict) and "images" in data and "annotations" in data:
@@ -263,20 +365,33 @@ def _coco_captions(data: dict, path: str, base_dir: str, require_text: bool) -> 
 
 
 def _read_csv(path: str, img_key: str, caption_key: str, separator: str | None, image_root) -> list[dict]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
+    lines = [0]  # the reader's position, for the messages below
+    try:
+        return _read_csv_rows(path, img_key, caption_key, separator, image_root, lines)
+    except csv.Error as error:
+        raise UserError(f"{path} line {lines[0] + 1} cannot be read as CSV ({error}); fix that line") from None
+
+
+def _read_csv_rows(path: str, img_key: str, caption_key: str, separator: str | None, image_root,
+                   lines: list[int]) -> list[dict]:
+    with open(path, "rb") as raw:
+        text = decode_text(raw.read(), path)  # a bad byte is reported with its line
+    with io.StringIO(text, newline="") as handle:
         header = handle.readline()
         if separator is None:
             # OpenCLIP's default separator is a tab even for ".csv" files, so detect it.
             separator = "\t" if path.lower().endswith(".tsv") or "\t" in header else ","
-        handle.seek(0)  # the utf-8-sig decoder drops a BOM again after the rewind
+        handle.seek(0)
         reader = csv.DictReader(handle, delimiter=separator)
         columns = reader.fieldnames or []
+        lines[0] = reader.line_num
         for key, option in ((img_key, "csv_img_key (--csv-img-key)"), (caption_key, "csv_caption_key (--csv-caption-key)")):
             if key not in columns:
                 raise UserError(f"{path} has no '{key}' column (it has: {', '.join(columns) or 'none'}); name the right column with {option}")
         csv_dir = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
         records = []
         for row in reader:
+            lines[0] = reader.line_num
             image, caption = (row.get(img_key) or "").strip(), (row.get(caption_key) or "").strip()
             if not image or not caption:
                 missing = img_key if not image else caption_key
@@ -331,8 +446,8 @@ def _read_shards(shards: list[str], source: str, require_text: bool) -> list[dic
                     if match is not None:
                         samples.setdefault(match.group(1), {})[match.group(2).lower()] = member
                 # load_image reuses this index instead of scanning the shard again.
-                stat = os.stat(shard)
-                _TAR_INDEX[os.path.abspath(shard)] = ((stat.st_mtime_ns, stat.st_size), index)
+                status = os.stat(shard)
+                _TAR_INDEX[os.path.abspath(shard)] = ((status.st_mtime_ns, status.st_size), index)
                 for key, parts in samples.items():
                     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
                     if image_ext is None:
@@ -341,7 +456,7 @@ def _read_shards(shards: list[str], source: str, require_text: bool) -> list[dic
                     if "json" in parts:
                         try:
                             meta = json.loads(archive.extractfile(parts["json"]).read())
-                        except (json.JSONDecodeError, UnicodeDecodeError):
+                        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                             raise UserError(f"shard '{shard}' member '{parts['json'].name}' is not valid JSON; rebuild the shard") from None
                         record.update({k: meta[k] for k in _PASS_THROUGH_JSON_KEYS if isinstance(meta, dict) and k in meta})
                         if isinstance(meta, dict) and isinstance(meta.get("caption"), str) and meta["caption"].strip():

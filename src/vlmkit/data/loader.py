@@ -159,15 +159,21 @@ class SkipCounter:
         self.examples: list[str] = []
         self.reasons: dict[str, int] = {}
         self.truncated = 0
+        self.counted = 0  # skips added by update() in this process (a resumed run sets `total` beforehand)
+        # Every distinct bad reference seen by this process: an image skipped once per epoch is
+        # one file, however many times it was skipped (the report gives both numbers).
+        self.files: set[str] = set()
 
     def update(self, batch: dict) -> int:
         """Add one collated batch's skips (and truncations); returns how many samples it skipped."""
         count = int(batch.get("num_skipped", 0))
         self.total += count
+        self.counted += count
         self.truncated += int(batch.get("num_truncated", 0))
         for reason, number in batch.get("skip_reasons", {}).items():
             self.reasons[reason] = self.reasons.get(reason, 0) + int(number)
         for image in batch.get("skipped", []):
+            self.files.add(image)
             if len(self.examples) < self.keep and image not in self.examples:
                 self.examples.append(image)
         return count
@@ -175,12 +181,23 @@ class SkipCounter:
     def summary(self) -> dict:
         """{"skipped": total, "skipped_examples": [first few references]} for the run summary, plus
         "skip_reasons" and "truncated" when batches reported them."""
-        summary: dict = {"skipped": self.total, "skipped_examples": list(self.examples)}
+        summary: dict = {"skipped": self.total, "skipped_files": len(self.files), "skipped_examples": list(self.examples)}
         if self.reasons:
             summary["skip_reasons"] = dict(self.reasons)
         if self.truncated:
             summary["truncated"] = self.truncated
         return summary
+
+    def _files_note(self) -> str:
+        """"6 files": how many distinct files the skips came from (occurrences repeat across epochs).
+
+        A resumed run restores `total` from its checkpoint but not the file names, so then the files
+        are those seen since the resume."""
+        if not self.files:
+            return ""
+        seen = len(self.files)
+        since = " since the resume" if self.total > self.counted else ""
+        return f"{seen} file{'s' if seen != 1 else ''}{since}"
 
     def message(self) -> str | None:
         """One sentence for stderr at the end of a run, or None when nothing was skipped or cut."""
@@ -190,11 +207,15 @@ class SkipCounter:
         if not self.total:
             return f"{truncated} (kept; raise the maximum length to keep them whole)"
         shown = self.examples[:3]
-        more = f" and {self.total - len(shown)} more" if self.total > len(shown) else ""
+        others = (len(self.files) if self.files else self.total) - len(shown)  # distinct files not named
+        more = f" and {others} more" if others > 0 else ""
         shown = ", ".join(shown) or "(paths not recorded)"
+        files = self._files_note()
         if not self.reasons:
-            skipped = f"skipped {self.total} unreadable image(s): {shown}{more}; fix or remove them from the dataset"
+            files = f" ({files})" if files else ""
+            skipped = f"skipped {self.total} unreadable image(s){files}: {shown}{more}; fix or remove them from the dataset"
         else:
             reasons = ", ".join(f"{number} {reason}" for reason, number in sorted(self.reasons.items()))
-            skipped = f"skipped {self.total} sample(s) ({reasons}): {shown}{more}; fix or remove them, or raise the maximum length"
+            files = f"; {files}" if files else ""
+            skipped = f"skipped {self.total} sample(s) ({reasons}{files}): {shown}{more}; fix or remove them, or raise the maximum length"
         return f"{skipped}; {truncated}" if truncated else skipped

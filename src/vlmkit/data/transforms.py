@@ -2,7 +2,8 @@
 
 Eval: convert to RGB, resize the shortest side to `resize_size` with PIL bicubic (the long side
 rounded down, as torchvision's `Resize(int)` does), center crop (offsets rounded as torchvision's
-`CenterCrop`: `int(round((h - th) / 2))`), scale to [0, 1], normalize. Train: torchvision's
+`CenterCrop`: `int(round((h - th) / 2))`), scale to [0, 1], normalize (an image so thin that the
+resized whole would exceed `MAX_RESIZED_PIXELS` has only the region the crop keeps resized). Train: torchvision's
 `RandomResizedCrop(scale, ratio)` (10 attempts, then the center-crop fallback) resized to
 `image_size`, then an optional horizontal flip. All randomness comes from a `random.Random` the
 caller passes, so an augmentation is reproducible from (seed, epoch, index).
@@ -44,6 +45,10 @@ _INTERPOLATION = {
 }
 _INTERPOLATION_NAME = {int(code): name for name, code in _INTERPOLATION.items()}
 _RESIZE_MODES = ("shortest", "squash")
+# Above this many pixels, the eval resize + centre crop resizes only the region the crop keeps
+# (see ImageTransform.geometry); only thin images reach it (a 4:1 panorama resized to a 1,000 px
+# short side is exactly 4 megapixels).
+MAX_RESIZED_PIXELS = 4_000_000
 _VLMKIT_KEYS = {"train", "crop_scale", "crop_ratio", "hflip", "interpolation", "resize_mode"}
 
 
@@ -168,14 +173,20 @@ class ImageTransform:
             return image
         if self.resize_mode == "squash":
             return image if image.size == (size, size) else image.resize((size, size), resample)
-        new_size = resized_shortest_side(image.width, image.height, self.resize_size)
-        if new_size != image.size:
-            image = image.resize(new_size, resample)
-        if image.size != (size, size):
-            if image.width < size or image.height < size:  # cannot happen: resize_size >= image_size
-                raise AssertionError("resized image smaller than the crop")
-            image = image.crop(center_crop_box(image.width, image.height, size, size))
-        return image
+        new_width, new_height = resized_shortest_side(image.width, image.height, self.resize_size)
+        left, top, right, bottom = center_crop_box(new_width, new_height, size, size)
+        if new_width * new_height > MAX_RESIZED_PIXELS:
+            # A thin image: resizing its short side would make it huge (a 1 x 16,000 px strip at
+            # 224 px is 224 x 3.6 million px, 2.4 GB) only for the crop to keep 224 x 224. Resize
+            # just the source region the crop keeps (PIL takes the filter's support from around
+            # the box): the same geometry, but PIL's rounding differs from resize-then-crop's, by
+            # under half a grey level on average and a few tens at single pixels (tested).
+            scale_x, scale_y = image.width / new_width, image.height / new_height
+            box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
+            return image.resize((size, size), resample, box=box)
+        if (new_width, new_height) != image.size:
+            image = image.resize((new_width, new_height), resample)
+        return image if image.size == (size, size) else image.crop((left, top, right, bottom))
 
     def train_params(self, width: int, height: int, rng: random.Random) -> tuple[tuple[int, int, int, int], bool]:
         """The training augmentation of one image: (crop box, flipped), drawn from `rng` as `geometry` draws it."""

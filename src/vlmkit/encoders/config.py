@@ -28,6 +28,7 @@ class VisionConfig:
     layer_scale: float | None = None
     drop_path: float = bounded(0.0, low=0, high=1, high_open=True)
     resnet_layers: tuple[int, ...] = (3, 4, 6, 3)
+    patch_bias: bool = False  # a bias on the patch projection (timm / BLIP ViTs; CLIP has none)
 
     @staticmethod
     def applicable_keys(data: dict) -> tuple[set[str], str]:
@@ -179,7 +180,7 @@ def build_vision_tower(config: VisionConfig, output_dim: int | None) -> nn.Modul
             image_size=config.image_size, patch_size=config.patch_size, width=config.width, depth=config.depth,
             heads=config.heads, output_dim=output_dim, mlp_ratio=config.mlp_ratio, activation=config.activation,
             conv_stem=tuple(config.conv_stem), pool=config.pool, norm_pre=config.norm_pre, norm_eps=config.norm_eps,
-            layer_scale=config.layer_scale, drop_path=config.drop_path,
+            layer_scale=config.layer_scale, drop_path=config.drop_path, patch_bias=config.patch_bias,
         )
     if config.type == "resnet":
         from vlmkit.encoders.resnet import ModifiedResNet

@@ -56,6 +56,7 @@ class VisionTransformer(nn.Module):
         norm_eps: float = 1e-5,
         layer_scale: float | None = None,
         drop_path: float = 0.0,
+        patch_bias: bool = False,
     ) -> None:
         super().__init__()
         self.stem = ConvStem(tuple(conv_stem)) if conv_stem else None
@@ -64,7 +65,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"patch size {patch_size} must be a multiple of the conv stem's stride {stride}")
         in_channels = self.stem.out_channels if self.stem else 3
         self.patch_size = patch_size
-        self.patch_embed = nn.Conv2d(in_channels, width, patch_size // stride, stride=patch_size // stride, bias=False)
+        self.patch_embed = nn.Conv2d(in_channels, width, patch_size // stride, stride=patch_size // stride,
+                                     bias=patch_bias)  # CLIP has no bias here, timm / BLIP ViTs do
         self.grid = image_size // patch_size
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn(self.grid**2 + 1, width) * width**-0.5)

@@ -6,6 +6,7 @@
 - an HF transformers CLIPModel folder (`config.json` with model_type "clip") -> `clip`,
 - an HF GPT2LMHeadModel / LlamaForCausalLM folder (model_type "gpt2" / "llama") -> `lm`,
 - an HF LlavaForConditionalGeneration folder (model_type "llava") -> `llava`,
+- an HF BlipForConditionalGeneration / BlipForImageTextRetrieval folder (model_type "blip") -> `blip`,
 - an OpenAI / OpenCLIP state dict file (`.safetensors`, `.pt`, `.pth`, `.bin`) -> `clip`,
 and returns the model in eval mode with its tokenizer and image transform attached. Every format
 is a list of key-mapping rules (`interop.mapping`) used both to load and to export.
@@ -21,8 +22,8 @@ EXPORT_FORMATS = ("vlmkit", "hf", "openclip")
 
 
 def detect_format(source: Path) -> str:
-    """"hf-clip", "hf-lm", "hf-llava", "bert", or "openclip" for a path, or a UserError saying what was expected."""
-    from vlmkit.interop import bert, hf_clip, hf_llava, hf_lm, openclip
+    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "bert", or "openclip" for a path, or a UserError saying what was expected."""
+    from vlmkit.interop import bert, hf_blip, hf_clip, hf_llava, hf_lm, openclip
     from vlmkit.interop.files import read_json
 
     source = Path(source)
@@ -41,9 +42,11 @@ def detect_format(source: Path) -> str:
                 return "hf-lm"
             if hf_llava.is_hf_llava(config):
                 return "hf-llava"
+            if hf_blip.is_hf_blip(config):
+                return "hf-blip"
             raise UserError(
                 f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
-                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, OpenCLIP"
+                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, OpenCLIP"
             )
         raise UserError(
             f"{source} is not a model folder (no config.json, modules.json or {openclip.OPENCLIP_CONFIG}); "
@@ -67,7 +70,7 @@ def load_foreign(source: Path, model_name: str | None = None, activation: str | 
     `activation` for OpenCLIP files, `pool` ("mean" | "cls") for BERT, `dtype` (default float32)
     for all; an option that does not apply to the detected format is an error.
     """
-    from vlmkit.interop import bert, hf_clip, hf_llava, hf_lm, openclip
+    from vlmkit.interop import bert, hf_blip, hf_clip, hf_llava, hf_lm, openclip
     from vlmkit.interop.common import reject_kwargs
 
     if unknown:
@@ -86,6 +89,9 @@ def load_foreign(source: Path, model_name: str | None = None, activation: str | 
     if kind == "hf-llava":
         reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_llava.FORMAT_NAME)
         return hf_llava.load(source, dtype=dtype)
+    if kind == "hf-blip":
+        reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_blip.FORMAT_NAME)
+        return hf_blip.load(source, dtype=dtype)
     reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_clip.FORMAT_NAME)
     return hf_clip.load(source, dtype=dtype)
 
@@ -104,7 +110,8 @@ def _exporter(model, to: str):
 
 def export_hf(model, directory: Path) -> None:
     """Write `model` as an HF transformers folder (CLIPModel for CLIP, BertModel + sentence-transformers files for a text encoder,
-    GPT2LMHeadModel / LlamaForCausalLM for an LM, LlavaForConditionalGeneration for LLaVA)."""
+    GPT2LMHeadModel / LlamaForCausalLM for an LM, LlavaForConditionalGeneration for LLaVA,
+    BlipForConditionalGeneration / BlipForImageTextRetrieval for a one-sided BLIP)."""
     _exporter(model, "hf")(model, Path(directory))
 
 

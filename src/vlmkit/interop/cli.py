@@ -15,7 +15,8 @@ def register(subparsers) -> None:
         "OpenAI/OpenCLIP weights file) and write it to the new folder DST. Prints one JSON object.",
     )
     convert.add_argument("source", metavar="SRC", help="checkpoint folder or weights file")
-    convert.add_argument("out", metavar="DST", help="output folder (must not exist, or be empty)")
+    convert.add_argument("out", metavar="DST",
+                         help="output folder (must not exist, or be empty; missing parent folders are created)")
     convert.add_argument("--to", choices=EXPORT_FORMATS, default="vlmkit", help="output format (default %(default)s)")
     convert.add_argument("--model-name", default=None, help="OpenCLIP architecture to assume, e.g. ViT-B-32 or RN50 (default: from shapes)")
     convert.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
@@ -33,10 +34,12 @@ def _convert(args: argparse.Namespace) -> int:
     from vlmkit.cli import print_json
     from vlmkit.errors import UserError
     from vlmkit.interop import export
+    from vlmkit.io import check_parent_folders
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not an empty folder; choose a new DST")
+    check_parent_folders(out, "DST")  # before the model is loaded
     options = {"model_name": args.model_name, "activation": args.activation, "pool": args.pool}
     model = vlmkit.load(args.source, **{key: value for key, value in options.items() if value is not None})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,10 @@ def read_json(path: Path) -> dict:
     """A JSON object from `path`, or a UserError naming the file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
         raise UserError(f"cannot read {path} ({error}); the file is missing or not valid JSON") from None
+    except RecursionError:
+        raise UserError(f"cannot read {path}: its JSON is nested too deeply to parse; the file is damaged") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object; re-export the checkpoint")
     return data
@@ -39,7 +41,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_safetensors(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = _quiet_torch_load(path, mmap=True)
     except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
         state = _torch_load(path, mmap=False)
     except Exception as error:
@@ -53,15 +55,35 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _quiet_torch_load(path: Path, mmap: bool):
+    """torch.load with weights_only (no pickled code ever runs), its warnings kept off stderr: a
+    protocol-4 pickle warns before failing, and the failure is reported in one line below."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def _torch_load(path: Path, mmap: bool):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _quiet_torch_load(path, mmap)
     except Exception as error:
         raise _unreadable(path, error) from None
 
 
 def _unreadable(path: Path, error: Exception) -> UserError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error)
+    if "Weights only load failed" in text:
+        # torch's message advises weights_only=False, i.e. running whatever the pickle holds: never.
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].split(". Please")[0].strip() \
+            if "WeightsUnpickler error:" in text else ""
+        return UserError(
+            f"cannot read {path} as a pickle-free torch weights file: it holds more than tensors{f' ({detail[:120]})' if detail else ''}, and vlmkit never runs "
+            f"code from a pickle; convert it to safetensors where it is trusted, or re-save it with "
+            f"torch.save(model.state_dict())"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return UserError(
         f"cannot read {path} as a pickle-free torch weights file ({first[:200]}); "
         f"convert it to safetensors, or re-save it with torch.save(model.state_dict())"

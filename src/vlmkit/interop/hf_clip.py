@@ -160,6 +160,7 @@ def check_exportable(model) -> None:
         "mean-pooled image tokens": vision.pool != "cls",
         "no ln_pre": not vision.norm_pre,
         "LayerScale": vision.layer_scale is not None,
+        "a patch-embedding bias": vision.patch_bias,
         "a bidirectional / BERT-style text tower": not text.causal or not text.prenorm or text.embed_norm or text.type_vocab_size,
         f"text pooling '{text.pool}'": text.pool not in ("eos", "argmax"),
         "a SigLIP logit bias": getattr(model, "logit_bias", None) is not None,
@@ -188,6 +189,7 @@ def vision_export_problem(vision) -> str | None:
         "a conv stem": bool(vision.conv_stem),
         "no ln_pre": not vision.norm_pre,
         "LayerScale": vision.layer_scale is not None,
+        "a patch-embedding bias": vision.patch_bias,
         f"activation '{vision.activation}'": vision.activation not in TO_HF_ACTIVATION,
     }
     return next((problem for problem, present in problems.items() if present), None)

@@ -189,6 +189,13 @@ def load(source: Path, model_name: str | None = None, activation: str | None = N
     model = build_and_load("clip", config, state, lambda built: _named(openclip_format(built), assumed), str(weights))
     if config["text"]["vocab_size"] == 49408:
         model.tokenizer = clip_tokenizer(context_length=config["text"]["context_length"])
+    else:
+        model.missing_tokenizer_reason = (
+            f"{weights} has a {config['text']['vocab_size']:,}-token vocabulary, not CLIP's 49,408, so its tokenizer "
+            f"cannot be known and none is attached; give it one: in Python, model.tokenizer = "
+            f"vlmkit.tokenizers.Tokenizer.load('FOLDER_WITH_TOKENIZER_JSON'), or `vlmkit convert` it to a folder and copy "
+            f"the tokenizer's tokenizer.json into that folder"
+        )
     preprocess = (folder_config or {}).get("preprocess_cfg", {})
     model.transform = ImageTransform(
         image_size=config["vision"]["image_size"],

@@ -12,6 +12,9 @@ Two deliberate, documented adaptations, printed on stderr when they happen:
   sentence embedding; otherwise it keeps its random initialisation (and is trained unless locked);
 - the position table is cut to the text context length the model is built with (the tokenizer's
   max length, or `model.text.context_length` from the recipe): rows past it are never used.
+A family whose tower holds more than the pretrained one (BLIP's cross-attention and decoder
+self-attention) fits the config and the weights through `VLModel.adapt_pretrained_tower_config` /
+`adapt_pretrained_tower_state`, and `after_pretrained_towers` runs once they are in (momentum copies).
 """
 from __future__ import annotations
 
@@ -77,20 +80,25 @@ class PretrainedTowers:
             if wanted > positions:
                 raise UserError(f"{section}.context_length {wanted} is longer than the {positions} positions of init_text {self.text_source}")
             text["context_length"] = wanted
-            config[section] = text
+            config[section] = family.adapt_pretrained_tower_config("text", text)
         if self.image_model is not None:
-            config[family.tower_configs["image"]] = to_dict(getattr(self.image_model.config, self.image_model.tower_configs["image"]))
+            image = to_dict(getattr(self.image_model.config, self.image_model.tower_configs["image"]))
+            config[family.tower_configs["image"]] = family.adapt_pretrained_tower_config("image", image)
         return config
 
     def load_into(self, model) -> None:
         """Copy the pretrained towers' weights into `model` (strict; see the module docstring)."""
         if self.text_model is not None:
-            self._copy(self.text_model.tower("text"), model.tower("text"), f"init_text {self.text_source}")
+            self._copy(self.text_model.tower("text"), model.tower("text"), f"init_text {self.text_source}",
+                       lambda state, expected: model.adapt_pretrained_tower_state("text", state, expected))
         if self.image_model is not None:
-            self._copy(self.image_model.tower("image"), model.tower("image"), f"init_image {self.image_source}")
+            self._copy(self.image_model.tower("image"), model.tower("image"), f"init_image {self.image_source}",
+                       lambda state, expected: model.adapt_pretrained_tower_state("image", state, expected))
+        if self.text_model is not None or self.image_model is not None:
+            model.after_pretrained_towers()
 
     @staticmethod
-    def _copy(source: torch.nn.Module, target: torch.nn.Module, where: str) -> None:
+    def _copy(source: torch.nn.Module, target: torch.nn.Module, where: str, adapt=None) -> None:
         from vlmkit.io import load_state_dict_strict
 
         state = dict(source.state_dict())
@@ -122,5 +130,7 @@ class PretrainedTowers:
                 mean = source_rows.float().mean(dim=0, keepdim=True).to(source_rows.dtype)
                 state[key] = torch.cat([source_rows, mean.expand(added, -1)], dim=0)
                 print(f"vlmkit: {where}: {added} new token row(s) in {key} start at the mean embedding", file=sys.stderr)
+        if adapt is not None:  # the family's own fitting (see the module docstring)
+            state = adapt(state, expected)
         with torch.no_grad():
             load_state_dict_strict(target, {key: value.detach().clone() for key, value in state.items()}, where, "vlmkit tower")

@@ -3,7 +3,10 @@
 `TransformerBlock` is pre-LN by default (CLIP, ViT, GPT) and post-LN on request (BERT);
 it can carry a cross-attention sublayer (decoders, Q-Former), LayerScale and drop-path, and
 takes the Llama options: RMSNorm (`norm="rmsnorm"`), grouped-query attention (`kv_heads`), a
-gated SwiGLU MLP (`gated_mlp`, `mlp_hidden`) and no biases (`bias=False`).
+gated SwiGLU MLP (`gated_mlp`, `mlp_hidden`) and no biases (`bias=False`). With
+`decoder_attention=True` a block holds a second self-attention (and its norm) that a forward with
+`decoder=True` uses instead of the first: BLIP's causal decoder shares every other parameter
+(embeddings, cross-attention, MLP) with its bidirectional encoder.
 `Transformer` stacks blocks (cross-attention in every N-th) and owns the gradient-checkpointing
 switch, the only one in the library. `TokenTransformer` is the whole text stack on top of it:
 
@@ -77,11 +80,16 @@ class TransformerBlock(nn.Module):
         mlp_hidden: int | None = None,
         gated_mlp: bool = False,
         bias: bool = True,
+        decoder_attention: bool = False,
     ) -> None:
         super().__init__()
         self.prenorm = prenorm
         self.norm1 = make_norm(norm, dim, norm_eps)
         self.attn = Attention(dim, num_heads, dropout=dropout, qkv_bias=bias, out_bias=bias, kv_heads=kv_heads)
+        # A second self-attention for decoder-mode forwards (BLIP); everything else is shared.
+        self.decoder_attn = (Attention(dim, num_heads, dropout=dropout, qkv_bias=bias, out_bias=bias, kv_heads=kv_heads)
+                             if decoder_attention else None)
+        self.decoder_norm1 = make_norm(norm, dim, norm_eps) if decoder_attention else None
         self.cross_attn = Attention(dim, num_heads, context_dim=context_dim, qkv_bias=bias, out_bias=bias) if context_dim else None
         self.norm_cross = make_norm(norm, dim, norm_eps) if context_dim else None
         self.norm2 = make_norm(norm, dim, norm_eps)
@@ -108,13 +116,16 @@ class TransformerBlock(nn.Module):
         name: str = "",
         num_queries: int | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        decoder: bool = False,
     ) -> torch.Tensor:
         """`num_queries`: compute outputs for the first N positions only (see Attention); `rotary`:
-        the (cos, sin) of rotary positions for the self-attention."""
+        the (cos, sin) of rotary positions for the self-attention; `decoder`: use the decoder
+        self-attention (a block built without one uses its only self-attention)."""
         self_cache = cache.layer(name + ".self") if cache is not None else None
+        attn, norm1 = (self.decoder_attn, self.decoder_norm1) if decoder and self.decoder_attn is not None else (self.attn, self.norm1)
         x = self._residual(
-            x, self.norm1,
-            lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache, num_queries=num_queries, rotary=rotary),
+            x, norm1,
+            lambda h: attn(h, mask=mask, is_causal=is_causal, cache=self_cache, num_queries=num_queries, rotary=rotary),
             self.scale1, num_queries,
         )
         if self.cross_attn is not None and context is not None:
@@ -142,6 +153,7 @@ class Transformer(nn.Module):
         cross_attention_every: int = 1,
         **block_kwargs,
     ) -> None:
+        """`block_kwargs` go to every `TransformerBlock` (e.g. `decoder_attention=True`)."""
         super().__init__()
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linearly increasing, as in timm
         self.blocks = nn.ModuleList(
@@ -164,6 +176,7 @@ class Transformer(nn.Module):
         return_all: bool = False,
         last_layer_queries: int | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        decoder: bool = False,
     ):
         """`last_layer_queries=N`: the last block computes only the first N positions (e.g. the
         [CLS] token a pooled embedding needs), skipping its MLP and output projection elsewhere.
@@ -174,10 +187,10 @@ class Transformer(nn.Module):
             num_queries = last_layer_queries if index == last else None
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, mask, is_causal, context, context_mask, use_reentrant=False, num_queries=num_queries,
-                               rotary=rotary)
+                               rotary=rotary, decoder=decoder)
             else:
                 x = block(x, mask, is_causal, context, context_mask, cache, name=f"block{index}", num_queries=num_queries,
-                          rotary=rotary)
+                          rotary=rotary, decoder=decoder)
             if return_all:
                 hidden_states.append(x)
         return hidden_states if return_all else x
@@ -221,6 +234,7 @@ class TokenTransformer(nn.Module):
         gated_mlp: bool = False,
         bias: bool = True,
         rope_theta: float = 10000.0,
+        decoder_attention: bool = False,
     ) -> None:
         super().__init__()
         if positions not in POSITIONS:
@@ -234,6 +248,7 @@ class TokenTransformer(nn.Module):
             width, depth, heads, mlp_ratio=mlp_ratio, activation=activation, prenorm=prenorm, norm_eps=norm_eps,
             dropout=dropout, context_dim=context_dim, cross_attention_every=cross_attention_every,
             norm=norm, kv_heads=kv_heads, mlp_hidden=mlp_hidden, gated_mlp=gated_mlp, bias=bias,
+            decoder_attention=decoder_attention,
         )
         # Post-LN stacks (BERT) already end in a norm; pre-LN stacks need a final one.
         self.final_norm = make_norm(norm, width, norm_eps) if prenorm else nn.Identity()
@@ -299,6 +314,7 @@ class TokenTransformer(nn.Module):
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        decoder: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The last hidden state after the final norm, (B, N+T, D); with `output_hidden_states`
         also every block's input and output (before the final norm), as `(hidden, states)`.
@@ -312,6 +328,7 @@ class TokenTransformer(nn.Module):
         `inputs_embeds` (B, T, D) replace the token embeddings (positions are still added or
         rotated); `position_ids` (B, T) replace `position_offset`. In a rotary stack the positions
         run over the whole sequence, `prefix_embeds` included (`position_ids` is then (B, N+T)).
+        `decoder=True` runs the blocks' decoder self-attention (see `TransformerBlock`).
         """
         past = cache.length if cache is not None else 0
         offset = past if position_offset is None else position_offset
@@ -328,7 +345,7 @@ class TokenTransformer(nn.Module):
             is_causal = False
         hidden = self.transformer(
             x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask, cache=cache,
-            return_all=output_hidden_states, last_layer_queries=last_layer_queries, rotary=rotary,
+            return_all=output_hidden_states, last_layer_queries=last_layer_queries, rotary=rotary, decoder=decoder,
         )
         x = self.final_norm(hidden[-1] if output_hidden_states else hidden)  # (B, N+T, D)
         return (x, hidden) if output_hidden_states else x

@@ -5,6 +5,7 @@ import json
 import os
 
 from vlmkit.errors import UserError
+from vlmkit.textfiles import decode_line, decode_text, json_type, parse_json
 
 
 def register(subparsers) -> None:
@@ -17,7 +18,8 @@ def register(subparsers) -> None:
     captions.add_argument("--refs", required=True,
                           help="COCO annotations JSON {annotations: [{image_id, caption}]} or JSONL records")
     captions.add_argument("--metrics", default="bleu,rouge,cider", help="comma list of bleu,rouge,cider,meteor")
-    captions.add_argument("--per-image", metavar="FILE", help="also write per-image scores to this JSON file")
+    captions.add_argument("--per-image", metavar="FILE",
+                          help="also write per-image scores to this JSON file (missing folders are created)")
     captions.set_defaults(func=_score_captions)
 
     vqa = verbs.add_parser("vqa", help="VQA accuracy (official normalization)")
@@ -31,24 +33,20 @@ def register(subparsers) -> None:
 
 
 def _read_records(path: str) -> list | dict:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"file '{path}' does not exist; check the path")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    if not os.path.isfile(path):
+        raise UserError(f"'{path}' is not a regular file (a folder, a device or a pipe); give a JSON or JSONL file")
+    with open(path, "rb") as handle:
+        data = handle.read()
     if path.endswith(".jsonl"):
         records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise UserError(f"line {number} of '{path}' is not valid JSON ({error.msg}); fix that line")
+        for number, line in enumerate(data.split(b"\n"), 1):
+            text = decode_line(line, path, number)
+            if text.strip():
+                records.append(parse_json(text, f"line {number} of '{path}'", "fix that line"))
         return records
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"'{path}' is not valid JSON ({error.msg} at line {error.lineno}); "
-                        f"give a JSON file, or name a JSONL file *.jsonl")
+    return parse_json(decode_text(data, path), f"'{path}'", "give a JSON file, or name a JSONL file *.jsonl")
 
 
 def _entries(data, path: str, key: str) -> list:
@@ -66,7 +64,13 @@ def _entries(data, path: str, key: str) -> list:
 def _entry_id(entry: dict, index: int, path: str, names: tuple[str, ...]):
     for name in names:
         if name in entry and entry[name] is not None:
-            return entry[name]
+            value = entry[name]
+            # Ids are dictionary keys and are matched between files: a list or an object cannot
+            # be one, and true/false would silently equal 1/0.
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise UserError(f"entry {index} of '{path}' has a '{name}' that is {json_type(value)}; an id must be "
+                                f"a string or a number")
+            return value
     raise UserError(f"entry {index} of '{path}' has no {' or '.join(names)}; give every entry an id")
 
 
@@ -79,13 +83,31 @@ def _captions_of(entry: dict, index: int, path: str, image_id) -> list[str]:
         captions = entry["texts"]
     else:
         raise UserError(f"entry {index} (image {image_id!r}) of '{path}' has no caption, text or texts")
-    if not isinstance(captions, list) or not captions:
+    if not isinstance(captions, list):
+        raise UserError(f"entry {index} (image {image_id!r}) of '{path}' has 'texts' that is {json_type(captions)}, "
+                        f"not a list of captions; write \"texts\": [\"...\"]")
+    if not captions:
         raise UserError(f"entry {index} (image {image_id!r}) of '{path}' has an empty 'texts' list")
     for caption in captions:
-        if not isinstance(caption, str) or not caption.strip():
+        if not isinstance(caption, str):
+            raise UserError(f"entry {index} (image {image_id!r}) of '{path}' has a caption that is {json_type(caption)}, "
+                            f"not a string; write captions as JSON strings")
+        if not caption.strip():
             raise UserError(f"entry {index} (image {image_id!r}) of '{path}' has an empty caption; fill it in or "
                             f"remove the entry")
+        _check_length(caption, f"entry {index} (image {image_id!r}) of '{path}' has a caption")
     return captions
+
+
+def _check_length(text: str, what: str) -> None:
+    """Refuse a text over the input limit (`max_text_chars`): tokenizing 11 MB for CIDEr takes half a
+    minute, and a score must be of the text as given, so it is not cut as model inputs are."""
+    from vlmkit.data.limits import current_limits
+
+    limit = current_limits().max_text_chars
+    if len(text) > limit:
+        raise UserError(f"{what} of {len(text):,} characters, over the text limit ({limit:,}); shorten it, or raise "
+                        f"the limit with VLMKIT_MAX_TEXT_CHARS")
 
 
 def load_caption_predictions(path: str) -> dict:
@@ -117,6 +139,7 @@ def load_vqa_predictions(path: str) -> dict:
         question_id = _entry_id(entry, index, path, ("question_id",))
         if not isinstance(entry.get("answer"), str):
             raise UserError(f"entry {index} (question {question_id!r}) of '{path}' has no string 'answer'")
+        _check_length(entry["answer"], f"entry {index} (question {question_id!r}) of '{path}' has an answer")
         if question_id in predictions:
             raise UserError(f"question {question_id!r} is answered twice in '{path}' (entry {index}); keep one")
         predictions[question_id] = entry["answer"]
@@ -142,15 +165,18 @@ def load_vqa_references(path: str) -> dict:
 
 def _score_captions(args) -> int:
     from vlmkit.cli import print_json
+    from vlmkit.io import check_output_file, write_output_file
     from vlmkit.metrics.caption import score_captions
 
+    if args.per_image:
+        check_output_file(args.per_image, "--per-image")  # before scoring, not after
     predictions = load_caption_predictions(args.pred)
     references = load_caption_references(args.refs)
     result = score_captions(predictions, references, metrics=args.metrics.split(","), per_image=bool(args.per_image))
     if args.per_image:
         per_image = result.pop("per_image")
-        with open(args.per_image, "w", encoding="utf-8") as handle:
-            json.dump([{"image_id": k, **v} for k, v in per_image.items()], handle)
+        rows = [{"image_id": k, **v} for k, v in per_image.items()]
+        write_output_file(args.per_image, (json.dumps(rows) + "\n").encode(), "--per-image")
     print_json(result)
     return 0
 

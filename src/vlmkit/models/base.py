@@ -87,6 +87,8 @@ class VLModel(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = None  # a vlmkit.tokenizers.Tokenizer, attached by load() or the trainer
+        # Why there is none, when a loader knows (an OpenCLIP file with a vocabulary not CLIP's).
+        self.missing_tokenizer_reason: str | None = None
         self.transform = None  # a vlmkit.data.transforms.ImageTransform
         self.training_options = self.training_class()
         self._locked: set[str] = set()
@@ -148,6 +150,21 @@ class VLModel(nn.Module):
                 text["bos_token_id"] = tokenizer.bos_id
             tokenizer.context_length = text.get("context_length", tokenizer.context_length)
         return config
+
+    @classmethod
+    def adapt_pretrained_tower_config(cls, role: str, section: dict[str, Any]) -> dict[str, Any]:
+        """Fit the config section of a pretrained `role` tower (`init_text` / `init_image`) to this
+        family before the model is built (default: unchanged)."""
+        return section
+
+    def adapt_pretrained_tower_state(self, role: str, state: dict[str, torch.Tensor],
+                                     expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit a pretrained `role` tower's weights to this model's tower (`expected`: its own state)
+        before the strict copy (default: unchanged)."""
+        return state
+
+    def after_pretrained_towers(self) -> None:
+        """Called once the `init_text` / `init_image` weights are in (default: nothing)."""
 
     @classmethod
     def adapt_config_to_data(cls, config: dict[str, Any], records: list[dict]) -> dict[str, Any]:
@@ -235,6 +252,7 @@ class VLModel(nn.Module):
                 raise
             raise UserError(f"{where}: {error}") from None
         load_state_dict_strict(model, load_safetensors(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE), "vlmkit")
+        _in_default_precision(model, directory / WEIGHTS_FILE)  # an fp16 file loads as float32, not fails at inference
         model.attach_preprocessing(directory)
         if (directory / GENERATION_FILE).exists() and getattr(model, "generation_config", None) is not None:
             model.generation_config = from_dict(type(model.generation_config), json.loads((directory / GENERATION_FILE).read_text()),
@@ -254,6 +272,8 @@ class VLModel(nn.Module):
     # ---- convenience API over the raw tensors ------------------------------------------
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         if self.tokenizer is None:
+            if self.missing_tokenizer_reason:
+                raise UserError(self.missing_tokenizer_reason)
             raise UserError("this model has no tokenizer attached; load it with vlmkit.load(run_folder)")
         return self.tokenizer(texts)
 
@@ -292,6 +312,25 @@ class VLModel(nn.Module):
         self.require(EmbedsTexts, task="embed_texts")
         texts = [texts] if isinstance(texts, str) else list(texts)
         return self._embed_in_batches(texts, batch_size, self.tokenize, self.encode_text)
+
+
+def _in_default_precision(model: nn.Module, source: Path) -> None:
+    """Convert, with a note on stderr, a model whose weights file stored floating tensors in another
+    precision (fp16, bf16) than torch's default (float32) the model was built for: kept as loaded,
+    they would make it fail later, at inference, on float32 inputs."""
+    import sys
+
+    default = torch.get_default_dtype()
+    stored: dict[str, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != default:
+            name = str(tensor.dtype).replace("torch.", "")
+            stored[name] = stored.get(name, 0) + 1
+    if stored:
+        model.to(default)
+        what = ", ".join(f"{count} {name}" for name, count in sorted(stored.items()))
+        print(f"vlmkit: note: {source} stores weights in another precision ({what} tensor(s)); converted them to "
+              f"{str(default).replace('torch.', '')} on load", file=sys.stderr)
 
 
 def _field_names(config_class: type, section: str) -> set[str]:

@@ -5,6 +5,7 @@ Evaluations print one JSON object on stdout; progress and notes go to stderr.
 from __future__ import annotations
 
 from vlmkit.capabilities import EmbedsImages, EmbedsTexts, provides
+from vlmkit.errors import UserError
 
 import argparse
 from pathlib import Path
@@ -32,6 +33,13 @@ def _records(path: str):
     return read_records(path)
 
 
+def _eval_records(path: str, what: str):
+    """An evaluation's records, those whose image cannot be used left out and counted on stderr."""
+    from vlmkit.data.formats import usable_records
+
+    return usable_records(_records(path), what)
+
+
 def _model(path: str):
     import vlmkit
 
@@ -47,13 +55,18 @@ def _zeroshot(args) -> dict:
     from vlmkit.tasks.zeroshot import evaluate_zeroshot, read_templates
 
     templates = read_templates(args.templates)
-    return evaluate_zeroshot(_model(args.model), _records(args.data), label_key=args.label_key, templates=templates)
+    return evaluate_zeroshot(_model(args.model), _eval_records(args.data, "zero-shot"), label_key=args.label_key, templates=templates)
+
+
+def _retrieval_arguments(parser):
+    parser.add_argument("--rerank-k", type=int, default=None, metavar="K",
+                        help="re-rank each query's top K candidates with the model's image-text matching head (BLIP)")
 
 
 def _retrieval(args) -> dict:
     from vlmkit.tasks.retrieval import evaluate_retrieval
 
-    return evaluate_retrieval(_model(args.model), _records(args.data))
+    return evaluate_retrieval(_model(args.model), _eval_records(args.data, "retrieval"), rerank_k=args.rerank_k)
 
 
 def _linear_probe_arguments(parser):
@@ -66,10 +79,12 @@ def _linear_probe(args) -> dict:
     from vlmkit.tasks.linear_probe import evaluate_linear_probe
 
     model = _model(args.model)
-    return evaluate_linear_probe(model, _records(args.train), _records(args.test), label_key=args.label_key)
+    return evaluate_linear_probe(model, _eval_records(args.train, "linear probe (--train)"),
+                                 _eval_records(args.test, "linear probe (--test)"), label_key=args.label_key)
 
 
 _zeroshot.arguments = _zeroshot_arguments
+_retrieval.arguments = _retrieval_arguments
 _linear_probe.arguments = _linear_probe_arguments
 evaluation("zeroshot", "zero-shot classification with prompt ensembling")(_zeroshot)
 evaluation("retrieval", "image-text retrieval recall@1/5/10 both ways")(_retrieval)
@@ -97,13 +112,14 @@ def register(subparsers) -> None:
     classify.add_argument("--model", required=True)
     classify.add_argument("--labels", nargs="+", required=True, help='class names, e.g. "red circle" "blue square"')
     classify.add_argument("--templates", help="file with one prompt template per line")
-    classify.add_argument("--top", type=int, default=3, help="how many labels to list per image")
+    classify.add_argument("--top", type=int, default=3, help="how many labels to list per image (at least 1)")
     classify.set_defaults(func=_printing(_classify))
 
     embed = subparsers.add_parser("embed", help="write normalised image and text embeddings to safetensors")
     embed.add_argument("--model", required=True)
     embed.add_argument("--data", required=True)
-    embed.add_argument("--out", required=True, help="output .safetensors file")
+    embed.add_argument("--out", required=True,
+                       help="output .safetensors file (missing folders are created; an existing file is replaced)")
     embed.set_defaults(func=_printing(_embed))
 
 
@@ -121,6 +137,8 @@ def _classify(args) -> dict:
     from vlmkit.tasks.zeroshot import read_templates, zeroshot_logits
     from vlmkit.data.formats import load_image
 
+    if args.top < 1:
+        raise UserError(f"--top {args.top} lists no label; give --top 1 or more")
     images = [load_image(path) for path in args.images]  # a bad path fails here, with its name
     model = _model(args.model)
     probabilities = zeroshot_logits(model, images, args.labels, read_templates(args.templates)).softmax(dim=-1)
@@ -137,9 +155,10 @@ def _classify(args) -> dict:
 
 
 def _embed(args) -> dict:
-    from vlmkit.io import save_safetensors
+    from vlmkit.io import check_output_file, save_safetensors
     import torch
 
+    check_output_file(args.out, "--out")  # refused before the model is loaded and the data embedded
     model = _model(args.model)
     records = _records(args.data)
     tensors = {}
@@ -150,5 +169,9 @@ def _embed(args) -> dict:
         tensors["text_embeddings"] = model.embed_texts(texts)
         tensors["text_to_image"] = torch.tensor([i for i, record in enumerate(records) for _ in record.get("texts", [])])
     out = Path(args.out)
-    save_safetensors(tensors, out, metadata={"source": str(args.data), "model": str(args.model)})
+    try:
+        save_safetensors(tensors, out, metadata={"source": str(args.data), "model": str(args.model)})
+    except OSError as error:
+        raise UserError(f"cannot write --out {out} ({error.strerror or error}); nothing was written, free some space "
+                        f"or choose another path") from None
     return {"out": str(out), **{name: list(tensor.shape) for name, tensor in tensors.items()}}

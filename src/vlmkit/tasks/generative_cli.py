@@ -48,16 +48,19 @@ def _model(path: str):
     return vlmkit.load(path)
 
 
-def _records(path: str):
-    from vlmkit.data.formats import read_records
+def _records(path: str, what: str | None = None):
+    """Records of `path`; for an evaluation (`what`), those whose image cannot be used are left
+    out and counted on stderr (vlmkit.data.formats.usable_records)."""
+    from vlmkit.data.formats import read_records, usable_records
 
-    return read_records(path)
+    records = read_records(path)
+    return records if what is None else usable_records(records, what)
 
 
 def _eval_caption(args) -> dict:
     from vlmkit.tasks.generative import evaluate_caption
 
-    return evaluate_caption(_model(args.model), _records(args.data), **_batch(args, 64), **_decoding(args))
+    return evaluate_caption(_model(args.model), _records(args.data, "caption evaluation"), **_batch(args, 64), **_decoding(args))
 
 
 def _eval_vqa(args) -> dict:
@@ -73,15 +76,15 @@ def _eval_vqa(args) -> dict:
         from vlmkit.errors import UserError
 
         raise UserError(f"--shots {args.shots} needs --support TRAIN_RECORDS to draw the in-context examples from")
-    support = _records(args.support) if args.shots else None
-    return evaluate_vqa(model, _records(args.data), **_batch(args, 16), shots=args.shots, support=support,
+    support = _records(args.support, "vqa support set") if args.shots else None
+    return evaluate_vqa(model, _records(args.data, "vqa evaluation"), **_batch(args, 16), shots=args.shots, support=support,
                         seed=args.shots_seed, **decoding)
 
 
 def _eval_reasoning(args) -> dict:
     from vlmkit.tasks.generative import evaluate_reasoning
 
-    return evaluate_reasoning(_model(args.model), _records(args.data), **_batch(args, 128))
+    return evaluate_reasoning(_model(args.model), _records(args.data, "reasoning evaluation"), **_batch(args, 128))
 
 
 def _eval_perplexity(args) -> dict:
@@ -163,7 +166,7 @@ def _ask(args) -> dict:
 def _baseline(args) -> dict:
     from vlmkit.tasks.generative import evaluate_caption_baseline, evaluate_vqa_baseline
 
-    train, data = _records(args.train), _records(args.data)
+    train, data = _records(args.train, "baseline (--train)"), _records(args.data, "baseline (--data)")
     if args.kind == "caption-nn":
         return evaluate_caption_baseline(train, data, k=args.k)
     return evaluate_vqa_baseline(train, data)

@@ -26,18 +26,45 @@ DEFAULT_TEMPLATES = (
 
 
 def read_templates(path: str | Path | None) -> tuple[str, ...]:
-    """Templates from a file (one per line, each with one '{}'), or the defaults."""
+    """Templates from a file (one per line, each with exactly one '{}' for the class name), or the defaults."""
     if path is None:
         return DEFAULT_TEMPLATES
     path = Path(path)
     if not path.exists():
         raise UserError(f"templates file {path} does not exist")
-    templates = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-    bad = [template for template in templates if "{}" not in template]
-    if not templates or bad:
-        raise UserError(f"templates file {path} needs one template per line, each with a '{{}}' for the class name"
-                        + (f" (bad line: {bad[0]!r})" if bad else ""))
+    if not path.is_file():
+        raise UserError(f"templates file {path} is not a regular file (a folder, a device or a pipe); give a text file")
+    from vlmkit.textfiles import decode_text
+
+    text = decode_text(path.read_bytes(), str(path))
+    templates = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not templates:
+        raise UserError(f"templates file {path} is empty; write one template per line, each with a '{{}}' for the class name")
+    for template in templates:
+        problem = _template_problem(template)
+        if problem:
+            raise UserError(f"templates file {path}: line {template!r} {problem}; write one '{{}}' where the class name "
+                            f"goes (double other braces: '{{{{' and '}}}}')")
     return templates
+
+
+def _template_problem(template: str) -> str | None:
+    """Why `template` cannot be filled with one class name by `str.format`, or None when it can."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        return f"has unbalanced braces ({error})"
+    if len(fields) != 1:
+        return f"has {len(fields)} '{{}}' fields, not one"
+    if fields[0] != "":
+        return f"has the named field '{{{fields[0]}}}'"
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError) as error:
+        return f"cannot be filled in ({error})"
+    return None
 
 
 @torch.no_grad()

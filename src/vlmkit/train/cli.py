@@ -37,6 +37,11 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.out:
         raise UserError("train needs --out RUN (the run folder to create or, with --resume, to continue)")
     run = Path(args.out)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a run folder; give a folder path")
+    from vlmkit.io import check_parent_folders
+
+    check_parent_folders(run, "--out")  # a path through a file, or an unwritable folder
     if args.resume:
         saved_path = run / RECIPE_FILE
         if not saved_path.exists():
