@@ -166,6 +166,39 @@ def hinge_triplet_loss(image_features: torch.Tensor, text_features: torch.Tensor
     return cost_text.sum() + cost_image.sum(), scores
 
 
+def unicl_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Florence/UniCL's bidirectional contrastive loss: every pair sharing a label is a positive.
+
+    `labels` (B,) are integer class ids; a record with no label must get an id of its own (so an
+    all-distinct batch is exactly CLIP's `contrastive_loss`). The target of image i is the
+    uniform distribution over the texts k with y_k = y_i (T_ij = 1[y_i = y_j] normalised per
+    row), and symmetrically for texts; the loss is (L_i2t + L_t2i) / 2 — the paper sums the two,
+    halving keeps it on CLIP's scale. Distributed, features and labels are gathered and each rank
+    scores its own rows against the global batch (OpenCLIP's local loss). Returns the loss and the
+    (B, B_global) image->text logits.
+    """
+    image_features = F.normalize(image_features, dim=-1)  # (B, D)
+    text_features = F.normalize(text_features, dim=-1)  # (B, D)
+    scale = logit_scale.exp()
+    all_images, all_texts, all_labels = image_features, text_features, labels
+    if _distributed():
+        all_images, all_texts = gather_features(image_features), gather_features(text_features)  # (G, D)
+        gathered = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, labels.contiguous())
+        all_labels = torch.cat(gathered)  # (G,)
+    logits_per_image = scale * image_features @ all_texts.T  # (B, G)
+    logits_per_text = scale * text_features @ all_images.T  # (B, G)
+    targets = (labels[:, None] == all_labels[None, :]).to(logits_per_image.dtype)  # (B, G)
+    targets = targets / targets.sum(dim=1, keepdim=True)  # each row sums to 1 (its own pair is always in it)
+    image_to_text = -(targets * F.log_softmax(logits_per_image, dim=-1)).sum(dim=1).mean()
+    text_to_image = -(targets * F.log_softmax(logits_per_text, dim=-1)).sum(dim=1).mean()
+    return (image_to_text + text_to_image) / 2, logits_per_image
+
 # ---- BLIP: contrastive loss against a momentum encoder's queue, hard negatives for ITM ---------
 def momentum_contrastive_loss(
     image_features: torch.Tensor,

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vlmkit.losses import contrastive_loss, sigmoid_loss
+from vlmkit.losses import contrastive_loss, sigmoid_loss, unicl_loss
 
 
 def _features(seed=0, batch=8, dim=16):
@@ -36,6 +36,35 @@ def test_sigmoid_loss_matches_siglip_definition():
     assert torch.allclose(loss, want, atol=1e-5)
 
 
+def test_unicl_with_distinct_labels_is_the_clip_loss():
+    image, text = _features()
+    scale = torch.tensor(math.log(1 / 0.07))
+    unicl, logits = unicl_loss(image, text, scale, torch.arange(8) * 3)
+    clip, clip_logits = contrastive_loss(image, text, scale)
+    assert torch.equal(logits, clip_logits)
+    assert torch.allclose(unicl, clip, atol=1e-6, rtol=0)
+
+
+def test_unicl_hand_computed_three_by_three():
+    # Unit features at angles chosen so the cosines are simple: logits = scale * cos, scale = 1.
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    labels = torch.tensor([7, 7, 2])  # pairs 0 and 1 share a label; pair 2 is its own class
+    loss, _ = unicl_loss(image, text, torch.tensor(0.0), labels)
+    r = 1 / math.sqrt(2)
+    cos = [[1, r, 0], [0, r, 1], [r, 1, r]]  # image i against text j
+    def log_softmax(row, j):
+        return row[j] - math.log(sum(math.exp(v) for v in row))
+    columns = [[cos[i][j] for i in range(3)] for j in range(3)]  # text j against image i
+    # Rows 0 and 1 average over the two texts (images) labelled 7; row 2 has only its own pair.
+    i2t = -(0.5 * (log_softmax(cos[0], 0) + log_softmax(cos[0], 1)) + 0.5 * (log_softmax(cos[1], 0) + log_softmax(cos[1], 1))
+            + log_softmax(cos[2], 2)) / 3
+    t2i = -(0.5 * (log_softmax(columns[0], 0) + log_softmax(columns[0], 1))
+            + 0.5 * (log_softmax(columns[1], 0) + log_softmax(columns[1], 1)) + log_softmax(columns[2], 2)) / 3
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+    assert not math.isclose(loss.item(), contrastive_loss(image, text, torch.tensor(0.0))[0].item(), abs_tol=1e-3)
+
+
 def _worker(rank, world, init_file, out_dir, kind, local_loss):
     import torch.distributed as dist
 
@@ -43,9 +72,11 @@ def _worker(rank, world, init_file, out_dir, kind, local_loss):
     image, text = _features()
     rows = slice(rank * 4, rank * 4 + 4)
     image, text = image[rows].clone().requires_grad_(), text[rows].clone().requires_grad_()
-    scale = torch.tensor(math.log(1 / 0.07) if kind == "contrastive" else math.log(10))
+    scale = torch.tensor(math.log(10) if kind == "sigmoid" else math.log(1 / 0.07))
     if kind == "contrastive":
         loss, _ = contrastive_loss(image, text, scale, local_loss=local_loss)
+    elif kind == "unicl":
+        loss, _ = unicl_loss(image, text, scale, _UNICL_LABELS[rows])
     else:
         loss, _ = sigmoid_loss(image, text, scale, torch.tensor(-10.0))
     loss.backward()
@@ -53,7 +84,10 @@ def _worker(rank, world, init_file, out_dir, kind, local_loss):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind,local_loss", [("contrastive", True), ("contrastive", False), ("sigmoid", True)])
+_UNICL_LABELS = torch.tensor([0, 1, 0, 9, 8, 1, 7, 0])  # classes shared within and across the two ranks
+
+
+@pytest.mark.parametrize("kind,local_loss", [("contrastive", True), ("contrastive", False), ("sigmoid", True), ("unicl", True)])
 def test_two_processes_equal_one(kind, local_loss):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp, kind, local_loss), nprocs=2, join=True)
@@ -62,6 +96,8 @@ def test_two_processes_equal_one(kind, local_loss):
     image.requires_grad_(), text.requires_grad_()
     if kind == "contrastive":
         loss, _ = contrastive_loss(image, text, torch.tensor(math.log(1 / 0.07)))
+    elif kind == "unicl":
+        loss, _ = unicl_loss(image, text, torch.tensor(math.log(1 / 0.07)), _UNICL_LABELS)
     else:
         loss, _ = sigmoid_loss(image, text, torch.tensor(math.log(10)), torch.tensor(-10.0))
     loss.backward()
@@ -72,3 +108,24 @@ def test_two_processes_equal_one(kind, local_loss):
     text_grad = torch.cat([r["text_grad"] for r in ranks]) / 2
     assert torch.allclose(image_grad, image.grad, atol=1e-6)
     assert torch.allclose(text_grad, text.grad, atol=1e-6)
+
+
+def test_clip_family_trains_with_unicl_labels_from_the_records():
+    import vlmkit
+    from vlmkit.models.clip import _LabelledDataset
+
+    model = vlmkit.create_model("clip-tiny", loss="unicl")
+    batch = model.dummy_batch(4)
+    assert batch["labels"].tolist() == [0, 0, 1, 1]
+    output = model(batch)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and model.logit_scale.grad is not None
+
+    class Records:  # the part of an ImageTextDataset the wrapper reads
+        records = [{"label": "red circle"}, {}, {"label": "blue star"}, {"label": "red circle"}, {}]
+
+        def collate(self, samples):
+            return {"indices": torch.tensor(samples)}
+
+    labels = _LabelledDataset(Records()).collate([0, 1, 2, 3, 4])["labels"].tolist()
+    assert labels[0] == labels[3] and len(set(labels)) == 4  # unlabelled records are classes of their own

@@ -12,12 +12,21 @@ from vlmkit.models.registry import get_family, list_families
 
 TINY = vlmkit.list_models(tiny=True)
 DUAL_ENCODERS = [name for name in TINY if all(provides(get_family(named_config(name)[0]), c) for c in (EmbedsImages, EmbedsTexts))]
+# Training-free families (ASIF) have no loss: the tests below compare their embeddings instead.
+TRAINABLE = [name for name in TINY if get_family(named_config(name)[0]).trainable]
 # Parameter counts of the same architectures in OpenCLIP (RN50, ViT-B/32, ViT-B/16, ViT-L/14, OpenAI).
 OPENCLIP_PARAMETERS = {"clip-rn50": 102_007_137, "clip-vit-b-32": 151_277_313, "clip-vit-b-16": 149_620_737, "clip-vit-l-14": 427_616_513}
 
 
 def _batch(model, batch=3, seed=0):
     return model.dummy_batch(batch, seed)
+
+
+def _outputs(model, batch):
+    """What a model computes from a batch: its loss, or a training-free family's image and text embeddings."""
+    if model.trainable:
+        return [model(batch).loss]
+    return [model.encode_image(batch["pixels"]), model.encode_text(batch["tokens"])]
 
 
 def _create(name):
@@ -39,7 +48,7 @@ def test_declaring_a_capability_without_its_methods_fails_at_class_creation():
             capabilities = (Answers,)
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = _create(name)
@@ -57,7 +66,8 @@ def test_save_load_round_trip_is_exact(name, tmp_path):
     batch = _batch(model)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
-    assert torch.equal(model(batch).loss, loaded(batch).loss)
+    for ours, theirs in zip(_outputs(model, batch), _outputs(loaded, batch)):
+        assert torch.equal(ours, theirs)
     for name_, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name_]), name_
 
@@ -80,8 +90,17 @@ def test_same_seed_same_model_and_outputs(name):
     for _ in range(2):
         torch.manual_seed(123)
         model = _create(name)
-        outputs.append(model(_batch(model)).loss)
-    assert torch.equal(outputs[0], outputs[1])
+        outputs.append(_outputs(model, _batch(model)))
+    for first, second in zip(*outputs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("name", sorted(set(TINY) - set(TRAINABLE)))
+def test_a_training_free_family_refuses_forward_and_has_nothing_to_train(name):
+    model = _create(name)
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(vlmkit.UserError, match="training-free"):
+        model(_batch(model))
 
 
 @pytest.mark.parametrize("name", DUAL_ENCODERS)

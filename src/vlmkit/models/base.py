@@ -65,6 +65,9 @@ class VLModel(nn.Module):
     # DDP needs to know whether a step can leave parameters without a gradient (a head skipped when a
     # micro-batch has none of its samples); True lets it skip the search for unused parameters.
     uses_every_parameter: ClassVar[bool] = False
+    # False: a training-free family (built from trained models, e.g. ASIF): no loss, `vlmkit train` refuses it,
+    # and the registry-wide tests check its save/load and embeddings instead of forward/backward.
+    trainable: ClassVar[bool] = True
     # False: the family trains on texts alone, so the trainer also reads dataset records without an `image`.
     needs_images: ClassVar[bool] = True
     # Config values a registered tiny configuration needs to build without training data (tests, examples).

@@ -3,6 +3,8 @@
 image -> vision tower -> (B, D)      text -> text tower -> (B, D)
 loss = symmetric cross-entropy over exp(t) * normalised image @ normalised text.T, with the
 temperature t learned, initialised at ln(1/0.07) and clamped to [0, ln 100] after each step.
+`loss: unicl` (Florence/UniCL) makes every pair of the batch that shares a record `label` a
+positive; records without a label are their own class, so on captions alone it is CLIP's loss.
 ALIGN is the same family with a bidirectional BERT-like text tower pooled at [CLS].
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from vlmkit.capabilities import EmbedsImages, EmbedsTexts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 from vlmkit.encoders.lm import random_texts
 from vlmkit.errors import UserError
-from vlmkit.losses import contrastive_loss, matching_accuracy, sigmoid_loss
+from vlmkit.losses import contrastive_loss, matching_accuracy, sigmoid_loss, unicl_loss
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
@@ -27,14 +29,14 @@ class CLIPConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    loss: str = "contrastive"  # contrastive | sigmoid (SigLIP)
+    loss: str = "contrastive"  # contrastive | sigmoid (SigLIP) | unicl (Florence: shared labels are positives)
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float = -10.0  # sigmoid loss only
     max_logit_scale: float = math.log(100)
 
     def __post_init__(self) -> None:
-        if self.loss not in ("contrastive", "sigmoid"):
-            raise UserError(f"unknown CLIP loss '{self.loss}'; use 'contrastive' or 'sigmoid'")
+        if self.loss not in ("contrastive", "sigmoid", "unicl"):
+            raise UserError(f"unknown CLIP loss '{self.loss}'; use 'contrastive', 'sigmoid' or 'unicl'")
         if self.embed_dim < 1:
             raise UserError(f"embed_dim must be at least 1, got {self.embed_dim}")
 
@@ -87,6 +89,11 @@ class CLIP(VLModel):
         text = self.encode_text(batch["tokens"])  # (B, D)
         if self.config.loss == "sigmoid":
             loss, logits = sigmoid_loss(image, text, self.logit_scale, self.logit_bias)
+        elif self.config.loss == "unicl":
+            if "labels" not in batch:
+                raise UserError("the 'unicl' loss needs the batch's `labels` (class ids; the CLIP family's training "
+                                "dataset adds them from the records' `label` field)")
+            loss, logits = unicl_loss(image, text, self.logit_scale, batch["labels"])
         else:
             options = self.training_options
             loss, logits = contrastive_loss(
@@ -99,11 +106,51 @@ class CLIP(VLModel):
         generator = torch.Generator().manual_seed(seed)
         vision, text = self.config.vision, self.config.text
         pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
-        return {"pixels": pixels, "tokens": random_texts(text, batch_size, generator)}  # texts of different lengths, padded
+        batch = {"pixels": pixels, "tokens": random_texts(text, batch_size, generator)}  # texts of different lengths, padded
+        if self.config.loss == "unicl":
+            batch["labels"] = torch.arange(batch_size) // 2  # rows 0 and 1 share a class, ...
+        return batch
+
+    def training_dataset(self, records: list[dict], transform, tokenizer, seed: int, caption: str = "random"):
+        """The image-caption dataset; with `loss: unicl` each batch also carries `labels` (B,) class ids."""
+        dataset = super().training_dataset(records, transform, tokenizer, seed=seed, caption=caption)
+        return _LabelledDataset(dataset) if self.config.loss == "unicl" else dataset
 
     def after_optimizer_step(self) -> None:
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.config.max_logit_scale)
+
+
+class _LabelledDataset:
+    """Wraps an ImageTextDataset so `collate` adds UniCL's `labels` (B,): one id per distinct record
+    `label` (sorted, so every rank numbers them alike), and for a record without one an id of its own
+    (number of labels + its index), which makes it a positive of its own caption only."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        names = sorted({str(record["label"]) for record in dataset.records if record.get("label") is not None})
+        ids = {name: number for number, name in enumerate(names)}
+        self.labels = [ids[str(record["label"])] if record.get("label") is not None else len(names) + index
+                       for index, record in enumerate(dataset.records)]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getattr__(self, name: str):  # anything else the trainer reads (records, ...) is the wrapped dataset's
+        if name.startswith("__") or "dataset" not in self.__dict__:  # unpickling in a loader worker
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+    def collate(self, samples):
+        batch = self.dataset.collate(samples)
+        batch["labels"] = torch.tensor([self.labels[int(index)] for index in batch["indices"]], dtype=torch.long)  # (B,)
+        return batch
 
 
 # ---- named configurations ------------------------------------------------------------------

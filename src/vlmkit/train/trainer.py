@@ -216,6 +216,9 @@ class Trainer:
         self.recipe, self.data, self.run = recipe, data, Path(out)
         self.resume = resume
         self.family = get_family(named_config(recipe.model)[0])
+        if not self.family.trainable:
+            raise UserError(f"the '{self.family.family}' family ({recipe.model}) is training-free and cannot be trained; "
+                            f"build it from trained models instead (see 'vlmkit {self.family.family} --help')")
         self.family.parse_training_options(recipe.training)  # a bad option fails before anything is written
         self.info = distributed.setup()
         if recipe.threads:
