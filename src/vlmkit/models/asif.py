@@ -71,6 +71,7 @@ class ASIF(VLModel):
     config_class = ASIFConfig
     capabilities = (EmbedsImages, EmbedsTexts)
     trainable = False
+    tower_configs = {}  # its encoders are whole models (image_encoder / text_encoder), not tower sections
 
     def __init__(self, config: ASIFConfig) -> None:
         super().__init__(config)
