@@ -38,7 +38,7 @@ from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig, left_padded_prompts
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import padding_mask, real_tokens_through_end
-from vlmkit.layers.mlp import make_activation
+from vlmkit.layers.mlp import BertLMHead
 from vlmkit.layers.transformer import TokenTransformer
 from vlmkit.losses import enqueue, lm_loss_and_logs, momentum_contrastive_loss, sample_hard_negatives
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
@@ -110,20 +110,6 @@ class BLIPTraining:
             raise UserError(f"training.alpha must be between 0 and 1, got {self.alpha}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"training.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-
-
-class BertLMHead(nn.Module):
-    """BERT's prediction head: dense -> activation -> LayerNorm -> the token embedding (tied) + a bias."""
-
-    def __init__(self, width: int, vocab_size: int, activation: str, norm_eps: float) -> None:
-        super().__init__()
-        self.dense = nn.Linear(width, width)
-        self.activation = make_activation(activation)
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(self.activation(self.dense(hidden))), embedding, self.bias)  # (B, T, V)
 
 
 class CaptionDataset(ImageTextDataset):

