@@ -165,3 +165,23 @@ def test_the_qformer_starts_from_pretrained_minilm_exactly():
     assert (ours - reference)[real].abs().max() < 1e-5
     block = model.qformer.transformer.blocks[1]
     assert torch.equal(block.mlp_query.fc1.weight, block.mlp.fc1.weight)  # the query FFN starts as the text FFN
+
+
+def test_the_stage1_recipe_trains_saves_and_loads_with_its_capabilities(tmp_path):
+    from vlmkit.cli import main
+    from vlmkit.data.synthetic import generate
+
+    generate(tmp_path / "synth", n=16, seed=3, progress=False)
+    out = tmp_path / "run"
+    small = ["model.vision.depth=1", "model.text.depth=2", "model.vision.width=64", "model.text.width=64",
+             "model.num_query_tokens=4", "batch_size=8", "warmup_steps=1", "log_every=1", "vocab_size=300"]
+    assert main(["train", "--recipe", "blip2-tiny-stage1", "--data", str(tmp_path / "synth" / "train.jsonl"),
+                 "--out", str(out), "steps=2", "save_every=2", *small]) == 0
+    model = vlmkit.load(out).eval()
+    assert model.config.dec_token_id == model.tokenizer.vocab_size - 1  # [DEC], added after the WordPiece vocabulary
+    pixels = torch.randn(2, 3, 64, 64)
+    tokens = model.tokenize(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        assert model.encode_image(pixels).shape == (2, 64) and model.encode_text(tokens).shape == (2, 64)
+        probabilities = model.match(pixels, tokens)
+    assert ((probabilities > 0) & (probabilities < 1)).all()
