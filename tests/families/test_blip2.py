@@ -60,7 +60,7 @@ def test_qformer_cross_attends_every_second_block_and_has_a_query_ffn():
     blocks = model.qformer.transformer.blocks
     assert [block.cross_attn is not None for block in blocks] == [True, False, True, False]  # layer % 2 == 0
     assert all(block.mlp_query is not block.mlp for block in blocks)
-    assert model.query_tokens.shape == (1, 8, 128)
+    assert model.query_encoder.query_tokens.shape == (1, 8, 128)
 
 
 def test_the_itc_pass_under_the_unimodal_mask_equals_queries_and_text_run_alone():
@@ -119,7 +119,7 @@ def test_stage1_itc_is_the_max_over_queries_with_label_smoothing():
 
 def test_stage1_trains_only_what_blip2_trains_and_the_image_encoder_stays_frozen():
     model = _tiny()
-    frozen = {name: p.detach().clone() for name, p in model.visual.named_parameters()}
+    frozen = {name: p.detach().clone() for name, p in model.query_encoder.visual.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     first = None
     for step in range(6):
@@ -129,8 +129,8 @@ def test_stage1_trains_only_what_blip2_trains_and_the_image_encoder_stays_frozen
         optimizer.step()
         first = first if first is not None else float(out.loss.detach())
     assert float(out.loss.detach()) < first
-    assert all(torch.equal(p, frozen[name]) for name, p in model.visual.named_parameters())
-    assert model.ln_vision.weight.requires_grad and not any(p.requires_grad for p in model.visual.parameters())
+    assert all(torch.equal(p, frozen[name]) for name, p in model.query_encoder.visual.named_parameters())
+    assert model.query_encoder.ln_vision.weight.requires_grad and not any(p.requires_grad for p in model.query_encoder.visual.parameters())
 
 
 def test_stage1_needs_two_pairs_and_a_bert_style_qformer():

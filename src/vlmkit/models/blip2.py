@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.capabilities import EmbedsImages, EmbedsTexts, MatchesImageText
-from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
-from vlmkit.encoders.lm import random_texts
+from vlmkit.capabilities import Answers, EmbedsImages, EmbedsTexts, Generates, MatchesImageText
+from vlmkit.data.records import record_texts
+from vlmkit.encoders.config import LMConfig, TextConfig, VisionConfig, build_vision_tower, lm_config_llama
+from vlmkit.encoders.lm import DecoderLM, random_texts, random_tokens
 from vlmkit.encoders.qformer import QFormer
 from vlmkit.errors import UserError
+from vlmkit.generation import Generative, GenerationConfig, embedded_prompt_step, left_pad_embeddings
 from vlmkit.layers.masks import qformer_mask, real_tokens_through_end
 from vlmkit.layers.mlp import BertLMHead
 from vlmkit.losses import lm_loss_and_logs, sample_hard_negatives
@@ -45,6 +47,48 @@ def _qformer_text(**overrides) -> TextConfig:
     values = dict(vocab_size=30523, context_length=512, width=768, depth=12, heads=12, causal=False, pool="cls",
                   eos_token_id=102, pad_token_id=0, prenorm=False, embed_norm=True, type_vocab_size=0, norm_eps=1e-12)
     return TextConfig(**{**values, **overrides})
+
+
+class QueryEncoder(nn.Module):
+    """The image side both stages share: frozen ViT -> ln_vision -> Q-Former queries. It is each
+    stage's `image` tower, so stage 2 starts from a stage-1 run with `init_image: RUN`."""
+
+    def __init__(self, vision: VisionConfig, text: TextConfig, num_query_tokens: int, cross_attention_frequency: int) -> None:
+        super().__init__()
+        self.visual = build_vision_tower(vision, None)
+        self.visual.requires_grad_(False)  # frozen in both stages (its norm_post is unused: ln_vision replaces it)
+        self.ln_vision = nn.LayerNorm(vision.width, eps=vision.norm_eps)
+        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, text.width) * 0.02)
+        self.qformer = QFormer(text.vocab_size, text.context_length, text.width, text.depth, text.heads,
+                               context_dim=vision.width, cross_attention_frequency=cross_attention_frequency,
+                               mlp_ratio=text.mlp_ratio, activation=text.activation, norm_eps=text.norm_eps,
+                               dropout=text.dropout)
+
+    def train(self, mode: bool = True) -> "QueryEncoder":
+        super().train(mode)
+        self.visual.eval()  # frozen: no dropout / drop-path in it, ever
+        return self
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen ViT's last hidden state through ln_vision, what the queries cross-attend to. (B, N, W)"""
+        with torch.no_grad():
+            tokens = self.visual(pixels).tokens  # (B, 1+N, W)
+        return self.ln_vision(tokens)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The query outputs (B, Nq, D) of images (B, 3, H, W), queries alone (no text)."""
+        image = self.image_features(pixels)
+        return self.qformer(self.query_tokens.expand(pixels.shape[0], -1, -1), context=image)
+
+
+def query_encoder_state(state: dict, expected: dict) -> dict:
+    """`init_image` into a QueryEncoder: a BLIP-2 run's query encoder as it is; a plain ViT (a CLIP
+    run's image tower) becomes `visual.*`, the rest (ln_vision, queries, Q-Former) keeps its own init."""
+    if any(key.startswith("qformer.") for key in state):
+        return state
+    # Every key of the source goes in (a mismatch fails the strict load, loudly); only the parts a ViT lacks are kept.
+    own = {key: value for key, value in expected.items() if not key.startswith("visual.")}
+    return {**own, **{f"visual.{key}": value for key, value in state.items()}}
 
 
 @dataclass
@@ -95,36 +139,31 @@ class BLIP2(VLModel):
     config_class = BLIP2Config
     capabilities = (EmbedsImages, EmbedsTexts, MatchesImageText)
     training_class = BLIP2Training
-    towers = {"image": "visual", "text": "qformer"}
+    towers = {"image": "query_encoder", "text": "qformer"}
     uses_every_parameter = True  # ITC, ITM and ITG together reach every trainable tensor
 
     def __init__(self, config: BLIP2Config) -> None:
         super().__init__(config)
-        vision, text = config.vision, config.text
-        self.visual = build_vision_tower(vision, None)
-        self.visual.norm_post.requires_grad_(False)  # unused: ln_vision normalises the features instead
-        self.ln_vision = nn.LayerNorm(vision.width, eps=vision.norm_eps)
-        self.query_tokens = nn.Parameter(torch.randn(1, config.num_query_tokens, text.width) * 0.02)
-        self.qformer = QFormer(text.vocab_size, text.context_length, text.width, text.depth, text.heads,
-                               context_dim=vision.width, cross_attention_frequency=config.cross_attention_frequency,
-                               mlp_ratio=text.mlp_ratio, activation=text.activation, norm_eps=text.norm_eps,
-                               dropout=text.dropout)
+        text = config.text
+        self.query_encoder = QueryEncoder(config.vision, text, config.num_query_tokens, config.cross_attention_frequency)
         self.vision_proj = nn.Linear(text.width, config.embed_dim)
         self.text_proj = nn.Linear(text.width, config.embed_dim)
         self.itm_head = nn.Linear(text.width, 2)
         self.lm_head = BertLMHead(text.width, text.vocab_size, text.activation, text.norm_eps)
         self.temperature = nn.Parameter(torch.tensor(float(config.init_temperature)))
-        self.lock("image")  # BLIP-2's image encoder is frozen in both stages
+
+    @property
+    def qformer(self) -> QFormer:
+        """The Q-Former (the `text` tower: `init_text` starts it from BERT / MiniLM)."""
+        return self.query_encoder.qformer
 
     # ---- features ----------------------------------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The frozen ViT's last hidden state through ln_vision, what the queries cross-attend to. (B, N, W)"""
-        with torch.no_grad():
-            tokens = self.visual(pixels).tokens  # (B, 1+N, W)
-        return self.ln_vision(tokens)
+        """The frozen ViT's last hidden state through ln_vision. (B, N, W)"""
+        return self.query_encoder.image_features(pixels)
 
     def _queries(self, batch: int) -> torch.Tensor:
-        return self.query_tokens.expand(batch, -1, -1)  # (B, Nq, D)
+        return self.query_encoder.query_tokens.expand(batch, -1, -1)  # (B, Nq, D)
 
     def query_outputs(self, image: torch.Tensor) -> torch.Tensor:
         """The Q-Former's query outputs (B, Nq, D) for image features (B, N, W), queries alone."""
@@ -248,8 +287,8 @@ class BLIP2(VLModel):
     def adapt_pretrained_tower_state(self, role: str, state: dict, expected: dict) -> dict:
         """BERT weights into the Q-Former: token type 0 folded into the positions (exact), each query
         FFN a copy of the text FFN (LAVIS copies `*_query` from the text layers), cross-attention new."""
-        if role != "text":
-            return state
+        if role == "image":
+            return query_encoder_state(state, expected)
         state = dict(state)
         types = state.pop("type_embedding.weight", None)
         if types is not None:
