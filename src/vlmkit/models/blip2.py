@@ -17,6 +17,9 @@ image encoder from a vlmkit ViT run with `init_image`; it stays frozen (`lock_im
 `encode_image` returns the mean of the normalised query features (one vector per image, what the
 library's retrieval and zero-shot tasks take); BLIP-2's own ITC similarity, the max over queries,
 is `itc_similarity`.
+
+Stage 2 (`blip2_lm`, blip2_opt.py) is the second family of this file: the same image side, its query
+outputs linearly projected into a frozen decoder-only LM as a soft prompt (captioning, VQA).
 """
 from __future__ import annotations
 
@@ -304,6 +307,120 @@ class BLIP2(VLModel):
         return state
 
 
+# ---- stage 2: the query outputs prompt a frozen language model --------------------------------
+@dataclass
+class BLIP2LMConfig:
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(
+        image_size=224, patch_size=14, width=1024, depth=24, heads=16))
+    qformer: TextConfig = field(default_factory=_qformer_text)  # the stage-1 Q-Former's shape (its text side is unused)
+    lm: LMConfig = field(default_factory=LMConfig)
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 2
+    answer_prompt: str = "Question: {} Short answer:"  # LAVIS zero-shot VQA (vqav2_zeroshot_opt_eval.yaml)
+
+    def __post_init__(self) -> None:
+        if self.num_query_tokens < 1:
+            raise UserError(f"num_query_tokens must be at least 1, got {self.num_query_tokens}")
+        if self.cross_attention_frequency < 1:
+            raise UserError(f"cross_attention_frequency must be at least 1, got {self.cross_attention_frequency}")
+        if self.answer_prompt.count("{}") != 1:
+            raise UserError(f"answer_prompt must hold one '{{}}' where the question goes, got {self.answer_prompt!r}")
+
+
+@dataclass
+class BLIP2LMTraining:
+    """The recipe's `training:` options of BLIP-2 stage 2."""
+
+    label_smoothing: float = 0.0  # blip2_opt.py: plain cross-entropy
+
+
+@register_family
+class BLIP2LM(Generative, VLModel):
+    """BLIP-2 stage 2 (blip2_opt.py): query outputs -> language_projection -> a soft prompt of Nq
+    embeddings in front of the frozen decoder-only LM; LM loss on the caption. The ViT and the LM are
+    frozen; the Q-Former's query path and the projection learn. `init_image: RUN` takes a stage-1
+    run's query encoder, `init_text: RUN` an lm run (or HF GPT-2 / Llama folder) and its tokenizer.
+
+    [language_projection(queries) (B, Nq, D) ; embed([bos] caption)] -> LM -> next-token loss on the caption
+    """
+
+    family = "blip2_lm"
+    config_class = BLIP2LMConfig
+    capabilities = (Generates, Answers)
+    training_class = BLIP2LMTraining
+    towers = {"image": "query_encoder", "text": "lm"}
+    tower_configs = {"image": "vision", "text": "lm"}
+
+    def __init__(self, config: BLIP2LMConfig) -> None:
+        super().__init__(config)
+        self.query_encoder = QueryEncoder(config.vision, config.qformer, config.num_query_tokens,
+                                          config.cross_attention_frequency)
+        qformer = self.query_encoder.qformer
+        # The Q-Former's text side (embeddings, text FFN) is not used by stage 2 (LAVIS removes it); kept frozen
+        # so a stage-1 run loads strictly and every trainable tensor is in every step.
+        for module in (qformer.token_embedding, *(block.mlp for block in qformer.transformer.blocks),
+                       *(block.norm2 for block in qformer.transformer.blocks)):
+            module.requires_grad_(False)
+        qformer.positional_embedding.requires_grad_(False)
+        self.language_projection = nn.Linear(config.qformer.width, config.lm.width)
+        self.lm = DecoderLM.from_config(config.lm)
+        self.lock("text")  # the LM never changes
+        self.generation_config = GenerationConfig(max_new_tokens=20)
+
+    def soft_prompt(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The Nq query outputs projected into the LM's input space. (B, Nq, D)"""
+        return self.language_projection(self.query_encoder(pixels))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        tokens = batch["tokens"]  # (B, L): [bos] caption [eos] pad...
+        prompt = self.soft_prompt(batch["pixels"])  # (B, Nq, D)
+        embeds = torch.cat([prompt, self.lm.embed_tokens(tokens[:, :-1])], dim=1)  # (B, Nq+L-1, D)
+        logits = self.lm(inputs_embeds=embeds)[:, prompt.shape[1]:]  # (B, L-1, V): the text positions
+        target_mask = real_tokens_through_end(tokens, self.config.lm.eos_token_id)[:, 1:]  # (B, L-1)
+        loss, logs = lm_loss_and_logs(logits, tokens[:, 1:], target_mask, self.training_options.label_smoothing)
+        return ModelOutput(loss=loss, logs=logs, logits=logits)
+
+    def _prompt_rows(self, pixels: torch.Tensor, texts: list[str]) -> list[torch.Tensor]:
+        """Each row: [soft prompt] [bos] text, (Nq + T, D)."""
+        prompts = self.soft_prompt(pixels)  # (B, Nq, D)
+        rows = []
+        for prompt, text in zip(prompts, texts):
+            ids = [self.tokenizer.bos_id] + (self.tokenizer.encode(text, add_special_tokens=False) if text else [])
+            rows.append(torch.cat([prompt, self.lm.embed_tokens(torch.tensor([ids], device=prompt.device))[0]], dim=0))
+        return rows
+
+    def decoding_setup(self, pixels: torch.Tensor, prompts: list[str] | None):
+        """Decoding continues after [soft prompt] [bos] prompt text (left-padded rows)."""
+        texts = prompts if prompts is not None else [""] * pixels.shape[0]
+        return embedded_prompt_step(self.lm, left_pad_embeddings(self._prompt_rows(pixels, texts)))
+
+    def answer(self, pixels: torch.Tensor, questions: list[str], **decoding) -> list[str]:
+        """Answers generated after `answer_prompt` ("Question: q Short answer:"), short and greedy by default."""
+        if len(questions) != pixels.shape[0]:
+            raise UserError(f"got {pixels.shape[0]} images and {len(questions)} questions; give one question per image")
+        decoding.setdefault("max_new_tokens", 5)
+        rows = self._prompt_rows(pixels, [self.config.answer_prompt.format(q.strip()) for q in questions])
+        return self.generate_from_embeddings(left_pad_embeddings(rows), **decoding).texts
+
+    @classmethod
+    def tokenizer_texts(cls, records: list[dict]) -> list[str]:
+        """Captions plus questions and answers (unused with init_text, which brings the LM's tokenizer)."""
+        return record_texts(records, questions=True)
+
+    def adapt_pretrained_tower_state(self, role: str, state: dict, expected: dict) -> dict:
+        """`init_image`: a stage-1 run's query encoder as it is, or a plain ViT into it (see query_encoder_state)."""
+        return query_encoder_state(state, expected) if role == "image" else state
+
+    def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        vision, lm = self.config.vision, self.config.lm
+        pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
+        end = lm.eos_token_id if lm.eos_token_id is not None else lm.vocab_size - 1
+        tokens = random_tokens(lm.vocab_size, min(lm.context_length - self.config.num_query_tokens, 24), end,
+                               lm.pad_token_id, batch_size, generator)
+        return {"pixels": pixels, "tokens": tokens}
+
+
 # ---- named configurations ------------------------------------------------------------------
 register_config("blip2-tiny", "blip2", tiny=True, config={
     # 64 px images in 8 px patches -> 1+64 image features; 8 queries; a 4-block Q-Former of width 128
@@ -318,4 +435,14 @@ register_config("blip2-tiny", "blip2", tiny=True, config={
 register_config("blip2-vit-l", "blip2", config={
     # BLIP-2 stage 1 on a CLIP ViT-L/14 (LAVIS clip_L) with a bert-base Q-Former and 32 queries.
     "vision": {"image_size": 224, "patch_size": 14, "width": 1024, "depth": 24, "heads": 16},
+})
+register_config("blip2-tiny-stage2", "blip2_lm", tiny=True, config={
+    # blip2-tiny's image side (8 queries, a 4-block Q-Former of width 128) prompting lm-tiny's shape.
+    "num_query_tokens": 8, "cross_attention_frequency": 2,
+    "vision": {"image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "heads": 4},
+    "qformer": {"vocab_size": 1024, "context_length": 32, "width": 128, "depth": 4, "heads": 4, "causal": False,
+                "pool": "cls", "eos_token_id": 3, "pad_token_id": 0, "prenorm": False, "embed_norm": True,
+                "type_vocab_size": 0, "norm_eps": 1e-12},
+    "lm": lm_config_llama(vocab_size=1024, context_length=128, width=128, depth=4, heads=4, kv_heads=2, mlp_hidden=344,
+                          bos_token_id=1022, eos_token_id=1023, pad_token_id=0),
 })
