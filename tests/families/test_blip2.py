@@ -167,17 +167,29 @@ def test_the_qformer_starts_from_pretrained_minilm_exactly():
     assert torch.equal(block.mlp_query.fc1.weight, block.mlp.fc1.weight)  # the query FFN starts as the text FFN
 
 
-def test_the_stage1_recipe_trains_saves_and_loads_with_its_capabilities(tmp_path):
+# ---- the two recipes, stage 1 then stage 2 on a frozen LM ------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The built-in data (small), an lm-tiny run, a stage-1 run and a stage-2 run on both."""
     from vlmkit.cli import main
     from vlmkit.data.synthetic import generate
 
-    generate(tmp_path / "synth", n=16, seed=3, progress=False)
-    out = tmp_path / "run"
-    small = ["model.vision.depth=1", "model.text.depth=2", "model.vision.width=64", "model.text.width=64",
-             "model.num_query_tokens=4", "batch_size=8", "warmup_steps=1", "log_every=1", "vocab_size=300"]
-    assert main(["train", "--recipe", "blip2-tiny-stage1", "--data", str(tmp_path / "synth" / "train.jsonl"),
-                 "--out", str(out), "steps=2", "save_every=2", *small]) == 0
-    model = vlmkit.load(out).eval()
+    root = tmp_path_factory.mktemp("blip2")
+    generate(root / "data", n=16, seed=3, progress=False)
+    data = str(root / "data" / "train.jsonl")
+    lm, stage1, stage2 = root / "lm", root / "stage1", root / "stage2"
+    small = ["batch_size=8", "warmup_steps=1", "log_every=1", "threads=1"]
+    assert main(["train", "--recipe", "lm-tiny", "--data", data, "--out", str(lm), "steps=2", "save_every=2",
+                 "vocab_size=600", "model.lm.depth=1", *small]) == 0
+    assert main(["train", "--recipe", "blip2-tiny-stage1", "--data", data, "--out", str(stage1), "steps=2", "save_every=2",
+                 "vocab_size=300", "model.vision.depth=1", "model.text.depth=2", *small]) == 0
+    assert main(["train", "--recipe", "blip2-tiny-stage2", "--data", data, "--out", str(stage2), "steps=3", "save_every=3",
+                 f"init_text={lm}", f"init_image={stage1}", "model.vision.depth=1", "model.qformer.depth=2", *small]) == 0
+    return {"lm": lm, "stage1": stage1, "stage2": stage2}
+
+
+def test_the_stage1_recipe_trains_saves_and_loads_with_its_capabilities(runs):
+    model = vlmkit.load(runs["stage1"]).eval()
     assert model.config.dec_token_id == model.tokenizer.vocab_size - 1  # [DEC], added after the WordPiece vocabulary
     pixels = torch.randn(2, 3, 64, 64)
     tokens = model.tokenize(["a red circle", "two blue squares"])
@@ -185,3 +197,26 @@ def test_the_stage1_recipe_trains_saves_and_loads_with_its_capabilities(tmp_path
         assert model.encode_image(pixels).shape == (2, 64) and model.encode_text(tokens).shape == (2, 64)
         probabilities = model.match(pixels, tokens)
     assert ((probabilities > 0) & (probabilities < 1)).all()
+
+
+def test_stage2_starts_from_stage1_keeps_the_lm_bit_identical_and_trains_the_query_path(runs):
+    lm, stage1, stage2 = (vlmkit.load(runs[name]) for name in ("lm", "stage1", "stage2"))
+    for name, tensor in lm.lm.state_dict().items():
+        assert torch.equal(tensor, stage2.lm.state_dict()[name]), name  # frozen: bit-identical
+    before, after = stage1.query_encoder.state_dict(), stage2.query_encoder.state_dict()
+    assert any(key.startswith("visual.") for key in before)
+    assert all(torch.equal(value, after[key]) for key, value in before.items() if key.startswith("visual."))  # frozen ViT
+    assert not torch.equal(before["query_tokens"], after["query_tokens"])  # learned on from stage 1 ...
+    assert (before["query_tokens"] - after["query_tokens"]).abs().max() < 0.05  # ... not from scratch
+
+
+def test_stage2_captions_and_answers_through_the_lm(runs):
+    model = vlmkit.load(runs["stage2"]).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    captions = model.generate(pixels, max_new_tokens=4)
+    answers = model.answer(pixels, ["what colour is the circle?", "how many shapes?"], max_new_tokens=3)
+    assert len(captions) == 2 and all(isinstance(text, str) for text in captions + answers) and len(answers) == 2
+    with pytest.raises(UserError, match="one question per image"):
+        model.answer(pixels, ["one question"])
+    with pytest.raises(UserError, match="answer_prompt"):
+        vlmkit.create_model("blip2-tiny-stage2", answer_prompt="no slot")

@@ -25,14 +25,14 @@ class QFormerBlock(nn.Module):
     """One Q-Former layer; `context_dim` set: it cross-attends (queries only) to image features."""
 
     def __init__(self, dim: int, heads: int, mlp_hidden: int, activation: str, norm_eps: float, dropout: float,
-                 context_dim: int | None) -> None:
+                 context_dim: int | None, text: bool = True) -> None:
         super().__init__()
         self.attn = Attention(dim, heads, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.cross_attn = Attention(dim, heads, context_dim=context_dim, dropout=dropout) if context_dim else None
         self.norm_cross = nn.LayerNorm(dim, eps=norm_eps) if context_dim else None
-        self.mlp = MLP(dim, mlp_hidden, activation)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, mlp_hidden, activation) if text else None  # the text FFN (none in a query-only Q-Former)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps) if text else None
         self.mlp_query = MLP(dim, mlp_hidden, activation)
         self.norm2_query = nn.LayerNorm(dim, eps=norm_eps)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
@@ -64,20 +64,23 @@ class QFormer(nn.Module):
 
     def __init__(self, vocab_size: int, context_length: int, width: int, depth: int, heads: int, context_dim: int,
                  cross_attention_frequency: int = 2, mlp_ratio: float = 4.0, activation: str = "gelu",
-                 norm_eps: float = 1e-12, dropout: float = 0.0) -> None:
+                 norm_eps: float = 1e-12, dropout: float = 0.0, text: bool = True) -> None:
+        """`text=False` builds the query-only Q-Former of BLIP-2's stage 2 (LAVIS removes the word
+        embeddings and text FFN there; so does HF's Blip2QFormerModel): no token or position table."""
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
+        self.token_embedding = nn.Embedding(vocab_size, width) if text else None
+        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01) if text else None
         self.embed_norm = nn.LayerNorm(width, eps=norm_eps)
         self.embed_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         hidden = int(width * mlp_ratio)
         self.transformer = _Blocks([
             QFormerBlock(width, heads, hidden, activation, norm_eps, dropout,
-                         context_dim if index % cross_attention_frequency == 0 else None)
+                         context_dim if index % cross_attention_frequency == 0 else None, text=text)
             for index in range(depth)
         ])
         self.context_length, self.width = context_length, width
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        if text:
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def forward(self, query_embeds: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +90,8 @@ class QFormer(nn.Module):
         if query_embeds is not None:
             parts.append(query_embeds)  # (B, Nq, D): no positions
         if tokens is not None:
+            if self.token_embedding is None:
+                raise ValueError("this Q-Former is query-only (text=False); it takes no text tokens")
             if tokens.shape[1] > self.context_length:
                 raise ValueError(f"text of {tokens.shape[1]} tokens exceeds the Q-Former's {self.context_length} positions")
             parts.append(self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]])  # (B, T, D)

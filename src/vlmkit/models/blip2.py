@@ -56,7 +56,8 @@ class QueryEncoder(nn.Module):
     """The image side both stages share: frozen ViT -> ln_vision -> Q-Former queries. It is each
     stage's `image` tower, so stage 2 starts from a stage-1 run with `init_image: RUN`."""
 
-    def __init__(self, vision: VisionConfig, text: TextConfig, num_query_tokens: int, cross_attention_frequency: int) -> None:
+    def __init__(self, vision: VisionConfig, text: TextConfig, num_query_tokens: int, cross_attention_frequency: int,
+                 with_text: bool = True) -> None:
         super().__init__()
         self.visual = build_vision_tower(vision, None)
         self.visual.requires_grad_(False)  # frozen in both stages (its norm_post is unused: ln_vision replaces it)
@@ -65,7 +66,7 @@ class QueryEncoder(nn.Module):
         self.qformer = QFormer(text.vocab_size, text.context_length, text.width, text.depth, text.heads,
                                context_dim=vision.width, cross_attention_frequency=cross_attention_frequency,
                                mlp_ratio=text.mlp_ratio, activation=text.activation, norm_eps=text.norm_eps,
-                               dropout=text.dropout)
+                               dropout=text.dropout, text=with_text)
 
     def train(self, mode: bool = True) -> "QueryEncoder":
         super().train(mode)
@@ -85,10 +86,13 @@ class QueryEncoder(nn.Module):
 
 
 def query_encoder_state(state: dict, expected: dict) -> dict:
-    """`init_image` into a QueryEncoder: a BLIP-2 run's query encoder as it is; a plain ViT (a CLIP
-    run's image tower) becomes `visual.*`, the rest (ln_vision, queries, Q-Former) keeps its own init."""
+    """`init_image` into a QueryEncoder: a BLIP-2 run's query encoder as it is (a stage-2 one without
+    the Q-Former's text side, which stage 2 does not hold); a plain ViT (a CLIP run's image tower)
+    becomes `visual.*`, and the rest (ln_vision, queries, Q-Former) keeps its own initialisation."""
     if any(key.startswith("qformer.") for key in state):
-        return state
+        text_only = (".token_embedding.", ".positional_embedding", ".mlp.", ".norm2.")
+        return {key: value for key, value in state.items()
+                if key in expected or not any(part in "." + key for part in text_only)}
     # Every key of the source goes in (a mismatch fails the strict load, loudly); only the parts a ViT lacks are kept.
     own = {key: value for key, value in expected.items() if not key.startswith("visual.")}
     return {**own, **{f"visual.{key}": value for key, value in state.items()}}
@@ -312,7 +316,7 @@ class BLIP2(VLModel):
 class BLIP2LMConfig:
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(
         image_size=224, patch_size=14, width=1024, depth=24, heads=16))
-    qformer: TextConfig = field(default_factory=_qformer_text)  # the stage-1 Q-Former's shape (its text side is unused)
+    qformer: TextConfig = field(default_factory=_qformer_text)  # the stage-1 Q-Former's shape (no text side is built)
     lm: LMConfig = field(default_factory=LMConfig)
     num_query_tokens: int = 32
     cross_attention_frequency: int = 2
@@ -353,15 +357,9 @@ class BLIP2LM(Generative, VLModel):
 
     def __init__(self, config: BLIP2LMConfig) -> None:
         super().__init__(config)
+        # Query-only: the Q-Former's text side (embeddings, text FFN) is not part of stage 2 (as in LAVIS and HF).
         self.query_encoder = QueryEncoder(config.vision, config.qformer, config.num_query_tokens,
-                                          config.cross_attention_frequency)
-        qformer = self.query_encoder.qformer
-        # The Q-Former's text side (embeddings, text FFN) is not used by stage 2 (LAVIS removes it); kept frozen
-        # so a stage-1 run loads strictly and every trainable tensor is in every step.
-        for module in (qformer.token_embedding, *(block.mlp for block in qformer.transformer.blocks),
-                       *(block.norm2 for block in qformer.transformer.blocks)):
-            module.requires_grad_(False)
-        qformer.positional_embedding.requires_grad_(False)
+                                          config.cross_attention_frequency, with_text=False)
         self.language_projection = nn.Linear(config.qformer.width, config.lm.width)
         self.lm = DecoderLM.from_config(config.lm)
         self.lock("text")  # the LM never changes
