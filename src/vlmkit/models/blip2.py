@@ -1,6 +1,6 @@
 """BLIP-2 stage 1 (Li et al. 2023; LAVIS blip2_qformer.py): a frozen image encoder, the Q-Former, three losses.
 
-image -> frozen ViT -> ln_vision (trainable) -> image features (B, N, W)
+image -> frozen ViT -> ln_vision (the ViT's norm_post, trainable) -> image features (B, N, W)
 [query_tokens (Nq learned) ; text] -> Q-Former (encoders/qformer.py), the queries cross-attending to
 the image features every `cross_attention_frequency` blocks; one stack run under three masks
 (layers/masks.qformer_mask):
@@ -60,13 +60,18 @@ class QueryEncoder(nn.Module):
                  with_text: bool = True) -> None:
         super().__init__()
         self.visual = build_vision_tower(vision, None)
-        self.visual.requires_grad_(False)  # frozen in both stages (its norm_post is unused: ln_vision replaces it)
-        self.ln_vision = nn.LayerNorm(vision.width, eps=vision.norm_eps)
+        self.visual.requires_grad_(False)  # frozen in both stages ...
+        self.ln_vision.requires_grad_(True)  # ... but for its norm_post, which is LAVIS's ln_vision (HF's post_layernorm)
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, text.width) * 0.02)
         self.qformer = QFormer(text.vocab_size, text.context_length, text.width, text.depth, text.heads,
                                context_dim=vision.width, cross_attention_frequency=cross_attention_frequency,
                                mlp_ratio=text.mlp_ratio, activation=text.activation, norm_eps=text.norm_eps,
                                dropout=text.dropout, text=with_text)
+
+    @property
+    def ln_vision(self) -> nn.LayerNorm:
+        """The trainable LayerNorm on every image token: the ViT's own `norm_post` (HF's `post_layernorm`)."""
+        return self.visual.norm_post
 
     def train(self, mode: bool = True) -> "QueryEncoder":
         super().train(mode)
@@ -88,7 +93,7 @@ class QueryEncoder(nn.Module):
 def query_encoder_state(state: dict, expected: dict) -> dict:
     """`init_image` into a QueryEncoder: a BLIP-2 run's query encoder as it is (a stage-2 one without
     the Q-Former's text side, which stage 2 does not hold); a plain ViT (a CLIP run's image tower)
-    becomes `visual.*`, and the rest (ln_vision, queries, Q-Former) keeps its own initialisation."""
+    becomes `visual.*` (its ln_post then starts ln_vision), and the rest (queries, Q-Former) keeps its own initialisation."""
     if any(key.startswith("qformer.") for key in state):
         text_only = (".token_embedding.", ".positional_embedding", ".mlp.", ".norm2.")
         return {key: value for key, value in state.items()
