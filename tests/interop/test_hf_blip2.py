@@ -56,6 +56,22 @@ def test_blip2_loads_strictly_and_its_caption_logits_match_hf(folder):
     assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
 
 
+def test_blip2_exports_back_and_hf_reads_the_same_model(folder, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    path, hf = folder
+    model = vlmkit.load(path)
+    model.save_pretrained(tmp_path / "out", format="hf")
+    again = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    assert torch.equal(vlmkit.load(tmp_path / "out").state_dict()["language_projection.weight"], model.language_projection.weight)
+    with pytest.raises(UserError, match="image_token_id"):
+        plain = vlmkit.create_model("blip2-tiny-stage2", **{"vision.norm_pre": False, "vision.patch_bias": True})
+        plain.save_pretrained(tmp_path / "none", format="hf")
+    assert not (tmp_path / "none" / "config.json").exists()
+
+
 def test_settings_vlmkit_does_not_implement_are_one_sentence(folder, tmp_path):
     import shutil
 

@@ -75,7 +75,57 @@ def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
         "lm": lm,
         "num_query_tokens": int(hf.get("num_query_tokens", 32)),
         "cross_attention_frequency": int(qformer["cross_attention_frequency"]),
+        "image_token_id": hf.get("image_token_id", hf.get("image_token_index")),
     }
+
+
+def config_to_hf(model) -> dict[str, Any]:
+    """The HF `Blip2Config` dict (config.json) of a vlmkit `blip2_lm` model with a Llama LM."""
+    from vlmkit.interop import hf_lm
+    from vlmkit.interop.hf_blip import TO_HF_ACTIVATION
+
+    config = model.config
+    vision, qformer = config.vision, config.qformer
+    problems = {
+        "a conv stem": bool(vision.conv_stem), "an ln_pre": vision.norm_pre, "no patch-embedding bias": not vision.patch_bias,
+        "LayerScale": vision.layer_scale is not None, "a GPT-2 style language model": hf_lm.hf_style(config.lm) != "llama",
+        f"activation '{vision.activation}' / '{qformer.activation}'": vision.activation not in TO_HF_ACTIVATION
+        or qformer.activation not in TO_HF_ACTIVATION,
+        "no image_token_id (HF's processor expands an <image> token; set image_token_id to an id of the LM's vocabulary)":
+        config.image_token_id is None,
+    }
+    for problem, present in problems.items():
+        if present:
+            raise UserError(f"this BLIP-2 model has {problem}, which vlmkit cannot write as {ARCHITECTURE}; save it with format='vlmkit'")
+    text = {key: value for key, value in hf_lm.config_to_hf(config).items() if key not in ("architectures", "dtype")}
+    return {
+        "architectures": [ARCHITECTURE], "model_type": "blip-2", "num_query_tokens": config.num_query_tokens,
+        "image_token_index": config.image_token_id, "tie_word_embeddings": config.lm.tie_embeddings, "dtype": "float32",
+        "vision_config": {
+            "model_type": "blip_2_vision_model", "hidden_size": vision.width, "intermediate_size": int(vision.width * vision.mlp_ratio),
+            "num_hidden_layers": vision.depth, "num_attention_heads": vision.heads, "image_size": vision.image_size,
+            "patch_size": vision.patch_size, "hidden_act": TO_HF_ACTIVATION[vision.activation], "layer_norm_eps": vision.norm_eps,
+            "qkv_bias": True, "attention_dropout": 0.0,
+        },
+        "qformer_config": {
+            "model_type": "blip_2_qformer", "vocab_size": qformer.vocab_size, "hidden_size": qformer.width,
+            "num_hidden_layers": qformer.depth, "num_attention_heads": qformer.heads,
+            "intermediate_size": int(qformer.width * qformer.mlp_ratio), "hidden_act": TO_HF_ACTIVATION[qformer.activation],
+            "max_position_embeddings": qformer.context_length, "layer_norm_eps": qformer.norm_eps,
+            "cross_attention_frequency": config.cross_attention_frequency, "encoder_hidden_size": vision.width,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pad_token_id": qformer.pad_token_id,
+        },
+        "text_config": text,
+    }
+
+
+def export(model, directory: Path) -> None:
+    """Write an HF Blip2ForConditionalGeneration folder: config.json, model.safetensors, tokenizer, preprocessor."""
+    from vlmkit.interop.common import write_folder
+    from vlmkit.interop.mapping import to_theirs
+
+    hf_config = config_to_hf(model)
+    write_folder(model, Path(directory), hf_config, to_theirs(model.state_dict(), blip2_format(model.config)), FORMAT_NAME)
 
 
 def blip2_format(config, state: dict[str, torch.Tensor] | None = None) -> Format:

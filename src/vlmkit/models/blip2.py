@@ -326,6 +326,7 @@ class BLIP2LMConfig:
     num_query_tokens: int = 32
     cross_attention_frequency: int = 2
     answer_prompt: str = "Question: {} Short answer:"  # LAVIS zero-shot VQA (vqav2_zeroshot_opt_eval.yaml)
+    image_token_id: int | None = None  # HF's <image> id (kept from an HF folder for export; vlmkit never reads it)
 
     def __post_init__(self) -> None:
         if self.num_query_tokens < 1:
@@ -355,6 +356,7 @@ class BLIP2LM(Generative, VLModel):
 
     family = "blip2_lm"
     config_class = BLIP2LMConfig
+    export_formats = {"hf": "vlmkit.interop.hf_blip2:export"}
     capabilities = (Generates, Answers)
     training_class = BLIP2LMTraining
     towers = {"image": "query_encoder", "text": "lm"}
