@@ -7,6 +7,7 @@
 - an HF GPT2LMHeadModel / LlamaForCausalLM folder (model_type "gpt2" / "llama") -> `lm`,
 - an HF LlavaForConditionalGeneration folder (model_type "llava") -> `llava`,
 - an HF BlipForConditionalGeneration / BlipForImageTextRetrieval folder (model_type "blip") -> `blip`,
+- an HF Blip2ForConditionalGeneration folder with a Llama LM (model_type "blip-2") -> `blip2_lm`,
 - an OpenAI / OpenCLIP state dict file (`.safetensors`, `.pt`, `.pth`, `.bin`) -> `clip`,
 and returns the model in eval mode with its tokenizer and image transform attached. Every format
 is a list of key-mapping rules (`interop.mapping`) used both to load and to export.
@@ -22,7 +23,7 @@ EXPORT_FORMATS = ("vlmkit", "hf", "openclip")
 
 
 def detect_format(source: Path) -> str:
-    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "bert", or "openclip" for a path, or a UserError saying what was expected."""
+    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "bert", or "openclip" for a path, or a UserError saying what was expected."""
     from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, openclip
     from vlmkit.interop.files import read_json
 
