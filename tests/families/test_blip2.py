@@ -221,3 +221,31 @@ def test_stage2_captions_and_answers_through_the_lm(runs):
         model.answer(pixels, ["one question"])
     with pytest.raises(UserError, match="answer_prompt"):
         vlmkit.create_model("blip2-tiny-stage2", answer_prompt="no slot")
+
+
+def test_a_resumed_stage1_run_draws_the_same_hard_negatives_and_ends_bit_identical(tmp_path):
+    import json
+    import shutil
+
+    from vlmkit.cli import main
+    from vlmkit.data.synthetic import generate
+
+    generate(tmp_path / "synth", n=16, seed=3, progress=False)
+    data = str(tmp_path / "synth" / "train.jsonl")
+    small = ["model.vision.depth=1", "model.text.depth=2", "model.vision.width=64", "model.text.width=64",
+             "model.num_query_tokens=4", "batch_size=8", "warmup_steps=1", "log_every=1", "vocab_size=300",
+             "keep_checkpoints=5", "threads=1"]
+    whole = tmp_path / "whole"
+    assert main(["train", "--recipe", "blip2-tiny-stage1", "--data", data, "--out", str(whole), "steps=4", "save_every=2", *small]) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(whole, broken)
+    shutil.rmtree(broken / "checkpoints" / "step-0000004")
+    (broken / "checkpoints" / "latest").write_text("step-0000002")
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    (broken / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    assert main(["train", "--out", str(broken), "--resume"]) == 0
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, broken)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    a, b = vlmkit.load(whole), vlmkit.load(broken)
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name

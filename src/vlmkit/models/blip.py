@@ -23,7 +23,6 @@ does not substitute [ENC]; salesforce/BLIP's training and evaluation code does).
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.capabilities import EmbedsImages, EmbedsTexts, Generates, MatchesImageText
-from vlmkit.data.loader import ImageTextDataset
+from vlmkit.data.loader import ImageTextDataset, batch_seed
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
 from vlmkit.encoders.lm import random_texts
 from vlmkit.errors import UserError
@@ -130,8 +129,7 @@ class CaptionDataset(ImageTextDataset):
         # The ITM hard negatives are drawn from a generator seeded by the batch itself (run seed, epoch,
         # samples), a plain int so no device sync: a resumed run draws what the uninterrupted one drew,
         # whatever else consumed the global RNG in between (a new DataLoader iterator does).
-        key = f"{self.seed}:{self.epoch}:{batch['indices'].tolist()}".encode()
-        batch["negative_seed"] = int(hashlib.sha256(key).hexdigest()[:15], 16)
+        batch["negative_seed"] = batch_seed(self.seed, self.epoch, batch["indices"])
         return batch
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.capabilities import Answers, EmbedsImages, EmbedsTexts, Generates, MatchesImageText
+from vlmkit.data.loader import ImageTextDataset, batch_seed
 from vlmkit.data.records import record_texts
 from vlmkit.encoders.config import LMConfig, TextConfig, VisionConfig, build_vision_tower, lm_config_llama
 from vlmkit.encoders.lm import DecoderLM, random_texts, random_tokens
@@ -143,6 +144,16 @@ class BLIP2Training:
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"training.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+class SeededPairs(ImageTextDataset):
+    """Image-caption pairs whose `collate` adds `negative_seed`, so the ITM hard negatives of a batch
+    are drawn from a seed of the batch itself and a resumed run draws what the uninterrupted one drew."""
+
+    def collate(self, samples) -> dict:
+        batch = super().collate(samples)
+        batch["negative_seed"] = batch_seed(self.seed, self.epoch, batch["indices"])
+        return batch
 
 
 @register_family
@@ -273,6 +284,10 @@ class BLIP2(VLModel):
         vision, text = self.config.vision, self.config.text
         pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
         return {"pixels": pixels, "tokens": random_texts(text, batch_size, generator)}
+
+    def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
+        base = super().training_dataset(records, transform, tokenizer, seed, caption)  # checks the records
+        return SeededPairs(base.records, transform, tokenizer=tokenizer, caption=caption, seed=seed)
 
     @classmethod
     def adapt_config_to_tokenizer(cls, config: dict, tokenizer) -> dict:
