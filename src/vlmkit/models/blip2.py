@@ -376,6 +376,7 @@ class BLIP2LM(Generative, VLModel):
     training_class = BLIP2LMTraining
     towers = {"image": "query_encoder", "text": "lm"}
     tower_configs = {"image": "vision", "text": "lm"}
+    uses_every_parameter = True  # the query path and the projection are in every step (the rest is frozen)
 
     def __init__(self, config: BLIP2LMConfig) -> None:
         super().__init__(config)
