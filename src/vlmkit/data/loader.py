@@ -38,6 +38,16 @@ def task_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"vlmkit-task:{seed}:{epoch}:{index}")
 
 
+def batch_seed(seed: int, epoch: int, indices: torch.Tensor) -> int:
+    """A seed that is a function of the run seed, the epoch and the batch's samples (a plain int, no
+    device sync): random draws inside a training step (BLIP's hard negatives) seeded from it repeat
+    exactly in a resumed run, whatever else consumed the global RNG in between."""
+    import hashlib
+
+    key = f"{seed}:{epoch}:{indices.tolist()}".encode()
+    return int(hashlib.sha256(key).hexdigest()[:15], 16)
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style dataset over `read_records` output, yielding preprocessed pixels and one caption.
 

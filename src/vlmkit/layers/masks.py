@@ -59,3 +59,31 @@ def combine(*masks: torch.Tensor | None) -> torch.Tensor | None:
 def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean mask -> additive float mask (0 where allowed, -inf-like where not)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+QFORMER_MASKS = ("itc", "itm", "itg")
+
+
+def qformer_mask(kind: str, num_queries: int, text_is_real: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's three Q-Former masks over [queries ; text], (B, 1, Nq+T, Nq+T) (Li et al. 2023, fig. 2).
+
+    `text_is_real` (B, T) marks real text tokens (pads are never keys). Queries are always real.
+      itc  unimodal: queries see only queries, text sees only text (the two ITC passes in one)
+      itm  bi-directional: every token sees every real token
+      itg  multimodal causal: text token i sees every query and text tokens j <= i; queries never see text
+    """
+    if kind not in QFORMER_MASKS:
+        raise ValueError(f"unknown Q-Former mask '{kind}'; use one of {', '.join(QFORMER_MASKS)}")
+    batch, length = text_is_real.shape
+    total = num_queries + length
+    positions = torch.arange(total, device=text_is_real.device)
+    row, key = positions[:, None], positions[None, :]  # (L, 1), (1, L)
+    query_row, query_key = row < num_queries, key < num_queries
+    if kind == "itm":
+        allowed = torch.ones(total, total, dtype=torch.bool, device=text_is_real.device)
+    elif kind == "itc":
+        allowed = query_row == query_key
+    else:  # itg
+        allowed = torch.where(query_row, query_key, query_key | (key <= row))
+    key_is_real = torch.cat([text_is_real.new_ones(batch, num_queries).bool(), text_is_real.bool()], dim=1)  # (B, L)
+    return (allowed[None] & key_is_real[:, None, :])[:, None]  # (B, 1, L, L)

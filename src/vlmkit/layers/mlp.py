@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -51,3 +52,17 @@ class MLP(nn.Module):
             gate, up = self.fc1(x).chunk(2, dim=-1)  # (..., hidden) x 2
             return self.fc2(self.act(gate) * up)
         return self.fc2(self.act(self.fc1(x)))
+
+
+class BertLMHead(nn.Module):
+    """BERT's prediction head: dense -> activation -> LayerNorm -> the token embedding (tied) + a bias."""
+
+    def __init__(self, width: int, vocab_size: int, activation: str, norm_eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.activation = make_activation(activation)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(self.activation(self.dense(hidden))), embedding, self.bias)  # (B, T, V)

@@ -23,7 +23,6 @@ does not substitute [ENC]; salesforce/BLIP's training and evaluation code does).
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -31,14 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.capabilities import EmbedsImages, EmbedsTexts, Generates, MatchesImageText
-from vlmkit.data.loader import ImageTextDataset
+from vlmkit.data.loader import ImageTextDataset, batch_seed
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
 from vlmkit.encoders.lm import random_texts
 from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig, left_padded_prompts
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import padding_mask, real_tokens_through_end
-from vlmkit.layers.mlp import make_activation
+from vlmkit.layers.mlp import BertLMHead
 from vlmkit.layers.transformer import TokenTransformer
 from vlmkit.losses import enqueue, lm_loss_and_logs, momentum_contrastive_loss, sample_hard_negatives
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
@@ -112,20 +111,6 @@ class BLIPTraining:
             raise UserError(f"training.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-class BertLMHead(nn.Module):
-    """BERT's prediction head: dense -> activation -> LayerNorm -> the token embedding (tied) + a bias."""
-
-    def __init__(self, width: int, vocab_size: int, activation: str, norm_eps: float) -> None:
-        super().__init__()
-        self.dense = nn.Linear(width, width)
-        self.activation = make_activation(activation)
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(self.activation(self.dense(hidden))), embedding, self.bias)  # (B, T, V)
-
-
 class CaptionDataset(ImageTextDataset):
     """Image-caption pairs; `collate` adds `caption_tokens` (B, L): the caption after the prompt, for
     the LM loss, and `prompt_length` (B,): how many prompt tokens follow [CLS] (left unsupervised)."""
@@ -144,8 +129,7 @@ class CaptionDataset(ImageTextDataset):
         # The ITM hard negatives are drawn from a generator seeded by the batch itself (run seed, epoch,
         # samples), a plain int so no device sync: a resumed run draws what the uninterrupted one drew,
         # whatever else consumed the global RNG in between (a new DataLoader iterator does).
-        key = f"{self.seed}:{self.epoch}:{batch['indices'].tolist()}".encode()
-        batch["negative_seed"] = int(hashlib.sha256(key).hexdigest()[:15], 16)
+        batch["negative_seed"] = batch_seed(self.seed, self.epoch, batch["indices"])
         return batch
 
 
