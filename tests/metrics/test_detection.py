@@ -1,0 +1,106 @@
+"""Box AP against pycocotools' COCOeval itself, on generated detections (seeded)."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+from vlmkit.errors import UserError
+from vlmkit.metrics.detection import coco_box_ap, xyxy_to_xywh
+
+pycocotools = pytest.importorskip("pycocotools")
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+def _scene(seed: int, num_images: int = 24, categories=(1, 2, 3, 4, 5, 6)):
+    """Ground truth and detections with every hard case: score ties, duplicate detections,
+    jittered near-misses, false positives, images without ground truth, an image with more
+    than 100 detections, boxes in all three area ranges, a category with no ground truth (6)."""
+    rng = np.random.default_rng(seed)
+    ground_truth, detections = [], []
+    for image in range(num_images):
+        gts, dts = [], []
+        for _ in range(0 if image % 7 == 3 else int(rng.integers(1, 8))):
+            side = float(rng.choice([rng.uniform(4, 30), rng.uniform(33, 95), rng.uniform(97, 200)]))
+            x, y = (float(v) for v in rng.uniform(0, 300, size=2))
+            box = [x, y, side * float(rng.uniform(0.5, 1.5)), side]
+            cat = int(rng.choice(categories[:-1]))
+            gts.append({"bbox": box, "category": cat})
+            for _ in range(int(rng.integers(0, 4))):  # near-misses and duplicates
+                jitter = rng.normal(0, 0.15 * side, size=4) * (rng.random() < 0.7)
+                dbox = [box[0] + jitter[0], box[1] + jitter[1], max(1.0, box[2] + jitter[2]),
+                        max(1.0, box[3] + jitter[3])]
+                label = cat if rng.random() < 0.85 else int(rng.choice(categories))
+                dts.append({"bbox": dbox, "category": label, "score": round(float(rng.random()), 1)})
+        for _ in range(int(rng.integers(0, 5)) + (130 if image == 5 else 0)):  # false positives
+            dts.append({"bbox": [float(v) for v in rng.uniform(0, 300, size=2)] +
+                        [float(v) for v in rng.uniform(2, 120, size=2)],
+                        "category": int(rng.choice(categories)), "score": round(float(rng.random()), 2)})
+        ground_truth.append(gts)
+        detections.append(dts)
+    return ground_truth, detections
+
+
+def _pycocotools(ground_truth, detections, categories):
+    dataset = {"images": [{"id": i} for i in range(len(ground_truth))],
+               "categories": [{"id": c} for c in categories], "annotations": []}
+    for image, gts in enumerate(ground_truth):
+        for g in gts:
+            dataset["annotations"].append({"id": len(dataset["annotations"]) + 1, "image_id": image,
+                                           "category_id": g["category"], "bbox": list(g["bbox"]),
+                                           "area": g["bbox"][2] * g["bbox"][3], "iscrowd": 0})
+    results = [{"image_id": image, "category_id": d["category"], "bbox": list(d["bbox"]), "score": d["score"]}
+               for image, dts in enumerate(detections) for d in dts]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = dataset
+        coco.createIndex()
+        evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    precision = evaluator.eval["precision"]
+    per_category = {}
+    for k, cat in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, 0, -1]
+        per_category[cat] = None if not (values > -1).any() else float(np.mean(values[values > -1]))
+    return dict(zip(STAT_NAMES, (float(s) for s in evaluator.stats))), per_category
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_box_ap_equals_pycocotools(seed):
+    categories = (1, 2, 3, 4, 5, 6)
+    ground_truth, detections = _scene(seed, categories=categories)
+    ours = coco_box_ap(ground_truth, detections, categories=categories)
+    reference, reference_per_category = _pycocotools(ground_truth, detections, categories)
+    assert 0.05 < reference["AP"] < 0.95  # the scene is neither trivial nor hopeless
+    for name in STAT_NAMES:
+        assert ours[name] == pytest.approx(reference[name], abs=1e-12), name
+    assert ours["per_category"].keys() == reference_per_category.keys()
+    assert ours["per_category"][6] is None
+    for cat, value in reference_per_category.items():
+        assert ours["per_category"][cat] == pytest.approx(value, abs=1e-12) if value is not None \
+            else ours["per_category"][cat] is None
+
+
+def test_perfect_and_empty_cases():
+    gts = [[{"bbox": [0, 0, 10, 10], "category": 1}], []]
+    assert coco_box_ap(gts, [[{"bbox": [0, 0, 10, 10], "category": 1, "score": 0.9}], []])["AP"] == pytest.approx(1.0)
+    assert coco_box_ap(gts, [[], []])["AP"] == 0.0
+    # a wrong duplicate with a higher score ranks first: precision at full recall falls to 1/2
+    dup = [[{"bbox": [50, 50, 10, 10], "category": 1, "score": 0.95},
+            {"bbox": [0, 0, 10, 10], "category": 1, "score": 0.9}], []]
+    assert coco_box_ap(gts, dup)["AP50"] == pytest.approx(0.5)
+
+
+def test_xyxy_and_bad_input():
+    assert xyxy_to_xywh([2, 3, 12, 8]) == [2.0, 3.0, 10.0, 5.0]
+    with pytest.raises(UserError, match="one detection list per image"):
+        coco_box_ap([[]], [])
+    with pytest.raises(UserError, match="4 numbers"):
+        coco_box_ap([[{"bbox": [0, 0, 1], "category": 1}]], [[]])
