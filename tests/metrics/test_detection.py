@@ -104,3 +104,77 @@ def test_xyxy_and_bad_input():
         coco_box_ap([[]], [])
     with pytest.raises(UserError, match="4 numbers"):
         coco_box_ap([[{"bbox": [0, 0, 1], "category": 1}]], [[]])
+
+
+# ---- the detection task over the Detects capability (an oracle and a blind detector) ----------
+
+class _Detector:
+    """Detects by reading the answers off the records (oracle) or finding nothing (blind)."""
+
+    from vlmkit.capabilities import Detects
+    capabilities = (Detects,)
+    family = "test-detector"
+
+    def __init__(self, records, blind_to=()):
+        self.answers = [record["objects"] for record in records]
+        self.blind_to = set(blind_to)
+        self.calls = 0
+
+    def detection_inputs(self, images):
+        import torch
+
+        return torch.zeros(len(images), 3, 32, 32)  # half the synthetic 64 px side: boxes scale by 2
+
+    def detect(self, pixels, labels):
+        import torch
+
+        results = []
+        for objects in self.answers[self.calls:self.calls + len(pixels)]:
+            kept = [obj for obj in objects if obj["name"] not in self.blind_to]
+            boxes = torch.tensor([[v / 2 for v in obj["box"]] for obj in kept]).reshape(-1, 4)
+            results.append({"boxes": boxes, "scores": torch.ones(len(kept)),
+                            "labels": torch.tensor([labels.index(obj["name"]) for obj in kept], dtype=torch.long)})
+        self.calls += len(pixels)
+        return results
+
+
+@pytest.fixture(scope="module")
+def detection_data(tmp_path_factory):
+    from vlmkit.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synth-det")
+    generate(out, n=50, seed=3, image_size=64, holdout=["red triangle"], progress=False)
+    return out
+
+
+def test_eval_detection_base_and_novel(detection_data, capsys):
+    from vlmkit.data.formats import read_records
+    from vlmkit.tasks.detection import evaluate_detection, holdout_of
+
+    records = read_records(detection_data / "test.jsonl")
+    assert holdout_of(detection_data / "test.jsonl") == ["red triangle"]
+    perfect = evaluate_detection(_Detector(records), records, novel=["red triangle"], batch_size=5)
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["novel"]["AP"] == pytest.approx(1.0)
+    blind = evaluate_detection(_Detector(records, blind_to=["red triangle"]), records, novel=["red triangle"])
+    assert blind["base"]["AP"] == pytest.approx(1.0) and blind["novel"]["AP"] == 0.0
+    assert blind["per_category"]["red triangle"] == 0.0 and "red triangle" in blind["novel_classes"]
+
+
+def test_eval_detection_refuses_bad_boxes_and_non_detectors(detection_data, tmp_path):
+    from vlmkit.data.formats import read_records
+    from vlmkit.tasks.detection import evaluate_detection
+
+    records = read_records(detection_data / "test.jsonl")
+    bad = [dict(record) for record in records[:3]]
+    bad[1]["objects"] = [{"name": "red circle", "box": [10, 10, 10, 20]}]
+    with pytest.raises(UserError, match="zero area"):
+        evaluate_detection(_Detector(bad), bad)
+    bad[1]["objects"] = [{"name": "red circle", "box": [10, 10, 70, 20]}]
+    with pytest.raises(UserError, match="outside the 64x64 image"):
+        evaluate_detection(_Detector(bad), bad)
+
+    class Blind:
+        capabilities = ()
+        family = "blind"
+    with pytest.raises(UserError, match="cannot 'detect objects'"):
+        evaluate_detection(Blind(), records)

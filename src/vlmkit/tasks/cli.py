@@ -83,12 +83,28 @@ def _linear_probe(args) -> dict:
                                  _eval_records(args.test, "linear probe (--test)"), label_key=args.label_key)
 
 
+def _detection_arguments(parser):
+    parser.add_argument("--holdout", nargs="*", default=None, metavar="'COLOR SHAPE'",
+                        help="the novel classes (never labelled in training); default: the holdout in the data "
+                             "folder's meta.json (vlmkit data synth --holdout)")
+
+
+def _detection(args) -> dict:
+    from vlmkit.tasks.detection import evaluate_detection, holdout_of
+
+    novel = args.holdout if args.holdout is not None else holdout_of(args.data)
+    records = _eval_records(args.data, "detection")
+    return evaluate_detection(_model(args.model), records, novel=novel)
+
+
 _zeroshot.arguments = _zeroshot_arguments
 _retrieval.arguments = _retrieval_arguments
 _linear_probe.arguments = _linear_probe_arguments
+_detection.arguments = _detection_arguments
 evaluation("zeroshot", "zero-shot classification with prompt ensembling")(_zeroshot)
 evaluation("retrieval", "image-text retrieval recall@1/5/10 both ways")(_retrieval)
 evaluation("linear-probe", "logistic regression on frozen image features")(_linear_probe)
+evaluation("detection", "box AP (pycocotools' numbers) on base and novel classes")(_detection)
 
 
 def register(subparsers) -> None:
