@@ -106,3 +106,30 @@ def test_detect_by_name_includes_novel_classes(run, scenes, capsys):
     assert set(found["labels"].tolist()) <= {0, 1}
     result = evaluate_detection(model, records, novel=["red triangle"])
     assert result["novel"] is not None and -1 <= result["novel"]["AP"] <= 1 and "red triangle" in result["classes"]
+
+
+def test_detect_cli_prints_boxes_and_draws_them(run, scenes, tmp_path, capsys):
+    from vlmkit.cli import main
+    from vlmkit.data.formats import read_records
+
+    image = read_records(scenes / "test.jsonl")[0]["image"]
+    out = tmp_path / "figs" / "boxes.png"
+    assert main(["detect", image, "--model", str(run[0]), "--labels", "red triangle", "blue circle",
+                 "--threshold", "0", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    detections = printed["predictions"][0]["detections"]
+    assert detections and {d["label"] for d in detections} <= {"red triangle", "blue circle"}
+    assert all(0 <= v <= 64 for d in detections for v in d["box"]) and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_detection_cli_bad_box_is_one_line_exit_2(run, scenes, tmp_path, capsys):
+    from vlmkit.cli import main
+
+    records = [json.loads(line) for line in (scenes / "test.jsonl").read_text().splitlines()][:3]
+    records[1]["objects"][0]["box"] = [5, 5, 5, 9]
+    data = scenes / "test-bad.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert main(["eval", "detection", "--model", str(run[0]), "--data", str(data)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "zero area" in captured.err and "Traceback" not in captured.err
+    assert main(["detect", str(tmp_path / "missing.png"), "--model", str(run[0]), "--labels", "red circle"]) == 2
