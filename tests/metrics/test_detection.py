@@ -46,7 +46,7 @@ def _scene(seed: int, num_images: int = 24, categories=(1, 2, 3, 4, 5, 6)):
     return ground_truth, detections
 
 
-def _pycocotools(ground_truth, detections, categories):
+def _pycocotools(ground_truth, detections, categories, evaluated=None):
     dataset = {"images": [{"id": i} for i in range(len(ground_truth))],
                "categories": [{"id": c} for c in categories], "annotations": []}
     for image, gts in enumerate(ground_truth):
@@ -61,6 +61,8 @@ def _pycocotools(ground_truth, detections, categories):
         coco.dataset = dataset
         coco.createIndex()
         evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+        if evaluated is not None:
+            evaluator.params.catIds = list(evaluated)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -86,6 +88,17 @@ def test_box_ap_equals_pycocotools(seed):
     for cat, value in reference_per_category.items():
         assert ours["per_category"][cat] == pytest.approx(value, abs=1e-12) if value is not None \
             else ours["per_category"][cat] is None
+
+
+def test_category_groups_equal_pycocotools_with_those_category_ids():
+    categories = (1, 2, 3, 4, 5, 6)
+    ground_truth, detections = _scene(4, categories=categories)
+    ours = coco_box_ap(ground_truth, detections, categories=categories, groups={"few": [2, 5, 6], "none": []})
+    reference, _ = _pycocotools(ground_truth, detections, categories, evaluated=[2, 5, 6])
+    for name in ("AP", "AP50", "AP75"):
+        assert ours["few"][name] == pytest.approx(reference[name], abs=1e-12), name
+    assert ours["few"]["AP"] != pytest.approx(ours["AP"], abs=1e-6)  # a subset, not the whole
+    assert ours["none"] is None
 
 
 def test_perfect_and_empty_cases():

@@ -95,7 +95,7 @@ def _check_box(box, where: str) -> list[float]:
 
 
 def coco_box_ap(ground_truth: Sequence[Iterable[dict]], detections: Sequence[Iterable[dict]],
-                categories: Sequence[int] | None = None) -> dict:
+                categories: Sequence[int] | None = None, groups: dict[str, Sequence[int]] | None = None) -> dict:
     """COCO box AP of `detections` against `ground_truth`, as pycocotools computes it.
 
     Both are one list per image: ground truth `{"bbox": [x, y, w, h], "category": int}` (optional
@@ -104,7 +104,9 @@ def coco_box_ap(ground_truth: Sequence[Iterable[dict]], detections: Sequence[Ite
     of the ground truth, as COCO's category list); detections of other categories are ignored.
     Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
     "ARl"} (COCOeval.stats, -1 where nothing can be scored) and "per_category": {id: AP or None
-    where the category has no ground truth}. Values are fractions in [0, 1].
+    where the category has no ground truth}. Values are fractions in [0, 1]. `groups` ({name:
+    category ids}) adds {name: {"AP", "AP50", "AP75"}} over those categories alone (what COCOeval
+    with `params.catIds` set to them gives; None for an empty group), from the same matching.
     """
     if len(ground_truth) != len(detections):
         raise UserError(f"box AP needs one detection list per image: {len(ground_truth)} ground-truth images, "
@@ -185,15 +187,17 @@ def coco_box_ap(ground_truth: Sequence[Iterable[dict]], detections: Sequence[Ite
                         q[r] = pr[index]
                     precision[t, :, k, a, m] = q
 
-    def summarize(ap: bool, iou: float | None = None, area: str = "all", max_det: int = 100) -> float:
+    def summarize(ap: bool, iou: float | None = None, area: str = "all", max_det: int = 100,
+                  members: list[int] | None = None) -> float:
         a = list(AREA_RANGES).index(area)
         m = MAX_DETECTIONS.index(max_det)
+        ks = list(range(K)) if members is None else members
         if ap:
             values = precision if iou is None else precision[np.where(iou == IOU_THRESHOLDS)[0]]
-            values = values[:, :, :, a, m]
+            values = values[:, :, ks, a, m]
         else:
             values = recall if iou is None else recall[np.where(iou == IOU_THRESHOLDS)[0]]
-            values = values[:, :, a, m]
+            values = values[:, ks, a, m]
         valid = values[values > -1]
         return -1.0 if len(valid) == 0 else float(np.mean(valid))
 
@@ -209,4 +213,8 @@ def coco_box_ap(ground_truth: Sequence[Iterable[dict]], detections: Sequence[Ite
         valid = values[values > -1]
         per_category[cat] = None if len(valid) == 0 else float(np.mean(valid))
     stats["per_category"] = per_category
+    for name, members in (groups or {}).items():
+        indices = [category_ids.index(cat) for cat in members if cat in category_ids]
+        stats[name] = {"AP": summarize(True, members=indices), "AP50": summarize(True, .5, members=indices),
+                       "AP75": summarize(True, .75, members=indices)} if indices else None
     return stats

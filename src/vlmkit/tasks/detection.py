@@ -71,12 +71,10 @@ def evaluate_detection(model, records: list[dict], novel: Sequence[str] = (), ba
                                for box, score, label in zip(boxes, result["scores"].cpu(), result["labels"].cpu())])
     novel_set = set(novel)
     categories = list(range(1, len(labels) + 1))
-    overall = coco_box_ap(ground_truth, detections, categories=categories)
-    result: dict = {key: overall[key] for key in AP_KEYS}
-    for group, members in (("base", [c for c in categories if labels[c - 1] not in novel_set]),
-                           ("novel", [c for c in categories if labels[c - 1] in novel_set])):
-        scored = coco_box_ap(ground_truth, detections, categories=members) if members else None
-        result[group] = {key: scored[key] for key in AP_KEYS} if scored else None
+    groups = {"base": [c for c in categories if labels[c - 1] not in novel_set],
+              "novel": [c for c in categories if labels[c - 1] in novel_set]}
+    overall = coco_box_ap(ground_truth, detections, categories=categories, groups=groups)
+    result: dict = {key: overall[key] for key in (*AP_KEYS, "base", "novel")}
     result["per_category"] = {labels[c - 1]: overall["per_category"][c] for c in categories}
     result["classes"] = labels
     result["novel_classes"] = sorted(novel_set)
