@@ -131,7 +131,7 @@ def register(subparsers) -> None:
     classify.add_argument("--top", type=int, default=3, help="how many labels to list per image (at least 1)")
     classify.set_defaults(func=_printing(_classify))
 
-    detect = subparsers.add_parser("detect", help="detect objects by name with a detector; prints boxes JSON")
+    detect = subparsers.add_parser("detect", help="detect objects by name with an open-vocabulary detector (prints boxes JSON)")
     detect.add_argument("images", nargs="+")
     detect.add_argument("--model", required=True)
     detect.add_argument("--labels", nargs="+", required=True, help='names to look for, e.g. "red triangle" "blue circle"')
