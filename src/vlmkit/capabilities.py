@@ -108,6 +108,18 @@ class Imagines(Capability, Protocol):
         """(B, 3, H, W) images with values in [0, 1], one per text prompt (text-to-image families)."""
 
 
+class Detects(Capability, Protocol):
+    name: ClassVar[str] = "detect objects"
+
+    def detection_inputs(self, images: Sequence) -> torch.Tensor:
+        """PIL images -> (B, 3, S, S) pixels, each image resized to the square whole (no crop), so a box
+        found on the pixels maps back to the image by scaling x by width / S and y by height / S."""
+
+    def detect(self, pixels: torch.Tensor, labels: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        """Per image of `pixels` (B, 3, S, S): {"boxes": (N, 4) [x0, y0, x1, y1] in pixel coordinates,
+        "scores": (N,), "labels": (N,) indices into `labels`} (open vocabulary: labels are names)."""
+
+
 def methods_of(capability: type) -> list[str]:
     """The method names a capability protocol asks for (its own and its bases', not Protocol's)."""
     names = []

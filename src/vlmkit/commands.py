@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "chat": ("vlmkit.tasks.chat_cli", "chat about an image with a model that chats (interactive, or --message)"),
     "eval": ("vlmkit.tasks.cli", "evaluate a model; prints one JSON object"),
     "classify": ("vlmkit.tasks.cli", "zero-shot classify images among given labels"),
+    "detect": ("vlmkit.tasks.cli", "detect objects by name with an open-vocabulary detector (prints boxes JSON)"),
     "embed": ("vlmkit.tasks.cli", "write normalised image and text embeddings to safetensors"),
     "asif": ("vlmkit.models._asif_cli", "ASIF: a training-free dual encoder from two encoders and anchor pairs"),
     "convert": ("vlmkit.interop.cli",

@@ -83,12 +83,28 @@ def _linear_probe(args) -> dict:
                                  _eval_records(args.test, "linear probe (--test)"), label_key=args.label_key)
 
 
+def _detection_arguments(parser):
+    parser.add_argument("--holdout", nargs="*", default=None, metavar="'COLOR SHAPE'",
+                        help="the novel classes (never labelled in training); default: the holdout in the data "
+                             "folder's meta.json (vlmkit data synth --holdout)")
+
+
+def _detection(args) -> dict:
+    from vlmkit.tasks.detection import evaluate_detection, holdout_of
+
+    novel = args.holdout if args.holdout is not None else holdout_of(args.data)
+    records = _eval_records(args.data, "detection")
+    return evaluate_detection(_model(args.model), records, novel=novel)
+
+
 _zeroshot.arguments = _zeroshot_arguments
 _retrieval.arguments = _retrieval_arguments
 _linear_probe.arguments = _linear_probe_arguments
+_detection.arguments = _detection_arguments
 evaluation("zeroshot", "zero-shot classification with prompt ensembling")(_zeroshot)
 evaluation("retrieval", "image-text retrieval recall@1/5/10 both ways")(_retrieval)
 evaluation("linear-probe", "logistic regression on frozen image features")(_linear_probe)
+evaluation("detection", "box AP (pycocotools' numbers) on base and novel classes")(_detection)
 
 
 def register(subparsers) -> None:
@@ -114,6 +130,14 @@ def register(subparsers) -> None:
     classify.add_argument("--templates", help="file with one prompt template per line")
     classify.add_argument("--top", type=int, default=3, help="how many labels to list per image (at least 1)")
     classify.set_defaults(func=_printing(_classify))
+
+    detect = subparsers.add_parser("detect", help="detect objects by name with an open-vocabulary detector (prints boxes JSON)")
+    detect.add_argument("images", nargs="+")
+    detect.add_argument("--model", required=True)
+    detect.add_argument("--labels", nargs="+", required=True, help='names to look for, e.g. "red triangle" "blue circle"')
+    detect.add_argument("--threshold", type=float, default=0.3, help="lowest score listed (default 0.3)")
+    detect.add_argument("--out", help="PNG with the boxes drawn (one image; missing folders are created)")
+    detect.set_defaults(func=_printing(_detect))
 
     embed = subparsers.add_parser("embed", help="write normalised image and text embeddings to safetensors")
     embed.add_argument("--model", required=True)
@@ -151,6 +175,46 @@ def _classify(args) -> dict:
             "label": args.labels[indices[0]],
             "top": [{"label": args.labels[i], "probability": round(v.item(), 4)} for v, i in zip(values, indices)],
         })
+    return {"predictions": results}
+
+
+def _detect(args) -> dict:
+    from vlmkit.capabilities import Detects
+    from vlmkit.data.formats import load_image
+    from vlmkit.io import check_output_file
+    import torch
+
+    if not 0 <= args.threshold <= 1:
+        raise UserError(f"--threshold {args.threshold} is not a score; give a number from 0 to 1")
+    if args.out is not None:
+        if len(args.images) != 1:
+            raise UserError(f"--out draws one image, but {len(args.images)} were given; detect one image with --out")
+        check_output_file(args.out, "--out")
+    labels = [label.strip() for label in args.labels]
+    if any(not label for label in labels):
+        raise UserError("--labels holds an empty name; give names such as \"red triangle\"")
+    images = [load_image(path) for path in args.images]  # a bad path fails here, with its name
+    model = _model(args.model)
+    model.require(Detects, task="detect")
+    pixels = model.detection_inputs(images)
+    with torch.no_grad():
+        found = model.detect(pixels, labels)
+    side_y, side_x = pixels.shape[-2:]
+    results = []
+    for path, image, result in zip(args.images, images, found):
+        scale = torch.tensor([image.size[0] / side_x, image.size[1] / side_y] * 2)
+        keep = result["scores"] >= args.threshold
+        boxes = (result["boxes"][keep].float() * scale).tolist()
+        results.append({"image": path, "detections": [
+            {"label": labels[int(label)], "score": round(float(score), 4), "box": [round(v, 1) for v in box]}
+            for box, score, label in zip(boxes, result["scores"][keep], result["labels"][keep])]})
+    if args.out is not None:
+        from vlmkit.plots import boxes_on_image
+
+        detections = results[0]["detections"]
+        boxes_on_image(images[0], [d["box"] for d in detections], args.out, labels=[d["label"] for d in detections],
+                       scores=[d["score"] for d in detections], title=f"{len(detections)} detection(s)")
+        results[0]["out"] = str(args.out)
     return {"predictions": results}
 
 
