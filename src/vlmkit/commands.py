@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("vlmkit.tasks.cli", "evaluate a model; prints one JSON object"),
     "classify": ("vlmkit.tasks.cli", "zero-shot classify images among given labels"),
     "embed": ("vlmkit.tasks.cli", "write normalised image and text embeddings to safetensors"),
+    "capfilt": ("vlmkit.tasks.capfilt", "CapFilt: caption a noisy image-text dataset and keep the captions a matching filter accepts"),
     "convert": ("vlmkit.interop.cli",
                 "convert a checkpoint: HF CLIP / BERT / OpenCLIP / vlmkit -> vlmkit, HF or OpenCLIP"),
     "index": ("vlmkit.index.cli", "build a FAISS search index of a dataset, or search one (prints JSON)"),
