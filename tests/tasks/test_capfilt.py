@@ -68,6 +68,7 @@ def test_caption_noise_is_seeded_and_checked(tmp_path, noisy):
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(UserError, match="--caption-noise .* is not a fraction"):
             generate(tmp_path / "bad", n=60, caption_noise=bad, progress=False)
+    assert main(["data", "synth", "--out", str(tmp_path / "cli"), "--n", "4", "--caption-noise", "2"]) == 2
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------
