@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "detect": ("vlmkit.tasks.cli", "detect objects by name with an open-vocabulary detector (prints boxes JSON)"),
     "embed": ("vlmkit.tasks.cli", "write normalised image and text embeddings to safetensors"),
     "asif": ("vlmkit.models._asif_cli", "ASIF: a training-free dual encoder from two encoders and anchor pairs"),
+    "capfilt": ("vlmkit.tasks.capfilt", "CapFilt: caption a noisy image-text dataset and keep the captions a matching filter accepts"),
     "convert": ("vlmkit.interop.cli",
                 "convert a checkpoint: HF CLIP / BERT / OpenCLIP / vlmkit -> vlmkit, HF or OpenCLIP"),
     "index": ("vlmkit.index.cli", "build a FAISS search index of a dataset, or search one (prints JSON)"),

@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     synth.add_argument("--image-size", type=int, default=synthetic.DEFAULT_IMAGE_SIZE, help="image side in pixels (default %(default)s)")
     synth.add_argument("--holdout", nargs="*", default=[], metavar="'COLOR SHAPE'",
                        help="colour-shape pairs kept out of train, e.g. --holdout 'red triangle' 'blue star'")
+    synth.add_argument("--caption-noise", type=float, default=0.0, metavar="FRACTION",
+                       help="corrupt this fraction of the train captions (wrong colour, wrong shape, unrelated text; "
+                       "seeded; the test split stays clean; each record keeps the originals in 'caption_noise')")
     synth.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     synth.set_defaults(func=_synth)
 
@@ -34,7 +37,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     summary = generate(args.out, n=args.n, seed=args.seed, image_size=args.image_size,
-                       holdout=args.holdout, progress=not args.no_progress)
+                       holdout=args.holdout, progress=not args.no_progress, caption_noise=args.caption_noise)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     print_json(summary)
     return 0

@@ -23,6 +23,14 @@ into one LLaVA record per dialogue.
 `--holdout "red triangle"` keeps that combination out of every train scene *and* out of every
 train text (captions, questions, false statements), while test scenes still show it: a clean
 compositional-generalisation split.
+
+`--caption-noise 0.4` corrupts exactly that fraction of the train captions (`texts`; drawn by a
+seeded stream of its own, so everything else stays byte-identical), in equal thirds: a wrong colour
+("a red circle" -> "a green circle"), a wrong shape ("a red square") or unrelated web text
+("free shipping on all orders"). A wrong colour or shape always names a pair the scene does not
+show and the split may show (never a held-out pair). The test split stays clean. Each corrupted
+record keeps, for measuring a caption filter, `caption_noise`: `[{"text": corrupted, "clean":
+original, "kind": "color" | "shape" | "unrelated"}]`; training reads `texts` only.
 """
 from __future__ import annotations
 
@@ -459,16 +467,82 @@ def make_scene(seed: int, split: str, index: int, num_objects: int, single_class
     return image, record
 
 
+# ----------------------------------------------------------------------------- caption noise
+
+# Web alt-text that says nothing about the picture: the "unrelated text" kind of noise.
+UNRELATED_TEXTS: tuple[str, ...] = (
+    "free shipping on all orders over fifty dollars", "click here to download the full resolution version",
+    "stock photo", "image may contain", "my holiday pictures from last summer", "best price guaranteed",
+    "view of the mountains at sunset", "a bowl of pasta on a wooden table", "untitled", "img 2041 jpg",
+    "new arrivals in our online store", "a man riding a bicycle down the street", "share this post",
+    "wallpaper hd widescreen", "two dogs playing on the beach", "logo design template vector",
+)
+NOISE_KINDS: tuple[str, ...] = ("color", "shape", "unrelated")
+_NAME = re.compile(r"\b(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")\b")
+
+
+def _fix_articles(text: str) -> str:
+    """'a orange star' -> 'an orange star' (and back) after a word was swapped."""
+    return re.sub(r"\b(a|an) (\w)", lambda m: ("an " if m.group(2) in "aeiou" else "a ") + m.group(2), text)
+
+
+def _corrupt(text: str, kind: str, present: set[str], allowed: Sequence[str], rng: random.Random) -> str | None:
+    """`text` with one colour-shape name made wrong (`kind` "color" or "shape"), or an unrelated text;
+    None when the scene leaves no wrong name of that kind the split may show."""
+    if kind == "unrelated":
+        return rng.choice(UNRELATED_TEXTS)
+    matches = list(_NAME.finditer(text))
+    rng.shuffle(matches)
+    scene_colors = {name.split()[0] for name in present}
+    for match in matches:
+        color, shape = match.group(1), match.group(2)
+        if kind == "color":
+            options = [f"{other} {shape}" for other in COLORS if other != color]
+        else:
+            options = [f"{color} {other}" for other in SHAPES if other != shape]
+        options = [name for name in options if name not in present and name in allowed]
+        if options:
+            # Prefer a colour the scene does not show at all: the caption is then plainly wrong.
+            best = [name for name in options if kind != "color" or name.split()[0] not in scene_colors] or options
+            return _fix_articles(text[: match.start()] + rng.choice(best) + text[match.end():])
+    return None
+
+
+def corrupt_captions(records: list[dict], fraction: float, seed: int, image_size: int, allowed: Sequence[str]) -> dict:
+    """Corrupt exactly round(fraction * captions) of the records' `texts` in place, a third of each
+    kind (module docstring); each corrupted record gets `caption_noise`. Returns the counts per kind."""
+    rng = random.Random(f"vlmkit-synth-noise:{seed}")
+    slots = [(row, column) for row, record in enumerate(records) for column in range(len(record["texts"]))]
+    chosen = rng.sample(slots, round(fraction * len(slots)))
+    counts = {"captions": len(slots), "corrupted": 0, **{kind: 0 for kind in NOISE_KINDS}}
+    for number, (row, column) in enumerate(sorted(chosen)):
+        record = records[row]
+        present = {obj["name"] for obj in record["objects"]}
+        clean = record["texts"][column]
+        first = NOISE_KINDS[number % len(NOISE_KINDS)]
+        # A scene without a wrong name of the planned kind (rare: a holdout) takes the next kind.
+        for kind in NOISE_KINDS[NOISE_KINDS.index(first):] + NOISE_KINDS[: NOISE_KINDS.index(first)]:
+            corrupted = _corrupt(clean, kind, present, allowed, rng)
+            if corrupted is not None and corrupted != clean:
+                break
+        record["texts"][column] = corrupted
+        record.setdefault("caption_noise", []).append({"text": corrupted, "clean": clean, "kind": kind})
+        counts[kind] += 1
+        counts["corrupted"] += 1
+    return counts
+
+
 # ----------------------------------------------------------------------------- writing
 
 
 def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE,
-             holdout: Iterable[str] = (), progress: bool = True) -> dict:
+             holdout: Iterable[str] = (), progress: bool = True, caption_noise: float = 0.0) -> dict:
     """Write the synthetic dataset (`train.jsonl`, `test.jsonl`, `meta.json`, `images/`) to `out_dir`.
 
     `n` scenes in total are split 80/20 into train/test; about 40% of each split are single-object
     scenes (the only ones with a `label`). `holdout` names colour-shape pairs ("red triangle") kept
-    out of train entirely. The JSONL files are written last (to a temporary name, then renamed),
+    out of train entirely. `caption_noise` is the fraction of train captions corrupted (module
+    docstring; 0 leaves the files exactly as without it). The JSONL files are written last (to a temporary name, then renamed),
     so an interrupted run never leaves a JSONL that points at missing or stale images. Returns
     the counts (scenes and single-object scenes per split) as a dict.
     """
@@ -476,6 +550,8 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
         raise UserError(f"--n {n} is too small; the dataset needs at least 2 scenes (one train, one test)")
     if image_size < 32:
         raise UserError(f"--image-size {image_size} is too small to draw recognisable shapes; use 32 or more")
+    if not (isinstance(caption_noise, (int, float)) and 0.0 <= caption_noise <= 1.0):
+        raise UserError(f"--caption-noise {caption_noise} is not a fraction; give a number from 0 to 1, e.g. 0.4")
     held = parse_holdout(holdout)
     train_classes = [name for name in CLASSES if name not in held]
     if len(train_classes) < MAX_OBJECTS + 1:
@@ -499,20 +575,25 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
     counts: dict = {"out": str(out), "n": n, "seed": seed, "image_size": image_size, "holdout": held}
     written: set[str] = set()
     jsonl_lines: dict[str, list[str]] = {}
+    records_of: dict[str, list[dict]] = {}
     bar = tqdm(total=n, desc="synth", unit="scene", file=sys.stderr, disable=not progress, mininterval=0.5)
     for split, (num_scenes, classes) in splits.items():
         plan = _split_plan(num_scenes, classes, random.Random(f"vlmkit-synth-plan:{seed}:{split}"))
-        lines = jsonl_lines[split] = []
+        records = records_of[split] = []
         for index, (num_objects, single_class) in enumerate(plan):
             image, record = make_scene(seed, split, index, num_objects, single_class, classes, image_size)
             name = f"{split}-{index:06d}.png"
             image.save(images_dir / name, format="PNG")
             written.add(name)
-            lines.append(json.dumps({"image": f"images/{name}", **record}, ensure_ascii=False))
+            records.append({"image": f"images/{name}", **record})
             bar.update(1)
         counts[split] = num_scenes
         counts[f"{split}_single_object"] = sum(1 for count, _ in plan if count == 1)
     bar.close()
+    if caption_noise:
+        counts["caption_noise"] = corrupt_captions(records_of["train"], caption_noise, seed, image_size, train_classes)
+    for split, records in records_of.items():
+        jsonl_lines[split] = [json.dumps(record, ensure_ascii=False) for record in records]
     for split, lines in jsonl_lines.items():
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -527,6 +608,7 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
         "colors": list(COLORS), "shapes": list(SHAPES), "classes": list(CLASSES),
         "zero_shot_templates": list(ZERO_SHOT_TEMPLATES),
         "counts": {key: counts[key] for key in ("train", "test", "train_single_object", "test_single_object")},
+        **({"caption_noise": counts["caption_noise"]} if caption_noise else {}),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     counts["classes"] = len(CLASSES)
