@@ -53,6 +53,27 @@ def _activation(name: Any, where: str) -> str:
     return ACTIVATIONS[name]
 
 
+def vision_config_from_hf(vision: dict[str, Any], where: str) -> dict[str, Any]:
+    """The vlmkit ViT section of an HF BLIP / BLIP-2 `vision_config` (no ln_pre, a patch bias, ln_post)."""
+    return {
+        "type": "vit", "image_size": int(vision["image_size"]), "patch_size": int(vision["patch_size"]),
+        "width": vision["hidden_size"], "depth": vision["num_hidden_layers"], "heads": vision["num_attention_heads"],
+        "mlp_ratio": mlp_ratio(vision["hidden_size"], vision["intermediate_size"], f"{where} vision_config"),
+        "activation": _activation(vision["hidden_act"], f"{where} vision_config"),
+        "norm_eps": float(vision["layer_norm_eps"]), "norm_pre": False, "patch_bias": True,
+    }
+
+
+def vision_config_to_hf(vision, model_type: str) -> dict[str, Any]:
+    """An HF BLIP / BLIP-2 `vision_config` (of `model_type`) from a vlmkit ViT config."""
+    return {
+        "model_type": model_type, "hidden_size": vision.width, "intermediate_size": int(vision.width * vision.mlp_ratio),
+        "num_hidden_layers": vision.depth, "num_attention_heads": vision.heads, "image_size": vision.image_size,
+        "patch_size": vision.patch_size, "hidden_act": TO_HF_ACTIVATION[vision.activation], "layer_norm_eps": vision.norm_eps,
+        "attention_dropout": 0.0,
+    }
+
+
 def config_from_hf(hf: dict[str, Any], architecture: str, where: str) -> dict[str, Any]:
     """A vlmkit BLIP config dict from an HF `BlipConfig` dict, with the side the architecture holds."""
     vision = {**VISION_DEFAULTS, **(hf.get("vision_config") or {})}
@@ -65,13 +86,7 @@ def config_from_hf(hf: dict[str, Any], architecture: str, where: str) -> dict[st
     captioner = architecture == CAPTIONER
     return {
         "embed_dim": int(hf.get("image_text_hidden_size", 256)),
-        "vision": {
-            "type": "vit", "image_size": int(vision["image_size"]), "patch_size": int(vision["patch_size"]),
-            "width": vision["hidden_size"], "depth": vision["num_hidden_layers"], "heads": vision["num_attention_heads"],
-            "mlp_ratio": mlp_ratio(vision["hidden_size"], vision["intermediate_size"], f"{where} vision_config"),
-            "activation": _activation(vision["hidden_act"], f"{where} vision_config"),
-            "norm_eps": float(vision["layer_norm_eps"]), "norm_pre": False, "patch_bias": True,
-        },
+        "vision": vision_config_from_hf(vision, where),
         "text": {
             "vocab_size": text["vocab_size"], "context_length": text["max_position_embeddings"], "width": text["hidden_size"],
             "depth": text["num_hidden_layers"], "heads": text["num_attention_heads"],
@@ -200,12 +215,7 @@ def config_to_hf(model) -> dict[str, Any]:
     return {
         "architectures": [architecture], "model_type": "blip", "image_text_hidden_size": config.embed_dim,
         "projection_dim": config.embed_dim, "dtype": "float32",
-        "vision_config": {
-            "model_type": "blip_vision_model", "hidden_size": vision.width, "intermediate_size": int(vision.width * vision.mlp_ratio),
-            "num_hidden_layers": vision.depth, "num_attention_heads": vision.heads, "image_size": vision.image_size,
-            "patch_size": vision.patch_size, "hidden_act": TO_HF_ACTIVATION[vision.activation], "layer_norm_eps": vision.norm_eps,
-            "attention_dropout": 0.0,
-        },
+        "vision_config": vision_config_to_hf(vision, "blip_vision_model"),
         "text_config": {
             "model_type": "blip_text_model", "vocab_size": text.vocab_size, "hidden_size": text.width,
             "encoder_hidden_size": vision.width, "intermediate_size": int(text.width * text.mlp_ratio),

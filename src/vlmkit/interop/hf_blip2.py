@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from vlmkit.errors import UserError
-from vlmkit.interop.hf_blip import VISION_BLOCK, _activation
+from vlmkit.interop.hf_blip import VISION_BLOCK, _activation, vision_config_from_hf, vision_config_to_hf
 from vlmkit.interop.hf_clip import mlp_ratio
 from vlmkit.interop.mapping import Format, Rule, block_rules, fused, module
 
@@ -57,13 +57,7 @@ def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     lm = hf_lm.config_from_hf(text, f"{where} text_config")["lm"]
     lm["tie_embeddings"] = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     return {
-        "vision": {
-            "type": "vit", "image_size": int(vision["image_size"]), "patch_size": int(vision["patch_size"]),
-            "width": vision["hidden_size"], "depth": vision["num_hidden_layers"], "heads": vision["num_attention_heads"],
-            "mlp_ratio": mlp_ratio(vision["hidden_size"], vision["intermediate_size"], f"{where} vision_config"),
-            "activation": _activation(vision["hidden_act"], f"{where} vision_config"),
-            "norm_eps": float(vision["layer_norm_eps"]), "norm_pre": False, "patch_bias": True,
-        },
+        "vision": vision_config_from_hf(vision, where),
         "qformer": {
             "vocab_size": qformer["vocab_size"], "context_length": qformer["max_position_embeddings"],
             "width": qformer["hidden_size"], "depth": qformer["num_hidden_layers"], "heads": qformer["num_attention_heads"],
@@ -101,12 +95,7 @@ def config_to_hf(model) -> dict[str, Any]:
     return {
         "architectures": [ARCHITECTURE], "model_type": "blip-2", "num_query_tokens": config.num_query_tokens,
         "image_token_index": config.image_token_id, "tie_word_embeddings": config.lm.tie_embeddings, "dtype": "float32",
-        "vision_config": {
-            "model_type": "blip_2_vision_model", "hidden_size": vision.width, "intermediate_size": int(vision.width * vision.mlp_ratio),
-            "num_hidden_layers": vision.depth, "num_attention_heads": vision.heads, "image_size": vision.image_size,
-            "patch_size": vision.patch_size, "hidden_act": TO_HF_ACTIVATION[vision.activation], "layer_norm_eps": vision.norm_eps,
-            "qkv_bias": True, "attention_dropout": 0.0,
-        },
+        "vision_config": {**vision_config_to_hf(vision, "blip_2_vision_model"), "qkv_bias": True},
         "qformer_config": {
             "model_type": "blip_2_qformer", "vocab_size": qformer.vocab_size, "hidden_size": qformer.width,
             "num_hidden_layers": qformer.depth, "num_attention_heads": qformer.heads,
