@@ -135,6 +135,17 @@ def random_tokens(vocab_size: int, context_length: int, eos_token_id: int, pad_t
     return tokens
 
 
+def random_prefixed_batch(image_size: int, lm, num_prefix_tokens: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """A dummy batch of a family that puts `num_prefix_tokens` image embeddings in front of the LM's
+    tokens: random pixels (B, 3, S, S) and random texts (B, L), L leaving the prefix room in the context."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    end = lm.eos_token_id if lm.eos_token_id is not None else lm.vocab_size - 1
+    tokens = random_tokens(lm.vocab_size, min(lm.context_length - num_prefix_tokens, 24), end, lm.pad_token_id,
+                           batch_size, generator)
+    return {"pixels": pixels, "tokens": tokens}
+
+
 def random_texts(text, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """`random_tokens` shaped by a TextConfig, ended by its eos token (the last id for towers without one). (B, L)"""
     end = text.eos_token_id if text.eos_token_id is not None else text.vocab_size - 1

@@ -33,7 +33,7 @@ from vlmkit.capabilities import Answers, EmbedsImages, EmbedsTexts, Generates, M
 from vlmkit.data.loader import ImageTextDataset, batch_seed
 from vlmkit.data.records import record_texts
 from vlmkit.encoders.config import LMConfig, TextConfig, VisionConfig, build_vision_tower, lm_config_llama
-from vlmkit.encoders.lm import DecoderLM, random_texts, random_tokens
+from vlmkit.encoders.lm import DecoderLM, random_prefixed_batch, random_texts
 from vlmkit.encoders.qformer import QFormer
 from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig, embedded_prompt_step, left_pad_embeddings
@@ -433,13 +433,7 @@ class BLIP2LM(Generative, VLModel):
         return query_encoder_state(state, expected) if role == "image" else state
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        vision, lm = self.config.vision, self.config.lm
-        pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
-        end = lm.eos_token_id if lm.eos_token_id is not None else lm.vocab_size - 1
-        tokens = random_tokens(lm.vocab_size, min(lm.context_length - self.config.num_query_tokens, 24), end,
-                               lm.pad_token_id, batch_size, generator)
-        return {"pixels": pixels, "tokens": tokens}
+        return random_prefixed_batch(self.config.vision.image_size, self.config.lm, self.config.num_query_tokens, batch_size, seed)
 
 
 # ---- named configurations ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 from vlmkit.capabilities import Answers, AnswersInContext, Generates
 from vlmkit.data.records import qa_text, record_texts
 from vlmkit.encoders.config import LMConfig, VisionConfig, build_vision_tower, lm_config_llama
-from vlmkit.encoders.lm import DecoderLM, random_tokens
+from vlmkit.encoders.lm import DecoderLM, random_prefixed_batch
 from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig, embedded_prompt_step, left_pad_embeddings
 from vlmkit.layers.masks import real_tokens_through_end
@@ -121,13 +121,7 @@ class Frozen(Generative, VLModel):
         return record_texts(records, questions=True)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        vision, lm = self.config.vision, self.config.lm
-        pixels = torch.randn(batch_size, 3, vision.image_size, vision.image_size, generator=generator)
-        end = lm.eos_token_id if lm.eos_token_id is not None else lm.vocab_size - 1
-        tokens = random_tokens(lm.vocab_size, min(lm.context_length - self.config.num_prefix_tokens, 24), end,
-                               lm.pad_token_id, batch_size, generator)
-        return {"pixels": pixels, "tokens": tokens}
+        return random_prefixed_batch(self.config.vision.image_size, self.config.lm, self.config.num_prefix_tokens, batch_size, seed)
 
 
 register_config("frozen-tiny", "frozen", tiny=True, config={
