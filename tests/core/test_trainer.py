@@ -50,7 +50,13 @@ def test_resumed_run_gives_the_same_losses_as_an_uninterrupted_one(synth, tmp_pa
 
 def test_run_folder_loads_with_tokenizer_and_transform(synth, tmp_path):
     run = tmp_path / "run"
-    assert _train(run, synth / "train.jsonl", "steps=2") == 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _train(run, synth / "train.jsonl", "steps=2", "threads=1") == 0
+        assert torch.get_num_threads() == 2  # a recipe's threads hold for its run only, not for the caller
+    finally:
+        torch.set_num_threads(threads)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "metrics.jsonl", "loss_curve.png"):
         assert (run / name).exists(), name
     model = vlmkit.load(run)

@@ -221,8 +221,6 @@ class Trainer:
                             f"build it from trained models instead (see 'vlmkit {self.family.family} --help')")
         self.family.parse_training_options(recipe.training)  # a bad option fails before anything is written
         self.info = distributed.setup()
-        if recipe.threads:
-            torch.set_num_threads(recipe.threads)
         if recipe.batch_size % (recipe.grad_accum * self.info.world_size):
             raise UserError(
                 f"batch_size {recipe.batch_size} must be divisible by grad_accum x world size "
@@ -467,6 +465,17 @@ class Trainer:
             atomic_write_json(self.run / RECIPE_FILE, {"data": str(self.data), **_recipe_dict(self.recipe)})
 
     def train(self) -> dict:
+        """Run the recipe (new or resumed) to its last step; returns the last logged metrics. The
+        recipe's `threads`, if set, hold for this call only: the caller's thread count is restored."""
+        previous_threads = torch.get_num_threads()
+        if self.recipe.threads:
+            torch.set_num_threads(self.recipe.threads)
+        try:
+            return self._train_locked()
+        finally:
+            torch.set_num_threads(previous_threads)
+
+    def _train_locked(self) -> dict:
         model, dataset = self._prepare()
         lock = RunLock(self.run) if self.info.is_main else None  # held from the first write to the last
         try:
