@@ -402,6 +402,23 @@ def clip_tokenizer(context_length: int = 77, pad_id: int = 0) -> Tokenizer:
     )
 
 
+# The `tokenizers` BPE / WordPiece trainers (0.23) create the word-final ("x</w>") and continuing
+# ("##x") symbols lazily, in the iteration order of a hash map with a random seed, and break ties
+# between equally frequent merges by symbol id: the same corpus gave a different vocabulary on each
+# run (huggingface/tokenizers#1794; measured here: every vlmkit run of a WordPiece recipe differed).
+# Naming those symbols up front, sorted, as the trainer's leading "special" tokens fixes their ids,
+# so training is deterministic; the vocabularies are then rebuilt without them as added tokens.
+def _continuing_symbols(backend: tokenizers.Tokenizer, texts: Sequence[str], prefix: str) -> list[str]:
+    """Sorted `prefix + c` for every character c the trainer will see after the first of a word
+    (the symbols WordPieceTrainer would otherwise create in a random order)."""
+    characters: set[str] = set()
+    for text in texts:
+        normalized = backend.normalizer.normalize_str(text) if backend.normalizer else text
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(normalized):
+            characters.update(word[1:])
+    return sorted(prefix + character for character in characters)
+
+
 def _cut_texts(texts: Iterable[str]) -> Iterable[str]:
     """The training texts, each cut to `max_text_chars` (an 11 MB caption must not stall training)."""
     from vlmkit.data.limits import current_limits
@@ -430,9 +447,11 @@ def train_clip_bpe(
     _set_clip_pipeline(backend)
     # The trainer counts the alphabet it sees (up to 512 symbols) in its vocab size; ask for room
     # for all merges, then keep exactly the first ones (a prefix of BPE merges is a valid BPE).
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     trainer = trainers.BpeTrainer(
         vocab_size=num_merges + 2 * 256,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[character + END_OF_WORD for character in alphabet],  # fixed ids: see _continuing_symbols
+        initial_alphabet=alphabet,
         end_of_word_suffix=END_OF_WORD,
         show_progress=False,
     )
@@ -502,13 +521,16 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, context_length: int =
             f"a WordPiece vocabulary needs more than {len(BERT_SPECIALS)} tokens, "
             f"got vocab_size={vocab_size}; raise it"
         )
-    backend = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    _set_bert_pipeline(backend, lowercase=True, strip_accents=None, handle_chinese_chars=True)
+    texts = list(_cut_texts(texts))
+    trained = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    _set_bert_pipeline(trained, lowercase=True, strip_accents=None, handle_chinese_chars=True)
+    continuing = _continuing_symbols(trained, texts, "##")  # fixed ids: see _continuing_symbols
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False
+        vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS) + continuing, show_progress=False
     )
-    backend.train_from_iterator(_cut_texts(texts), trainer)
-    _set_bert_template(backend)
+    trained.train_from_iterator(texts, trainer)
+    # the same pipeline over the learned vocabulary, with only BERT's specials as added tokens
+    backend = _bert_backend(json.loads(trained.to_str())["model"]["vocab"], lowercase=True, strip_accents=None)
     ids = {t: backend.token_to_id(t) for t in BERT_SPECIALS}
     return Tokenizer(
         backend,
