@@ -135,6 +135,16 @@ def test_the_pixel_check_runs_before_decoding_in_the_library_function():
     with pytest.raises(ApiError, match="decompression bomb"):  # PIL's own refusal, at open, past 2 * its limit
         decode_image(base64.b64encode(_png_header(60_000, 60_000)).decode(), "image", max_pixels=10**6)
     assert decode_image(png_b64(20, 10), "image", max_pixels=200).size == (20, 10)
+    # the library's bound: a side over 16,384 px is refused however few pixels; a big JPEG is reduced on load
+    with pytest.raises(ApiError, match="20000x10 = 200000 pixels, over the limit of 1000000 pixels or 16384 a side"):
+        decode_image(base64.b64encode(_png_header(20_000, 10)).decode(), "image", max_pixels=10**6)
+    import io
+
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (1600, 1200), "red").save(jpeg, format="JPEG")
+    assert decode_image(base64.b64encode(jpeg.getvalue()).decode(), "image", max_pixels=10**6).size == (800, 600)
 
 
 def test_api_key(models):

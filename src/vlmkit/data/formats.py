@@ -46,6 +46,14 @@ class CorruptImage(UserError):
     """An image that is missing or cannot be decoded (the loader skips and counts it)."""
 
 
+class ImageOverLimits(CorruptImage):
+    """An image whose header claims more than the input limits allow (`size`: its width, height)."""
+
+    def __init__(self, message: str, size: tuple[int, int]):
+        super().__init__(message)
+        self.size = size
+
+
 # ----------------------------------------------------------------------------- images
 
 
@@ -73,7 +81,7 @@ def load_image(ref: str | os.PathLike, limits: InputLimits | None = None) -> Ima
             # checked below before anything is decoded, so neither warning has anything to add.
             warnings.simplefilter("ignore")
             with Image.open(source) as image:
-                _bound_decoding(image, ref, limits)
+                bound_decoding(image, ref, limits)
                 image.load()  # decode now, inside the try, so truncated files fail here
                 # An RGB image is returned as decoded: convert() would copy it (120 MB at 40 megapixels).
                 return image if image.mode == "RGB" else image.convert("RGB")
@@ -132,8 +140,9 @@ def _require_regular_file(path: str) -> None:
     raise CorruptImage(f"image '{path}' is {kind}, not an image file; point at an image file or remove the record")
 
 
-def _bound_decoding(image: Image.Image, ref: str, limits: InputLimits) -> None:
-    """Reduce a JPEG on load when it is over `limits`, then refuse what is still over them (undecoded)."""
+def bound_decoding(image: Image.Image, ref: str, limits: InputLimits) -> None:
+    """Reduce a JPEG on load when it is over `limits`, then refuse what is still over them (undecoded):
+    call it between `Image.open` (which reads the header) and `load`. Raises `ImageOverLimits`."""
     width, height = image.size
 
     def over(w: int, h: int) -> bool:
@@ -145,10 +154,10 @@ def _bound_decoding(image: Image.Image, ref: str, limits: InputLimits) -> None:
                 image.draft("RGB", (-(-width // factor), -(-height // factor)))
                 break
     if over(*image.size):
-        raise CorruptImage(
+        raise ImageOverLimits(
             f"image '{ref}' is {width} x {height} px, over the input limits ({limits.max_image_pixels:,} pixels, "
             f"{limits.max_image_side:,} px a side); shrink it, remove the record, or raise the limits with "
-            f"VLMKIT_MAX_IMAGE_PIXELS / VLMKIT_MAX_IMAGE_SIDE"
+            f"VLMKIT_MAX_IMAGE_PIXELS / VLMKIT_MAX_IMAGE_SIDE", (width, height)
         )
 
 

@@ -3,15 +3,18 @@
 Images arrive as base64 strings (optionally a `data:image/...;base64,` URL, what a browser's
 FileReader gives). The pixel count is read from the header by a lazy `Image.open` and checked
 before anything is decoded, so a decompression bomb (a small file that inflates to gigapixels)
-costs nothing.
+costs nothing; the library's `bound_decoding` also caps each side and reduces a big JPEG on load.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import warnings
 
+from vlmkit.data.formats import ImageOverLimits, bound_decoding
+from vlmkit.data.limits import current_limits
 from vlmkit.serve.errors import ApiError
 
 
@@ -36,10 +39,14 @@ def decode_image(data: str, field: str, max_pixels: int):
                                                    f"the limit is {max_pixels} pixels") from None
         except (OSError, ValueError, SyntaxError, EOFError):
             raise ApiError(400, "invalid_image", f"{field} is not a readable image; send a PNG, JPEG, GIF, BMP or WebP file") from None
-        width, height = image.size
-        if width * height > max_pixels:
+        # The library's bound (pixels and side, a big JPEG reduced on load), with the server's pixel limit
+        limits = dataclasses.replace(current_limits(), max_image_pixels=max_pixels)
+        try:
+            bound_decoding(image, field, limits)
+        except ImageOverLimits as error:
+            width, height = error.size
             raise ApiError(413, "image_too_large", f"{field} is {width}x{height} = {width * height} pixels, over the limit "
-                                                   f"of {max_pixels}; send a smaller image")
+                                                   f"of {max_pixels} pixels or {limits.max_image_side} a side; send a smaller image") from None
         try:
             image.load()  # decode now, inside the try: a truncated file fails here
             return image.convert("RGB")
