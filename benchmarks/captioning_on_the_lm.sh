@@ -32,6 +32,10 @@ for p in 01 05 10; do
     vlmkit eval caption --model vg-$kind-p$p --data synth/test_head.jsonl > vg-$kind-p$p.json
   done
 done
+# The other two pairings at 5%: pretrained + plain, scratch + SRAU.
+vlmkit train --recipe visualgpt-tiny --data synth/train_p05.jsonl --out vg-lm-plain-p05 $common init_text=lm model.gate=plain
+vlmkit train --recipe visualgpt-tiny --data synth/train_p05.jsonl --out vg-scratch-srau-p05 $common init_text=null tokenizer=lm
+for run in vg-lm-plain-p05 vg-scratch-srau-p05; do vlmkit eval caption --model $run --data synth/test_head.jsonl > $run.json; done
 vlmkit eval caption --model lm --data synth/test_head.jsonl --decoding contrastive > contrastive.json
 vlmkit eval caption --model lm --guide clip --data synth/test_head.jsonl --decoding magic > magic.json
 grep -H CIDEr ./*.json
