@@ -94,6 +94,17 @@ class MatchesImageText(Capability, Protocol):
 
 
 
+class ContinuesText(Capability, Protocol):
+    name: ClassVar[str] = "continue text"
+
+    def generate_text(self, prompts: str | Sequence[str], **decoding) -> list[str]:
+        """Continuations of text prompts (no image); decoding takes GenerationConfig fields."""
+
+    def text_decoding(self, prompts: Sequence[str]):
+        """A `vlmkit.generation.TextDecoding` for `prompts`: a step giving logits and hidden states, the
+        prompt tokens, ids and room, for decoders built outside the model (image-guided decoding)."""
+
+
 class ScoresText(Capability, Protocol):
     name: ClassVar[str] = "score text likelihood"
 

@@ -1,8 +1,9 @@
-"""Batched decoding shared by every generative family: greedy, beam search and sampling.
+"""Batched decoding shared by every generative family: greedy, beam search, sampling and contrastive search.
 
 A family describes one decoding step as a function and `generate` does the rest:
 
     step_fn(tokens, cache, rows) -> logits (N, V) of the next token
+                                 or (logits (N, V), hidden (N, T', D))
 
 - `tokens` (N, T): every row's full sequence so far (prompt + generated). With a cache the
   family feeds only `tokens[:, cache.length:]` to its network; without one it re-runs the whole
@@ -10,6 +11,15 @@ A family describes one decoding step as a function and `generate` does the rest:
 - `cache`: a `KVCache` (or None when `use_cache=False`), reordered here when beams are reordered.
 - `rows` (N,): the input sample each row belongs to, so the family can pick image features
   (`features[rows]`) when beam search has expanded the batch.
+
+- the second form adds the final-norm hidden states of the positions this call fed (the whole
+  sequence without a cache, the new tokens with one). Greedy, beam search and sampling read only
+  the logits, so a step may always return the pair; contrastive search (`penalty_alpha > 0` with
+  `top_k > 1`, SimCTG / HF's definition) needs it: it scores each of the k most likely next tokens
+  by (1 - alpha) * p(v) - alpha * max cosine between v's hidden state and every earlier one (the
+  prompt's included). A `guide(candidates (N, k, t+1), rows) -> (N, k)`, given to `generate`, adds
+  its score to that (MAGIC's image-text term); `candidates` are the generated tokens so far with
+  each candidate appended.
 
 Everything inside a step is vectorised over rows and beams; the only Python loop is over time.
 Scores: the sum of the chosen tokens' log-probabilities for greedy/sampling (under the processed
@@ -27,7 +37,13 @@ import torch
 from vlmkit.errors import UserError
 from vlmkit.layers.attention import KVCache
 
-StepFn = Callable[[torch.Tensor, "KVCache | None", torch.Tensor], torch.Tensor]
+StepFn = Callable[[torch.Tensor, "KVCache | None", torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+Guide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (candidates (N, k, t+1), rows (N,)) -> (N, k)
+
+
+def _logits_of(output) -> torch.Tensor:
+    """The logits of a step's output, which may carry hidden states too (see the module docstring)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 @dataclass
@@ -47,6 +63,7 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides the end token
     seed: int | None = None  # seeds the sampler: the same seed gives the same samples
     use_cache: bool = True
+    penalty_alpha: float = 0.0  # > 0 with top_k > 1 (and no sampling, one beam): contrastive search
 
     def validate(self) -> "GenerationConfig":
         """Raise UserError naming the first invalid setting."""
@@ -59,6 +76,10 @@ class GenerationConfig:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be positive (1.0 = off)"),
             (not (self.do_sample and self.num_beams > 1), "beam sampling is not supported; use num_beams=1 with do_sample"),
+            (0 <= self.penalty_alpha <= 1, "penalty_alpha must be in [0, 1] (0 = off)"),
+            (not (self.penalty_alpha > 0 and (self.do_sample or self.num_beams > 1)),
+             "contrastive search (penalty_alpha > 0) is deterministic and single-beam; drop do_sample / num_beams"),
+            (not (self.penalty_alpha > 0 and self.top_k < 2), "contrastive search (penalty_alpha > 0) needs top_k of at least 2 candidates"),
         ]
         for ok, message in checks:
             if not ok:
@@ -75,6 +96,25 @@ class GenerationConfig:
         if "stop_token_ids" in kwargs and kwargs["stop_token_ids"] is not None:
             kwargs["stop_token_ids"] = tuple(int(t) for t in kwargs["stop_token_ids"])
         return replace(base or cls(), **{k: v for k, v in kwargs.items() if v is not None}).validate()
+
+    @property
+    def is_contrastive(self) -> bool:
+        """Whether these settings ask for contrastive search (HF's rule: penalty_alpha > 0 and top_k > 1)."""
+        return self.penalty_alpha > 0 and self.top_k > 1
+
+
+@dataclass
+class TextDecoding:
+    """A text-only decoding ready to run: what a language model hands a decoder built outside it (an
+    image-guided one, MAGIC). `step` returns (logits, hidden states); `room`: tokens left in the context."""
+
+    step: StepFn
+    prompt_tokens: torch.Tensor  # (B, T0) left-padded
+    prompt_mask: torch.Tensor  # (B, T0) True on real prompt tokens
+    eos_token_id: int
+    pad_token_id: int
+    tokenizer: object
+    room: int
 
 
 @dataclass
@@ -127,6 +167,8 @@ def generate(
     pad_token_id: int = 0,
     tokenizer=None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    guide: Guide | None = None,
+    prompt_mask: torch.Tensor | None = None,
     **settings,
 ) -> GenerationOutput:
     """Decode up to `max_new_tokens` after `prompt_tokens` (B, T0) with the family's `step_fn`.
@@ -136,12 +178,20 @@ def generate(
     `eos_token_id` or any of `stop_token_ids`. With a `tokenizer` the output carries texts.
     `on_token`, if given, is called after every step with the chosen tokens (B,) (pad ids for
     finished rows), e.g. to stream text (`TextStreamer`); greedy and sampling only.
+    Contrastive search when `config.is_contrastive`: the step must return hidden states too (see
+    the module docstring); `guide` adds a score per candidate, and `prompt_mask` (B, T0), True on
+    real prompt tokens, keeps left pads out of the degeneration penalty.
     Keyword `settings` override fields of `config`.
     """
     config = GenerationConfig.from_kwargs(config, **settings)
     device = prompt_tokens.device
     stop_ids = torch.tensor(sorted({int(eos_token_id), *config.stop_token_ids}), device=device)
-    if config.num_beams > 1:
+    if guide is not None and not config.is_contrastive:
+        raise UserError("a decoding guide scores the candidates of contrastive search; set penalty_alpha > 0 and top_k > 1")
+    if config.is_contrastive:
+        tokens, scores, lengths = _contrastive_search(step_fn, prompt_tokens, config, stop_ids, pad_token_id, on_token,
+                                                      guide, prompt_mask)
+    elif config.num_beams > 1:
         if on_token is not None:
             raise UserError("streaming needs greedy decoding or sampling; beam search picks its tokens only at the end (drop num_beams)")
         tokens, scores, lengths = _beam_search(step_fn, prompt_tokens, config, stop_ids, pad_token_id)
@@ -167,7 +217,7 @@ def _greedy_or_sample(step_fn: StepFn, prompt: torch.Tensor, config: GenerationC
     lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
     scores = torch.zeros(batch, device=device)
     for step in range(config.max_new_tokens):
-        logits = _process_logits(step_fn(sequence, cache, rows), generated, step, config, stop_ids)  # (B, V)
+        logits = _process_logits(_logits_of(step_fn(sequence, cache, rows)), generated, step, config, stop_ids)  # (B, V)
         log_probs = logits.log_softmax(dim=-1)
         if config.do_sample:
             probs = _warp_for_sampling(logits, config).softmax(dim=-1)
@@ -198,7 +248,7 @@ def _beam_search(step_fn: StepFn, prompt: torch.Tensor, config: GenerationConfig
     cache = KVCache() if config.use_cache else None
     rows = torch.arange(batch, device=device)
     # The first step runs once per sample; its cache and rows are then copied to every beam.
-    logits = step_fn(prompt, cache, rows)  # (B, V)
+    logits = _logits_of(step_fn(prompt, cache, rows))  # (B, V)
     vocab = logits.shape[-1]
     expand = rows.repeat_interleave(beams)  # (B*K,)
     if cache is not None:
@@ -215,7 +265,7 @@ def _beam_search(step_fn: StepFn, prompt: torch.Tensor, config: GenerationConfig
     offsets = (torch.arange(batch, device=device) * beams)[:, None]  # (B, 1)
     for step in range(max_new):
         if step:
-            logits = step_fn(sequence, cache, rows)  # (B*K, V)
+            logits = _logits_of(step_fn(sequence, cache, rows))  # (B*K, V)
         logits = _process_logits(logits, history.view(batch * beams, -1)[:, :step], step, config, stop_ids)
         candidates = beam_scores.view(-1, 1) + logits.log_softmax(dim=-1)  # (B*K, V)
         top_scores, top_index = candidates.view(batch, beams * vocab).topk(2 * beams, dim=-1)  # (B, 2K)
@@ -265,6 +315,89 @@ def _beam_search(step_fn: StepFn, prompt: torch.Tensor, config: GenerationConfig
     lengths = merged_lengths[torch.arange(batch, device=device), best]
     width = int(lengths.max().item()) if batch else 0
     return tokens[:, :width], best_score, lengths
+
+
+def degeneration_penalty(candidate_hidden: torch.Tensor, context_hidden: torch.Tensor,
+                         context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Max cosine similarity of each candidate's hidden state (N, k, D) to the context's (N, t, D). (N, k)
+
+    Positions where `context_mask` (N, t) is False (left pads) never count.
+    """
+    candidates = candidate_hidden / candidate_hidden.norm(dim=-1, keepdim=True)
+    context = context_hidden / context_hidden.norm(dim=-1, keepdim=True)
+    cosine = candidates @ context.transpose(1, 2)  # (N, k, t)
+    if context_mask is not None:
+        cosine = cosine.masked_fill(~context_mask[:, None, :], float("-inf"))
+    return cosine.max(dim=-1).values
+
+
+def contrastive_scores(probs: torch.Tensor, penalty: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SimCTG's score of the k candidates: (1 - alpha) * model confidence - alpha * degeneration penalty. (N, k)"""
+    return (1.0 - alpha) * probs - alpha * penalty
+
+
+def _contrastive_search(step_fn: StepFn, prompt: torch.Tensor, config: GenerationConfig, stop_ids: torch.Tensor,
+                        pad_id: int, on_token: Callable[[torch.Tensor], None] | None, guide: Guide | None,
+                        prompt_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contrastive search (Su et al. 2022), as HF's `_contrastive_search` runs it.
+
+    Each step feeds the k most likely next tokens of every row at once (N*k rows, the cache copied
+    k times), keeps the candidate of the best score, and the cache, logits and hidden state that
+    candidate's forward produced (they are the next step's inputs). Scores: the sum of the chosen
+    tokens' log-probabilities, as for greedy decoding.
+    """
+    batch, device, k = prompt.shape[0], prompt.device, config.top_k
+    cache = KVCache() if config.use_cache else None
+    rows = torch.arange(batch, device=device)
+    output = step_fn(prompt, cache, rows)
+    if not isinstance(output, tuple):
+        raise UserError("contrastive search needs the model's hidden states, and this model's decoding step gives only "
+                        "logits; use greedy decoding, beam search or sampling")
+    logits, context_hidden = output[0], output[1]  # (B, V), (B, T0, D)
+    context_mask = prompt_mask.bool() if prompt_mask is not None else torch.ones(prompt.shape, dtype=torch.bool, device=device)
+    expand = rows.repeat_interleave(k)  # (B*k,): each row's k candidates side by side
+    chosen_rows = torch.arange(batch, device=device) * k  # offsets of each row's first candidate
+    sequence = prompt
+    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, device=device)
+    for step in range(config.max_new_tokens):
+        logits = _process_logits(logits, generated, step, config, stop_ids)  # (B, V)
+        log_probs = logits.log_softmax(dim=-1)
+        top_log_probs, top_ids = log_probs.topk(min(k, logits.shape[-1]), dim=-1)  # (B, k)
+        # Every candidate is run once: its hidden state judges it, its logits are the next step's.
+        if cache is not None:
+            cache.reorder(expand)
+        candidates = torch.cat([sequence.index_select(0, expand), top_ids.reshape(-1, 1)], dim=1)  # (B*k, T+1)
+        next_logits, next_hidden = step_fn(candidates, cache, expand)  # (B*k, V), (B*k, T', D)
+        candidate_hidden = next_hidden[:, -1].view(batch, k, -1)  # (B, k, D)
+        score = contrastive_scores(top_log_probs.exp(), degeneration_penalty(candidate_hidden, context_hidden, context_mask),
+                                   config.penalty_alpha)  # (B, k)
+        if guide is not None:
+            so_far = torch.cat([generated.index_select(0, expand), top_ids.reshape(-1, 1)], dim=1)  # (B*k, t+1)
+            score = score + guide(so_far.view(batch, k, -1), rows)
+        best = score.argmax(dim=-1)  # (B,)
+        selected = chosen_rows + best  # (B,) rows of the chosen candidates among the B*k
+        if cache is not None:
+            cache.reorder(selected)
+        next_token = top_ids.gather(1, best[:, None]).squeeze(1)  # (B,)
+        chosen = top_log_probs.gather(1, best[:, None]).squeeze(1)
+        scores = scores + torch.where(finished, 0.0, chosen)
+        context_hidden = torch.cat([context_hidden, candidate_hidden[rows, best][:, None]], dim=1)  # (B, t+1, D)
+        context_mask = torch.cat([context_mask, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        logits = next_logits.index_select(0, selected)  # (B, V)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        is_stop = torch.isin(next_token, stop_ids) & ~finished
+        lengths = torch.where(is_stop, step + 1, lengths)
+        finished = finished | is_stop
+        generated = torch.cat([generated, next_token[:, None]], dim=1)  # (B, t+1)
+        sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+        if on_token is not None:
+            on_token(next_token)
+        if bool(finished.all()):
+            break
+    return generated, scores, lengths
 
 
 def decode_texts(tokenizer, tokens: torch.Tensor, lengths: torch.Tensor, stop_ids: Sequence[int]) -> list[str]:

@@ -81,7 +81,7 @@ def test_bad_dry_runs_exit_2(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe", ["lm-tiny", "frozen-tiny"])
+@pytest.mark.parametrize("recipe", ["lm-tiny", "frozen-tiny", "visualgpt-tiny"])
 def test_dry_run_of_families_on_the_language_model_needs_no_data(recipe, capsys):
     assert main(["train", "--recipe", recipe, "--dry-run", "init_text=null"]) == 0  # bos id from the stand-in vocabulary
     assert json.loads(capsys.readouterr().out)["parameters"]["total"] > 0

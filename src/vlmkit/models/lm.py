@@ -17,12 +17,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from vlmkit.capabilities import ScoresText
+from vlmkit.capabilities import ContinuesText, ScoresText
 from vlmkit.data.records import answers_of, qa_text
 from vlmkit.encoders.config import LMConfig, lm_config_gpt2, lm_config_llama
 from vlmkit.encoders.lm import DecoderLM, random_tokens
 from vlmkit.errors import UserError
-from vlmkit.generation import GenerationConfig, generate
+from vlmkit.generation import GenerationConfig, TextDecoding, generate
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import real_tokens_through_end
 from vlmkit.losses import lm_loss_and_logs
@@ -139,7 +139,7 @@ class LanguageModel(VLModel):
     family = "lm"
     config_class = LanguageModelConfig
     training_class = LanguageModelTraining
-    capabilities = (ScoresText,)
+    capabilities = (ScoresText, ContinuesText)
     towers = {"text": "lm"}
     tower_configs = {"text": "lm"}
     export_formats = {"hf": "vlmkit.interop.hf_lm:export"}
@@ -225,8 +225,12 @@ class LanguageModel(VLModel):
         num_pad = torch.tensor([width - len(row) for row in rows], dtype=torch.long, device=device)
         return tokens, num_pad
 
-    def decoding_step(self, num_pad: torch.Tensor):
-        """The step function of `vlmkit.generation.generate` for prompts with `num_pad` (B,) left pads."""
+    def decoding_step(self, num_pad: torch.Tensor, with_hidden: bool = False):
+        """The step function of `vlmkit.generation.generate` for prompts with `num_pad` (B,) left pads.
+
+        `with_hidden=True`: the step also returns the final-norm hidden states of the positions it
+        fed, (logits (N, V), hidden (N, T', D)), which contrastive search reads.
+        """
         padded = bool(num_pad.any())
 
         def step(tokens: torch.Tensor, cache: KVCache | None, rows: torch.Tensor) -> torch.Tensor:
@@ -238,9 +242,22 @@ class LanguageModel(VLModel):
                 hidden = self.lm(new, cache=cache, attention_mask=key_is_real, position_offset=start - pads, return_hidden=True)
             else:
                 hidden = self.lm(new, cache=cache, return_hidden=True)  # (N, T', D)
-            return self.lm.logits(hidden[:, -1])  # (N, V)
+            logits = self.lm.logits(hidden[:, -1])  # (N, V)
+            return (logits, hidden) if with_hidden else logits
 
         return step
+
+    def text_decoding(self, prompts: Sequence[str]) -> TextDecoding:
+        """What `generate` needs to continue `prompts`: the step (with hidden states), the left-padded
+        prompt tokens, which of them are real, the end and pad ids and the room left in the context."""
+        lm = self.config.lm
+        if lm.eos_token_id is None:
+            raise UserError("this LM has no end token (lm.eos_token_id), so generation could never stop; set it in the config")
+        tokens, num_pad = self.prompt_tokens(prompts, self.device)
+        prompt_mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= num_pad[:, None]  # (B, T0)
+        return TextDecoding(step=self.decoding_step(num_pad, with_hidden=True), prompt_tokens=tokens, prompt_mask=prompt_mask,
+                            eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, tokenizer=self.tokenizer,
+                            room=lm.context_length - tokens.shape[1])
 
     @torch.no_grad()
     def generate_text(self, prompts: str | Sequence[str], **decoding) -> list[str]:
@@ -264,8 +281,11 @@ class LanguageModel(VLModel):
             if room < 1:
                 raise UserError(f"the prompt of {tokens.shape[1]} tokens leaves no room within the context of {lm.context_length}; shorten it")
             settings = {"max_new_tokens": min(config.max_new_tokens, room), "min_new_tokens": min(config.min_new_tokens, room)}
-            output = generate(self.decoding_step(num_pad), tokens, config, eos_token_id=lm.eos_token_id,
-                              pad_token_id=lm.pad_token_id, tokenizer=self.tokenizer, **settings)
+            # Contrastive search (penalty_alpha, top_k) reads the hidden states; the other decodings only the logits.
+            step = self.decoding_step(num_pad, with_hidden=config.is_contrastive)
+            prompt_mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= num_pad[:, None]  # (B, T0)
+            output = generate(step, tokens, config, eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id,
+                              tokenizer=self.tokenizer, prompt_mask=prompt_mask, **settings)
         finally:
             self.train(was_training)
         return output.texts

@@ -57,10 +57,46 @@ def _records(path: str, what: str | None = None):
     return records if what is None else usable_records(records, what)
 
 
+def _guided_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("guided decoding (a text-only LM, optionally steered by an image-text model)")
+    group.add_argument("--decoding", choices=["model", "contrastive", "magic"], default="model",
+                       help="model: the model's own decoding; contrastive: contrastive search of a text-only LM (no image); "
+                       "magic: contrastive search guided by --guide's image-text similarity (MAGIC)")
+    group.add_argument("--guide", default=None, help="magic: a model folder that embeds images and texts (a CLIP run)")
+    group.add_argument("--alpha", type=float, default=None, help="degeneration penalty weight (default 0.1, MAGIC's)")
+    group.add_argument("--beta", type=float, default=None, help="magic: weight of the image-text term (default 2.0)")
+    group.add_argument("--k", type=int, default=None, help="candidates per step (default 45, MAGIC's)")
+
+
+def _captioner(args):
+    """The model of `--model`, or, with `--decoding contrastive|magic`, that LM decoding guided by `--guide`."""
+    from vlmkit.errors import UserError
+
+    decoding = getattr(args, "decoding", "model")
+    if decoding == "model":
+        for option in ("guide", "alpha", "beta", "k"):
+            if getattr(args, option, None) is not None:
+                raise UserError(f"--{option} applies to --decoding contrastive or magic; add one or drop --{option}")
+        return _model(args.model)
+    from vlmkit.tasks import guided
+
+    if decoding == "magic" and not args.guide:
+        raise UserError("--decoding magic needs --guide CLIP_RUN, a model that embeds images and texts")
+    if decoding == "contrastive" and args.guide:
+        raise UserError("--decoding contrastive uses no image; drop --guide, or use --decoding magic")
+    if args.beta is not None and decoding != "magic":
+        raise UserError("--beta weighs the guide of --decoding magic; drop it")
+    settings = {"k": args.k, "alpha": args.alpha, "beta": args.beta if decoding == "magic" else 0.0}
+    lm = _model(args.model)
+    guide = _model(args.guide) if args.guide else None
+    return guided.GuidedCaptioner(lm, guide, **{key: value for key, value in settings.items() if value is not None})
+
+
 def _eval_caption(args) -> dict:
     from vlmkit.tasks.generative import evaluate_caption
 
-    return evaluate_caption(_model(args.model), _records(args.data, "caption evaluation"), **_batch(args, 64), **_decoding(args))
+    model = _captioner(args)
+    return evaluate_caption(model, _records(args.data, "caption evaluation"), **_batch(args, 64), **_decoding(args))
 
 
 def _eval_vqa(args) -> dict:
@@ -94,7 +130,12 @@ def _eval_perplexity(args) -> dict:
     return evaluate_perplexity(model, read_texts(args.data, model), **_batch(args, 64))
 
 
-_eval_caption.arguments = _decoding_arguments
+def _caption_arguments(parser: argparse.ArgumentParser) -> None:
+    _decoding_arguments(parser)
+    _guided_arguments(parser)
+
+
+_eval_caption.arguments = _caption_arguments
 def _vqa_arguments(parser: argparse.ArgumentParser) -> None:
     _decoding_arguments(parser)
     group = parser.add_argument_group("in-context examples")
@@ -119,7 +160,7 @@ def register(subparsers) -> None:
     caption.add_argument("images", nargs="+")
     caption.add_argument("--model", required=True, help="run folder")
     caption.add_argument("--prompt", default=None, help="text the caption continues (default: none)")
-    _decoding_arguments(caption)
+    _caption_arguments(caption)
     caption.set_defaults(func=_printing(_caption))
 
     ask = subparsers.add_parser("ask", help="answer a question about an image")
@@ -145,7 +186,7 @@ def _load_images(paths):
 
 def _caption(args) -> dict:
     images = _load_images(args.images)
-    model = _model(args.model)
+    model = _captioner(args)
     model.require(Generates, task="caption")
     decoding = _decoding(args)
     size = (args.batch_size or 32)
