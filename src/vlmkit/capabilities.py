@@ -108,6 +108,16 @@ class Imagines(Capability, Protocol):
         """(B, 3, H, W) images with values in [0, 1], one per text prompt (text-to-image families)."""
 
 
+class Reconstructs(Capability, Protocol):
+    name: ClassVar[str] = "reconstruct images"
+
+    def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> the model's reconstruction of them, values in [0, 1] (an autoencoder)."""
+
+    def unit_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> the same image with values in [0, 1], what a reconstruction is compared with."""
+
+
 class Detects(Capability, Protocol):
     name: ClassVar[str] = "detect objects"
 
