@@ -30,7 +30,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     guidance >= 0, steps >= 1, temperature > 0, top_k >= 1 (one UserError sentence otherwise)."""
     options = {key: value for key, value in options.items() if value is not None}
     if "guidance" in options and not options["guidance"] >= 0:
-        raise UserError(f"--guidance {options['guidance']} is negative; give a scale of 0 (no guidance) or more, e.g. 3")
+        raise UserError(f"--guidance {options['guidance']} is negative; give a scale of 0 (no guidance) or more, e.g. 3 (1 = no guidance)")
     if "steps" in options and options["steps"] < 1:
         raise UserError(f"--steps {options['steps']} samples nothing; give 1 or more sampling steps, e.g. 50")
     if "temperature" in options and not options["temperature"] > 0:

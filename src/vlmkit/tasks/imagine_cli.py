@@ -18,11 +18,11 @@ def _family_arguments(parser: argparse.ArgumentParser, guidance_list: bool = Fal
     group = parser.add_argument_group("sampling (family options are passed on only when given)")
     if guidance_list:
         group.add_argument("--guidance", type=float, nargs="+", default=None, metavar="S",
-                           help="classifier-free guidance scales to judge, e.g. 0 3 (diffusion families; one entry "
+                           help="classifier-free guidance scales to judge, e.g. 1 3 (diffusion families; one entry "
                                 "for families without guidance)")
     else:
         group.add_argument("--guidance", type=float, default=None, metavar="S",
-                           help="classifier-free guidance scale, 0 = none (diffusion families)")
+                           help="classifier-free guidance scale s: 1 = the conditional model alone, above 1 = guided (diffusion families)")
     group.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion families)")
     group.add_argument("--sampler", default=None, help="ddpm or ddim (diffusion families)")
     group.add_argument("--temperature", type=float, default=None, help="sampling temperature (autoregressive families)")
