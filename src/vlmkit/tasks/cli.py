@@ -14,7 +14,7 @@ from pathlib import Path
 EVALUATIONS: dict[str, tuple] = {}
 # Modules whose import adds `vlmkit eval` sub-verbs with `evaluation`; imported by register(),
 # so only when the `eval` parser is built (see commands.py).
-EVALUATION_MODULES = ("vlmkit.tasks.generative_cli",)
+EVALUATION_MODULES = ("vlmkit.tasks.generative_cli", "vlmkit.tasks.imagine_cli")
 
 
 def evaluation(name: str, help: str):
