@@ -40,6 +40,8 @@ from vlmkit.layers.transformer import Transformer
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
+# `imagine` options: the capability's (seed, temperature, top_k) and use_cache (False: the
+# uncached reference the cache is tested against).
 IMAGINE_OPTIONS = ("seed", "temperature", "top_k", "use_cache")
 
 
@@ -86,6 +88,7 @@ class Dalle(VLModel):
     config_class = DalleConfig
     training_class = DalleTraining
     capabilities = (Imagines,)
+    imagine_options = ("temperature", "top_k")  # what `vlmkit imagine` may pass beyond --seed
     towers = {"image": "vae"}
 
     def __init__(self, config: DalleConfig) -> None:
