@@ -10,6 +10,7 @@ from vlmkit.errors import UserError
 from vlmkit.layers.masks import text_to_image_mask
 from vlmkit.tokenizers import train_clip_bpe
 
+T = 24  # dalle-tiny's text tokens
 CAPTIONS = ["a red circle", "a blue square on the left", "a green star", "one yellow triangle on a plain background"]
 
 
@@ -20,7 +21,7 @@ def model():
     tokenizer = train_clip_bpe(CAPTIONS * 10, vocab_size=600)
     tokenizer.context_length = model.config.text.context_length
     model.config.text.eos_token_id, model.config.text.vocab_size = tokenizer.eos_id, tokenizer.vocab_size
-    model.text_embedding = torch.nn.Embedding(tokenizer.vocab_size + 32, 64)  # fitted to the tokenizer, as the trainer does
+    model.text_embedding = torch.nn.Embedding(tokenizer.vocab_size + T, 64)  # fitted to the tokenizer, as the trainer does
     model.text_head = torch.nn.Linear(64, tokenizer.vocab_size, bias=False)
     model.tokenizer = tokenizer
     return model
@@ -29,16 +30,16 @@ def model():
 def test_the_model_runs_under_the_papers_decoder_mask(model):
     batch = model.dummy_batch(2)
     codes = model.vae.encode(batch["pixels"])
-    x = model.embed(model.text_inputs(batch["tokens"]), codes[:, :-1])  # (2, 32 + 63, D)
-    explicit = model.hidden(x, mask=text_to_image_mask(32, 63))
+    x = model.embed(model.text_inputs(batch["tokens"]), codes[:, :-1])  # (2, T + 63, D)
+    explicit = model.hidden(x, mask=text_to_image_mask(T, 63))
     assert torch.allclose(model.hidden(x), explicit, atol=1e-5)  # is_causal (what training runs) == the mask
     # Image position j's prediction ignores every later image token: change code 10 on, nothing before moves.
     changed = codes.clone()
     changed[:, 10:] = (changed[:, 10:] + 1) % 512
     y = model.embed(model.text_inputs(batch["tokens"]), changed[:, :-1])
     before, after = model.hidden(x), model.hidden(y)
-    assert torch.allclose(before[:, : 32 + 10], after[:, : 32 + 10], atol=1e-6)
-    assert not torch.allclose(before[:, 32 + 10], after[:, 32 + 10], atol=1e-4)
+    assert torch.allclose(before[:, : T + 10], after[:, : T + 10], atol=1e-6)
+    assert not torch.allclose(before[:, T + 10], after[:, T + 10], atol=1e-4)
 
 
 def test_text_pads_get_their_own_ids_and_the_loss_weights_apply(model):
@@ -46,7 +47,7 @@ def test_text_pads_get_their_own_ids_and_the_loss_weights_apply(model):
     ids = model.text_inputs(batch["tokens"])
     vocab = model.config.text.vocab_size
     pads = ids >= vocab
-    assert pads.any() and torch.equal(ids[pads] - vocab, torch.arange(32).expand(2, -1)[pads])
+    assert pads.any() and torch.equal(ids[pads] - vocab, torch.arange(T).expand(2, -1)[pads])
     out = model(batch)
     logs = {key: float(value) for key, value in out.logs.items()}
     assert float(out.loss.detach()) == pytest.approx(logs["text_loss"] / 8 + 7 * logs["image_loss"] / 8, rel=1e-5)

@@ -221,8 +221,8 @@ class Dalle(VLModel):
 
 
 register_config("dalle-tiny", "dalle", tiny=True, config={
-    # A 4-block, 128-wide transformer over 32 text tokens + the 8x8 codes of dvae-tiny (32 px, K = 512).
+    # A 4-block, 128-wide transformer over 24 text tokens + the 8x8 codes of dvae-tiny (32 px, K = 512).
     "vision": {"image_size": 32, "num_tokens": 512, "hidden": 32, "groups": 3, "blocks_per_group": 1, "decoder_init": 64},
-    "text": {"vocab_size": 1024, "context_length": 32, "eos_token_id": 1023},
+    "text": {"vocab_size": 1024, "context_length": 24, "eos_token_id": 1023},  # built-in captions: at most 22 tokens
     "width": 128, "depth": 4, "heads": 4,
 })
