@@ -91,3 +91,15 @@ def test_ddim_with_every_step_and_eta_1_is_ddpm(clip):
     assert not torch.allclose(ddpm, deterministic, atol=1e-3)  # eta matters: the equality above is not vacuous
     fewer = diffusion.sample(_eps_fn, shape, steps=8, sampler="ddim", generator=torch.Generator().manual_seed(3), clip=clip)
     assert fewer.shape == shape and torch.isfinite(fewer).all()
+
+
+def test_v_prediction_converts_back_to_the_noise():
+    diffusion = GaussianDiffusion(cosine_betas(1000))
+    generator = torch.Generator().manual_seed(2)
+    x0, noise = torch.rand(3, 3, 4, 4, generator=generator) * 2 - 1, torch.randn(3, 3, 4, 4, generator=generator)
+    t = torch.tensor([0, 500, 998])
+    x_t = diffusion.q_sample(x0, t, noise)
+    v = diffusion.v_target(x0, t, noise)
+    abar = diffusion.alphas_cumprod[t].float().view(3, 1, 1, 1)
+    assert torch.allclose(v, abar.sqrt() * noise - (1 - abar).sqrt() * x0, atol=1e-6)
+    assert torch.allclose(diffusion.eps_from_v(x_t, t, v), noise, atol=1e-5)
