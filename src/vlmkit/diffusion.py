@@ -97,6 +97,16 @@ class GaussianDiffusion:
         abar = self._abar(t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
+    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022), the `prediction: v` target."""
+        abar = self._abar(t, x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+    def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v: a v-predicting network's output as the eps the samplers use."""
+        abar = self._abar(t, x_t)
+        return (1 - abar).sqrt() * x_t + abar.sqrt() * v
+
     def step(self, x: torch.Tensor, t: int, t_prev: int | None, eps: torch.Tensor, noise: torch.Tensor | None,
              sampler: str = "ddim", eta: float = 0.0, clip: bool = True) -> torch.Tensor:
         """One reverse step from training step `t` to `t_prev` (None: to the clean image) given the

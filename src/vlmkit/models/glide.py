@@ -63,6 +63,9 @@ class GLIDEConfig:
     text: TextConfig = field(default_factory=lambda: TextConfig(width=512, depth=16, heads=8, context_length=128))
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: str = "cosine"  # cosine (GLIDE's base model) | linear
+    # What the U-Net predicts: eps (GLIDE, the noise-prediction loss) or v = sqrt(abar) eps - sqrt(1 - abar) x_0
+    # (Salimans & Ho 2022; better conditioned at high noise). Sampling and guidance work on eps either way.
+    prediction: str = "eps"
     diffusion_steps: int = bounded(1000, low=2)
     # What `imagine` does when not told otherwise.
     sampler: str = "ddim"
@@ -74,6 +77,8 @@ class GLIDEConfig:
         check_fields(self, "glide", ".")
         if self.schedule not in SCHEDULES:
             raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.prediction not in ("eps", "v"):
+            raise UserError(f"prediction must be 'eps' or 'v', not {self.prediction!r}")
         if self.sampler not in SAMPLERS:
             raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
 
@@ -112,9 +117,6 @@ class GLIDE(VLModel):
             tuple(unet.attention_resolutions), unet.heads, context_dim=text.width, groups=unet.groups, dropout=unet.dropout,
         )
         self.diffusion = GaussianDiffusion.named(config.schedule, config.diffusion_steps)
-        # The trainer's transform normalises with CLIP's statistics; the diffusion runs on [-1, 1] pixels.
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     # ---- conditioning -------------------------------------------------------------------
     def conditioning(self, tokens: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,8 +132,11 @@ class GLIDE(VLModel):
         return context, mask, pooled
 
     def to_diffusion_space(self, pixels: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised pixels (the trainer's transform) -> the [-1, 1] images the model denoises."""
-        return (pixels * self.pixel_std + self.pixel_mean) * 2 - 1
+        """CLIP-normalised pixels (the trainer's transform normalises with CLIP's statistics) -> the
+        [-1, 1] images the model denoises."""
+        mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels * std + mean) * 2 - 1
 
     # ---- training -----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
@@ -150,8 +155,9 @@ class GLIDE(VLModel):
             drop = torch.rand(rows, device=x0.device) < self.training_options.caption_dropout
         x_t = self.diffusion.q_sample(x0, t, noise)  # (B, 3, H, W)
         context, mask, pooled = self.conditioning(tokens, drop.bool())
-        eps = self.unet(x_t, t, context, mask, pooled)  # (B, 3, H, W)
-        loss = F.mse_loss(eps.float(), noise.float())
+        prediction = self.unet(x_t, t, context, mask, pooled)  # (B, 3, H, W)
+        target = noise if self.config.prediction == "eps" else self.diffusion.v_target(x0, t, noise)
+        loss = F.mse_loss(prediction.float(), target.float())
         return ModelOutput(loss=loss, logs=detached_logs(loss=loss, dropped=drop.float().mean()))
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -187,6 +193,12 @@ class GLIDE(VLModel):
             raise UserError(f"eta {eta} is negative; give 0 (deterministic DDIM) to 1 (DDPM-like)")
         return guidance, steps, sampler, eta
 
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+                    pooled: torch.Tensor) -> torch.Tensor:
+        """The U-Net's output as eps (converted from v when the model predicts v). (B, 3, H, W)"""
+        out = self.unet(x_t, t, context, mask, pooled)
+        return out if self.config.prediction == "eps" else self.diffusion.eps_from_v(x_t, t, out)
+
     def guided_eps_fn(self, tokens: torch.Tensor, guidance: float):
         """eps_fn(x_t, t) for `GaussianDiffusion.sample`: the captions' eps guided against the empty
         caption's. s = 1 runs the conditional rows only, s = 0 the unconditional ones only."""
@@ -194,12 +206,12 @@ class GLIDE(VLModel):
         keep, drop = torch.zeros(rows, dtype=torch.bool, device=tokens.device), torch.ones(rows, dtype=torch.bool, device=tokens.device)
         if guidance == 1.0 or guidance == 0.0:
             context, mask, pooled = self.conditioning(tokens, drop if guidance == 0.0 else keep)
-            return lambda x, t: self.unet(x, t, context, mask, pooled)
+            return lambda x, t: self.predict_eps(x, t, context, mask, pooled)
         # Text encoded once for the whole loop: [caption rows; empty-caption rows].
         context, mask, pooled = self.conditioning(torch.cat([tokens, tokens]), torch.cat([keep, drop]))
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = self.unet(torch.cat([x, x]), torch.cat([t, t]), context, mask, pooled)  # (2B, 3, H, W)
+            eps = self.predict_eps(torch.cat([x, x]), torch.cat([t, t]), context, mask, pooled)  # (2B, 3, H, W)
             conditional, unconditional = eps.chunk(2)
             return guided_eps(conditional, unconditional, guidance)
 
@@ -227,11 +239,12 @@ class GLIDE(VLModel):
 
 
 register_config("glide-tiny", "glide", tiny=True, config={
-    # 32 px: 16 channels at 32x32, 32 at 16x16, 64 at 8x8 (cheap where the grid is large), attention
-    # with the text at 16 and 8. About 1.4M parameters; a training step of 32 images is ~1 s on a CPU thread.
+    # 32 px: 8 channels at 32x32, 16 at 16x16, 32 at 8x8 (cheap where the grid is large), attention
+    # with the text at 16 and 8. The U-Net has about 0.2M parameters, the text tower 0.5M: small enough
+    # to train in minutes on one CPU thread.
     "text": {"width": 128, "depth": 2, "heads": 4, "context_length": 32, "vocab_size": 1024, "eos_token_id": 1023},
-    "unet": {"image_size": 32, "channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 1,
-             "attention_resolutions": [16, 8], "heads": 4, "groups": 8, "dropout": 0.0},
+    "unet": {"image_size": 32, "channels": 8, "channel_mult": [1, 2, 4], "num_res_blocks": 1,
+             "attention_resolutions": [16, 8], "heads": 2, "groups": 8, "dropout": 0.0},
 })
 register_config("glide-base-64", "glide", config={
     # GLIDE's 64 px base model (model_and_diffusion_defaults), without the learned variance channels.
