@@ -113,10 +113,31 @@ class ScoresText(Capability, Protocol):
         tokenized as the model trains (texts longer than its context are cut)."""
 
 class Imagines(Capability, Protocol):
+    """Text to image. Every family accepts `seed` (an int: the same prompts, options and seed give the
+    same images; rows are drawn from one generator in order, so a prompt's image depends on its row)
+    and passes its own options through: diffusion families `guidance` (the classifier-free scale s >= 0
+    of eps = eps(x, empty) + s * (eps(x, prompt) - eps(x, empty)): 1 = the conditional model alone,
+    0 = the unconditional one), `steps` (sampling steps >= 1) and `sampler` ("ddpm" | "ddim");
+    autoregressive families `temperature` (> 0) and `top_k` (>= 1). An option the family does not
+    take, or a bad value, raises a one-sentence UserError naming it. A family lists the options it
+    takes (beyond `seed`) in the class attribute `imagine_options`, so a task can tell, e.g., whether
+    sweeping `guidance` means anything for it."""
+
     name: ClassVar[str] = "generate images"
+    imagine_options: ClassVar[tuple[str, ...]] = ()
 
     def imagine(self, prompts: Sequence[str], **options) -> torch.Tensor:
         """(B, 3, H, W) images with values in [0, 1], one per text prompt (text-to-image families)."""
+
+
+class Reconstructs(Capability, Protocol):
+    name: ClassVar[str] = "reconstruct images"
+
+    def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> the model's reconstruction of them, values in [0, 1] (an autoencoder)."""
+
+    def unit_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> the same image with values in [0, 1], what a reconstruction is compared with."""
 
 
 class Detects(Capability, Protocol):

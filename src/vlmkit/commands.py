@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "classify": ("vlmkit.tasks.cli", "zero-shot classify images among given labels"),
     "detect": ("vlmkit.tasks.cli", "detect objects by name with an open-vocabulary detector (prints boxes JSON)"),
     "embed": ("vlmkit.tasks.cli", "write normalised image and text embeddings to safetensors"),
+    "imagine": ("vlmkit.tasks.imagine_cli", "generate images from a text prompt (writes a grid PNG and each image)"),
     "asif": ("vlmkit.models._asif_cli", "ASIF: a training-free dual encoder from two encoders and anchor pairs"),
     "capfilt": ("vlmkit.tasks.capfilt", "CapFilt: caption a noisy image-text dataset and keep the captions a matching filter accepts"),
     "convert": ("vlmkit.interop.cli",

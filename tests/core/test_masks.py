@@ -34,3 +34,35 @@ def test_padding_mask_shape_and_values():
     assert mask.shape == (2, 1, 1, 3)
     assert mask[0, 0, 0].tolist() == [True, True, False]
     assert mask[1, 0, 0].tolist() == [True, False, False]
+
+
+def test_dalle_text_to_image_mask_definition():
+    # DALL-E: text token i sees text j <= i and no image token; image token i sees all text and image j <= i.
+    from vlmkit.layers.masks import text_to_image_mask
+
+    text, image = 3, 4
+    mask = text_to_image_mask(text, image)
+    assert mask.shape == (7, 7)
+    for q in range(7):
+        for k in range(7):
+            if q < text:  # a text query
+                expected = k < text and k <= q
+            else:  # an image query: every text key, earlier (and its own) image keys
+                expected = k < text or (k - text) <= (q - text)
+            assert bool(mask[q, k]) == expected, (q, k)
+    # With per-position pad tokens (the paper's choice) it is exactly the causal mask of the sequence.
+    assert torch.equal(mask, causal_mask(7))
+
+
+def test_dalle_mask_with_hidden_text_pads():
+    from vlmkit.layers.masks import text_to_image_mask
+
+    real = torch.tensor([[1, 1, 0], [1, 1, 1]])  # row 0: the last text position is a pad
+    mask = text_to_image_mask(3, 2, text_is_real=real)
+    assert mask.shape == (2, 1, 5, 5)
+    base = text_to_image_mask(3, 2)
+    for b in range(2):
+        for q in range(5):
+            for k in range(5):
+                expected = bool(base[q, k]) and (bool(real[b, k]) if k < 3 else True) or (q == k)
+                assert bool(mask[b, 0, q, k]) == expected, (b, q, k)

@@ -87,3 +87,29 @@ def qformer_mask(kind: str, num_queries: int, text_is_real: torch.Tensor) -> tor
         allowed = torch.where(query_row, query_key, query_key | (key <= row))
     key_is_real = torch.cat([text_is_real.new_ones(batch, num_queries).bool(), text_is_real.bool()], dim=1)  # (B, L)
     return (allowed[None] & key_is_real[:, None, :])[:, None]  # (B, 1, L, L)
+
+
+def text_to_image_mask(num_text: int, num_image: int, text_is_real: torch.Tensor | None = None,
+                       device=None) -> torch.Tensor:
+    """DALL-E's decoder mask over [text tokens ; image tokens] (Ramesh et al. 2021, section 2.2).
+
+    Text token i sees text tokens j <= i (and no image token); image token i sees every text token
+    and the image tokens j <= i. That is the causal mask of the whole sequence, written from its
+    definition so the equivalence is tested rather than assumed. With `text_is_real` (B, T) the
+    text pads are hidden from every query (but a pad still sees itself, so no row is empty); DALL-E
+    itself gives each pad position a token of its own and keeps them visible (text_is_real=None).
+    (T+N, T+N), or (B, 1, T+N, T+N) with `text_is_real`.
+    """
+    total = num_text + num_image
+    positions = torch.arange(total, device=device)
+    query, key = positions[:, None], positions[None, :]  # (L, 1), (1, L)
+    query_is_text, key_is_text = query < num_text, key < num_text
+    text_rows = key_is_text & (key <= query)
+    image_rows = key_is_text | (key <= query)
+    allowed = torch.where(query_is_text, text_rows, image_rows)  # (L, L)
+    if text_is_real is None:
+        return allowed
+    batch = text_is_real.shape[0]
+    key_is_real = torch.cat([text_is_real.bool(), text_is_real.new_ones(batch, num_image).bool()], dim=1)  # (B, L)
+    visible = allowed[None] & (key_is_real[:, None, :] | (key == query)[None])  # (B, L, L)
+    return visible[:, None]  # (B, 1, L, L)

@@ -14,7 +14,7 @@ from pathlib import Path
 EVALUATIONS: dict[str, tuple] = {}
 # Modules whose import adds `vlmkit eval` sub-verbs with `evaluation`; imported by register(),
 # so only when the `eval` parser is built (see commands.py).
-EVALUATION_MODULES = ("vlmkit.tasks.generative_cli",)
+EVALUATION_MODULES = ("vlmkit.tasks.generative_cli", "vlmkit.tasks.imagine_cli")
 
 
 def evaluation(name: str, help: str):
@@ -97,6 +97,12 @@ def _detection(args) -> dict:
     return evaluate_detection(_model(args.model), records, novel=novel)
 
 
+def _reconstruction(args) -> dict:
+    from vlmkit.tasks.reconstruction import evaluate_reconstruction
+
+    return evaluate_reconstruction(_model(args.model), _eval_records(args.data, "reconstruction"))
+
+
 _zeroshot.arguments = _zeroshot_arguments
 _retrieval.arguments = _retrieval_arguments
 _linear_probe.arguments = _linear_probe_arguments
@@ -105,6 +111,7 @@ evaluation("zeroshot", "zero-shot classification with prompt ensembling")(_zeros
 evaluation("retrieval", "image-text retrieval recall@1/5/10 both ways")(_retrieval)
 evaluation("linear-probe", "logistic regression on frozen image features")(_linear_probe)
 evaluation("detection", "box AP (pycocotools' numbers) on base and novel classes")(_detection)
+evaluation("reconstruction", "an autoencoder's reconstruction error (MSE, PSNR) on the images")(_reconstruction)
 
 
 def register(subparsers) -> None:
