@@ -87,11 +87,13 @@ class AnswerHead(nn.Module):
 
 
 class FusionHeads(nn.Module):
-    """The fine-tuning heads shared by every fusion family, on its pooled (B, W) feature."""
+    """The fine-tuning heads shared by every fusion family, on its pooled (B, W) feature (`answer` is None
+    when `num_answers` is 0)."""
 
     def __init__(self, width: int, num_answers: int, answer_head: str = "mlp", eps: float = 1e-12) -> None:
         super().__init__()
-        self.answer = AnswerHead(width, num_answers, answer_head, eps)  # (B, A) VQA logits
+        # (B, A) VQA logits; None without an answer vocabulary (a checkpoint with no VQA head)
+        self.answer = AnswerHead(width, num_answers, answer_head, eps) if num_answers else None
         self.reasoning = AnswerHead(width, 1, "mlp", eps)  # (B, 1) true/false logit
         self.itm = nn.Linear(width, 2)  # (B, 2) [no match, match]
 
@@ -108,6 +110,8 @@ def fusion_task_loss(heads: FusionHeads, pooled: torch.Tensor, batch: dict, task
     train the ITM head (`itm_labels`, 1 = match); vqa the answer head on `answer_scores`; reasoning the
     true/false head on `statement_labels`."""
     if task == "vqa":
+        if heads.answer is None:
+            raise UserError("this model has no answer head (no answer vocabulary); fine-tune it on records with 'qa'")
         logits, scores = heads.answer(pooled), batch["answer_scores"]  # (B, A), (B, A)
         loss = soft_score_loss(logits, scores)
         return loss, {"vqa_loss": loss, "vqa_acc": scores.gather(1, logits.argmax(-1, keepdim=True)).mean()}, logits

@@ -125,6 +125,7 @@ class VisualBert(VLModel):
     capabilities = (Answers, Verifies, MatchesImageText, ReadsRegions)
     towers = {"image": "visual"}
     tower_configs = {"image": "vision", "text": "text"}
+    export_formats = {"hf": "vlmkit.interop.hf_visualbert:export"}
     example_config = {"answers": ["yes", "no", "1", "2", "red", "circle"], "region_classes": ["red circle", "blue square"]}
 
     def __init__(self, config: VisualBertConfig) -> None:
@@ -132,9 +133,8 @@ class VisualBert(VLModel):
         text = config.text
         if config.vision is None:
             self.capabilities = ()  # no image tower: the pixel capabilities do not apply
-        if not config.answers:
-            raise UserError("the visualbert model has no answer vocabulary: train it on records with 'qa' or pass "
-                            "model.answers=[...]")
+        elif not config.answers:
+            self.capabilities = tuple(c for c in self.capabilities if c is not Answers)
         self.visual = build_vision_tower(config.vision, None) if config.vision is not None else None
         self.inputs = VisualInputs(config.visual, config.vision.image_size if config.vision else 1,
                                    num_classes=len(config.region_classes))
@@ -187,6 +187,13 @@ class VisualBert(VLModel):
         """(B, L + T, W) -> (B, W): tanh(dense([CLS]))."""
         return torch.tanh(self.pooler(hidden[:, 0]))
 
+    def answer_logits(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, A) VQA logits, or a UserError when the model has no answer vocabulary."""
+        if self.heads.answer is None:
+            raise UserError("this visualbert has no answer head (no answer vocabulary); fine-tune it with task=vqa "
+                            "on records with 'qa'")
+        return self.heads.answer(self.answer_feature(hidden, tokens))
+
     def answer_feature(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """What the answer head reads: the pooled [CLS], or (HF VQA) the last text token before [SEP]."""
         if self.config.answer_pool == "pooler":
@@ -202,7 +209,8 @@ class VisualBert(VLModel):
             visual_mask = torch.ones(visual_embeds.shape[:2], dtype=torch.bool, device=visual_embeds.device)
         hidden = self.encode(tokens, visual_embeds, visual_mask)
         pooled = self.pool(hidden)
-        return {"hidden": hidden, "pooled": pooled, "answer_logits": self.heads.answer(self.answer_feature(hidden, tokens)),
+        answer = self.answer_logits(hidden, tokens) if self.heads.answer is not None else None
+        return {"hidden": hidden, "pooled": pooled, "answer_logits": answer,
                 "itm_logits": self.heads.itm(pooled), "mlm_logits": self.mlm_logits(hidden[:, :tokens.shape[1]])}
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -342,7 +350,7 @@ class VisualBert(VLModel):
     def answer(self, pixels: torch.Tensor, questions: list[str], regions: dict | None = None, **_) -> list[str]:
         """The highest-scoring vocabulary answer for each (image, question); `regions` from `region_inputs`."""
         hidden, tokens = self._hidden(pixels, self.tokenize(questions), regions)
-        logits = self.heads.answer(self.answer_feature(hidden, tokens))
+        logits = self.answer_logits(hidden, tokens)
         return [self.config.answers[i] for i in logits.argmax(-1).tolist()]
 
     @torch.no_grad()
