@@ -352,10 +352,16 @@ class VisualBert(VLModel):
         return collate_regions(samples)
 
     def _hidden(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None):
+        """Hidden states for inference, in eval mode (every grid cell, no dropout) whatever the module's mode."""
         batch = {key: value.to(self.device) for key, value in (regions or {}).items()}
-        visual = self.visual_tokens(pixels.to(self.device), batch)
-        tokens = tokens.to(self.device)
-        return self.encode(tokens, self.embeds_of(visual), visual.mask), tokens
+        was_training = self.training
+        self.eval()
+        try:
+            visual = self.visual_tokens(pixels.to(self.device), batch)
+            tokens = tokens.to(self.device)
+            return self.encode(tokens, self.embeds_of(visual), visual.mask), tokens
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def answer(self, pixels: torch.Tensor, questions: list[str], regions: dict | None = None, **_) -> list[str]:
