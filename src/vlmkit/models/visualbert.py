@@ -213,8 +213,14 @@ class VisualBert(VLModel):
         return {"hidden": hidden, "pooled": pooled, "answer_logits": answer,
                 "itm_logits": self.heads.itm(pooled), "mlm_logits": self.mlm_logits(hidden[:, :tokens.shape[1]])}
 
+    def mlm_loss(self, text_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """MLM cross-entropy over the labelled (B, L) positions (IGNORE elsewhere); the decoder runs on those
+        positions only (the same loss as over every position, a fraction of the vocabulary matmul)."""
+        chosen = labels != IGNORE  # (B, L)
+        return F.cross_entropy(self.mlm_logits(text_hidden[chosen]), labels[chosen])
+
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, L, W) -> (B, L, V): the MLM decoder, tied to the word embeddings."""
+        """(..., W) -> (..., V): the MLM decoder, tied to the word embeddings."""
         return self.mlm_head(hidden) @ self.bert.token_embedding.weight.t() + self.mlm_bias
 
     # ---- training -------------------------------------------------------------------------------
@@ -247,7 +253,7 @@ class VisualBert(VLModel):
                 loss, logits = loss + weight * part, part_logits if logits is None else logits
                 logs.update(part_logs)
         if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
-            mlm = F.cross_entropy(self.mlm_logits(hidden[:, :length]).flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+            mlm = self.mlm_loss(hidden[:, :length], mlm_labels)
             loss = loss + options.mlm_weight * mlm
             logs["mlm_loss"] = mlm
         if masked_regions is not None:
