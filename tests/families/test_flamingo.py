@@ -46,9 +46,11 @@ def test_gated_block_is_the_identity_at_init_and_not_once_the_gates_open():
 def test_at_init_the_logits_equal_the_frozen_lms_exactly():
     model = tiny_model().eval()
     batch = model.dummy_batch()
-    tokens = batch["tokens"][:, :-1]
+    tokens, _ = model.caption_layout(batch["tokens"])  # [bos] <image> caption ...
+    tokens = torch.cat([tokens, tokens[:, 1:]], dim=1)  # two images a row
     vocab = model.config.lm.vocab_size
-    logits = model.logits(model.hidden(tokens, model.media(batch["pixels"])))  # images in, gates at 0
+    pixels = torch.stack([batch["pixels"], batch["pixels"].flip(0)], dim=1)  # (B, 2, 3, H, W)
+    logits = model.logits(model.hidden(tokens, model.media(pixels)))  # images in, gates at 0
     assert torch.equal(logits[..., :vocab], model.lm(inputs_embeds=model.embed(tokens)))
     text_only = torch.randint(3, vocab, (2, 9))
     assert torch.equal(model.logits(model.hidden(text_only, model.media(torch.zeros(2, 0, 3, 64, 64))))[..., :vocab],
@@ -56,7 +58,7 @@ def test_at_init_the_logits_equal_the_frozen_lms_exactly():
     with torch.no_grad():
         for block in model.gated.values():
             block.attn_gate.fill_(0.5)
-    opened = model.logits(model.hidden(tokens, model.media(batch["pixels"])))
+    opened = model.logits(model.hidden(tokens, model.media(pixels)))
     assert not torch.allclose(opened[..., :vocab], logits[..., :vocab])
 
 

@@ -34,13 +34,13 @@ from vlmkit.config import bounded
 from vlmkit.data.interleaved import split_at_images
 from vlmkit.data.records import answers_of, check_messages, qa_text, record_texts
 from vlmkit.encoders.config import LMConfig, VisionConfig, build_vision_tower, lm_config_llama
-from vlmkit.encoders.lm import DecoderLM
+from vlmkit.encoders.lm import DecoderLM, random_prefixed_batch
 from vlmkit.encoders.resampler import PerceiverResampler
 from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig, TextStreamer, generate
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.gated_cross_attention import GatedCrossAttentionBlock
-from vlmkit.layers.masks import media_mask, padding_mask
+from vlmkit.layers.masks import media_mask, padding_mask, real_tokens_through_end
 from vlmkit.losses import lm_loss_and_logs
 from vlmkit.models.base import ModelOutput, VLModel
 from vlmkit.models.registry import register_config, register_family
@@ -301,12 +301,30 @@ class Flamingo(Generative, VLModel):
         return self.lm(inputs_embeds=self.embed(tokens), cache=cache, before_block=before_block, return_hidden=True,
                        **lm_options)  # (B, T, D)
 
+    def caption_layout(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A caption batch `[bos] caption [eos] pad...` (B, L) as a one-chunk document: `<image>` after
+        [bos] (B, L+1), and its labels (B, L+1): the caption through its end token."""
+        media = torch.full_like(tokens[:, :1], self.config.media_token_id)
+        document = torch.cat([tokens[:, :1], media, tokens[:, 1:]], dim=1)  # (B, L+1)
+        eos = self.config.lm.eos_token_id
+        trained = real_tokens_through_end(tokens, eos) if eos is not None else torch.ones_like(tokens, dtype=torch.bool)
+        labels = document.masked_fill(~torch.cat([torch.zeros_like(trained[:, :2]), trained[:, 1:]], dim=1), IGNORE)
+        return document, labels
+
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        tokens, labels = batch["tokens"], batch["labels"]  # (B, T) each, right-padded
-        media = self.media(batch["pixels"])  # (B, M*L, W)
+        tokens, pixels = batch["tokens"], batch["pixels"]  # documents (B, T) and (B, M, 3, H, W)
+        caption_batch = pixels.ndim == 4  # one image per row (B, 3, H, W), tokens a plain caption
+        if caption_batch:
+            tokens, labels = self.caption_layout(tokens)  # (B, L+1) x 2
+            pixels = pixels[:, None]  # (B, 1, 3, H, W)
+        else:
+            labels = batch["labels"]  # (B, T): -100 on bos, <image>, pads
+        media = self.media(pixels)  # (B, M*L, W)
         # Right padding needs no attention mask: causality keeps every real token from the pads after it.
         logits = self.logits(self.hidden(tokens[:, :-1], media))  # (B, T-1, V+2)
         targets = labels[:, 1:]  # (B, T-1)
+        if caption_batch:  # from the <image> position on: the caption's logits (B, L-1), as a captioner's
+            logits, targets = logits[:, 1:], targets[:, 1:]
         is_target = targets != IGNORE
         loss, logs = lm_loss_and_logs(logits, targets.masked_fill(~is_target, 0), is_target,
                                       self.training_options.label_smoothing)
@@ -348,9 +366,7 @@ class Flamingo(Generative, VLModel):
             positions = (torch.arange(start, tokens.shape[1], device=tokens.device)[None, :] - pads[:, None]).clamp(min=0)
             hidden = self.hidden(tokens[:, start:], media.index_select(0, rows), tokens == media_id, cache=cache,
                                  mask=padding_mask(key_is_real), position_ids=positions)  # (N, T', D)
-            logits = self.logits(hidden[:, -1])  # (N, V+2)
-            logits[:, media_id] = float("-inf")  # images come from the user, never from the model
-            return logits
+            return self.logits(hidden[:, -1])  # (N, V+2)
 
         return step
 
@@ -369,7 +385,8 @@ class Flamingo(Generative, VLModel):
             room = self.config.lm.context_length - tokens.shape[1]
             config = GenerationConfig.from_kwargs(config, max_new_tokens=min(config.max_new_tokens, room),
                                                   min_new_tokens=min(config.min_new_tokens, room),
-                                                  stop_token_ids=(*config.stop_token_ids, self.config.end_of_chunk_id))
+                                                  stop_token_ids=(*config.stop_token_ids, self.config.end_of_chunk_id,
+                                                                  self.config.media_token_id))  # an image is never text
             eos = self.config.lm.eos_token_id
             on_token = TextStreamer(self.tokenizer, {eos, *config.stop_token_ids}, stream) if stream is not None else None
             output = generate(self.decoding_step(num_pad, media), tokens, config, eos_token_id=eos,
@@ -467,20 +484,12 @@ class Flamingo(Generative, VLModel):
         return InterleavedDataset(records, transform, tokenizer, self.config, self.training_options, seed)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        lm, side = self.config.lm, self.config.vision.image_size
-        length = min(lm.context_length, 24)
-        tokens = torch.randint(3, lm.vocab_size, (batch_size, length), generator=generator)
-        tokens[:, 0] = lm.bos_token_id if lm.bos_token_id is not None else 1
-        tokens[:, 1] = self.config.media_token_id
-        tokens[:, length // 2] = self.config.media_token_id  # two images a row
-        tokens[:, length // 2 - 1] = self.config.end_of_chunk_id
-        labels = tokens.masked_fill(tokens == self.config.media_token_id, IGNORE)
-        labels[:, 0] = IGNORE
-        labels[-1, length - 4:] = IGNORE  # a shorter row
-        tokens[-1, length - 4:] = lm.pad_token_id
-        pixels = torch.randn(batch_size, 2, 3, side, side, generator=generator)
-        return {"tokens": tokens, "labels": labels, "pixels": pixels}
+        """A caption batch (pixels (B, 3, S, S), tokens [bos] text [eos] pad...); `forward` reads it as
+        one-image documents (the interleaved layout is what the training dataset gives)."""
+        batch = random_prefixed_batch(self.config.vision.image_size, self.config.lm, 1, batch_size, seed)
+        if self.config.lm.bos_token_id is not None:
+            batch["tokens"][:, 0] = self.config.lm.bos_token_id
+        return batch
 
 
 register_config("flamingo-tiny", "flamingo", tiny=True, config={
