@@ -75,6 +75,9 @@ class FlamingoConfig:
     cross_attention_gated_mlp: bool = False
     cross_attention_norm_eps: float = bounded(1e-5, low=0, low_open=True)
     vision_tokens: str = "patches"  # patches: drop CLS (OpenFlamingo) | all: CLS too (IDEFICS's last_hidden_state)
+    # The two tokens after the LM's vocabulary, in id order; one must be <image>, the other ends a
+    # chunk (a stop token). IDEFICS checkpoints: ("<fake_token_around_image>", "<image>").
+    extra_tokens: tuple[str, ...] = (MEDIA_TOKEN, END_OF_CHUNK)
 
     def __post_init__(self) -> None:
         if self.vision.type != "vit":
@@ -85,6 +88,8 @@ class FlamingoConfig:
         if offset is not None and not 0 <= offset < self.cross_attention_every:
             raise UserError(f"cross_attention_offset {offset} must be in 0..{self.cross_attention_every - 1} "
                             f"(cross_attention_every - 1)")
+        if len(self.extra_tokens) != 2 or MEDIA_TOKEN not in self.extra_tokens:
+            raise UserError(f"extra_tokens must be two tokens, one of them {MEDIA_TOKEN}; got {list(self.extra_tokens)}")
         if self.lm.width % self.cross_attention_heads:
             raise UserError(f"lm.width {self.lm.width} is not divisible by cross_attention_heads {self.cross_attention_heads}")
 
@@ -97,11 +102,12 @@ class FlamingoConfig:
 
     @property
     def media_token_id(self) -> int:
-        return self.lm.vocab_size
+        return self.lm.vocab_size + list(self.extra_tokens).index(MEDIA_TOKEN)
 
     @property
     def end_of_chunk_id(self) -> int:
-        return self.lm.vocab_size + 1
+        """The other new token: it ends a chunk (decoding stops there)."""
+        return self.lm.vocab_size + 1 - list(self.extra_tokens).index(MEDIA_TOKEN)
 
 
 @dataclass
