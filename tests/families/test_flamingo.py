@@ -188,3 +188,15 @@ def test_the_interleaved_option_leaves_the_other_files_byte_identical(tmp_path):
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "both" / name).read_bytes(), name
     lines = (tmp_path / "both" / "train_interleaved.jsonl").read_text().splitlines()
     assert len(lines) == 3 and not (tmp_path / "plain" / "train_interleaved.jsonl").exists()
+
+
+def test_a_corrupt_image_skips_its_sample_and_is_reported(runs, tmp_path):
+    model = vlmkit.load(runs["flamingo"])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    good = str(runs["data"] / "images" / "train-000000.png")
+    records = [{"segments": [{"image": good}, {"text": "a red star"}]}, {"segments": [{"image": str(broken)}, {"text": "x"}]}]
+    dataset = model.training_dataset(records, model.transform, model.tokenizer, seed=0)
+    batch = dataset.collate([dataset[0], dataset[1]])
+    assert batch["tokens"].shape[0] == 1 and batch["num_skipped"] == 1 and batch["skipped"] == [str(broken)]
+    assert batch["pixels"].shape[:2] == (1, 1) and (batch["labels"] != -100).sum() > 0

@@ -145,6 +145,7 @@ class InterleavedDataset(torch.utils.data.Dataset):
             raise UserError("no training record has an image with captions / qa, or interleaved \"segments\"; Flamingo trains on those")
         self.transform, self.tokenizer, self.config, self.options, self.seed = transform, tokenizer, config, options, seed
         self.epoch = 0
+        self._skipped: list[str] = []  # images of this process's skipped samples, until collate reports them
 
     def __len__(self) -> int:
         return len(self.documents) + len(self.plain)
@@ -171,15 +172,23 @@ class InterleavedDataset(torch.utils.data.Dataset):
         from vlmkit.data.formats import CorruptImage, load_image
 
         segments = self.segments(index)
-        try:
-            images = [self.transform(load_image(item["image"])) for item in segments if "image" in item]
-        except CorruptImage:
-            return None
+        images = []
+        for item in (item for item in segments if "image" in item):
+            try:
+                images.append(self.transform(load_image(item["image"])))
+            except CorruptImage:  # the sample is skipped and its image reported by collate, never raised mid-training
+                self._skipped.append(item["image"])
+                return None
         ids, labels, kept = document_ids(segments, self.tokenizer, self.config)
         return {"ids": ids, "labels": labels, "pixels": torch.stack(images[:kept])}
 
     def collate(self, samples: Sequence[dict | None]) -> dict:
         good = [s for s in samples if s is not None]
+        skipped, self._skipped = self._skipped, []
+        side = self.config.vision.image_size
+        if not good:  # a batch of unreadable images: zero rows, counted
+            return {"tokens": torch.zeros(0, 2, dtype=torch.long), "labels": torch.zeros(0, 2, dtype=torch.long),
+                    "pixels": torch.zeros(0, 1, 3, side, side), "num_skipped": len(samples), "skipped": skipped}
         length = max(len(s["ids"]) for s in good)
         images = max(s["pixels"].shape[0] for s in good)
         pad = self.config.lm.pad_token_id
@@ -190,7 +199,7 @@ class InterleavedDataset(torch.utils.data.Dataset):
             tokens[row, : len(sample["ids"])] = torch.tensor(sample["ids"])
             labels[row, : len(sample["labels"])] = torch.tensor(sample["labels"])
             pixels[row, : sample["pixels"].shape[0]] = sample["pixels"]
-        return {"tokens": tokens, "labels": labels, "pixels": pixels, "num_skipped": len(samples) - len(good), "skipped": []}
+        return {"tokens": tokens, "labels": labels, "pixels": pixels, "num_skipped": len(samples) - len(good), "skipped": skipped}
 
 
 def document_ids(segments: Sequence[dict], tokenizer, config: FlamingoConfig, close_last: bool = True
