@@ -180,7 +180,9 @@ class InterleavedDataset(torch.utils.data.Dataset):
                 self._skipped.append(item["image"])
                 return None
         ids, labels, kept = document_ids(segments, self.tokenizer, self.config)
-        return {"ids": ids, "labels": labels, "pixels": torch.stack(images[:kept])}
+        side = self.config.vision.image_size
+        pixels = torch.stack(images[:kept]) if kept else torch.zeros(0, 3, side, side)  # (kept, 3, H, W)
+        return {"ids": ids, "labels": labels, "pixels": pixels}
 
     def collate(self, samples: Sequence[dict | None]) -> dict:
         good = [s for s in samples if s is not None]
