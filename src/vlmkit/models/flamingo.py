@@ -115,7 +115,7 @@ class FlamingoTraining:
     """The recipe's `training:` options of Flamingo."""
 
     images_per_document: int = 4  # plain records packed into documents of up to this many images
-    qa_fraction: float = 0.5  # the chance a plain record's chunk is a question-answer pair rather than a caption
+    qa_fraction: float = 0.5  # the chance a packed document's chunks are question-answer pairs rather than captions
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
@@ -124,11 +124,11 @@ class FlamingoTraining:
                             f"{self.images_per_document}, {self.qa_fraction}")
 
 
-def chunk_texts(record: dict, rng: random.Random, qa_fraction: float) -> list[str]:
-    """The chunk of a plain record: a caption, or (with probability `qa_fraction`) "Question: q Answer: a"."""
+def chunk_texts(record: dict, rng: random.Random, qa: bool) -> list[str]:
+    """The chunk of a plain record: "Question: q Answer: a" when `qa` (and it has questions), else a caption."""
     pairs = [qa_text(item["question"], answers_of(item)[0]) for item in record.get("qa") or []]
     captions = record.get("texts") or []
-    if pairs and (not captions or rng.random() < qa_fraction):
+    if pairs and (qa or not captions):
         return [rng.choice(pairs)]
     return [rng.choice(captions)] if captions else []
 
@@ -163,9 +163,12 @@ class InterleavedDataset(torch.utils.data.Dataset):
         chosen = [self.plain[index - len(self.documents)]]
         extra = rng.randrange(self.options.images_per_document)  # 0..N-1 more records, the sample's own one last
         chosen = [rng.choice(self.plain) for _ in range(extra)] + chosen
+        # One format per document, as in a few-shot prompt: the examples' format then predicts the
+        # query's, which is what in-context examples can teach (a per-chunk coin flip would not).
+        qa = rng.random() < self.options.qa_fraction
         out = []
         for record in chosen:
-            out += [{"image": record["image"]}] + [{"text": t} for t in chunk_texts(record, rng, self.options.qa_fraction)]
+            out += [{"image": record["image"]}] + [{"text": t} for t in chunk_texts(record, rng, qa)]
         return out
 
     def __getitem__(self, index: int) -> dict | None:
