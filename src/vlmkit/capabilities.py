@@ -64,6 +64,15 @@ class AnswersInContext(Capability, Protocol):
                           examples: Sequence[Sequence[tuple[torch.Tensor, str, str]]], **decoding) -> list[str]:
         """One answer per row, after that row's examples: (pixels (3, H, W), question, answer) each."""
 
+
+class CaptionsInContext(Capability, Protocol):
+    name: ClassVar[str] = "caption with in-context examples"
+
+    def caption_in_context(self, pixels: torch.Tensor, examples: Sequence[Sequence[tuple[torch.Tensor, str]]],
+                           **decoding) -> list[str]:
+        """One caption per image of `pixels` (B, 3, H, W), after that row's examples: (pixels (3, H, W), caption) each."""
+
+
 class Chats(Capability, Protocol):
     name: ClassVar[str] = "chat about an image"
 

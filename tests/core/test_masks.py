@@ -66,3 +66,25 @@ def test_dalle_mask_with_hidden_text_pads():
             for k in range(5):
                 expected = bool(base[q, k]) and (bool(real[b, k]) if k < 3 else True) or (q == k)
                 assert bool(mask[b, 0, q, k]) == expected, (b, q, k)
+
+
+def test_media_mask_each_token_sees_only_the_latest_image_and_none_before_the_first():
+    from vlmkit.layers.masks import media_mask
+
+    # Rows: text, <image>, text, text, <image>, text ... (1 = <image>); 3 images at most, 2 latents each.
+    locations = torch.tensor([[0, 1, 0, 0, 1, 0, 1, 0],
+                              [1, 0, 0, 0, 0, 0, 0, 0],
+                              [0, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    per_image = 2
+    mask, attends_any = media_mask(locations, num_media=3, tokens_per_media=per_image)
+    assert mask.shape == (3, 1, 8, 6) and attends_any.shape == (3, 8)
+    for b in range(3):
+        for t in range(8):
+            # The definition: the latest <image> at or before t (itself included), none before the first.
+            seen = [s for s in range(t + 1) if locations[b, s]]
+            latest = len(seen)  # 1-based image index, 0 = no image yet
+            assert bool(attends_any[b, t]) == (latest > 0), (b, t)
+            for key in range(6):
+                image = key // per_image + 1
+                expected = image == latest if latest else True  # no image: an all-True row, output zeroed by attends_any
+                assert bool(mask[b, 0, t, key]) == expected, (b, t, key)

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     synth.add_argument("--caption-noise", type=float, default=0.0, metavar="FRACTION",
                        help="corrupt this fraction of the train captions (wrong colour, wrong shape, unrelated text; "
                        "seeded; the test split stays clean; each record keeps the originals in 'caption_noise')")
+    synth.add_argument("--interleaved", type=int, default=0, metavar="K",
+                       help="also write {train,test}_interleaved.jsonl: documents of K scenes, each its image and a caption "
+                       "or question-answer pair (Flamingo's interleaved data; the other files are unchanged)")
     synth.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     synth.set_defaults(func=_synth)
 
@@ -37,7 +40,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     summary = generate(args.out, n=args.n, seed=args.seed, image_size=args.image_size,
-                       holdout=args.holdout, progress=not args.no_progress, caption_noise=args.caption_noise)
+                       holdout=args.holdout, progress=not args.no_progress, caption_noise=args.caption_noise,
+                       interleaved=args.interleaved)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     print_json(summary)
     return 0

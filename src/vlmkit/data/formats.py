@@ -273,6 +273,13 @@ def _normalise(raw: Any, where: str, base_dir: str, require_text: bool, require_
     conversational = "conversations" in raw or "dialogues" in raw
     if conversational:
         _check_conversations(raw, where)
+    if "segments" in raw:  # an interleaved document: its images and texts are its segments
+        from vlmkit.data.interleaved import check_segments
+
+        if "image" in raw:
+            raise UserError(f"{where} has both \"image\" and \"segments\"; put the image in the segments, where it is read")
+        return {**{key: value for key, value in raw.items() if key not in ("segments", "text", "texts")},
+                "texts": [], "segments": check_segments(raw["segments"], where, base_dir)}
     image = raw.get("image")
     if image is None and (conversational or not require_image):
         image = ""  # a text-only record (a conversation, or a language model's text): no `image` key below

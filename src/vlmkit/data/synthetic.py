@@ -535,14 +535,41 @@ def corrupt_captions(records: list[dict], fraction: float, seed: int, image_size
 # ----------------------------------------------------------------------------- writing
 
 
+def interleaved_documents(records: Sequence[dict], scenes_per_document: int, seed: str) -> list[dict]:
+    """Interleaved documents (Flamingo's M3W layout, data.interleaved): the scenes in a seeded
+    random order, `scenes_per_document` per document, each scene its image then one of its captions
+    or one "Question: q Answer: a" pair (a seeded choice, half and half)."""
+    from vlmkit.data.records import qa_text
+
+    rng = random.Random(f"vlmkit-synth-interleaved:{seed}")
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    documents = []
+    for start in range(0, len(order), scenes_per_document):
+        segments = []
+        for index in order[start : start + scenes_per_document]:
+            record = records[index]
+            qa = record.get("qa") or []
+            if qa and rng.random() < 0.5:
+                item = rng.choice(qa)
+                text = qa_text(item["question"], str(item["answer"]))
+            else:
+                text = rng.choice(record["texts"])
+            segments += [{"image": record["image"]}, {"text": text}]
+        documents.append({"segments": segments})
+    return documents
+
+
 def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE,
-             holdout: Iterable[str] = (), progress: bool = True, caption_noise: float = 0.0) -> dict:
+             holdout: Iterable[str] = (), progress: bool = True, caption_noise: float = 0.0, interleaved: int = 0) -> dict:
     """Write the synthetic dataset (`train.jsonl`, `test.jsonl`, `meta.json`, `images/`) to `out_dir`.
 
     `n` scenes in total are split 80/20 into train/test; about 40% of each split are single-object
     scenes (the only ones with a `label`). `holdout` names colour-shape pairs ("red triangle") kept
     out of train entirely. `caption_noise` is the fraction of train captions corrupted (module
-    docstring; 0 leaves the files exactly as without it). The JSONL files are written last (to a temporary name, then renamed),
+    docstring; 0 leaves the files exactly as without it). `interleaved=K` also writes
+    `{train,test}_interleaved.jsonl`: documents of K scenes each (`interleaved_documents`); the other
+    files stay byte-identical. The JSONL files are written last (to a temporary name, then renamed),
     so an interrupted run never leaves a JSONL that points at missing or stale images. Returns
     the counts (scenes and single-object scenes per split) as a dict.
     """
@@ -550,6 +577,8 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
         raise UserError(f"--n {n} is too small; the dataset needs at least 2 scenes (one train, one test)")
     if image_size < 32:
         raise UserError(f"--image-size {image_size} is too small to draw recognisable shapes; use 32 or more")
+    if not isinstance(interleaved, int) or interleaved < 0:
+        raise UserError(f"--interleaved {interleaved} is not a number of scenes per document; give 0 (none) or more, e.g. 4")
     if not (isinstance(caption_noise, (int, float)) and 0.0 <= caption_noise <= 1.0):
         raise UserError(f"--caption-noise {caption_noise} is not a fraction; give a number from 0 to 1, e.g. 0.4")
     held = parse_holdout(holdout)
@@ -567,7 +596,7 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
 
     # An interrupted run must not leave old JSONL files pointing at half-overwritten images:
     # drop them first, write the new ones only once every image is on disk.
-    for name in ("train.jsonl", "test.jsonl", "meta.json"):
+    for name in ("train.jsonl", "test.jsonl", "meta.json", "train_interleaved.jsonl", "test_interleaved.jsonl"):
         (out / name).unlink(missing_ok=True)
 
     num_train = max(1, min(n - 1, round(n * TRAIN_FRACTION)))
@@ -594,6 +623,9 @@ def generate(out_dir: str | os.PathLike, n: int = DEFAULT_N, seed: int = 0, imag
         counts["caption_noise"] = corrupt_captions(records_of["train"], caption_noise, seed, image_size, train_classes)
     for split, records in records_of.items():
         jsonl_lines[split] = [json.dumps(record, ensure_ascii=False) for record in records]
+    for split in list(records_of) if interleaved else []:
+        documents = interleaved_documents(records_of[split], interleaved, f"{seed}:{split}")
+        jsonl_lines[f"{split}_interleaved"] = [json.dumps(document, ensure_ascii=False) for document in documents]
     for split, lines in jsonl_lines.items():
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

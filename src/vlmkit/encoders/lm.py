@@ -27,7 +27,9 @@ API the families build on (VirTex, SimVLM, the text-only `lm` family, Frozen, LL
     (keys are cached already rotated, and grouped-query attention caches only its kv heads);
   * `return_hidden=True` returns the final-norm hidden states (B, T, D) instead of logits (pass
     the positions that need them to `logits(hidden)`); `output_hidden_states=True` returns
-    `(out, states)` with every block's input and output (before the final norm).
+    `(out, states)` with every block's input and output (before the final norm);
+  * `before_block(index, x) -> x` runs before every block: Flamingo inserts its gated
+    cross-attention there, leaving the LM's own blocks untouched.
 
 VirTex uses cross-attention to the CNN grid; `context=None` skips the cross-attention sublayers.
 During decoding the cache holds every block's self-attention keys/values and the context's
@@ -103,6 +105,7 @@ class DecoderLM(TokenTransformer):
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_hidden: bool = False,
+        before_block=None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, T, V) of the next token at every position of `tokens` (B, T) or `inputs_embeds` (B, T, D).
 
@@ -115,7 +118,7 @@ class DecoderLM(TokenTransformer):
             mask = combine(mask, padding_mask(attention_mask))  # (B, 1, 1, K)
         out = super().forward(tokens, position_offset=position_offset, mask=mask, is_causal=True, context=context,
                               context_mask=context_mask, cache=cache, output_hidden_states=output_hidden_states,
-                              inputs_embeds=inputs_embeds, position_ids=position_ids)
+                              inputs_embeds=inputs_embeds, position_ids=position_ids, before_block=before_block)
         hidden, states = out if output_hidden_states else (out, None)  # (B, T, D)
         result = hidden if return_hidden else self.logits(hidden)  # (B, T, D) or (B, T, V)
         return (result, states) if output_hidden_states else result

@@ -25,7 +25,7 @@ EXPORT_FORMATS = ("vlmkit", "hf", "openclip")
 
 
 def detect_format(source: Path) -> str:
-    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "bert", or "openclip" for a path, or a UserError saying what was expected."""
+    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "hf-visualbert", "hf-idefics", "bert", or "openclip" for a path, or a UserError saying what was expected."""
     from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, hf_visualbert, openclip
     from vlmkit.interop.files import read_json
 
@@ -51,9 +51,13 @@ def detect_format(source: Path) -> str:
                 return "hf-blip2"
             if hf_visualbert.is_hf_visualbert(config):
                 return "hf-visualbert"
+            from vlmkit.interop import hf_idefics
+
+            if hf_idefics.is_hf_idefics(config):
+                return "hf-idefics"
             raise UserError(
                 f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
-                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF VisualBERT, OpenCLIP"
+                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF VisualBERT, HF IDEFICS, OpenCLIP"
             )
         raise UserError(
             f"{source} is not a model folder (no config.json, modules.json or {openclip.OPENCLIP_CONFIG}); "
@@ -106,6 +110,11 @@ def load_foreign(source: Path, model_name: str | None = None, activation: str | 
 
         reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_visualbert.FORMAT_NAME)
         return hf_visualbert.load(source, dtype=dtype)
+    if kind == "hf-idefics":
+        from vlmkit.interop import hf_idefics
+
+        reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_idefics.FORMAT_NAME)
+        return hf_idefics.load(source, dtype=dtype)
     if kind == "hf-blip":
         reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_blip.FORMAT_NAME)
         return hf_blip.load(source, dtype=dtype)

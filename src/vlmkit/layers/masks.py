@@ -113,3 +113,24 @@ def text_to_image_mask(num_text: int, num_image: int, text_is_real: torch.Tensor
     key_is_real = torch.cat([text_is_real.bool(), text_is_real.new_ones(batch, num_image).bool()], dim=1)  # (B, L)
     visible = allowed[None] & (key_is_real[:, None, :] | (key == query)[None])  # (B, L, L)
     return visible[:, None]  # (B, 1, L, L)
+
+
+def media_mask(media_locations: torch.Tensor, num_media: int, tokens_per_media: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flamingo's media mask (Alayrac et al. 2022, sec. 2.1; OpenFlamingo's `only_attend_immediate_media`).
+
+    `media_locations` (B, T) marks the `<image>` tokens. Each text token attends only to the
+    visual tokens of the most recent image at or before it (the `<image>` token itself belongs to
+    its image); tokens before the first image attend to none. Media of a row are laid out one
+    image after the other, `tokens_per_media` each: keys (B, num_media * tokens_per_media).
+
+    Returns `(mask (B, 1, T, num_media * tokens_per_media), attends_any (B, T))`. A token that
+    attends to no image gets an all-True mask row (so softmax never sees an empty row and gives
+    no NaN); its cross-attention output must be zeroed with `attends_any`, as IDEFICS's
+    `cross_attention_gate` does.
+    """
+    text_time = media_locations.long().cumsum(dim=1)  # (B, T): 1-based index of the latest image, 0 before any
+    media_time = torch.arange(1, num_media + 1, device=media_locations.device)  # (N,)
+    allowed = text_time[:, :, None] == media_time[None, None, :]  # (B, T, N)
+    attends_any = text_time > 0  # (B, T)
+    allowed = allowed | ~attends_any[:, :, None]
+    return allowed.repeat_interleave(tokens_per_media, dim=2)[:, None], attends_any  # (B, 1, T, N*L), (B, T)

@@ -177,13 +177,18 @@ class Transformer(nn.Module):
         last_layer_queries: int | None = None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         decoder: bool = False,
+        before_block=None,
     ):
         """`last_layer_queries=N`: the last block computes only the first N positions (e.g. the
         [CLS] token a pooled embedding needs), skipping its MLP and output projection elsewhere.
-        `rotary`: (cos, sin) of rotary positions, shared by every block."""
+        `rotary`: (cos, sin) of rotary positions, shared by every block. `before_block(index, x) -> x`,
+        if given, runs before every block: layers inserted into a frozen stack (Flamingo's gated
+        cross-attention) without changing its blocks."""
         hidden_states = [x]
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(index, x)
             num_queries = last_layer_queries if index == last else None
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, mask, is_causal, context, context_mask, use_reentrant=False, num_queries=num_queries,
@@ -315,6 +320,7 @@ class TokenTransformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         decoder: bool = False,
+        before_block=None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The last hidden state after the final norm, (B, N+T, D); with `output_hidden_states`
         also every block's input and output (before the final norm), as `(hidden, states)`.
@@ -328,7 +334,8 @@ class TokenTransformer(nn.Module):
         `inputs_embeds` (B, T, D) replace the token embeddings (positions are still added or
         rotated); `position_ids` (B, T) replace `position_offset`. In a rotary stack the positions
         run over the whole sequence, `prefix_embeds` included (`position_ids` is then (B, N+T)).
-        `decoder=True` runs the blocks' decoder self-attention (see `TransformerBlock`).
+        `decoder=True` runs the blocks' decoder self-attention (see `TransformerBlock`);
+        `before_block(index, x) -> x` runs before every block (see `Transformer.forward`).
         """
         past = cache.length if cache is not None else 0
         offset = past if position_offset is None else position_offset
@@ -346,6 +353,7 @@ class TokenTransformer(nn.Module):
         hidden = self.transformer(
             x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask, cache=cache,
             return_all=output_hidden_states, last_layer_queries=last_layer_queries, rotary=rotary, decoder=decoder,
+            before_block=before_block,
         )
         x = self.final_norm(hidden[-1] if output_hidden_states else hidden)  # (B, N+T, D)
         return (x, hidden) if output_hidden_states else x

@@ -1,4 +1,6 @@
-"""`vlmkit chat IMAGE --model RUN`: a multi-turn conversation about one image, for any model that `Chats`.
+"""`vlmkit chat IMAGE [IMAGE ...] --model RUN`: a multi-turn conversation about images, for any model that `Chats`.
+
+Several images go to the model as one (N, 3, H, W) batch; a model that chats about one image says so.
 
 Interactive by default: each line read from stdin is a user turn, the reply is streamed to stdout
 as it is generated, and an empty line or EOF ends the session. `--message "..."` answers one turn
@@ -15,7 +17,7 @@ from vlmkit.tasks.generative_cli import _decoding, _decoding_arguments
 
 def register(subparsers) -> None:
     chat = subparsers.add_parser("chat", help="chat about an image with a model that chats (interactive, or --message)")
-    chat.add_argument("image")
+    chat.add_argument("images", nargs="+", metavar="image", help="image(s); several for models that read several")
     chat.add_argument("--model", required=True, help="run folder")
     chat.add_argument("--message", default=None, help="answer this one user turn and exit (default: read turns from stdin)")
     chat.add_argument("--json", action="store_true", help="print one JSON object {image, messages, reply} instead of streaming")
@@ -30,12 +32,12 @@ def run_chat(args: argparse.Namespace) -> int:
     from vlmkit.data.formats import load_image
     from vlmkit.errors import UserError
 
-    image = load_image(args.image)  # a bad path fails here, naming it
+    images = [load_image(path) for path in args.images]  # a bad path fails here, naming it
     model = vlmkit.load(args.model)
     model.require(Chats, task="chat")
     if args.message is not None and not args.message.strip():
         raise UserError("--message is empty; give the text of the user turn")
-    pixels = model.preprocess([image]).to(model.device)  # (1, 3, H, W)
+    pixels = model.preprocess(images).to(model.device)  # (N, 3, H, W)
     decoding = _decoding(args)
     messages: list[dict] = []
     reply = ""
@@ -53,7 +55,8 @@ def run_chat(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
             sys.stdout.flush()
     if args.json:
-        print_json({"image": args.image, "messages": messages, "reply": reply})
+        where = {"image": args.images[0]} if len(args.images) == 1 else {"images": args.images}
+        print_json({**where, "messages": messages, "reply": reply})
     return 0
 
 

@@ -13,7 +13,7 @@ answer of each question type).
 """
 from __future__ import annotations
 
-from vlmkit.capabilities import Answers, AnswersInContext, Generates, ReadsRegions, Verifies, provides
+from vlmkit.capabilities import Answers, AnswersInContext, CaptionsInContext, Generates, ReadsRegions, Verifies, provides
 
 from collections import Counter
 from typing import Sequence
@@ -48,27 +48,57 @@ def caption_references(records: Sequence[dict]) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def generate_captions(model, records: Sequence[dict], batch_size: int = 64, **decoding) -> dict[str, str]:
-    """{image id: generated caption} for every record with captions."""
+def generate_captions(model, records: Sequence[dict], batch_size: int = 64, shots: int = 0,
+                      support: Sequence[dict] | None = None, seed: int = 0, **decoding) -> dict[str, str]:
+    """{image id: generated caption} for every record with captions; `shots=K` (models that
+    `CaptionsInContext`) puts K (image, caption) examples drawn from `support` before each image."""
     model.require(Generates, task="caption")
+    draw = _caption_drawer(model, support, shots, seed) if shots else None
     ids = list(caption_references(records))
     by_id = {str(record.get("id", index)): record for index, record in enumerate(records)}
     predictions = {}
     for chunk in _batches(ids, batch_size):
-        texts = model.generate(_pixels(model, [by_id[i]["image"] for i in chunk]), **decoding)
+        pixels = _pixels(model, [by_id[i]["image"] for i in chunk])
+        if draw is None:
+            texts = model.generate(pixels, **decoding)
+        else:
+            texts = model.caption_in_context(pixels, [draw() for _ in chunk], **decoding)
         predictions.update(zip(chunk, texts))
     return predictions
 
 
 def evaluate_caption(model, records: Sequence[dict], batch_size: int = 64, metrics=("bleu", "rouge", "cider"),
-                     **decoding) -> dict:
-    """Caption metrics of the model's generated captions: "BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr", "n"."""
+                     shots: int = 0, support: Sequence[dict] | None = None, seed: int = 0, **decoding) -> dict:
+    """Caption metrics of the model's generated captions: "BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr", "n"
+    (and "shots" with in-context examples, drawn as `generate_captions` says)."""
     from vlmkit.metrics.caption import score_captions
 
-    predictions = generate_captions(model, records, batch_size=batch_size, **decoding)
+    predictions = generate_captions(model, records, batch_size=batch_size, shots=shots, support=support, seed=seed, **decoding)
     # An empty generation still counts: score it as a placeholder word instead of rejecting the set.
     predictions = {key: text if text.strip() else "<empty>" for key, text in predictions.items()}
-    return score_captions(predictions, caption_references(records), metrics=metrics)
+    result = score_captions(predictions, caption_references(records), metrics=metrics)
+    return {**result, "shots": shots} if shots else result
+
+
+def _caption_drawer(model, support: Sequence[dict] | None, shots: int, seed: int):
+    """A function drawing `shots` (pixels (3, H, W), caption) examples from the support set (seeded)."""
+    import random
+
+    model.require(CaptionsInContext, task=f"{shots}-shot captioning")
+    pool = [(record["image"], text) for record in support or [] if "image" in record for text in record.get("texts") or []]
+    if shots < 0 or len(pool) < shots:
+        raise UserError(f"{shots}-shot captioning needs at least {shots} support captions ('texts' in the --support "
+                        f"records); found {len(pool)}")
+    rng, pixels_of = random.Random(seed), {}
+
+    def draw() -> list[tuple[torch.Tensor, str]]:
+        chosen = rng.sample(pool, shots)
+        for image, _ in chosen:
+            if image not in pixels_of:
+                pixels_of[image] = _pixels(model, [image])[0]
+        return [(pixels_of[image], text) for image, text in chosen]
+
+    return draw
 
 
 def _pixel_features(records: Sequence[dict], side: int = 16) -> np.ndarray:

@@ -96,7 +96,18 @@ def _eval_caption(args) -> dict:
     from vlmkit.tasks.generative import evaluate_caption
 
     model = _captioner(args)
-    return evaluate_caption(model, _records(args.data, "caption evaluation"), **_batch(args, 64), **_decoding(args))
+    support = _support(args, "caption support set")
+    return evaluate_caption(model, _records(args.data, "caption evaluation"), **_batch(args, 64), shots=args.shots,
+                            support=support, seed=args.shots_seed, **_decoding(args))
+
+
+def _support(args, what: str):
+    """The --support records when --shots asks for examples (a clear error without them)."""
+    if args.shots and not args.support:
+        from vlmkit.errors import UserError
+
+        raise UserError(f"--shots {args.shots} needs --support TRAIN_RECORDS to draw the in-context examples from")
+    return _records(args.support, what) if args.shots else None
 
 
 def _eval_vqa(args) -> dict:
@@ -133,9 +144,15 @@ def _eval_perplexity(args) -> dict:
 def _caption_arguments(parser: argparse.ArgumentParser) -> None:
     _decoding_arguments(parser)
     _guided_arguments(parser)
+    group = parser.add_argument_group("in-context examples")
+    group.add_argument("--shots", type=int, default=0, help="examples (image, caption) before each image")
+    group.add_argument("--support", default=None, help="records the examples are drawn from (the training data)")
+    group.add_argument("--shots-seed", type=int, default=0, help="seed of the example draws")
 
 
 _eval_caption.arguments = _caption_arguments
+
+
 def _vqa_arguments(parser: argparse.ArgumentParser) -> None:
     _decoding_arguments(parser)
     group = parser.add_argument_group("in-context examples")
