@@ -1,0 +1,122 @@
+"""Pieces the two-stream fusion encoders (ViLBERT, LXMERT) share, below the family files.
+
+- `RegionEmbedding`: region features (B, N, F) and their boxes (B, N, P) -> visual tokens (B, N, D),
+  LXMERT's `(LN(fc(feat)) + LN(fc(box))) / 2` (`combine="mean"`) or ViLBERT's
+  `LN(fc(feat) + fc(box))` (`combine="sum"`).
+- `Pooler`: tanh(dense(first token)), BERT's pooled output.
+- `RegionHead`: dense -> activation -> LayerNorm, then one linear decoder per masked-region target
+  (the region's feature for regression, its class for classification); HF's `LxmertVisualObjHead`.
+- `AnswerHead`: LXMERT's question-answering MLP (Linear(D, 2D) -> GELU -> LayerNorm -> Linear(2D, A)).
+- `mask_tokens` / `mask_regions`: the masked language / region modelling corruption, drawn from an
+  explicit generator so a step's masks are a function of the batch (reproducible, resumable).
+- `feature_regression_loss`: LXMERT's masked-feature loss, SmoothL1 over the masked regions.
+
+The streams themselves are `layers.transformer.Transformer` stacks and `CoAttentionBlock`s; each
+family composes them in its own order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.layers.mlp import make_activation
+
+IGNORE_INDEX = -100  # cross-entropy's "no target here"
+
+
+class RegionEmbedding(nn.Module):
+    """Region features and box geometry -> visual tokens. (B, N, F), (B, N, P) -> (B, N, D)"""
+
+    def __init__(self, feat_dim: int, pos_dim: int, width: int, norm_eps: float = 1e-12, combine: str = "mean") -> None:
+        super().__init__()
+        if combine not in ("mean", "sum"):
+            raise ValueError(f"unknown region combine '{combine}'; use 'mean' (LXMERT) or 'sum' (ViLBERT)")
+        self.combine = combine
+        self.feat_fc = nn.Linear(feat_dim, width)
+        self.box_fc = nn.Linear(pos_dim, width)
+        if combine == "mean":  # each part normalised on its own, then averaged
+            self.feat_norm = nn.LayerNorm(width, eps=norm_eps)
+            self.box_norm = nn.LayerNorm(width, eps=norm_eps)
+        else:
+            self.norm = nn.LayerNorm(width, eps=norm_eps)
+
+    def forward(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        if self.combine == "mean":
+            return (self.feat_norm(self.feat_fc(feats)) + self.box_norm(self.box_fc(boxes))) / 2  # (B, N, D)
+        return self.norm(self.feat_fc(feats) + self.box_fc(boxes))  # (B, N, D)
+
+
+class Pooler(nn.Module):
+    """BERT's pooled output: tanh(dense(hidden[:, 0])). (B, T, D) -> (B, D)"""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class RegionHead(nn.Module):
+    """Masked region modelling: a shared transform, then `decoders[name]` (Linear to `sizes[name]`)."""
+
+    def __init__(self, width: int, sizes: dict[str, int], activation: str = "gelu", norm_eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.activation = make_activation(activation)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.decoders = nn.ModuleDict({name: nn.Linear(width, size) for name, size in sizes.items()})
+
+    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        shared = self.norm(self.activation(self.dense(hidden)))  # (B, N, D)
+        return {name: decoder(shared) for name, decoder in self.decoders.items()}  # name -> (B, N, size)
+
+
+class AnswerHead(nn.Module):
+    """LXMERT's answer classifier over the pooled output. (B, D) -> (B, A)"""
+
+    def __init__(self, width: int, num_answers: int, norm_eps: float = 1e-12) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.norm = nn.LayerNorm(2 * width, eps=norm_eps)
+        self.fc2 = nn.Linear(2 * width, num_answers)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(F.gelu(self.fc1(pooled))))
+
+
+def mask_tokens(tokens: torch.Tensor, maskable: torch.Tensor, mask_id: int, vocab_size: int, probability: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masked-LM corruption: each `maskable` token (B, L) is chosen with `probability`; a chosen
+    token becomes [MASK] 80% of the time, a random token 10%, stays 10%. Returns the corrupted
+    tokens and the labels (the original id where chosen, IGNORE_INDEX elsewhere); at least one
+    token per batch is chosen, so the loss is never an empty mean."""
+    draws = torch.rand(tokens.shape, generator=generator).to(tokens.device)  # (B, L) in [0, 1)
+    chosen = (draws < probability) & maskable
+    if not chosen.any() and maskable.any():  # tiny batches: never a step without a target
+        first = maskable.flatten().nonzero()[0]
+        chosen = chosen.flatten().index_fill(0, first, True).view_as(chosen)
+    kind = torch.rand(tokens.shape, generator=generator).to(tokens.device)  # (B, L): which corruption
+    random_ids = torch.randint(vocab_size, tokens.shape, generator=generator).to(tokens.device)
+    corrupted = torch.where(chosen & (kind < 0.8), torch.full_like(tokens, mask_id), tokens)
+    corrupted = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, corrupted)
+    labels = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    return corrupted, labels
+
+
+def mask_regions(real: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, N) bool: which real regions are masked (LXMERT zeroes their features), at least one per batch."""
+    chosen = (torch.rand(real.shape, generator=generator).to(real.device) < probability) & real
+    if not chosen.any() and real.any():
+        first = real.flatten().nonzero()[0]
+        chosen = chosen.flatten().index_fill(0, first, True).view_as(chosen)
+    return chosen
+
+
+def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """LXMERT's masked-feature loss: SmoothL1 between predicted and original features (B, N, F),
+    averaged over the features of the masked regions `masked` (B, N)."""
+    if not masked.any():
+        return predicted.sum() * 0.0  # keeps every head in the graph
+    return F.smooth_l1_loss(predicted[masked], target[masked])
