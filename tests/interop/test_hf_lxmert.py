@@ -102,19 +102,21 @@ def test_hf_lxmert_question_answering_loads_with_the_same_scores_and_exports_bac
                                  visual_pos=boxes).question_answering_score, hf_scores)
 
 
-def test_a_pretrained_vlmkit_lxmert_exports_its_backbone_and_notes_the_heads(tmp_path, capsys):
+def test_a_pretrained_vlmkit_lxmert_exports_its_backbone_and_notes_what_hf_cannot_hold(tmp_path, capsys):
     torch.manual_seed(0)
-    model = vlmkit.create_model("lxmert-tiny").eval()
+    model = vlmkit.create_model("lxmert-tiny", answers=["yes", "no", "2"]).eval()
     model.save_pretrained(tmp_path, format="hf")
-    assert "pre-training heads" in capsys.readouterr().err
-    hf = transformers.LxmertModel.from_pretrained(tmp_path).eval()
+    note = capsys.readouterr().err
+    assert "mlm_head" in note and "visual" in note
+    hf = transformers.LxmertForQuestionAnswering.from_pretrained(tmp_path).eval()
     batch = model.dummy_batch(2)
     tokens = batch["tokens"]
     with torch.no_grad():
-        hf_out = hf(input_ids=tokens, attention_mask=(tokens != 0).long(), visual_feats=batch["visual_feats"],
-                    visual_pos=batch["visual_pos"])
-        pooled = model.encode(tokens, batch["visual_feats"], batch["visual_pos"])[2]
-    assert (pooled - hf_out.pooled_output).abs().max() < TOLERANCE
+        visual = model.visual_features(batch)  # our image tower's region features, what HF is given
+        hf_out = hf(input_ids=tokens, attention_mask=(tokens != 0).long(), visual_feats=visual["feats"],
+                    visual_pos=visual["pos"], visual_attention_mask=visual["mask"].long())
+        scores = model.answer_logits(tokens, visual["feats"], visual["pos"], visual["mask"])
+    assert (scores - hf_out.question_answering_score).abs().max() < TOLERANCE
 
 
 def test_a_checkpoint_with_a_missing_tensor_is_a_clear_error(base, tmp_path):

@@ -10,16 +10,25 @@
 - `mask_tokens` / `mask_regions`: the masked language / region modelling corruption, drawn from an
   explicit generator so a step's masks are a function of the batch (reproducible, resumable).
 - `feature_regression_loss`: LXMERT's masked-feature loss, SmoothL1 over the masked regions.
+- `RegionTextDataset`: pre-training samples (image + boxes + a caption, or a question with its
+  answers' soft scores) in the `encoders.regions` batch contract.
 
 The streams themselves are `layers.transformer.Transformer` stacks and `CoAttentionBlock`s; each
 family composes them in its own order.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmkit.data.formats import load_image
+from vlmkit.data.loader import ImageTextDataset, batch_seed, task_rng
+from vlmkit.data.records import answers_of
+from vlmkit.encoders.regions import collate_regions, sample_regions
+from vlmkit.errors import UserError
 from vlmkit.layers.mlp import make_activation
 
 IGNORE_INDEX = -100  # cross-entropy's "no target here"
@@ -120,3 +129,74 @@ def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor, maske
     if not masked.any():
         return predicted.sum() * 0.0  # keeps every head in the graph
     return F.smooth_l1_loss(predicted[masked], target[masked])
+
+
+# ---- pre-training data: captions (and questions) with their image's regions -----------------------
+
+def answer_vocabulary(records, limit: int) -> list[str]:
+    """The `limit` most frequent normalised answers of the records' `qa` (ties by name)."""
+    from collections import Counter
+
+    from vlmkit.metrics.vqa import normalize_answer
+
+    counts = Counter(normalize_answer(a) for record in records for item in record.get("qa") or [] for a in answers_of(item))
+    return [answer for answer, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
+def _soft_scores(answers) -> dict[str, float]:
+    """VQA v2 soft targets: min(1, count / 3) per normalised answer (1.0 when there is one answer)."""
+    from collections import Counter
+
+    from vlmkit.metrics.vqa import normalize_answer
+
+    counts = Counter(normalize_answer(answer) for answer in answers)
+    return {answer: 1.0 if len(answers) == 1 else min(1.0, count / 3.0) for answer, count in counts.items()}
+
+
+class RegionTextDataset(ImageTextDataset):
+    """The pre-training dataset of a two-stream family: each sample is an image with its object boxes
+    (`encoders.regions` batch contract, mapped through the sample's crop) and one caption, or, with
+    probability `question_fraction` when the record has `qa` and `answers` is given, one of its
+    questions with VQA soft scores over `answers` (LXMERT's QA pre-training task). `collate` adds
+    `boxes`, `region_mask`, `region_labels`, `answer_scores` (B, A), `has_answer` (B,) and `seed`
+    (a function of the run seed, the epoch and the batch's samples: the step's masks)."""
+
+    def __init__(self, records, transform, tokenizer, seed: int, image_size: int, classes: Sequence[str], max_regions: int,
+                 answers: Sequence[str] = (), question_fraction: float = 0.0) -> None:
+        kept = [record for record in records if record.get("texts") and "image" in record]
+        if not kept:
+            raise UserError("no training record has an image and captions ('text' or 'texts'), which two-stream "
+                            "pre-training reads; give an image-caption dataset")
+        super().__init__(kept, transform, tokenizer=tokenizer, caption="random", seed=seed, cache_images=True)
+        self.image_size, self.classes, self.max_regions = image_size, list(classes), max_regions
+        self.answers, self.question_fraction = list(answers), question_fraction
+        self.answer_index = {answer: i for i, answer in enumerate(self.answers)}
+
+    def __getitem__(self, index: int):
+        sample = super().__getitem__(index)
+        if sample is None:
+            return None
+        record = self.records[index]
+        image = self._image_cache.get(index) or load_image(record["image"])
+        sample.update(sample_regions(record, image, self.transform, self.transform_rng(index), self.image_size,
+                                     self.classes, self.max_regions))
+        scores, has_answer = torch.zeros(len(self.answers)), False
+        qa = record.get("qa") or []
+        rng = task_rng(self.seed, self.epoch, index)
+        if self.answers and qa and rng.random() < self.question_fraction:
+            item = rng.choice(qa)
+            for answer, score in _soft_scores(answers_of(item)).items():
+                if answer in self.answer_index:  # answers outside the vocabulary count as all-zero targets
+                    scores[self.answer_index[answer]] = score
+            sample["text"], has_answer = item["question"], True
+        sample.update(answer_scores=scores, has_answer=has_answer)
+        return sample
+
+    def collate(self, samples):
+        batch = super().collate(samples)
+        good = [sample for sample in samples if sample is not None]
+        batch.update(collate_regions(good))
+        batch["answer_scores"] = torch.stack([s["answer_scores"] for s in good]) if good else torch.zeros(0, len(self.answers))
+        batch["has_answer"] = torch.tensor([s["has_answer"] for s in good], dtype=torch.bool)
+        batch["seed"] = batch_seed(self.seed, self.epoch, batch["indices"])
+        return batch

@@ -14,7 +14,7 @@ HF's LXMERT takes the region features and normalised boxes directly (`visual_fea
 folder has no pre-training heads (`pretraining_heads` false) and, for the QA model, answers named
 `answer_0 ...` (HF's config keeps only `num_qa_labels`). Export writes `LxmertForQuestionAnswering`
 when the model has a QA head, else `LxmertModel`; pre-training heads (MLM, ITM, masked-region),
-which neither class holds, are left out with a note on stderr. HF's LXMERT has no [MASK]/[SEP]
+and an image tower, which neither class holds, are left out with a note on stderr. HF's LXMERT has no [MASK]/[SEP]
 ids in its config: a loaded model keeps BERT's (103 / 102) unless the folder's tokenizer says otherwise.
 """
 from __future__ import annotations
@@ -173,7 +173,8 @@ def config_to_hf(model) -> dict[str, Any]:
     }
 
 
-PRETRAINING_HEADS = ("mlm_head.", "itm_head.", "region_head.")
+# What HF's classes have no place for: the pre-training heads and an image tower (HF reads features).
+NOT_IN_HF = ("mlm_head.", "itm_head.", "region_head.", "visual.")
 
 
 def export(model, directory: Path) -> None:
@@ -183,11 +184,12 @@ def export(model, directory: Path) -> None:
 
     hf_config = config_to_hf(model)
     state = model.state_dict()
-    heads = sorted({key.split(".", 1)[0] for key in state if key.startswith(PRETRAINING_HEADS)})
-    if heads:
+    left_out = sorted({key.split(".", 1)[0] for key in state if key.startswith(NOT_IN_HF)})
+    if left_out:
         print(f"vlmkit: note: HF's {hf_config['architectures'][0]} has no place for this model's pre-training heads "
-              f"({', '.join(heads)}); they are left out of the export", file=sys.stderr)
-        state = {key: value for key, value in state.items() if not key.startswith(PRETRAINING_HEADS)}
+              f"or image tower ({', '.join(left_out)}); they are left out of the export (HF reads region features, "
+              f"which this model's image tower computes: model.visual_features(batch))", file=sys.stderr)
+        state = {key: value for key, value in state.items() if not key.startswith(NOT_IN_HF)}
     prefix = "lxmert." if model.config.answers else ""  # a bare LxmertModel saves its own keys unprefixed
     state = to_theirs(state, lxmert_format(model.config, prefix=prefix))
     write_folder(model, Path(directory), hf_config, state, FORMAT_NAME)
