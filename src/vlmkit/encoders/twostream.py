@@ -123,6 +123,35 @@ def mask_regions(real: torch.Tensor, probability: float, generator: torch.Genera
     return chosen
 
 
+def mismatched_images(batch_size: int, probability: float, generator: torch.Generator, device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-text matching negatives: (matched (B,) bool, source (B,) long), row b then sees the image of
+    row source[b]; a `probability` share of the rows get another row's image (one shift by 1..B-1 for the
+    batch, so a row never gets its own). A batch of one has no negatives."""
+    source = torch.arange(batch_size, device=device)
+    if batch_size < 2:
+        return torch.ones(batch_size, dtype=torch.bool, device=device), source
+    matched = (torch.rand(batch_size, generator=generator) >= probability).to(device)
+    shift = int(torch.randint(1, batch_size, (1,), generator=generator))
+    return matched, torch.where(matched, source, (source + shift) % batch_size)
+
+
+def maskable_tokens(tokens: torch.Tensor, pad_id: int, eos_id: int | None) -> torch.Tensor:
+    """(B, L) bool: the tokens MLM may corrupt: not padding, not the first ([CLS]) and not [SEP]."""
+    maskable = (tokens != pad_id) & (torch.arange(tokens.shape[1], device=tokens.device) > 0)
+    return maskable & (tokens != eos_id) if eos_id is not None else maskable
+
+
+def soft_region_loss(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Masked region classification against a label distribution: cross-entropy of (B, N, K) logits with
+    soft (B, N, K) targets over the regions `rows` (B, N) that have one; equal to KL(targets || predicted)
+    (ViLBERT, UNITER's MRC-kl) up to the targets' entropy, which has no gradient."""
+    rows = rows & (targets.sum(-1) > 0)
+    if not rows.any():
+        return logits.sum() * 0.0  # keeps the head in the graph
+    return -(targets[rows] * F.log_softmax(logits[rows], dim=-1)).sum(-1).mean()
+
+
 def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """LXMERT's masked-feature loss: SmoothL1 between predicted and original features (B, N, F),
     averaged over the features of the masked regions `masked` (B, N)."""

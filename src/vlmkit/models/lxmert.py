@@ -42,7 +42,8 @@ from vlmkit.config import bounded, check_fields
 from vlmkit.encoders.config import VisionConfig, build_vision_tower
 from vlmkit.encoders.regions import VisualInputConfig, VisualInputs, backbone_grid, random_regions
 from vlmkit.encoders.twostream import (IGNORE_INDEX, AnswerHead, Pooler, RegionEmbedding, RegionHead,
-                                       feature_regression_loss, mask_regions, mask_tokens)
+                                       feature_regression_loss, mask_regions, mask_tokens, maskable_tokens,
+                                       mismatched_images, soft_region_loss)
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.mlp import BertLMHead
@@ -201,18 +202,11 @@ class Lxmert(VLModel):
         generator = torch.Generator().manual_seed(int(batch.get("seed", 0)))
         visual = self.visual_features(batch, generator)
         feats, boxes, real_regions = visual["feats"], visual["pos"], visual["mask"]  # (B, N, F), (B, N, 4), (B, N)
-        # ITM: a random share of the rows see another row's image (a shift by 1..B-1 never maps a row to itself).
-        matched = torch.ones(batch_size, dtype=torch.bool, device=device)
-        source = torch.arange(batch_size, device=device)
-        if batch_size > 1:
-            matched = (torch.rand(batch_size, generator=generator) >= options.mismatch_probability).to(device)
-            shift = int(torch.randint(1, batch_size, (1,), generator=generator))
-            source = torch.where(matched, source, (source + shift) % batch_size)  # (B,) whose image each row sees
-            feats, boxes, real_regions = feats[source], boxes[source], real_regions[source]
+        # ITM: a share of the rows see another row's image.
+        matched, source = mismatched_images(batch_size, options.mismatch_probability, generator, device)
+        feats, boxes, real_regions = feats[source], boxes[source], real_regions[source]
         # MLM on the text, masked object prediction on the (possibly swapped) regions.
-        maskable = (tokens != config.pad_token_id) & (torch.arange(tokens.shape[1], device=device) > 0)
-        if config.eos_token_id is not None:
-            maskable &= tokens != config.eos_token_id
+        maskable = maskable_tokens(tokens, config.pad_token_id, config.eos_token_id)
         corrupted, mlm_labels = mask_tokens(tokens, maskable, config.mask_token_id, config.vocab_size,
                                             options.mlm_probability, generator)
         masked_regions = mask_regions(real_regions, options.region_mask_probability, generator)  # (B, N)
@@ -231,10 +225,7 @@ class Lxmert(VLModel):
         if "obj" in predicted:
             obj = predicted["obj"].sum() * 0.0  # keeps the head in the graph when the batch has no classes
             if "label_dist" in visual:  # soft targets: each token's share of every class (0 = background)
-                targets = visual["label_dist"][source]  # (B, N, K)
-                rows = on_own_image & (targets.sum(-1) > 0)
-                if rows.any():
-                    obj = -(targets[rows] * F.log_softmax(predicted["obj"][rows], dim=-1)).sum(-1).mean()
+                obj = soft_region_loss(predicted["obj"], visual["label_dist"][source], on_own_image)
             elif "labels" in visual:
                 labels = visual["labels"][source].masked_fill(~on_own_image, IGNORE_INDEX)  # (B, N)
                 labels = labels.masked_fill(labels < 0, IGNORE_INDEX)
