@@ -93,6 +93,16 @@ class MatchesImageText(Capability, Protocol):
         """(B,) the matching head's score (a logit) of text row b against image-feature row b."""
 
 
+class ReadsRegions(Capability, Protocol):
+    """A model whose visual inputs are object boxes (fusion encoders): tasks that have records pass the
+    records' boxes to `answer`, `verify` and `match` as `regions=model.region_inputs(records)`."""
+
+    name: ClassVar[str] = "read object boxes"
+
+    def region_inputs(self, records: Sequence[dict]) -> dict:
+        """{"boxes" (B, R, 4), "region_mask" (B, R), "region_labels" (B, R)} of the records' `objects`, where the
+        model's evaluation transform puts them (a record without objects gets none)."""
+
 
 class ScoresText(Capability, Protocol):
     name: ClassVar[str] = "score text likelihood"

@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("vlmkit.train.cli", "train a model from a recipe"),
     "caption": ("vlmkit.tasks.generative_cli", "caption images with a generative model"),
     "ask": ("vlmkit.tasks.generative_cli", "answer a question about an image"),
-    "baseline": ("vlmkit.tasks.generative_cli", "model-free baselines: caption-nn, vqa-majority"),
+    "baseline": ("vlmkit.tasks.generative_cli", "model-free baselines: caption-nn, vqa-majority, reasoning-majority"),
     "chat": ("vlmkit.tasks.chat_cli", "chat about an image with a model that chats (interactive, or --message)"),
     "eval": ("vlmkit.tasks.cli", "evaluate a model; prints one JSON object"),
     "classify": ("vlmkit.tasks.cli", "zero-shot classify images among given labels"),

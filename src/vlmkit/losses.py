@@ -274,3 +274,72 @@ def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator |
     weights = similarity.float().softmax(dim=1) + 1e-4  # (B, B)
     weights.fill_diagonal_(0)  # the positive is never drawn
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
+
+
+# ---- fusion encoders: masked region modelling and word-region alignment (UNITER) ---------------
+
+def masked_region_feature_loss(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Masked region feature regression (UNITER MRFR): mean squared error between the predicted (B, T, C)
+    and the input (B, T, C) features of the masked (B, T) regions, averaged over their elements."""
+    if not bool(masked.any()):
+        return predicted.sum() * 0
+    return F.mse_loss(predicted[masked], target[masked].detach())
+
+
+def masked_region_kl_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Masked region classification with KL divergence (UNITER MRC-kl): KL(target || softmax(logits)) of
+    each masked (B, T) region, logits (B, T, K) against its label distribution (B, T, K), averaged over
+    the masked regions. (With a one-hot target this is the cross-entropy, UNITER's MRC.)"""
+    if not bool(masked.any()):
+        return logits.sum() * 0
+    log_probs = F.log_softmax(logits[masked].float(), dim=-1)
+    return F.kl_div(log_probs, target[masked].float(), reduction="none").sum(-1).mean()
+
+
+def cosine_cost(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """(B, M, D), (B, N, D) -> (B, M, N) transport cost 1 - cos(text_i, image_j)."""
+    return 1 - F.normalize(text, dim=-1, eps=1e-5) @ F.normalize(image, dim=-1, eps=1e-5).transpose(1, 2)
+
+
+def ipot_plan(cost: torch.Tensor, text_real: torch.Tensor, image_real: torch.Tensor, beta: float = 0.5,
+              iterations: int = 50, inner: int = 1) -> torch.Tensor:
+    """Inexact proximal point optimal transport (Xie et al. 2018, as UNITER's model/ot.py): the (B, M, N)
+    plan between uniform distributions over the real text (B, M) and image (B, N) positions for `cost`
+    (B, M, N); padded rows and columns carry no mass. No gradient flows through the plan."""
+    cost = cost.detach()
+    dtype = cost.dtype
+    text_len = text_real.sum(1).to(dtype)[:, None, None]  # (B, 1, 1)
+    image_len = image_real.sum(1).to(dtype)[:, None, None]
+    joint = text_real[:, :, None] & image_real[:, None, :]  # (B, M, N)
+    kernel = torch.exp(-cost / beta) * joint  # A
+    plan = joint.to(dtype)  # T starts as ones on the real pairs
+    sigma = image_real.to(dtype)[:, :, None] / image_len  # (B, N, 1)
+    text_pad = (~text_real).to(dtype)[:, None, :] * 1e4  # (B, 1, M): a padded position gets ~0
+    image_pad = (~image_real).to(dtype)[:, None, :] * 1e4  # (B, 1, N)
+    for _ in range(iterations):
+        q = kernel * plan  # (B, M, N)
+        for _ in range(inner):
+            delta = 1 / (text_len * (q @ sigma).transpose(1, 2) + text_pad)  # (B, 1, M)
+            sigma = (1 / (image_len * (delta @ q) + image_pad)).transpose(1, 2)  # (B, N, 1)
+        plan = delta.transpose(1, 2) * q * sigma.transpose(1, 2)  # diag(delta) Q diag(sigma)
+    return plan * joint
+
+
+def optimal_transport_distance(text: torch.Tensor, image: torch.Tensor, text_real: torch.Tensor,
+                               image_real: torch.Tensor, beta: float = 0.5, iterations: int = 50) -> torch.Tensor:
+    """(B,) the Wasserstein distance sum_ij C_ij T_ij between a pair's word (B, M, D) and region (B, N, D)
+    states under the cosine cost, with the IPOT plan T (held fixed: the gradient reaches the states
+    through the cost only, as in UNITER)."""
+    cost = cosine_cost(text, image) * (text_real[:, :, None] & image_real[:, None, :])
+    plan = ipot_plan(cost, text_real, image_real, beta, iterations)
+    return (cost * plan).sum(dim=(1, 2))
+
+
+def word_region_alignment_loss(text: torch.Tensor, image: torch.Tensor, text_real: torch.Tensor,
+                               image_real: torch.Tensor, matched: torch.Tensor, beta: float = 0.5,
+                               iterations: int = 50) -> torch.Tensor:
+    """UNITER's WRA: the OT distance is lowered on matched pairs and raised on the others,
+    (sum over matched - sum over unmatched) / B (`matched` (B,) bool)."""
+    distance = optimal_transport_distance(text, image, text_real, image_real, beta, iterations)  # (B,)
+    sign = matched.to(distance.dtype) * 2 - 1
+    return (sign * distance).sum() / max(len(distance), 1)

@@ -22,6 +22,29 @@ def answers_of(item: dict) -> list[str]:
     return [str(item["answer"])]
 
 
+def soft_scores(answers: Sequence[str]) -> dict[str, float]:
+    """VQA v2 soft targets: min(1, count / 3) per normalised answer (1.0 when there is one answer)."""
+    from collections import Counter
+
+    from vlmkit.metrics.vqa import normalize_answer
+
+    counts = Counter(normalize_answer(answer) for answer in answers)
+    if len(answers) == 1:
+        return {answer: 1.0 for answer in counts}
+    return {answer: min(1.0, count / 3.0) for answer, count in counts.items()}
+
+
+def answer_vocabulary(records: Sequence[dict], limit: int) -> list[str]:
+    """The `limit` most frequent normalised answers of the records' `qa` (ties alphabetical): the classes
+    of a VQA classifier (VQA v2 keeps 3,129). Empty when no record has questions."""
+    from collections import Counter
+
+    from vlmkit.metrics.vqa import normalize_answer
+
+    counts = Counter(normalize_answer(a) for record in records for item in record.get("qa") or [] for a in answers_of(item))
+    return [answer for answer, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
 def record_texts(records: Sequence[dict], questions: bool = True, statements: bool = False) -> list[str]:
     """Captions, plus questions and answers (and statements) of the records: a tokenizer corpus."""
     texts = []

@@ -8,7 +8,12 @@
 - an HF LlavaForConditionalGeneration folder (model_type "llava") -> `llava`,
 - an HF BlipForConditionalGeneration / BlipForImageTextRetrieval folder (model_type "blip") -> `blip`,
 - an HF Blip2ForConditionalGeneration folder with a Llama LM (model_type "blip-2") -> `blip2_lm`,
+<<<<<<< HEAD
 - an HF LxmertModel / LxmertForQuestionAnswering folder (model_type "lxmert") -> `lxmert`,
+=======
+- an HF VisualBertModel / VisualBertForPreTraining / VisualBertForQuestionAnswering folder (model_type
+  "visual_bert") -> `visualbert` without an image tower (it reads visual_embeds, as HF),
+>>>>>>> visualbert
 - an OpenAI / OpenCLIP state dict file (`.safetensors`, `.pt`, `.pth`, `.bin`) -> `clip`,
 and returns the model in eval mode with its tokenizer and image transform attached. Every format
 is a list of key-mapping rules (`interop.mapping`) used both to load and to export.
@@ -24,8 +29,13 @@ EXPORT_FORMATS = ("vlmkit", "hf", "openclip")
 
 
 def detect_format(source: Path) -> str:
+<<<<<<< HEAD
     """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "hf-lxmert", "bert", or "openclip" for a path, or a UserError saying what was expected."""
     from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, hf_lxmert, openclip
+=======
+    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "bert", or "openclip" for a path, or a UserError saying what was expected."""
+    from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, hf_visualbert, openclip
+>>>>>>> visualbert
     from vlmkit.interop.files import read_json
 
     source = Path(source)
@@ -48,11 +58,19 @@ def detect_format(source: Path) -> str:
                 return "hf-blip"
             if hf_blip2.is_hf_blip2(config):
                 return "hf-blip2"
+<<<<<<< HEAD
             if hf_lxmert.is_hf_lxmert(config):
                 return "hf-lxmert"
             raise UserError(
                 f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
                 f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF LXMERT, OpenCLIP"
+=======
+            if hf_visualbert.is_hf_visualbert(config):
+                return "hf-visualbert"
+            raise UserError(
+                f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
+                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF VisualBERT, OpenCLIP"
+>>>>>>> visualbert
             )
         raise UserError(
             f"{source} is not a model folder (no config.json, modules.json or {openclip.OPENCLIP_CONFIG}); "
@@ -105,6 +123,11 @@ def load_foreign(source: Path, model_name: str | None = None, activation: str | 
     if kind == "hf-llava":
         reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_llava.FORMAT_NAME)
         return hf_llava.load(source, dtype=dtype)
+    if kind == "hf-visualbert":
+        from vlmkit.interop import hf_visualbert
+
+        reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_visualbert.FORMAT_NAME)
+        return hf_visualbert.load(source, dtype=dtype)
     if kind == "hf-blip":
         reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_blip.FORMAT_NAME)
         return hf_blip.load(source, dtype=dtype)

@@ -163,6 +163,12 @@ class VLModel(nn.Module):
         before the strict copy (default: unchanged)."""
         return state
 
+    def adapt_init_state(self, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit the weights of a recipe's `init` run to this model (`expected`: its own state) before the
+        strict load (default: unchanged). A fusion encoder fine-tuned on new data keeps its freshly
+        initialised answer head where the answer vocabulary changed."""
+        return state
+
     def after_pretrained_towers(self) -> None:
         """Called once the `init_text` / `init_image` weights are in (default: nothing)."""
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -39,7 +38,7 @@ from torch import nn
 
 from vlmkit.capabilities import Answers, Verifies
 from vlmkit.data.loader import ImageTextDataset, task_rng
-from vlmkit.data.records import answers_of, record_texts
+from vlmkit.data.records import answer_vocabulary, answers_of, record_texts, soft_scores  # noqa: F401 (soft_scores re-exported)
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
@@ -70,16 +69,6 @@ class VQATraining:
     grounding_weight: float = 1.0  # weight of the box-centre L1 loss
     ground_mentions: bool = False  # also ground object names inside questions/statements (needs pointer)
     offset_weight: float = 0.0  # weight of the L1 loss of the readout's offset to the true one (needs offset_readout)
-
-
-def soft_scores(answers: Sequence[str]) -> dict[str, float]:
-    """VQA v2 soft targets: min(1, count / 3) per normalised answer (1.0 when there is one answer)."""
-    from vlmkit.metrics.vqa import normalize_answer
-
-    counts = Counter(normalize_answer(answer) for answer in answers)
-    if len(answers) == 1:
-        return {answer: 1.0 for answer in counts}
-    return {answer: min(1.0, count / 3.0) for answer, count in counts.items()}
 
 
 # ---- spatial relations: pointing at the patch grid, and reading the offset of two named objects ----
@@ -288,12 +277,9 @@ class VQAClassifier(VLModel):
     @classmethod
     def adapt_config_to_data(cls, config, records):
         """The answer vocabulary: the `max_answers` most frequent normalised training answers."""
-        from vlmkit.metrics.vqa import normalize_answer
-
-        counts = Counter(normalize_answer(a) for record in records for item in record.get("qa") or [] for a in answers_of(item))
-        if counts:
-            limit = config.get("max_answers", VQAConfig.max_answers)
-            config["answers"] = [answer for answer, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+        answers = answer_vocabulary(records, config.get("max_answers", VQAConfig.max_answers))
+        if answers:
+            config["answers"] = answers
         return config
 
     @classmethod

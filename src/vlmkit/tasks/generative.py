@@ -13,7 +13,7 @@ answer of each question type).
 """
 from __future__ import annotations
 
-from vlmkit.capabilities import Answers, AnswersInContext, Generates, Verifies
+from vlmkit.capabilities import Answers, AnswersInContext, Generates, ReadsRegions, Verifies, provides
 
 from collections import Counter
 from typing import Sequence
@@ -31,6 +31,11 @@ def _batches(items: Sequence, size: int):
 
 def _pixels(model, images: Sequence) -> torch.Tensor:
     return model.preprocess(list(images)).to(model.device)
+
+
+def _regions(model, records: Sequence[dict]) -> dict:
+    """`regions=` for a model whose visual inputs are object boxes (`ReadsRegions`), else nothing."""
+    return {"regions": model.region_inputs(list(records))} if provides(model, ReadsRegions) else {}
 
 
 def caption_references(records: Sequence[dict]) -> dict[str, list[str]]:
@@ -155,7 +160,8 @@ def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, shots: in
         questions = [item["question"] for _, record in chunk for item in record["qa"]]
         qids = [f"{record.get('id', index)}:{q}" for index, record in chunk for q in range(len(record["qa"]))]
         if draw is None:
-            answers = model.answer(pixels.index_select(0, owner), questions, **decoding)
+            regions = _regions(model, [record for _, record in chunk for _ in record["qa"]])
+            answers = model.answer(pixels.index_select(0, owner), questions, **regions, **decoding)
         else:
             answers = model.answer_in_context(pixels.index_select(0, owner), questions, [draw() for _ in questions], **decoding)
         predictions.update(zip(qids, answers))
@@ -215,6 +221,18 @@ def evaluate_vqa_baseline(train_records: Sequence[dict], records: Sequence[dict]
 
 
 # ---- visual reasoning ------------------------------------------------------------------------------
+def evaluate_reasoning_baseline(train_records: Sequence[dict], records: Sequence[dict]) -> dict:
+    """{"accuracy", "n", "answer"}: every statement called with the most frequent training label (ties: true)."""
+    labels = [bool(item["label"]) for record in train_records for item in record.get("statements") or []]
+    if not labels:
+        raise UserError("the majority-label baseline needs training records with statements ('statements')")
+    majority = sum(labels) * 2 >= len(labels)
+    items = [bool(item["label"]) for record in records for item in record.get("statements") or []]
+    if not items:
+        raise UserError("no evaluation record has statements ('statements'); reasoning evaluation needs them")
+    return {"accuracy": sum(label == majority for label in items) / len(items), "n": len(items), "answer": majority}
+
+
 @torch.no_grad()
 def evaluate_reasoning(model, records: Sequence[dict], batch_size: int = 128) -> dict:
     """{"accuracy", "n"}: how often the model's true/false call matches each statement's label."""
@@ -225,7 +243,7 @@ def evaluate_reasoning(model, records: Sequence[dict], batch_size: int = 128) ->
     correct = 0
     for chunk in _batches(items, batch_size):
         pixels = _pixels(model, [record["image"] for record, _ in chunk])
-        probabilities = model.verify(pixels, [item["text"] for _, item in chunk])
+        probabilities = model.verify(pixels, [item["text"] for _, item in chunk], **_regions(model, [record for record, _ in chunk]))
         labels = torch.tensor([bool(item["label"]) for _, item in chunk])
         correct += int(((probabilities > 0.5) == labels).sum())
     return {"accuracy": correct / len(items), "n": len(items)}

@@ -129,8 +129,8 @@ def register(subparsers) -> None:
     _decoding_arguments(ask)
     ask.set_defaults(func=_printing(_ask))
 
-    baseline = subparsers.add_parser("baseline", help="model-free baselines: caption-nn, vqa-majority")
-    baseline.add_argument("kind", choices=["caption-nn", "vqa-majority"])
+    baseline = subparsers.add_parser("baseline", help="model-free baselines: caption-nn, vqa-majority, reasoning-majority")
+    baseline.add_argument("kind", choices=["caption-nn", "vqa-majority", "reasoning-majority"])
     baseline.add_argument("--train", required=True, help="training records the baseline borrows from")
     baseline.add_argument("--data", required=True, help="evaluation records")
     baseline.add_argument("--k", type=int, default=5, help="caption-nn: neighbours for the consensus caption")
@@ -164,9 +164,11 @@ def _ask(args) -> dict:
 
 
 def _baseline(args) -> dict:
-    from vlmkit.tasks.generative import evaluate_caption_baseline, evaluate_vqa_baseline
+    from vlmkit.tasks.generative import evaluate_caption_baseline, evaluate_reasoning_baseline, evaluate_vqa_baseline
 
     train, data = _records(args.train, "baseline (--train)"), _records(args.data, "baseline (--data)")
     if args.kind == "caption-nn":
         return evaluate_caption_baseline(train, data, k=args.k)
+    if args.kind == "reasoning-majority":
+        return evaluate_reasoning_baseline(train, data)
     return evaluate_vqa_baseline(train, data)

@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data", help="training data: JSONL, CSV or WebDataset shards")
     parser.add_argument("--out", help="run folder to create (or to continue with --resume)")
     parser.add_argument("--resume", action="store_true", help="continue RUN from its last checkpoint")
+    parser.add_argument("--init", metavar="RUN", help="start from the weights of a trained run of the same family (the "
+                        "recipe key init=RUN): fine-tune a pre-trained fusion encoder with task=vqa|reasoning|retrieval")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device and print its parameter count and a per-GPU memory "
                         "estimate (JSON on stdout), then exit without training or writing anything; --data is optional")
@@ -32,6 +34,10 @@ def run_train(args: argparse.Namespace) -> int:
     from vlmkit.train.trainer import RECIPE_FILE, Trainer
 
     overrides = parse_overrides(args.overrides)
+    if args.init is not None:
+        if overrides.get("init", args.init) != args.init:
+            raise UserError(f"--init {args.init} and init={overrides['init']} name two runs; give one of them")
+        overrides["init"] = args.init
     if args.dry_run:
         return _dry_run(args, overrides)
     if not args.out:

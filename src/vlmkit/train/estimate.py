@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from vlmkit.errors import UserError
-from vlmkit.train.recipe import Recipe
+from vlmkit.train.recipe import Recipe, family_training_options
 
 GIB = 1024 ** 3
 
@@ -68,7 +68,7 @@ def meta_model(recipe: Recipe, data: str | None = None) -> nn.Module:
 
     family_name, config = named_config(recipe.model)
     family = get_family(family_name)
-    training = family.parse_training_options(recipe.training)
+    training = family.parse_training_options(family_training_options(recipe, family))
     records = []
     if data:
         from vlmkit.data.formats import read_records

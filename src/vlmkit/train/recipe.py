@@ -62,6 +62,10 @@ class Recipe:
     # weights, loaded strictly). Unlike --resume, the run is new: fresh optimizer, step 0, own folder
     # (LLaVA's stage 2 starts from its stage-1 run). Excludes init_text / init_image.
     init: str | None = None
+    # The task a run trains, for families with several (fusion encoders: pretrain, then fine-tune with
+    # `--init PRETRAINED task=vqa|reasoning|retrieval`); None = the family's default. Passed to the
+    # family as its training option `task`.
+    task: str | None = None
     # Bookkeeping.
     seed: int = bounded(0, low=0)
     save_every: int = bounded(500, low=1)
@@ -76,6 +80,24 @@ class Recipe:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise UserError(f"recipe key crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}")
+
+
+def family_training_options(recipe: Recipe, family) -> dict[str, Any]:
+    """The recipe's `training:` section for `family` (a VLModel class), with the recipe's `task` added as the
+    family's training option `task`; a family without tasks given one is a UserError naming the fix."""
+    import dataclasses
+
+    options = dict(recipe.training)
+    if recipe.task is not None:
+        fields = {item.name for item in dataclasses.fields(family.training_class)} \
+            if dataclasses.is_dataclass(family.training_class) else set()
+        if "task" not in fields:
+            raise UserError(f"the '{family.family}' family trains one thing and has no tasks to choose; "
+                            f"drop task={recipe.task}")
+        if "task" in options and options["task"] != recipe.task:
+            raise UserError(f"the recipe sets task={recipe.task} and training.task={options['task']}; keep one of them")
+        options["task"] = recipe.task
+    return options
 
 
 def list_recipes() -> list[str]:

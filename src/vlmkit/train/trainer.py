@@ -29,7 +29,7 @@ from vlmkit.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, 
 from vlmkit.models.base import CONFIG_FILE, WEIGHTS_FILE
 from vlmkit.train import distributed
 from vlmkit.train.optim import learning_rate, make_optimizer
-from vlmkit.train.recipe import Recipe
+from vlmkit.train.recipe import Recipe, family_training_options
 
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.jsonl"
@@ -219,7 +219,7 @@ class Trainer:
         if not self.family.trainable:
             raise UserError(f"the '{self.family.family}' family ({recipe.model}) is training-free and cannot be trained; "
                             f"build it from trained models instead (see 'vlmkit {self.family.family} --help')")
-        self.family.parse_training_options(recipe.training)  # a bad option fails before anything is written
+        self.family.parse_training_options(family_training_options(recipe, self.family))  # a bad option fails before anything is written
         self.info = distributed.setup()
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
@@ -278,7 +278,9 @@ class Trainer:
         model = self.family.from_config_dict(config)
         self._towers().load_into(model)
         if self.recipe.init:
-            load_state_dict_strict(model, load_safetensors(self._init_run() / WEIGHTS_FILE), f"init {self.recipe.init}", "vlmkit")
+            # A family may fit the initial weights first (a fine-tuning head sized to new data starts afresh).
+            state = model.adapt_init_state(load_safetensors(self._init_run() / WEIGHTS_FILE), model.state_dict())
+            load_state_dict_strict(model, state, f"init {self.recipe.init}", "vlmkit")
         return model
 
     def _init_run(self) -> Path:
@@ -450,7 +452,7 @@ class Trainer:
             model = self._new_model(tokenizer, records)
         train_transform, eval_transform = self._image_transforms(model)
         model.tokenizer, model.transform = tokenizer, eval_transform
-        model.set_training_options(recipe.training)
+        model.set_training_options(family_training_options(recipe, self.family))
         for role in self._locked_roles():
             model.tower(role)  # a lock the family cannot honour fails before the run folder is written
         dataset = model.training_dataset(records, train_transform, tokenizer, seed=recipe.seed, caption=recipe.caption)
