@@ -8,12 +8,9 @@
 - an HF LlavaForConditionalGeneration folder (model_type "llava") -> `llava`,
 - an HF BlipForConditionalGeneration / BlipForImageTextRetrieval folder (model_type "blip") -> `blip`,
 - an HF Blip2ForConditionalGeneration folder with a Llama LM (model_type "blip-2") -> `blip2_lm`,
-<<<<<<< HEAD
 - an HF LxmertModel / LxmertForQuestionAnswering folder (model_type "lxmert") -> `lxmert`,
-=======
 - an HF VisualBertModel / VisualBertForPreTraining / VisualBertForQuestionAnswering folder (model_type
   "visual_bert") -> `visualbert` without an image tower (it reads visual_embeds, as HF),
->>>>>>> visualbert
 - an OpenAI / OpenCLIP state dict file (`.safetensors`, `.pt`, `.pth`, `.bin`) -> `clip`,
 and returns the model in eval mode with its tokenizer and image transform attached. Every format
 is a list of key-mapping rules (`interop.mapping`) used both to load and to export.
@@ -29,13 +26,8 @@ EXPORT_FORMATS = ("vlmkit", "hf", "openclip")
 
 
 def detect_format(source: Path) -> str:
-<<<<<<< HEAD
-    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "hf-lxmert", "bert", or "openclip" for a path, or a UserError saying what was expected."""
-    from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, hf_lxmert, openclip
-=======
-    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "bert", or "openclip" for a path, or a UserError saying what was expected."""
-    from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, hf_visualbert, openclip
->>>>>>> visualbert
+    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "hf-lxmert", "hf-visualbert", "bert", or "openclip" for a path, or a UserError saying what was expected."""
+    from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, hf_lxmert, hf_visualbert, openclip
     from vlmkit.interop.files import read_json
 
     source = Path(source)
@@ -58,19 +50,13 @@ def detect_format(source: Path) -> str:
                 return "hf-blip"
             if hf_blip2.is_hf_blip2(config):
                 return "hf-blip2"
-<<<<<<< HEAD
             if hf_lxmert.is_hf_lxmert(config):
                 return "hf-lxmert"
-            raise UserError(
-                f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
-                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF LXMERT, OpenCLIP"
-=======
             if hf_visualbert.is_hf_visualbert(config):
                 return "hf-visualbert"
             raise UserError(
                 f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
-                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF VisualBERT, OpenCLIP"
->>>>>>> visualbert
+                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF LXMERT, HF VisualBERT, OpenCLIP"
             )
         raise UserError(
             f"{source} is not a model folder (no config.json, modules.json or {openclip.OPENCLIP_CONFIG}); "
