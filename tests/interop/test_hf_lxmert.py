@@ -64,7 +64,8 @@ def _differences(hf_out, ours, ids, feats, boxes, visual_mask=None):
 def test_hf_lxmert_model_loads_strictly_with_the_same_outputs(base):
     hf, folder = base
     ours = vlmkit.load(folder)
-    assert ours.family == "lxmert" and ours.answer_head is None and not ours.config.pretraining_heads
+    assert ours.family == "lxmert" and ours.heads.answer is None and not ours.config.pretraining_heads
+    assert ours.capabilities == ()  # no image tower: it reads features, as HF
     ids, attention, feats, boxes = _inputs()
     with torch.no_grad():
         hf_out = hf(input_ids=ids, attention_mask=attention, visual_feats=feats, visual_pos=boxes)
@@ -107,7 +108,7 @@ def test_a_pretrained_vlmkit_lxmert_exports_its_backbone_and_notes_what_hf_canno
     model = vlmkit.create_model("lxmert-tiny", answers=["yes", "no", "2"]).eval()
     model.save_pretrained(tmp_path, format="hf")
     note = capsys.readouterr().err
-    assert "mlm_head" in note and "visual" in note
+    assert "mlm_head" in note and "visual" in note and "heads" in note
     hf = transformers.LxmertForQuestionAnswering.from_pretrained(tmp_path).eval()
     batch = model.dummy_batch(2)
     tokens = batch["tokens"]

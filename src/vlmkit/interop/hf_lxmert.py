@@ -12,10 +12,10 @@ dense + LayerNorm, serves both directions, which is our `CoAttentionBlock(shared
 HF's LXMERT takes the region features and normalised boxes directly (`visual_feats`,
 `visual_pos`), as the `lxmert` family does, so a loaded model needs no region encoder. A loaded
 folder has no pre-training heads (`pretraining_heads` false) and, for the QA model, answers named
-`answer_0 ...` (HF's config keeps only `num_qa_labels`). Export writes `LxmertForQuestionAnswering`
-when the model has a QA head, else `LxmertModel`; pre-training heads (MLM, ITM, masked-region),
-and an image tower, which neither class holds, are left out with a note on stderr. HF's LXMERT has no [MASK]/[SEP]
-ids in its config: a loaded model keeps BERT's (103 / 102) unless the folder's tokenizer says otherwise.
+`answer_0 ...` (HF's config keeps only `num_qa_labels`); its answer head is the fusion encoders'
+`heads.answer` (the same `logit_fc` layout). Export writes `LxmertForQuestionAnswering` when the
+model has an answer head, else `LxmertModel`; the pre-training, ITM and reasoning heads and an image
+tower, which neither class holds, are left out with a note on stderr.
 """
 from __future__ import annotations
 
@@ -56,8 +56,7 @@ def config_from_hf(hf: dict[str, Any], architecture: str, where: str) -> dict[st
         "activation": ACTIVATIONS[hf["hidden_act"]], "norm_eps": 1e-12,  # HF LXMERT hard-codes its LayerNorm eps
         "l_layers": hf["l_layers"], "r_layers": hf["r_layers"], "x_layers": hf["x_layers"],
         "visual_feat_dim": hf["visual_feat_dim"], "visual_pos_dim": hf["visual_pos_dim"],
-        "pad_token_id": hf["pad_token_id"] or 0, "eos_token_id": 102, "mask_token_id": 103,
-        "pretraining_heads": False, "num_object_labels": 0,
+        "pad_token_id": hf["pad_token_id"] or 0, "pretraining_heads": False, "num_object_labels": 0,
         "answers": [f"answer_{index}" for index in range(hf["num_qa_labels"])] if architecture == QA else [],
     }
 
@@ -111,8 +110,7 @@ def lxmert_format(config, prefix: str = "lxmert.") -> Format:
     for index in range(config.x_layers):
         rules += _cross_layer(f"cross.{index}", f"{p}encoder.x_layers.{index}")
     if config.answers:
-        rules += [*module("answer_head.fc1", "answer_head.logit_fc.0"), *module("answer_head.norm", "answer_head.logit_fc.2"),
-                  *module("answer_head.fc2", "answer_head.logit_fc.3")]
+        rules += [rule for index in (0, 2, 3) for rule in module(f"heads.answer.logit_fc.{index}", f"answer_head.logit_fc.{index}")]
     return Format(FORMAT_NAME, rules, skip=_skip, check_skipped=_check_skipped)
 
 
@@ -145,11 +143,6 @@ def load(directory: Path, dtype: torch.dtype | None = None, **unused):
         state = {f"lxmert.{key}": value for key, value in state.items()}  # a bare LxmertModel saves without the prefix
     model = build_and_load("lxmert", config, state, lambda built: lxmert_format(built.config), str(weights))
     attach_preprocessing(model, directory, image_size=None, context_length=config["context_length"])
-    if model.tokenizer is not None:  # the folder's own special ids win over BERT's defaults
-        model.config.pad_token_id = model.tokenizer.pad_id
-        if model.tokenizer.eos_id is not None:
-            model.config.eos_token_id = model.tokenizer.eos_id
-        model.config.mask_token_id = getattr(model.tokenizer, "mask_id", None) or model.config.mask_token_id
     return model
 
 
@@ -174,7 +167,7 @@ def config_to_hf(model) -> dict[str, Any]:
 
 
 # What HF's classes have no place for: the pre-training heads and an image tower (HF reads features).
-NOT_IN_HF = ("mlm_head.", "itm_head.", "region_head.", "visual.")
+NOT_IN_HF = ("mlm_head.", "heads.itm.", "heads.reasoning.", "region_head.", "visual.")
 
 
 def export(model, directory: Path) -> None:
@@ -190,6 +183,6 @@ def export(model, directory: Path) -> None:
               f"or image tower ({', '.join(left_out)}); they are left out of the export (HF reads region features, "
               f"which this model's image tower computes: model.visual_features(batch))", file=sys.stderr)
         state = {key: value for key, value in state.items() if not key.startswith(NOT_IN_HF)}
-    prefix = "lxmert." if model.config.answers else ""  # a bare LxmertModel saves its own keys unprefixed
+    prefix = "lxmert." if model.heads.answer is not None else ""  # a bare LxmertModel saves its own keys unprefixed
     state = to_theirs(state, lxmert_format(model.config, prefix=prefix))
     write_folder(model, Path(directory), hf_config, state, FORMAT_NAME)

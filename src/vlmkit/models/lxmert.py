@@ -11,43 +11,43 @@ Every block is post-LN BERT (LayerNorm eps 1e-12), so the parameters map one to 
 `LxmertModel` / `LxmertForQuestionAnswering` (`vlmkit.interop.hf_lxmert`); the cross-modality
 layer is `layers.transformer.CoAttentionBlock(self_attention=True, shared_cross=True)`.
 
-Pre-training (the paper's five tasks, minus attribute classification): masked language modelling
-(BERT's 80/10/10 corruption, CE), masked object prediction (15% of the regions have their
-features zeroed; SmoothL1 regression of the original feature, and CE on the region's class when
-the batch carries `region_labels`), image-text matching (half the pairs get another row's image;
-`matched` 1 = match, as in LXMERT — the opposite of VisualBERT's), and question answering on the
-matched pairs that carry `answer_scores` (VQA soft scores, BCE times the answer count). The visual
-losses are means over the masked regions only, which is what LXMERT's `mean() * 6.67` over all
-regions (15% masked) approximates. The masks of a step are drawn from `batch["seed"]`, so a batch
-gives the same loss every time it is seen.
+Tasks and heads are the fusion encoders' (`encoders.fusion`): `task=pretrain` is masked language
+modelling (on matched pairs) + image-text matching (`itm_labels`, 1 = match, as LXMERT's
+`matched_label`) + masked object prediction: on matched pairs, 15% of the regions have their
+features zeroed (LXMERT's masking), and the model regresses the original feature (SmoothL1) and
+predicts the region's class distribution (KL; with a detector's one-hot label this is LXMERT's CE).
+The visual losses are means over the masked regions, which LXMERT's `mean() * 6.67` over all
+regions (15% masked) approximates. The feature target is detached: the backbone trains with the
+model, and regressing onto a moving target would let both collapse. LXMERT's QA head is the shared
+answer head (`heads.answer`, the `logit_fc` layout HF's `answer_head` has), trained by `task=vqa`
+(LXMERT's QA pre-training task is not run during `task=pretrain` here); `reasoning` and `retrieval`
+fine-tune the shared true/false and ITM heads on the pooled output.
 
-Visual inputs: with a `vision` tower the model computes them from `pixels` (the batch contract of
-`encoders.regions`: RoIAlign-pooled object boxes and/or grid cells of the tower's last grid, their
-normalised boxes as `visual_pos`, the region-class distribution of each token as the masked-object
-target, a soft-target CE); without one (`vision: null`, what an HF checkpoint loads as) it reads
-region features directly (`visual_feats` (B, N, F), `visual_pos` (B, N, 4), optional
-`visual_mask` (B, N) and `region_labels` (B, N)), as HF's `LxmertModel` does. The feature-regression
-target is detached: the backbone trains with the model, and regressing onto a moving target
-would let both collapse to a constant.
+Visual inputs: with a `vision` tower the model computes them from `pixels` (`encoders.regions`:
+RoIAlign-pooled object boxes and/or grid cells of the tower's last grid, with their normalised
+boxes as `visual_pos`); without one (`vision: null`, what an HF checkpoint loads as) it reads region
+features directly (`visual_feats` (B, N, F), `visual_pos` (B, N, 4), optional `visual_mask` (B, N)),
+as HF's `LxmertModel` does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from vlmkit.capabilities import Answers, MatchesImageText
+from vlmkit.capabilities import Answers, MatchesImageText, ReadsRegions, Verifies
 from vlmkit.config import bounded, check_fields
 from vlmkit.encoders.config import VisionConfig, build_vision_tower
+from vlmkit.encoders.fusion import IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss, keep_fresh_heads
 from vlmkit.encoders.regions import VisualInputConfig, VisualInputs, backbone_grid, random_regions
-from vlmkit.encoders.twostream import (IGNORE_INDEX, AnswerHead, Pooler, RegionEmbedding, RegionHead,
-                                       feature_regression_loss, mask_regions, mask_tokens, maskable_tokens,
-                                       mismatched_images, soft_region_loss)
+from vlmkit.encoders.twostream import idle_heads_term, Pooler, RegionEmbedding, RegionHead, feature_regression_loss, mask_regions, region_inputs
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.mlp import BertLMHead
 from vlmkit.layers.transformer import CoAttentionBlock, TokenTransformer, Transformer
+from vlmkit.losses import masked_region_kl_loss
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
@@ -70,46 +70,39 @@ class LxmertConfig:
     visual_feat_dim: int = bounded(2048, low=1)
     visual_pos_dim: int = bounded(4, low=1)  # normalised [x0, y0, x1, y1]
     pad_token_id: int = 0
-    eos_token_id: int | None = 102  # [SEP]: never masked by MLM
-    mask_token_id: int | None = 103  # [MASK]
-    pretraining_heads: bool = True  # MLM + ITM + masked-region heads (HF's LxmertModel has none)
-    num_object_labels: int = bounded(0, low=0)  # masked-region classification classes (0: no such head)
-    answers: list[str] = field(default_factory=list)  # the QA head's answer vocabulary (empty: no QA head)
+    # Pre-training, reasoning and ITM heads (MLM, masked objects, `heads.itm`, `heads.reasoning`); an HF
+    # LxmertModel / LxmertForQuestionAnswering checkpoint has none of them.
+    pretraining_heads: bool = True
+    num_object_labels: int = bounded(0, low=0)  # masked-object classes without an image tower (0: no such head)
+    answers: list[str] = field(default_factory=list)  # the answer head's vocabulary (empty: no answer head)
+    max_answers: int = bounded(100, low=1)  # answer vocabulary size taken from the training records
     # The image side. None: region features come in the batch (HF's interface); a tower: from pixels, and
     # visual_feat_dim is then the tower's grid width (a ViT's width).
     vision: VisionConfig | None = None
     visual: VisualInputConfig = field(default_factory=VisualInputConfig)
     region_classes: list[str] = field(default_factory=list)  # object names the masked-object head predicts (with a tower)
-    max_answers: int = bounded(100, low=1)  # answer vocabulary size taken from the training records
 
     def __post_init__(self) -> None:
         check_fields(self, "model", ".")
+        if self.width % self.heads:
+            raise UserError(f"width {self.width} is not divisible by heads {self.heads}; pick heads that divide it")
         if self.vision is not None:
             if self.vision.type != "vit":
                 raise UserError("the LXMERT image tower must be a ViT (vision.type: vit), whose grid width is vision.width")
             self.visual_feat_dim = self.vision.width
             self.num_object_labels = 1 + len(self.region_classes) if self.region_classes else 0
-        if self.width % self.heads:
-            raise UserError(f"width {self.width} is not divisible by heads {self.heads}; pick heads that divide it")
-        if self.pretraining_heads and self.mask_token_id is None:
-            raise UserError("LXMERT pre-training masks tokens but the config has no mask_token_id; "
-                            "train with a tokenizer that has [MASK] (tokenizer: wordpiece)")
 
 
 @dataclass
-class LxmertTraining:
-    """The recipe's `training:` options of LXMERT pre-training."""
+class LxmertTraining(FusionTraining):
+    """The fusion options (task, MLM, ITM) plus LXMERT's masked object prediction."""
 
-    mlm_probability: float = bounded(0.15, low=0, high=1)
     region_mask_probability: float = bounded(0.15, low=0, high=1)
-    mismatch_probability: float = bounded(0.5, low=0, high=1)  # ITM negatives
-    mlm_weight: float = bounded(1.0, low=0)
-    region_weight: float = bounded(1.0, low=0)
-    itm_weight: float = bounded(1.0, low=0)
-    qa_weight: float = bounded(1.0, low=0)
-    question_fraction: float = bounded(0.3, low=0, high=1)  # samples that are a question with its answers (QA task)
+    feat_weight: float = bounded(1.0, low=0)  # masked-feature regression
+    obj_weight: float = bounded(1.0, low=0)  # masked-object classes
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fields(self, "training", ".")
 
 
@@ -118,7 +111,7 @@ class Lxmert(VLModel):
     family = "lxmert"
     config_class = LxmertConfig
     training_class = LxmertTraining
-    capabilities = (Answers, MatchesImageText)
+    capabilities = (Answers, Verifies, MatchesImageText, ReadsRegions)
     towers = {"text": "text", "image": "visual"}
     export_formats = {"hf": "vlmkit.interop.hf_lxmert:export"}
     example_config = {"answers": ["yes", "no", "0", "1", "2"]}
@@ -135,19 +128,20 @@ class Lxmert(VLModel):
         self.cross = torch.nn.ModuleList(
             CoAttentionBlock(width, heads, self_attention=True, shared_cross=True, **common) for _ in range(config.x_layers))
         self.pooler = Pooler(width)
+        self.heads = FusionHeads(width, len(config.answers), "mlp", eps)
         if config.pretraining_heads:
             self.mlm_head = BertLMHead(width, config.vocab_size, config.activation, eps)
-            self.itm_head = torch.nn.Linear(width, 2)
             sizes = {"feat": config.visual_feat_dim, **({"obj": config.num_object_labels} if config.num_object_labels else {})}
             self.region_head = RegionHead(width, sizes, config.activation, eps)
-        self.answer_head = AnswerHead(width, len(config.answers), eps) if config.answers else None
+        else:  # an HF checkpoint: at most the answer head
+            self.heads.reasoning = self.heads.itm = None
         self.visual = build_vision_tower(config.vision, None) if config.vision is not None else None
         if self.visual is not None:
             self.visual_inputs = VisualInputs(config.visual, config.vision.image_size, num_classes=len(config.region_classes))
         # What this instance can do: a feature-only model (an HF checkpoint) cannot read pixels.
-        can_see = self.visual is not None
-        self.capabilities = tuple(c for c, present in ((Answers, can_see and self.answer_head is not None),
-                                                       (MatchesImageText, can_see and config.pretraining_heads)) if present)
+        present = {Answers: self.heads.answer is not None, Verifies: config.pretraining_heads,
+                   MatchesImageText: config.pretraining_heads, ReadsRegions: True}
+        self.capabilities = tuple(c for c in self.capabilities if self.visual is not None and present[c])
 
     # ---- the encoder ------------------------------------------------------------------------
     def encode(self, tokens: torch.Tensor, visual_feats: torch.Tensor, visual_pos: torch.Tensor,
@@ -174,8 +168,9 @@ class Lxmert(VLModel):
             mask = batch.get("visual_mask")
             out = {"feats": feats, "pos": batch["visual_pos"],
                    "mask": torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device) if mask is None else mask}
-            if "region_labels" in batch:
-                out["labels"] = batch["region_labels"]
+            if "region_labels" in batch and self.config.num_object_labels:
+                labels = batch["region_labels"]  # (B, N) class ids, -1 = none: as one-hot distributions
+                out["label_dist"] = F.one_hot(labels.clamp(min=0), self.config.num_object_labels).float() * (labels >= 0)[..., None]
             return out
         tokens = self.visual_inputs(backbone_grid(self.visual, batch["pixels"]), batch, generator)
         out = {"feats": tokens.features, "pos": tokens.geometry[..., :4], "mask": tokens.mask}  # LXMERT's 4-d normalised box
@@ -185,96 +180,73 @@ class Lxmert(VLModel):
 
     def answer_logits(self, tokens: torch.Tensor, visual_feats: torch.Tensor, visual_pos: torch.Tensor,
                       visual_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The QA head's logits (B, A) (HF's `question_answering_score`)."""
-        if self.answer_head is None:
-            raise UserError("this LXMERT model has no question-answering head (no answer vocabulary); fine-tune it on "
-                            "records with 'qa' first")
-        return self.answer_head(self.encode(tokens, visual_feats, visual_pos, visual_mask=visual_mask)[2])
+        """The answer head's logits (B, A) (HF's `question_answering_score`)."""
+        if self.heads.answer is None:
+            raise UserError("this LXMERT model has no answer head (no answer vocabulary); fine-tune it with task=vqa "
+                            "on records with 'qa'")
+        return self.heads.answer(self.encode(tokens, visual_feats, visual_pos, visual_mask=visual_mask)[2])
 
-    # ---- pre-training -------------------------------------------------------------------------
+    # ---- training -----------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        options = self.training_options
         if not self.config.pretraining_heads:
             raise UserError("this LXMERT model has no pre-training heads (an HF LxmertModel / ForQuestionAnswering "
-                            "checkpoint); build it with pretraining_heads=true to pre-train")
-        options, config = self.training_options, self.config
-        tokens = batch["tokens"]  # (B, L)
-        batch_size, device = tokens.shape[0], tokens.device
-        generator = torch.Generator().manual_seed(int(batch.get("seed", 0)))
+                            "checkpoint); build it with pretraining_heads=true to train it")
+        generator = torch.Generator().manual_seed(int(batch.get("batch_seed", 0)))
         visual = self.visual_features(batch, generator)
-        feats, boxes, real_regions = visual["feats"], visual["pos"], visual["mask"]  # (B, N, F), (B, N, 4), (B, N)
-        # ITM: a share of the rows see another row's image.
-        matched, source = mismatched_images(batch_size, options.mismatch_probability, generator, device)
-        feats, boxes, real_regions = feats[source], boxes[source], real_regions[source]
-        # MLM on the text, masked object prediction on the (possibly swapped) regions.
-        maskable = maskable_tokens(tokens, config.pad_token_id, config.eos_token_id)
-        corrupted, mlm_labels = mask_tokens(tokens, maskable, config.mask_token_id, config.vocab_size,
-                                            options.mlm_probability, generator)
-        masked_regions = mask_regions(real_regions, options.region_mask_probability, generator)  # (B, N)
-        inputs = feats.masked_fill(masked_regions[..., None], 0.0)  # LXMERT zeroes the masked features
-        language, vision, pooled = self.encode(corrupted, inputs, boxes, batch.get("token_types"), real_regions)
-
-        mlm_logits = self.mlm_head(language, self.text.token_embedding.weight)  # (B, L, V)
-        mlm = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE_INDEX)
-        itm_logits = self.itm_head(pooled)  # (B, 2)
-        itm = F.cross_entropy(itm_logits, matched.long())
+        feats, boxes, real = visual["feats"], visual["pos"], visual["mask"]  # (B, N, F), (B, N, 4), (B, N)
+        tokens = batch["tokens"]  # (B, L), already masked by the dataset in pre-training
+        if options.task != "pretrain":
+            pooled = self.encode(tokens, feats, boxes, visual_mask=real)[2]
+            loss, logs, logits = fusion_task_loss(self.heads, pooled, batch, options.task)
+            return ModelOutput(loss=loss, logs=detached_logs(**logs, loss=loss), logits=logits)
+        matched = batch["itm_labels"].bool()  # (B,)
+        masked = mask_regions(real & matched[:, None], options.region_mask_probability, generator)  # (B, N)
+        language, vision, pooled = self.encode(tokens, feats.masked_fill(masked[..., None], 0.0), boxes, visual_mask=real)
+        itm, logs, logits = fusion_task_loss(self.heads, pooled, batch, "pretrain")
+        loss = options.itm_weight * itm + idle_heads_term(self.heads, pooled)
+        mlm_labels = batch.get("mlm_labels")
+        if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
+            mlm_logits = self.mlm_head(language, self.text.token_embedding.weight)  # (B, L, V)
+            mlm = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+            loss = loss + options.mlm_weight * mlm
+            logs["mlm_loss"] = mlm
         predicted = self.region_head(vision)  # name -> (B, N, size)
-        on_own_image = masked_regions & matched[:, None]  # a swapped image's regions are not the text's to predict
-        region = feature_regression_loss(predicted["feat"], feats.detach(), on_own_image)
-        logs = {"mlm_loss": mlm, "itm_loss": itm, "feat_loss": region,
-                "itm_acc": (itm_logits.argmax(-1) == matched.long()).float().mean()}
+        feat = feature_regression_loss(predicted["feat"], feats.detach(), masked)
+        loss = loss + options.feat_weight * feat
+        logs["feat_loss"] = feat
         if "obj" in predicted:
-            obj = predicted["obj"].sum() * 0.0  # keeps the head in the graph when the batch has no classes
-            if "label_dist" in visual:  # soft targets: each token's share of every class (0 = background)
-                obj = soft_region_loss(predicted["obj"], visual["label_dist"][source], on_own_image)
-            elif "labels" in visual:
-                labels = visual["labels"][source].masked_fill(~on_own_image, IGNORE_INDEX)  # (B, N)
-                labels = labels.masked_fill(labels < 0, IGNORE_INDEX)
-                if (labels != IGNORE_INDEX).any():
-                    obj = F.cross_entropy(predicted["obj"].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-            region = region + obj
+            obj = (masked_region_kl_loss(predicted["obj"], visual["label_dist"], masked) if "label_dist" in visual
+                   else predicted["obj"].sum() * 0.0)  # keeps the head in the graph when the batch has no classes
+            loss = loss + options.obj_weight * obj
             logs["obj_loss"] = obj
-        loss = options.mlm_weight * mlm + options.itm_weight * itm + options.region_weight * region
-        if self.answer_head is not None:
-            answer_logits = self.answer_head(pooled)  # (B, A)
-            has_answer = batch.get("has_answer", torch.zeros(batch_size, dtype=torch.bool, device=device)) & matched
-            if "answer_scores" in batch and has_answer.any():
-                scores = batch["answer_scores"][has_answer]  # (Bq, A) soft scores
-                qa = F.binary_cross_entropy_with_logits(answer_logits[has_answer], scores) * scores.shape[1]
-                logs["qa_loss"] = qa
-            else:  # keeps the head in the graph (DDP, every-parameter tests)
-                qa = answer_logits.sum() * 0.0
-            loss = loss + options.qa_weight * qa
-        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, **logs), logits=mlm_logits)
+        return ModelOutput(loss=loss, logs=detached_logs(**logs, loss=loss), logits=logits)
 
     # ---- hooks ------------------------------------------------------------------------------
     @classmethod
     def adapt_config_to_tokenizer(cls, config: dict, tokenizer) -> dict:
-        """Vocabulary size and the pad / [SEP] / [MASK] ids from the tokenizer (a wordpiece one has [MASK])."""
+        """Vocabulary size and the pad id from the tokenizer (the dataset masks with its [MASK])."""
         config["vocab_size"] = tokenizer.vocab_size
         config["pad_token_id"] = tokenizer.pad_id
-        config["eos_token_id"] = tokenizer.eos_id
-        mask_id = getattr(tokenizer, "mask_id", None)
-        if mask_id is None and config.get("pretraining_heads", True):
-            if not hasattr(tokenizer, "add_special_tokens"):  # a stand-in vocabulary (dry run): its last id
-                mask_id = tokenizer.vocab_size - 1
-            else:
-                raise UserError("LXMERT pre-training needs a tokenizer with a [MASK] token; use tokenizer: wordpiece")
-        config["mask_token_id"] = mask_id
         tokenizer.context_length = min(tokenizer.context_length, config.get("context_length", 512))
         return config
 
     @classmethod
     def adapt_config_to_data(cls, config: dict, records: list[dict]) -> dict:
-        """With an image tower: the object names of the records (the masked-object classes), and the
-        `max_answers` most frequent answers (the QA head) when the records have questions."""
+        """The answer vocabulary and, with an image tower, the object names (masked-object classes) of the records."""
+        from vlmkit.data.records import answer_vocabulary
         from vlmkit.encoders.regions import region_classes
-        from vlmkit.encoders.twostream import answer_vocabulary
 
-        if config.get("vision") is not None and not config.get("region_classes"):
-            config["region_classes"] = region_classes(records)
-        if not config.get("answers"):
-            config["answers"] = answer_vocabulary(records, config.get("max_answers", LxmertConfig.max_answers))
+        answers = answer_vocabulary(records, config.get("max_answers", LxmertConfig.max_answers))
+        if answers:
+            config["answers"] = answers
+        classes = region_classes(records)
+        if classes and config.get("vision") is not None:
+            config["region_classes"] = classes
         return config
+
+    def adapt_init_state(self, state, expected):
+        return keep_fresh_heads(state, expected)
 
     @classmethod
     def tokenizer_texts(cls, records: list[dict]) -> list[str]:
@@ -283,22 +255,25 @@ class Lxmert(VLModel):
         return record_texts(records, questions=True, statements=True)
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
-        from vlmkit.encoders.twostream import RegionTextDataset
-
         if self.visual is None:
             raise UserError("this LXMERT model has no image tower (it reads precomputed region features), so it cannot "
                             "train on images; build it with a vision section")
-        return RegionTextDataset(records, transform, tokenizer, seed, self.config.vision.image_size, self.config.region_classes,
-                                 self.config.visual.max_regions, self.config.answers, self.training_options.question_fraction)
+        config = self.config
+        return FusionTaskDataset(records, transform, tokenizer, self.training_options, self.family, config.answers,
+                                 config.region_classes, config.visual, config.vision.image_size, config.vocab_size, seed=seed)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A pre-training batch: captions with a masked token each, alternate rows matched, regions or features."""
         from vlmkit.encoders.lm import random_tokens
 
         config = self.config
         generator = torch.Generator().manual_seed(seed)
-        eos = config.eos_token_id if config.eos_token_id is not None else config.vocab_size - 1
-        tokens = random_tokens(config.vocab_size, min(config.context_length, 16), eos, config.pad_token_id, batch_size, generator)
-        batch = {"tokens": tokens, "seed": seed}
+        tokens = random_tokens(config.vocab_size, min(config.context_length, 16), config.vocab_size - 1, config.pad_token_id,
+                               batch_size, generator)
+        labels = torch.full_like(tokens, IGNORE)
+        labels[:, 1] = tokens[:, 1]
+        batch = {"tokens": tokens, "mlm_labels": labels, "itm_labels": (torch.arange(batch_size) + 1) % 2,
+                 "batch_seed": seed}
         if config.vision is not None:
             size = config.vision.image_size
             batch["pixels"] = torch.randn(batch_size, 3, size, size, generator=generator)
@@ -310,51 +285,61 @@ class Lxmert(VLModel):
             batch["visual_pos"] = corners.transpose(2, 3).reshape(batch_size, regions, 4)
             if config.num_object_labels:
                 batch["region_labels"] = torch.randint(config.num_object_labels, (batch_size, regions), generator=generator)
-        if config.answers:
-            batch["answer_scores"] = torch.rand(batch_size, len(config.answers), generator=generator).round()
-            batch["has_answer"] = torch.ones(batch_size, dtype=torch.bool)
         return batch
 
     # ---- capabilities -------------------------------------------------------------------------
-    def _pixel_batch(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.visual_features({"pixels": pixels.to(self.device)})
+    def region_inputs(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The records' object boxes where the evaluation transform puts them (`ReadsRegions`)."""
+        config = self.config
+        return region_inputs(records, self.transform, config.visual, config.vision.image_size, config.region_classes)
+
+    def _pooled(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None) -> torch.Tensor:
+        batch = {key: value.to(self.device) for key, value in (regions or {}).items()}
+        visual = self.visual_features({**batch, "pixels": pixels.to(self.device)})
+        return self.encode(tokens.to(self.device), visual["feats"], visual["pos"], visual_mask=visual["mask"])[2]
 
     @torch.no_grad()
-    def answer(self, pixels: torch.Tensor, questions: list[str], **_) -> list[str]:
-        """The QA head's highest-scoring answer for each (image, question)."""
-        visual = self._pixel_batch(pixels)
-        logits = self.answer_logits(self.tokenize(questions).to(self.device), visual["feats"], visual["pos"], visual["mask"])
+    def answer(self, pixels: torch.Tensor, questions: list[str], regions: dict | None = None, **_) -> list[str]:
+        """The answer head's highest-scoring answer for each (image, question); `regions` from `region_inputs`."""
+        if self.heads.answer is None:
+            raise UserError("this LXMERT model has no answer head; fine-tune it with task=vqa on records with 'qa'")
+        logits = self.heads.answer(self._pooled(pixels, self.tokenize(questions), regions))
         return [self.config.answers[i] for i in logits.argmax(-1).tolist()]
+
+    @torch.no_grad()
+    def verify(self, pixels: torch.Tensor, statements: list[str], regions: dict | None = None) -> torch.Tensor:
+        """(B,) probability that each statement is true of its image."""
+        return torch.sigmoid(self.heads.reasoning(self._pooled(pixels, self.tokenize(statements), regions))[:, 0]).cpu()
+
+    @torch.no_grad()
+    def match(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None = None) -> torch.Tensor:
+        """(B,) probability that text row b describes image row b (softmax of the ITM head)."""
+        return self.heads.itm(self._pooled(pixels, tokens, regions)).softmax(-1)[:, 1].cpu()
 
     def image_match_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, N, F + 4 + 1): each image's region features, boxes and mask, packed for `match_scores`."""
-        visual = self._pixel_batch(pixels)
+        visual = self.visual_features({"pixels": pixels.to(self.device)})
         return torch.cat([visual["feats"], visual["pos"], visual["mask"][..., None].to(visual["feats"].dtype)], dim=-1)
 
     def match_scores(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,) the ITM head's log-odds that text row b matches image-feature row b."""
-        feats, pos, mask = image_features.split([self.config.visual_feat_dim, 4, 1], dim=-1)
-        logits = self.itm_head(self.encode(tokens.to(self.device), feats, pos, visual_mask=mask[..., 0] > 0.5)[2])  # (B, 2)
-        return logits[:, 1] - logits[:, 0]  # matched_label 1 = match
-
-    @torch.no_grad()
-    def match(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,) probability that text row b describes image row b."""
-        return torch.sigmoid(self.match_scores(self.image_match_features(pixels), tokens)).cpu()
+        """(B,) the ITM "match" logit minus the "no match" one, of text row b against image-feature row b."""
+        feats, pos, mask = image_features.split([self.config.visual_feat_dim, self.config.visual_pos_dim, 1], dim=-1)
+        logits = self.heads.itm(self.encode(tokens.to(self.device), feats, pos, visual_mask=mask[..., 0] > 0.5)[2])
+        return logits[:, 1] - logits[:, 0]
 
 
 register_config("lxmert-tiny", "lxmert", tiny=True, config={
-    # 2 language, 1 relationship, 2 cross-modality layers at width 64 over a 2-block ViT's 4x4 grid at
-    # 64 px (the whole image + 16 cells as visual tokens: `vlmkit eval` gives pixels only, no boxes).
+    # 2 language, 1 relationship, 2 cross-modality layers at width 64 over a 2-block ViT's 4 x 4 grid at
+    # 64 px: the whole image, the object boxes (RoIAlign) or, for an image without boxes, the 16 cells.
     "vocab_size": 1024, "context_length": 32, "width": 64, "heads": 4, "l_layers": 2, "r_layers": 1, "x_layers": 2,
-    "eos_token_id": 2, "mask_token_id": 3, "region_classes": ["circle", "square", "triangle"],
+    "region_classes": ["circle", "square", "triangle"],
     "vision": {"type": "vit", "image_size": 64, "patch_size": 16, "width": 64, "depth": 2, "heads": 4},
-    "visual": {"source": "grid"},
+    "visual": {"source": "auto", "max_regions": 8},
 })
 register_config("lxmert-tiny-features", "lxmert", config={
     # The same stacks reading 32-d region features directly (HF's interface; no image tower).
     "vocab_size": 1024, "context_length": 32, "width": 64, "heads": 4, "l_layers": 2, "r_layers": 1, "x_layers": 2,
-    "visual_feat_dim": 32, "eos_token_id": 2, "mask_token_id": 3, "num_object_labels": 8,
+    "visual_feat_dim": 32, "num_object_labels": 8,
 })
 register_config("lxmert-base", "lxmert", {
     # The paper's (and unc-nlp/lxmert-base-uncased's) sizes: 9 / 5 / 5 layers, 2048-d detector features.

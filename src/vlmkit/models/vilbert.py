@@ -13,12 +13,11 @@ co_layers text layers with the first co_layers visual layers; the attention's in
 the querying stream's width (the original has a separate `bi_hidden_size`). Region 0 is the
 whole image (`visual.image_region`, the paper's IMG token: the mean of the grid).
 
-Pre-training (the paper's two proxy tasks plus MLM's usual set-up): masked multi-modal modelling
-(15% of the text tokens, BERT's 80/10/10; 15% of the regions have their features zeroed and the
-model predicts the region's class distribution, KL against it, computed as a soft-target CE) and
-multi-modal alignment prediction (half the pairs get another row's image; a linear head on
-pooled_t * pooled_v, 1 = aligned). With an answer vocabulary the VQA head (a 2-layer MLP on the
-same product) trains on the batch's questions. A step's masks come from `batch["seed"]`.
+Tasks and heads are the fusion encoders' (`encoders.fusion`), on the fused pooled_t * pooled_v:
+`task=pretrain` is the paper's two proxy tasks — masked multi-modal modelling (MLM on matched pairs,
+BERT's 80/10/10; on matched pairs 15% of the regions have their features zeroed and the model
+predicts each one's class distribution, KL against it) and multi-modal alignment prediction (the
+ITM head, `itm_labels` 1 = aligned); `vqa`, `reasoning` and `retrieval` fine-tune the shared heads.
 """
 from __future__ import annotations
 
@@ -27,16 +26,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vlmkit.capabilities import Answers, MatchesImageText
+from typing import Sequence
+
+from vlmkit.capabilities import Answers, MatchesImageText, ReadsRegions, Verifies
 from vlmkit.config import bounded, check_fields
 from vlmkit.encoders.config import VisionConfig, build_vision_tower
 from vlmkit.encoders.regions import VisualInputConfig, VisualInputs, backbone_grid, random_regions
-from vlmkit.encoders.twostream import (IGNORE_INDEX, AnswerHead, Pooler, RegionEmbedding, RegionHead, mask_regions,
-                                       mask_tokens, maskable_tokens, mismatched_images, soft_region_loss)
+from vlmkit.encoders.fusion import IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss, keep_fresh_heads
+from vlmkit.encoders.twostream import idle_heads_term, Pooler, RegionEmbedding, RegionHead, mask_regions, region_inputs
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.mlp import BertLMHead
 from vlmkit.layers.transformer import CoAttentionBlock, TokenTransformer, Transformer
+from vlmkit.losses import masked_region_kl_loss
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
@@ -59,8 +61,6 @@ class ViLBERTConfig:
     activation: str = "gelu"
     norm_eps: float = bounded(1e-12, low=0, low_open=True)
     pad_token_id: int = 0
-    eos_token_id: int | None = 102
-    mask_token_id: int | None = 103
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(type="vit", image_size=224, patch_size=16))
     visual: VisualInputConfig = field(default_factory=VisualInputConfig)
     region_classes: list[str] = field(default_factory=list)  # the masked-region classes (with background: 1 + K)
@@ -77,23 +77,17 @@ class ViLBERTConfig:
                             f"(v_layers {self.v_layers}) layers; lower co_layers or add layers")
         if self.vision.type != "vit":
             raise UserError("the ViLBERT image tower must be a ViT (vision.type: vit), whose grid width is vision.width")
-        if self.mask_token_id is None:
-            raise UserError("ViLBERT pre-training masks tokens but the config has no mask_token_id; "
-                            "train with a tokenizer that has [MASK] (tokenizer: wordpiece)")
 
 
 @dataclass
-class ViLBERTTraining:
-    mlm_probability: float = bounded(0.15, low=0, high=1)
+class ViLBERTTraining(FusionTraining):
+    """The fusion options (task, MLM, ITM) plus ViLBERT's masked region classification."""
+
     region_mask_probability: float = bounded(0.15, low=0, high=1)
-    mismatch_probability: float = bounded(0.5, low=0, high=1)
-    mlm_weight: float = bounded(1.0, low=0)
     region_weight: float = bounded(1.0, low=0)
-    itm_weight: float = bounded(1.0, low=0)
-    qa_weight: float = bounded(1.0, low=0)
-    question_fraction: float = bounded(0.3, low=0, high=1)  # samples that are a question with its answers
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fields(self, "training", ".")
 
 
@@ -102,7 +96,7 @@ class ViLBERT(VLModel):
     family = "vilbert"
     config_class = ViLBERTConfig
     training_class = ViLBERTTraining
-    capabilities = (Answers, MatchesImageText)
+    capabilities = (Answers, Verifies, MatchesImageText, ReadsRegions)
     towers = {"text": "text", "image": "visual"}
     example_config = {"answers": ["yes", "no", "0", "1", "2"]}
 
@@ -124,12 +118,11 @@ class ViLBERT(VLModel):
         self.text_pooler, self.image_pooler = Pooler(config.width), Pooler(config.v_width)
         self.image_to_text = torch.nn.Linear(config.v_width, config.width)  # pooled_v into the text width for the product
         self.mlm_head = BertLMHead(config.width, config.vocab_size, act, eps)
-        self.itm_head = torch.nn.Linear(config.width, 2)
+        self.heads = FusionHeads(config.width, len(config.answers), "mlp", eps)  # on pooled_t * pooled_v
         num_classes = 1 + len(config.region_classes) if config.region_classes else 0
         self.region_head = RegionHead(config.v_width, {"cls": num_classes}, act, eps) if num_classes else None
-        self.answer_head = AnswerHead(config.width, len(config.answers), eps) if config.answers else None
-        if self.answer_head is None:
-            self.capabilities = (MatchesImageText,)
+        if self.heads.answer is None:
+            self.capabilities = tuple(c for c in self.capabilities if c is not Answers)
 
     # ---- the encoder ------------------------------------------------------------------------
     def visual_features(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -163,69 +156,60 @@ class ViLBERT(VLModel):
         fused = self.text_pooler(text) * self.image_to_text(self.image_pooler(image))  # (B, Dt)
         return text, image, fused
 
-    # ---- pre-training -------------------------------------------------------------------------
+    # ---- training -----------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        options, config = self.training_options, self.config
-        tokens = batch["tokens"]  # (B, L)
-        batch_size, device = tokens.shape[0], tokens.device
-        generator = torch.Generator().manual_seed(int(batch.get("seed", 0)))
+        options = self.training_options
+        generator = torch.Generator().manual_seed(int(batch.get("batch_seed", 0)))
         visual = self.visual_features(batch, generator)
-        matched, source = mismatched_images(batch_size, options.mismatch_probability, generator, device)
-        feats, pos, real = visual["feats"][source], visual["pos"][source], visual["mask"][source]
-        corrupted, mlm_labels = mask_tokens(tokens, maskable_tokens(tokens, config.pad_token_id, config.eos_token_id),
-                                            config.mask_token_id, config.vocab_size, options.mlm_probability, generator)
-        masked = mask_regions(real, options.region_mask_probability, generator)  # (B, N)
-        text, image, fused = self.encode(corrupted, feats.masked_fill(masked[..., None], 0.0), pos, real)
-        mlm_logits = self.mlm_head(text, self.text.token_embedding.weight)  # (B, L, V)
-        mlm = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE_INDEX)
-        itm_logits = self.itm_head(fused)  # (B, 2)
-        itm = F.cross_entropy(itm_logits, matched.long())
-        loss = options.mlm_weight * mlm + options.itm_weight * itm
-        logs = {"mlm_loss": mlm, "itm_loss": itm, "itm_acc": (itm_logits.argmax(-1) == matched.long()).float().mean()}
+        feats, pos, real = visual["feats"], visual["pos"], visual["mask"]  # (B, N, F), (B, N, 5), (B, N)
+        tokens = batch["tokens"]  # (B, L), already masked by the dataset in pre-training
+        if options.task != "pretrain":
+            fused = self.encode(tokens, feats, pos, real)[2]
+            loss, logs, logits = fusion_task_loss(self.heads, fused, batch, options.task)
+            return ModelOutput(loss=loss, logs=detached_logs(**logs, loss=loss), logits=logits)
+        matched = batch["itm_labels"].bool()  # (B,)
+        masked = mask_regions(real & matched[:, None], options.region_mask_probability, generator)  # (B, N)
+        text, image, fused = self.encode(tokens, feats.masked_fill(masked[..., None], 0.0), pos, real)
+        itm, logs, logits = fusion_task_loss(self.heads, fused, batch, "pretrain")
+        loss = options.itm_weight * itm + idle_heads_term(self.heads, fused)
+        mlm_labels = batch.get("mlm_labels")
+        if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
+            mlm_logits = self.mlm_head(text, self.text.token_embedding.weight)  # (B, L, V)
+            mlm = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+            loss = loss + options.mlm_weight * mlm
+            logs["mlm_loss"] = mlm
         if self.region_head is not None:
-            logits = self.region_head(image)["cls"]  # (B, N, 1 + K)
-            if "label_dist" in visual:
-                region = soft_region_loss(logits, visual["label_dist"][source], masked & matched[:, None])
-            else:
-                region = logits.sum() * 0.0
+            region_logits = self.region_head(image)["cls"]  # (B, N, 1 + K)
+            region = (masked_region_kl_loss(region_logits, visual["label_dist"], masked) if "label_dist" in visual
+                      else region_logits.sum() * 0.0)  # keeps the head in the graph when the batch has no classes
             loss = loss + options.region_weight * region
             logs["region_loss"] = region
-        if self.answer_head is not None:
-            answer_logits = self.answer_head(fused)  # (B, A)
-            has_answer = batch.get("has_answer", torch.zeros(batch_size, dtype=torch.bool, device=device)) & matched
-            if "answer_scores" in batch and has_answer.any():
-                scores = batch["answer_scores"][has_answer]  # (Bq, A)
-                qa = F.binary_cross_entropy_with_logits(answer_logits[has_answer], scores) * scores.shape[1]
-                logs["qa_loss"] = qa
-            else:
-                qa = answer_logits.sum() * 0.0
-            loss = loss + options.qa_weight * qa
-        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, **logs), logits=mlm_logits)
+        return ModelOutput(loss=loss, logs=detached_logs(**logs, loss=loss), logits=logits)
 
     # ---- hooks ------------------------------------------------------------------------------
     @classmethod
     def adapt_config_to_tokenizer(cls, config: dict, tokenizer) -> dict:
-        """Vocabulary size and the pad / [SEP] / [MASK] ids from the tokenizer (a wordpiece one has [MASK])."""
-        mask_id = getattr(tokenizer, "mask_id", None)
-        if mask_id is None:
-            if hasattr(tokenizer, "add_special_tokens"):
-                raise UserError("ViLBERT pre-training needs a tokenizer with a [MASK] token; use tokenizer: wordpiece")
-            mask_id = tokenizer.vocab_size - 1  # a stand-in vocabulary (dry run): its last id
-        config.update(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-                      mask_token_id=mask_id)
+        """Vocabulary size and the pad id from the tokenizer (the dataset masks with its [MASK])."""
+        config.update(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
         tokenizer.context_length = min(tokenizer.context_length, config.get("context_length", 512))
         return config
 
     @classmethod
     def adapt_config_to_data(cls, config: dict, records: list[dict]) -> dict:
+        """The answer vocabulary and the object names (masked-region classes) of the training records."""
+        from vlmkit.data.records import answer_vocabulary
         from vlmkit.encoders.regions import region_classes
-        from vlmkit.encoders.twostream import answer_vocabulary
 
-        if not config.get("region_classes"):
-            config["region_classes"] = region_classes(records)
-        if not config.get("answers"):
-            config["answers"] = answer_vocabulary(records, config.get("max_answers", ViLBERTConfig.max_answers))
+        answers = answer_vocabulary(records, config.get("max_answers", ViLBERTConfig.max_answers))
+        if answers:
+            config["answers"] = answers
+        classes = region_classes(records)
+        if classes:
+            config["region_classes"] = classes
         return config
+
+    def adapt_init_state(self, state, expected):
+        return keep_fresh_heads(state, expected)
 
     @classmethod
     def tokenizer_texts(cls, records: list[dict]) -> list[str]:
@@ -234,34 +218,51 @@ class ViLBERT(VLModel):
         return record_texts(records, questions=True, statements=True)
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
-        from vlmkit.encoders.twostream import RegionTextDataset
-
-        return RegionTextDataset(records, transform, tokenizer, seed, self.config.vision.image_size, self.config.region_classes,
-                                 self.config.visual.max_regions, self.config.answers, self.training_options.question_fraction)
+        config = self.config
+        return FusionTaskDataset(records, transform, tokenizer, self.training_options, self.family, config.answers,
+                                 config.region_classes, config.visual, config.vision.image_size, config.vocab_size, seed=seed)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A pre-training batch: captions with a masked token each, alternate rows matched, regions (one image without)."""
         from vlmkit.encoders.lm import random_tokens
 
         config = self.config
         generator = torch.Generator().manual_seed(seed)
-        eos = config.eos_token_id if config.eos_token_id is not None else config.vocab_size - 1
         size = config.vision.image_size
-        batch = {"tokens": random_tokens(config.vocab_size, min(config.context_length, 16), eos, config.pad_token_id,
-                                         batch_size, generator),
-                 "pixels": torch.randn(batch_size, 3, size, size, generator=generator), "seed": seed,
-                 **random_regions(batch_size, size, len(config.region_classes), generator)}
-        if config.answers:
-            batch["answer_scores"] = torch.rand(batch_size, len(config.answers), generator=generator).round()
-            batch["has_answer"] = torch.ones(batch_size, dtype=torch.bool)
-        return batch
+        tokens = random_tokens(config.vocab_size, min(config.context_length, 16), config.vocab_size - 1, config.pad_token_id,
+                               batch_size, generator)
+        labels = torch.full_like(tokens, IGNORE)
+        labels[:, 1] = tokens[:, 1]
+        return {"tokens": tokens, "mlm_labels": labels, "itm_labels": (torch.arange(batch_size) + 1) % 2, "batch_seed": seed,
+                "pixels": torch.randn(batch_size, 3, size, size, generator=generator),
+                **random_regions(batch_size, size, len(config.region_classes), generator)}
 
     # ---- capabilities -------------------------------------------------------------------------
+    def region_inputs(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The records' object boxes where the evaluation transform puts them (`ReadsRegions`)."""
+        config = self.config
+        return region_inputs(records, self.transform, config.visual, config.vision.image_size, config.region_classes)
+
+    def _fused(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None) -> torch.Tensor:
+        batch = {key: value.to(self.device) for key, value in (regions or {}).items()}
+        visual = self.visual_features({**batch, "pixels": pixels.to(self.device)})
+        return self.encode(tokens.to(self.device), visual["feats"], visual["pos"], visual["mask"])[2]
+
     @torch.no_grad()
-    def answer(self, pixels: torch.Tensor, questions: list[str], **_) -> list[str]:
-        """The VQA head's highest-scoring answer for each (image, question)."""
-        visual = self.visual_features({"pixels": pixels.to(self.device)})
-        fused = self.encode(self.tokenize(questions).to(self.device), visual["feats"], visual["pos"], visual["mask"])[2]
-        return [self.config.answers[i] for i in self.answer_head(fused).argmax(-1).tolist()]
+    def answer(self, pixels: torch.Tensor, questions: list[str], regions: dict | None = None, **_) -> list[str]:
+        """The answer head's highest-scoring answer for each (image, question); `regions` from `region_inputs`."""
+        logits = self.heads.answer(self._fused(pixels, self.tokenize(questions), regions))
+        return [self.config.answers[i] for i in logits.argmax(-1).tolist()]
+
+    @torch.no_grad()
+    def verify(self, pixels: torch.Tensor, statements: list[str], regions: dict | None = None) -> torch.Tensor:
+        """(B,) probability that each statement is true of its image."""
+        return torch.sigmoid(self.heads.reasoning(self._fused(pixels, self.tokenize(statements), regions))[:, 0]).cpu()
+
+    @torch.no_grad()
+    def match(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None = None) -> torch.Tensor:
+        """(B,) probability that text row b describes image row b (softmax of the alignment head)."""
+        return self.heads.itm(self._fused(pixels, tokens, regions)).softmax(-1)[:, 1].cpu()
 
     def image_match_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, N, F + 5 + 1): each image's region features, locations and mask, packed for `match_scores`."""
@@ -269,25 +270,20 @@ class ViLBERT(VLModel):
         return torch.cat([visual["feats"], visual["pos"], visual["mask"][..., None].to(visual["feats"].dtype)], dim=-1)
 
     def match_scores(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,) the alignment head's log-odds that text row b matches image-feature row b."""
+        """(B,) the alignment head's "match" logit minus the "no match" one, of text row b against image row b."""
         feats, pos, mask = image_features.split([self.config.vision.width, LOCATION_DIM, 1], dim=-1)
-        logits = self.itm_head(self.encode(tokens.to(self.device), feats, pos, mask[..., 0] > 0.5)[2])  # (B, 2)
+        logits = self.heads.itm(self.encode(tokens.to(self.device), feats, pos, mask[..., 0] > 0.5)[2])  # (B, 2)
         return logits[:, 1] - logits[:, 0]
-
-    @torch.no_grad()
-    def match(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,) probability that text row b describes image row b."""
-        return torch.sigmoid(self.match_scores(self.image_match_features(pixels), tokens)).cpu()
 
 
 register_config("vilbert-tiny", "vilbert", tiny=True, config={
     # Text stream 3 layers at 64 (the last 2 co-attentional), visual stream 2 layers at 48 over a
-    # 2-block ViT's 4 x 4 grid at 64 px plus the whole image (vlmkit eval gives pixels only, no boxes).
+    # 2-block ViT's 4 x 4 grid at 64 px: the whole image, then the object boxes (RoIAlign) or the 16 cells.
     "vocab_size": 1024, "context_length": 32, "width": 64, "heads": 4, "t_layers": 3,
     "v_width": 48, "v_heads": 4, "v_layers": 2, "v_mlp_ratio": 2.0, "co_layers": 2,
-    "eos_token_id": 2, "mask_token_id": 3, "region_classes": ["circle", "square", "triangle"],
+    "region_classes": ["circle", "square", "triangle"],
     "vision": {"type": "vit", "image_size": 64, "patch_size": 16, "width": 64, "depth": 2, "heads": 4},
-    "visual": {"source": "grid"},
+    "visual": {"source": "auto", "max_regions": 8},
 })
 register_config("vilbert-base", "vilbert", {
     # bert_base_6layer_6conect: BERT-base text, a 6-layer 1024-wide visual stream, 6 co-attention layers.
