@@ -14,7 +14,8 @@ mkdir -p "$OUT"
 [ -f "$DATA/train.jsonl" ] || $V data synth --out "$DATA" --n 2000 --no-progress
 $V baseline vqa-majority --train "$DATA/train.jsonl" --data "$DATA/test.jsonl" > "$OUT/vqa-majority.json"
 $V baseline reasoning-majority --train "$DATA/train.jsonl" --data "$DATA/test.jsonl" > "$OUT/reasoning-majority.json"
-$V train --recipe "$RECIPE" --data "$DATA/train.jsonl" --out "$OUT/pretrain" steps=$PRE $COMMON > "$OUT/pretrain.json"
+[ -f "$OUT/pretrain/model.safetensors" ] ||  # a rerun keeps a finished pre-training
+  $V train --recipe "$RECIPE" --data "$DATA/train.jsonl" --out "$OUT/pretrain" steps=$PRE $COMMON > "$OUT/pretrain.json"
 for task in vqa reasoning; do
   $V train --recipe "$RECIPE" --data "$DATA/train.jsonl" --out "$OUT/$task-pretrained" --init "$OUT/pretrain" \
      task=$task steps=$FT $COMMON > "$OUT/$task-pretrained.train.json"
