@@ -2,9 +2,7 @@
 
 Candidates are ranked by the cosine of the models' embeddings (ITC). With `rerank_k` (BLIP's
 protocol, train_retrieval.py) the top K candidates of every query are re-scored by the model's
-image-text matching head: score = matching logit + cosine; the others stay below them. A model that
-only matches (a fusion encoder's ITM head, no embeddings) scores every image-text pair with its
-matching head (N_img x N_txt forward passes: fine for evaluation sets of a few thousand pairs).
+image-text matching head: score = matching logit + cosine; the others stay below them.
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from vlmkit.capabilities import EmbedsImages, EmbedsTexts, MatchesImageText, provides
+from vlmkit.capabilities import EmbedsImages, EmbedsTexts, MatchesImageText
 from vlmkit.errors import UserError
 
 
@@ -24,12 +22,6 @@ def evaluate_retrieval(model, records: Sequence[dict], rerank_k: int | None = No
     """
     from vlmkit.metrics.retrieval import recall_at_k
 
-    embeds = provides(model, EmbedsImages) and provides(model, EmbedsTexts)
-    if not embeds and provides(model, MatchesImageText):
-        if rerank_k is not None:
-            raise UserError("--rerank-k re-ranks embedding candidates, but this model only matches pairs (it scores "
-                            "every pair with its matching head already); leave --rerank-k out")
-        return _evaluate_by_matching(model, records, batch_size)
     model.require(EmbedsImages, task="retrieval")
     model.require(EmbedsTexts, task="retrieval")
     if rerank_k is not None:
@@ -53,40 +45,6 @@ def evaluate_retrieval(model, records: Sequence[dict], rerank_k: int | None = No
     reranked.update({key: value for key, value in recall_at_k(text_to_image_scores, text_to_image).items()
                      if key.startswith("t2i")})
     return {**reranked, "rerank_k": rerank_k, "itc": recall_at_k(scores, text_to_image), **counts}
-
-
-def _evaluate_by_matching(model, records: Sequence[dict], batch_size: int) -> dict:
-    """Recall@K from the matching head's score of every (image, caption) pair."""
-    from vlmkit.metrics.retrieval import recall_at_k
-
-    records = [record for record in records if record.get("texts")]
-    if not records:
-        raise UserError("no record has captions ('text' or 'texts'); retrieval needs image-caption pairs")
-    texts = [text for record in records for text in record["texts"]]
-    text_to_image = torch.tensor([index for index, record in enumerate(records) for _ in record["texts"]])
-    scores = all_pair_matching_scores(model, [record["image"] for record in records], texts, batch_size)
-    return {**recall_at_k(scores, text_to_image), "n_images": len(records), "n_texts": len(texts), "scored_by": "matching head"}
-
-
-@torch.no_grad()
-def all_pair_matching_scores(model, images: Sequence, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """(N_img, N_txt) matching-head scores of every image against every text; image features computed once."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = model.device
-        features = torch.cat([model.image_match_features(model.preprocess(images[start : start + batch_size]).to(device))
-                              for start in range(0, len(images), batch_size)])  # (N_img, ...)
-        tokens = model.tokenize(list(texts)).to(device)  # (N_txt, L)
-        rows = []
-        for image in range(features.shape[0]):
-            rows.append(torch.cat([
-                model.match_scores(features[image : image + 1].expand(len(tokens[start : start + batch_size]), *features.shape[1:]),
-                                   tokens[start : start + batch_size]).float().cpu()
-                for start in range(0, len(tokens), batch_size)]))
-        return torch.stack(rows)  # (N_img, N_txt)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
