@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("vlmkit.tasks.cli", "evaluate a model; prints one JSON object"),
     "classify": ("vlmkit.tasks.cli", "zero-shot classify images among given labels"),
     "detect": ("vlmkit.tasks.cli", "detect objects by name with an open-vocabulary detector (prints boxes JSON)"),
+    "match": ("vlmkit.tasks.cli", "image-text matching probability of texts for an image (an ITM head)"),
     "embed": ("vlmkit.tasks.cli", "write normalised image and text embeddings to safetensors"),
     "asif": ("vlmkit.models._asif_cli", "ASIF: a training-free dual encoder from two encoders and anchor pairs"),
     "capfilt": ("vlmkit.tasks.capfilt", "CapFilt: caption a noisy image-text dataset and keep the captions a matching filter accepts"),

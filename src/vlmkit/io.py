@@ -126,9 +126,13 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"cannot read weights file {path}: {error}; the file is corrupt or not safetensors") from None
+    # safetensors packs tensors at 4-byte offsets; a weight that is not 64-byte aligned can take another
+    # CPU kernel path than the freshly built model's (results differing in the last bit), so such
+    # tensors are copied to an aligned buffer and a reloaded model computes bit-identically.
+    return {key: tensor.clone() if tensor.data_ptr() % 64 else tensor for key, tensor in tensors.items()}
 
 
 def name_listing(names: list[str], limit: int = 8) -> str:

@@ -25,8 +25,8 @@ tasks (and ITM in pre-training). `keep_fresh_heads` is the `adapt_init_state` of
 whose shape changed (a new answer vocabulary) starts afresh.
 
 `FusionTaskDataset` draws the samples of a task and adds the visual inputs of `encoders.regions`;
-its batches carry `pixels`, `tokens`, `boxes` / `region_mask` / `region_labels`, `itm_labels` (B,)
-(1 = match), and per task `mlm_labels` (B, L) (-100 = not predicted; `tokens` then holds the
+its batches carry `pixels`, `tokens`, `boxes` / `region_mask` / `region_labels`, and the targets of
+their task only: `itm_labels` (B,) (1 = match; pretrain and retrieval), `mlm_labels` (B, L) (-100 = not predicted; `tokens` then holds the
 masked ids), `answer_scores` (B, A), `statement_labels` (B,), plus `batch_seed` (an int) for draws
 inside the step (which regions to mask).
 """
@@ -237,9 +237,10 @@ class FusionTaskDataset(ImageTextDataset):
         batch = super().collate(samples)
         good = [sample for sample in samples if sample is not None]
         batch.update(collate_regions(good))
-        batch["itm_labels"] = torch.tensor([s["matched"] for s in good], dtype=torch.long)
         batch["batch_seed"] = batch_seed(self.seed, self.epoch, batch["indices"])
         task = self.options.task
+        if task in ("pretrain", "retrieval"):  # a batch carries the targets of its task only
+            batch["itm_labels"] = torch.tensor([s["matched"] for s in good], dtype=torch.long)
         if task == "vqa":
             batch["answer_scores"] = torch.stack([s["scores"] for s in good]) if good else torch.zeros(0, len(self.answer_index))
         elif task == "reasoning":

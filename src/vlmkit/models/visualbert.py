@@ -93,11 +93,11 @@ class VisualBertConfig:
 
 @dataclass
 class VisualBertTraining(FusionTraining):
-    """The fusion options (task, MLM, ITM) plus UNITER's region objectives (0 = off)."""
+    """The fusion options (task, MLM, ITM) plus UNITER's region objectives (on by default; 0 = off)."""
 
-    mrfr_weight: float = bounded(0.0, low=0)  # masked region feature regression
-    mrc_weight: float = bounded(0.0, low=0)  # masked region classification, KL to the label distribution
-    wra_weight: float = bounded(0.0, low=0)  # word-region alignment by optimal transport (IPOT)
+    mrfr_weight: float = bounded(1.0, low=0)  # masked region feature regression (0 = VisualBERT's MLM + ITM only)
+    mrc_weight: float = bounded(1.0, low=0)  # masked region classification, KL to the label distribution
+    wra_weight: float = bounded(0.1, low=0)  # word-region alignment by optimal transport (IPOT; UNITER's 0.1)
     region_mask_probability: float = bounded(0.15, low=0, high=1, low_open=True)
     grid_fraction: float = bounded(0.0, low=0, high=1)  # samples that drop their boxes (grid features) in training
 
@@ -213,12 +213,21 @@ class VisualBert(VLModel):
         return {"hidden": hidden, "pooled": pooled, "answer_logits": answer,
                 "itm_logits": self.heads.itm(pooled), "mlm_logits": self.mlm_logits(hidden[:, :tokens.shape[1]])}
 
+    def mlm_loss(self, text_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """MLM cross-entropy over the labelled (B, L) positions (IGNORE elsewhere); the decoder runs on those
+        positions only (the same loss as over every position, a fraction of the vocabulary matmul)."""
+        chosen = labels != IGNORE  # (B, L)
+        return F.cross_entropy(self.mlm_logits(text_hidden[chosen]), labels[chosen])
+
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, L, W) -> (B, L, V): the MLM decoder, tied to the word embeddings."""
+        """(..., W) -> (..., V): the MLM decoder, tied to the word embeddings."""
         return self.mlm_head(hidden) @ self.bert.token_embedding.weight.t() + self.mlm_bias
 
     # ---- training -------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        """The losses of the targets the batch carries (the task's dataset decides which): `answer_scores`
+        (VQA), `statement_labels` (reasoning), `itm_labels` (ITM), `mlm_labels` (MLM, and with it the region
+        objectives and word-region alignment of pre-training)."""
         options, config = self.training_options, self.config
         pixels, tokens = batch["pixels"], batch["tokens"]  # (B, 3, S, S), (B, L)
         generator = torch.Generator().manual_seed(int(batch.get("batch_seed", 0)))
@@ -226,26 +235,25 @@ class VisualBert(VLModel):
             drop = torch.rand(len(tokens), generator=generator) < options.grid_fraction
             batch = {**batch, "region_mask": batch["region_mask"] & ~drop[:, None].to(tokens.device)}
         visual = self.visual_tokens(pixels, batch, generator)  # (B, T, ...)
-        features = visual.features
-        logs: dict[str, torch.Tensor] = {}
-        masked_regions = None
-        mlm_labels = batch.get("mlm_labels")
-        if options.task == "pretrain" and mlm_labels is not None:
+        features, masked_regions, mlm_labels = visual.features, None, batch.get("mlm_labels")
+        if mlm_labels is not None:
             tokens, mlm_labels, masked_regions = self._conditional_masking(tokens, mlm_labels, visual, batch, generator)
-            if masked_regions is not None:
+            if masked_regions is not None:  # masked regions show a learned [MASK] feature, their geometry stays
                 features = torch.where(masked_regions[..., None], self.mask_feature.to(features.dtype), features)
         hidden = self.encode(tokens, self.embeds_of(visual, features), visual.mask)  # (B, L + T, W)
         length = tokens.shape[1]
-        if options.task in ("vqa",):
-            loss, logs, logits = fusion_task_loss(self.heads, self.answer_feature(hidden, tokens), batch, "vqa")
-            return ModelOutput(loss=loss, logs=detached_logs(**logs, loss=loss), logits=logits)
-        pooled = self.pool(hidden)
-        loss, logs, logits = fusion_task_loss(self.heads, pooled, batch, options.task)
-        if options.task != "pretrain":
-            return ModelOutput(loss=loss, logs=detached_logs(**logs, loss=loss), logits=logits)
-        loss = options.itm_weight * loss
+        pooled = self.pool(hidden)  # (B, W)
+        loss, logs, logits = hidden.new_zeros(()), {}, None
+        for task, key, feature, weight in (("vqa", "answer_scores", None, 1.0),
+                                           ("reasoning", "statement_labels", pooled, 1.0),
+                                           ("retrieval", "itm_labels", pooled, options.itm_weight)):
+            if key in batch:
+                feature = self.answer_feature(hidden, tokens) if feature is None else feature
+                part, part_logs, part_logits = fusion_task_loss(self.heads, feature, batch, task)
+                loss, logits = loss + weight * part, part_logits if logits is None else logits
+                logs.update(part_logs)
         if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
-            mlm = F.cross_entropy(self.mlm_logits(hidden[:, :length]).flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+            mlm = self.mlm_loss(hidden[:, :length], mlm_labels)
             loss = loss + options.mlm_weight * mlm
             logs["mlm_loss"] = mlm
         if masked_regions is not None:
@@ -258,8 +266,8 @@ class VisualBert(VLModel):
                 mrc = masked_region_kl_loss(self.region_class_head(region_hidden), visual.labels, masked_regions)
                 loss = loss + options.mrc_weight * mrc
                 logs["mrc_loss"] = mrc
-        if options.wra_weight:
-            text_real = (tokens != config.text.pad_token_id)
+        if options.wra_weight and mlm_labels is not None and "itm_labels" in batch:
+            text_real = tokens != config.text.pad_token_id
             wra = word_region_alignment_loss(hidden[:, 1:length], hidden[:, length:], text_real[:, 1:], visual.mask,
                                              batch["itm_labels"].bool())
             loss = loss + options.wra_weight * wra
@@ -272,8 +280,14 @@ class VisualBert(VLModel):
         options = self.training_options
         if not (options.mrfr_weight or options.mrc_weight):
             return tokens, mlm_labels, None
-        matched = batch["itm_labels"].bool()  # (B,)
+        matched = batch["itm_labels"].bool() if "itm_labels" in batch else torch.ones(len(tokens), dtype=torch.bool,
+                                                                                      device=tokens.device)  # (B,)
         regions_side = (torch.rand(len(tokens), generator=generator) < 0.5).to(tokens.device) & matched  # (B,)
+        rows = matched.nonzero()[:, 0]
+        if len(rows) >= 2 and not bool(regions_side.any()):  # every batch with two pairs trains both sides
+            regions_side[rows[0]] = True
+        if len(rows) >= 2 and bool(regions_side[rows].all()):
+            regions_side[rows[-1]] = False
         # the pairs that mask regions keep their words: restore the original ids, predict none of them
         original = torch.where(mlm_labels != IGNORE, mlm_labels, tokens)
         tokens = torch.where(regions_side[:, None], original, tokens)
@@ -287,7 +301,8 @@ class VisualBert(VLModel):
         return tokens, mlm_labels, masked
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A pre-training batch: random pixels, captions with some tokens masked, regions (one image without)."""
+        """Every target at once (a real batch has one task's): masked captions, ITM labels, VQA soft scores,
+        statement labels; regions (the last image without boxes)."""
         from vlmkit.encoders.lm import random_texts
 
         generator = torch.Generator().manual_seed(seed)
@@ -296,7 +311,9 @@ class VisualBert(VLModel):
         labels = torch.full_like(tokens, IGNORE)
         labels[:, 1] = tokens[:, 1]
         return {"pixels": torch.randn(batch_size, 3, side, side, generator=generator), "tokens": tokens,
-                "mlm_labels": labels, "itm_labels": torch.arange(batch_size) % 2, "batch_seed": seed,
+                "mlm_labels": labels, "itm_labels": (torch.arange(batch_size) < max(2, batch_size - 1)).long(),
+                "answer_scores": torch.rand(batch_size, len(self.config.answers), generator=generator).round(),
+                "statement_labels": torch.randint(0, 2, (batch_size,), generator=generator).float(), "batch_seed": seed,
                 **random_regions(batch_size, side, len(self.config.region_classes), generator)}
 
     def adapt_init_state(self, state, expected):
@@ -341,10 +358,16 @@ class VisualBert(VLModel):
         return collate_regions(samples)
 
     def _hidden(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None):
+        """Hidden states for inference, in eval mode (every grid cell, no dropout) whatever the module's mode."""
         batch = {key: value.to(self.device) for key, value in (regions or {}).items()}
-        visual = self.visual_tokens(pixels.to(self.device), batch)
-        tokens = tokens.to(self.device)
-        return self.encode(tokens, self.embeds_of(visual), visual.mask), tokens
+        was_training = self.training
+        self.eval()
+        try:
+            visual = self.visual_tokens(pixels.to(self.device), batch)
+            tokens = tokens.to(self.device)
+            return self.encode(tokens, self.embeds_of(visual), visual.mask), tokens
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def answer(self, pixels: torch.Tensor, questions: list[str], regions: dict | None = None, **_) -> list[str]:

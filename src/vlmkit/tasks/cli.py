@@ -108,7 +108,7 @@ evaluation("detection", "box AP (pycocotools' numbers) on base and novel classes
 
 
 def register(subparsers) -> None:
-    """Add the `eval` verb (with every sub-verb of EVALUATION_MODULES), `classify` and `embed`."""
+    """Add the `eval` verb (with every sub-verb of EVALUATION_MODULES), `classify`, `detect`, `match` and `embed`."""
     import importlib
 
     for module_name in EVALUATION_MODULES:
@@ -138,6 +138,12 @@ def register(subparsers) -> None:
     detect.add_argument("--threshold", type=float, default=0.3, help="lowest score listed (default 0.3)")
     detect.add_argument("--out", help="PNG with the boxes drawn (one image; missing folders are created)")
     detect.set_defaults(func=_printing(_detect))
+
+    match = subparsers.add_parser("match", help="image-text matching probability of texts for an image (an ITM head)")
+    match.add_argument("image")
+    match.add_argument("texts", nargs="+", metavar="TEXT", help='one or more texts, e.g. "a red circle"')
+    match.add_argument("--model", required=True, help="run folder of a model that matches images and texts (BLIP, fusion encoders)")
+    match.set_defaults(func=_printing(_match))
 
     embed = subparsers.add_parser("embed", help="write normalised image and text embeddings to safetensors")
     embed.add_argument("--model", required=True)
@@ -216,6 +222,28 @@ def _detect(args) -> dict:
                        scores=[d["score"] for d in detections], title=f"{len(detections)} detection(s)")
         results[0]["out"] = str(args.out)
     return {"predictions": results}
+
+
+def _match(args) -> dict:
+    """{"image", "matches": [{"text", "probability"}]}: the model's ITM probability of each text for the image."""
+    from vlmkit.capabilities import MatchesImageText
+    from vlmkit.data.formats import load_image
+    import torch
+
+    texts = [text for text in args.texts]
+    if any(not text.strip() for text in texts):
+        raise UserError("a TEXT is empty; give the texts to match, e.g. \"a red circle\"")
+    image = load_image(args.image)  # a bad path fails here, with its name
+    model = _model(args.model)
+    model.require(MatchesImageText, task="match")
+    pixels = model.preprocess([image] * len(texts))
+    with torch.no_grad():
+        probabilities = model.match(pixels.to(model.device), model.tokenize(texts).to(model.device)).float().cpu()
+    if not bool(torch.isfinite(probabilities).all()):
+        raise UserError(f"the model gives non-finite matching scores, so its weights are damaged (a diverged training?); "
+                        f"load an earlier checkpoint of {args.model}")
+    return {"image": args.image, "matches": [{"text": text, "probability": round(float(p), 4)}
+                                             for text, p in zip(texts, probabilities)]}
 
 
 def _embed(args) -> dict:

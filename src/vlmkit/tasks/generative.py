@@ -160,7 +160,8 @@ def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, shots: in
         questions = [item["question"] for _, record in chunk for item in record["qa"]]
         qids = [f"{record.get('id', index)}:{q}" for index, record in chunk for q in range(len(record["qa"]))]
         if draw is None:
-            regions = _regions(model, [record for _, record in chunk for _ in record["qa"]])
+            regions = {key: {name: value.index_select(0, owner.cpu()) for name, value in inputs.items()}
+                       for key, inputs in _regions(model, [record for _, record in chunk]).items()}  # one read per image
             answers = model.answer(pixels.index_select(0, owner), questions, **regions, **decoding)
         else:
             answers = model.answer_in_context(pixels.index_select(0, owner), questions, [draw() for _ in questions], **decoding)

@@ -2,7 +2,9 @@
 
 Candidates are ranked by the cosine of the models' embeddings (ITC). With `rerank_k` (BLIP's
 protocol, train_retrieval.py) the top K candidates of every query are re-scored by the model's
-image-text matching head: score = matching logit + cosine; the others stay below them.
+image-text matching head: score = matching logit + cosine; the others stay below them. A model
+that only matches (a single-stream fusion encoder: no separate embeddings) scores every
+(image, text) pair with its matching head instead, up to `MAX_MATCH_PAIRS` pairs.
 """
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from typing import Sequence
 
 import torch
 
-from vlmkit.capabilities import EmbedsImages, EmbedsTexts, MatchesImageText
+from vlmkit.capabilities import EmbedsImages, EmbedsTexts, MatchesImageText, provides
 from vlmkit.errors import UserError
+
+MAX_MATCH_PAIRS = 250_000  # all-pairs matching: one fusion forward per pair
 
 
 def evaluate_retrieval(model, records: Sequence[dict], rerank_k: int | None = None, batch_size: int = 64) -> dict:
@@ -22,6 +26,8 @@ def evaluate_retrieval(model, records: Sequence[dict], rerank_k: int | None = No
     """
     from vlmkit.metrics.retrieval import recall_at_k
 
+    if not provides(model, EmbedsImages) and provides(model, MatchesImageText) and rerank_k is None:
+        return _matching_retrieval(model, records, batch_size)
     model.require(EmbedsImages, task="retrieval")
     model.require(EmbedsTexts, task="retrieval")
     if rerank_k is not None:
@@ -79,3 +85,36 @@ def rerank_with_matching(model, images: Sequence, texts: Sequence[str], scores: 
     finally:
         model.train(was_training)
     return image_to_text, text_to_image
+
+
+@torch.no_grad()
+def _matching_retrieval(model, records: Sequence[dict], batch_size: int) -> dict:
+    """Recall@K of a model that only matches: every (image, text) pair scored by `match_scores`."""
+    from vlmkit.metrics.retrieval import recall_at_k
+
+    records = [record for record in records if record.get("texts")]
+    if not records:
+        raise UserError("no record has captions ('text' or 'texts'); retrieval needs image-caption pairs")
+    texts = [text for record in records for text in record["texts"]]
+    pairs = len(records) * len(texts)
+    if pairs > MAX_MATCH_PAIRS:
+        raise UserError(f"the '{model.family}' family has no separate embeddings, so retrieval scores every (image, text) "
+                        f"pair with its matching head: {len(records)} images x {len(texts)} texts = {pairs} pairs is over "
+                        f"{MAX_MATCH_PAIRS}; evaluate on fewer records")
+    text_to_image = torch.tensor([index for index, record in enumerate(records) for _ in record["texts"]])
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.device
+        tokens = model.tokenize(texts).to(device)  # (N_txt, L)
+        scores = torch.empty(len(records), len(texts))
+        for start in range(0, len(records), batch_size):
+            features = model.image_match_features(model.preprocess([r["image"] for r in records[start:start + batch_size]]).to(device))
+            for row, feature in enumerate(features):
+                for first in range(0, len(texts), batch_size * 4):
+                    chunk = tokens[first:first + batch_size * 4]
+                    expanded = feature[None].expand(len(chunk), *feature.shape)
+                    scores[start + row, first:first + len(chunk)] = model.match_scores(expanded, chunk).float().cpu()
+    finally:
+        model.train(was_training)
+    return {**recall_at_k(scores, text_to_image), "n_images": len(records), "n_texts": len(texts), "scoring": "matching head"}
