@@ -149,3 +149,25 @@ def test_match_prints_probabilities(runs, run, capsys):
     assert [m["text"] for m in result["matches"]] == ["a red circle", "two shapes"]
     assert all(0 <= m["probability"] <= 1 for m in result["matches"])
     assert main(["match", image, " ", "--model", str(runs / run)]) == 2
+
+
+def test_fusion_dataset_batches_carry_their_task_and_skip_bad_boxes(runs):
+    from vlmkit.data.formats import read_records
+    from vlmkit.data.transforms import ImageTransform
+    from vlmkit.encoders.fusion import BAD_BOXES, FusionTaskDataset, FusionTraining
+    from vlmkit.encoders.regions import VisualInputConfig
+    from vlmkit.tokenizers import Tokenizer
+
+    records = read_records(str(runs / "data" / "train.jsonl"))[:4]
+    records[1] = {**records[1], "objects": [{"name": "red circle", "box": [10, 10, 10, 30]}]}  # zero width
+    tokenizer = Tokenizer.load(runs / "pre")
+    for task, keys in (("pretrain", {"mlm_labels", "itm_labels"}), ("vqa", {"answer_scores"}),
+                       ("reasoning", {"statement_labels"}), ("retrieval", {"itm_labels"})):
+        dataset = FusionTaskDataset(records, ImageTransform(64, train=True), tokenizer, FusionTraining(task=task),
+                                    "visualbert", ["2", "yes", "no"], ["red circle"], VisualInputConfig(), 64, 1024)
+        batch = dataset.collate([dataset[i] for i in range(4)])
+        targets = {"mlm_labels", "itm_labels", "answer_scores", "statement_labels"} & set(batch)
+        assert targets == keys, task
+        assert batch["num_skipped"] == 1 and batch["skip_reasons"] == {BAD_BOXES: 1} and len(batch["pixels"]) == 3
+        assert batch["boxes"].shape[:2] == batch["region_mask"].shape and batch["region_mask"].sum(1).tolist() == [
+            len(records[i]["objects"]) for i in (0, 2, 3)]

@@ -48,6 +48,7 @@ from vlmkit.errors import UserError
 
 FUSION_TASKS = ("pretrain", "vqa", "reasoning", "retrieval")
 IGNORE = -100  # an MLM label that is not predicted (PyTorch's cross-entropy default)
+BAD_BOXES = "object box outside the image, of zero area or malformed"  # a training skip reason
 
 
 @dataclass
@@ -229,12 +230,20 @@ class FusionTaskDataset(ImageTextDataset):
         if self.visual.source == "grid":
             sample.update(boxes=torch.zeros(0, 4), region_labels=torch.zeros(0, dtype=torch.long))
         else:
-            sample.update(sample_regions(record, self._image_cache[index], self.transform, self.transform_rng(index),
-                                         self.image_size, self.classes, self.visual.max_regions))
+            try:
+                sample.update(sample_regions(record, self._image_cache[index], self.transform, self.transform_rng(index),
+                                             self.image_size, self.classes, self.visual.max_regions))
+            except UserError:  # boxes outside the image or of zero area: skipped and counted, as a bad image is
+                self._pending_skips.append({"index": index, "image": record["image"], "reason": BAD_BOXES})
+                return None
         return sample
 
     def collate(self, samples: Sequence[dict | None]) -> dict:
+        bad_boxes = sum(item["reason"] == BAD_BOXES for item in self._pending_skips)
         batch = super().collate(samples)
+        if bad_boxes:
+            unreadable = batch["num_skipped"] - bad_boxes
+            batch["skip_reasons"] = {BAD_BOXES: bad_boxes, **({"unreadable image": unreadable} if unreadable else {})}
         good = [sample for sample in samples if sample is not None]
         batch.update(collate_regions(good))
         batch["batch_seed"] = batch_seed(self.seed, self.epoch, batch["indices"])
