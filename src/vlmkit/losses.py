@@ -157,13 +157,19 @@ def hinge_triplet_loss(image_features: torch.Tensor, text_features: torch.Tensor
     images = F.normalize(image_features, dim=-1)  # (B, D)
     texts = F.normalize(text_features, dim=-1)  # (B, D)
     scores = images @ texts.T  # (B, B): image i against text j
+    return hinge_triplet_loss_from_scores(scores, margin, hardest), scores
+
+
+def hinge_triplet_loss_from_scores(scores: torch.Tensor, margin: float = 0.2, hardest: bool = True) -> torch.Tensor:
+    """`hinge_triplet_loss` over a given (B, B) similarity matrix (image i against text j, pairs on the
+    diagonal), for similarities that are not one dot product (a global term plus a cross-attended one)."""
     positive = scores.diagonal()  # (B,)
     is_positive = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
     cost_text = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(is_positive, 0)  # image i, wrong text j
     cost_image = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(is_positive, 0)  # text j, wrong image i
     if hardest:
-        return cost_text.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum(), scores
-    return cost_text.sum() + cost_image.sum(), scores
+        return cost_text.max(dim=1).values.sum() + cost_image.max(dim=0).values.sum()
+    return cost_text.sum() + cost_image.sum()
 
 
 def unicl_loss(

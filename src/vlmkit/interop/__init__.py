@@ -8,6 +8,7 @@
 - an HF LlavaForConditionalGeneration folder (model_type "llava") -> `llava`,
 - an HF BlipForConditionalGeneration / BlipForImageTextRetrieval folder (model_type "blip") -> `blip`,
 - an HF Blip2ForConditionalGeneration folder with a Llama LM (model_type "blip-2") -> `blip2_lm`,
+- an HF LxmertModel / LxmertForQuestionAnswering folder (model_type "lxmert") -> `lxmert`,
 - an HF VisualBertModel / VisualBertForPreTraining / VisualBertForQuestionAnswering folder (model_type
   "visual_bert") -> `visualbert` without an image tower (it reads visual_embeds, as HF),
 - an OpenAI / OpenCLIP state dict file (`.safetensors`, `.pt`, `.pth`, `.bin`) -> `clip`,
@@ -25,8 +26,8 @@ EXPORT_FORMATS = ("vlmkit", "hf", "openclip")
 
 
 def detect_format(source: Path) -> str:
-    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "hf-visualbert", "hf-idefics", "bert", or "openclip" for a path, or a UserError saying what was expected."""
-    from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, hf_visualbert, openclip
+    """"hf-clip", "hf-lm", "hf-llava", "hf-blip", "hf-blip2", "hf-lxmert", "hf-visualbert", "hf-idefics", "bert", or "openclip" for a path, or a UserError saying what was expected."""
+    from vlmkit.interop import bert, hf_blip, hf_blip2, hf_clip, hf_llava, hf_lm, hf_lxmert, hf_visualbert, openclip
     from vlmkit.interop.files import read_json
 
     source = Path(source)
@@ -49,6 +50,8 @@ def detect_format(source: Path) -> str:
                 return "hf-blip"
             if hf_blip2.is_hf_blip2(config):
                 return "hf-blip2"
+            if hf_lxmert.is_hf_lxmert(config):
+                return "hf-lxmert"
             if hf_visualbert.is_hf_visualbert(config):
                 return "hf-visualbert"
             from vlmkit.interop import hf_idefics
@@ -57,7 +60,7 @@ def detect_format(source: Path) -> str:
                 return "hf-idefics"
             raise UserError(
                 f"{source / 'config.json'} describes model_type '{config.get('model_type')}', which vlmkit cannot load; "
-                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF VisualBERT, HF IDEFICS, OpenCLIP"
+                f"supported: vlmkit folders, HF CLIP, HF BERT / sentence-transformers, HF GPT-2 / Llama causal LMs, HF Llava, HF BLIP, HF BLIP-2, HF LXMERT, HF VisualBERT, HF IDEFICS, OpenCLIP"
             )
         raise UserError(
             f"{source} is not a model folder (no config.json, modules.json or {openclip.OPENCLIP_CONFIG}); "
@@ -102,6 +105,11 @@ def load_foreign(source: Path, model_name: str | None = None, activation: str | 
 
         reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_blip2.FORMAT_NAME)
         return hf_blip2.load(source, dtype=dtype)
+    if kind == "hf-lxmert":
+        from vlmkit.interop import hf_lxmert
+
+        reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_lxmert.FORMAT_NAME)
+        return hf_lxmert.load(source, dtype=dtype)
     if kind == "hf-llava":
         reject_kwargs({"model_name": model_name, "activation": activation, "pool": pool}, hf_llava.FORMAT_NAME)
         return hf_llava.load(source, dtype=dtype)

@@ -363,3 +363,87 @@ class TokenTransformer(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(hidden)  # (B, T, V); a module call, so an adapted head (LoRA) counts
         return hidden @ self.token_embedding.weight.T  # (B, T, V)
+
+
+class CoAttentionBlock(nn.Module):
+    """One exchange between two streams (a: text, b: image): each stream's queries attend to the
+    other stream's keys and values, both directions reading the block's inputs, then (optionally)
+    each stream's own self-attention, then each stream's MLP:
+
+        a1 = a + cross_a(a <- b)        b1 = b + cross_b(b <- a)        (co-attention)
+        [a2 = a1 + self_a(a1)           b2 = b1 + self_b(b1)]           (self_attention=True)
+        a3 = a2 + mlp_a(a2)             b3 = b2 + mlp_b(b2)
+
+    with each residual post-LN (BERT, `prenorm=False`: norm(x + f(x))) or pre-LN. ViLBERT's
+    co-attentional layer is the first and last rows (its streams' own self-attention layers are
+    ordinary `TransformerBlock`s between these); LXMERT's cross-modality layer is all three rows
+    with `shared_cross=True`: one attention module and its norm serve both directions (so the two
+    widths must be equal), as in HF's `LxmertXLayer.visual_attention`. The attention's inner width
+    is the querying stream's width (ViLBERT's separate `bi_hidden_size` is not modelled).
+
+    Parameter names: `cross_a`, `norm_cross_a`, `cross_b`, `norm_cross_b` (or `cross`,
+    `norm_cross` when shared), `attn_a`/`norm1_a`, `attn_b`/`norm1_b`, `mlp_a`/`norm2_a`, `mlp_b`/`norm2_b`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        other_dim: int | None = None,
+        other_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        other_mlp_ratio: float | None = None,
+        activation: str = "gelu",
+        prenorm: bool = False,
+        norm_eps: float = 1e-12,
+        self_attention: bool = False,
+        shared_cross: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        other_dim = other_dim or dim
+        other_heads = other_heads or num_heads
+        other_mlp_ratio = other_mlp_ratio or mlp_ratio
+        if shared_cross and (other_dim != dim or other_heads != num_heads):
+            raise ValueError("a shared cross-attention needs both streams at the same width and heads")
+        self.prenorm, self.shared_cross, self.has_self_attention = prenorm, shared_cross, self_attention
+        if shared_cross:
+            self.cross = Attention(dim, num_heads, context_dim=dim, dropout=dropout)
+            self.norm_cross = nn.LayerNorm(dim, eps=norm_eps)
+        else:
+            self.cross_a = Attention(dim, num_heads, context_dim=other_dim, dropout=dropout)
+            self.norm_cross_a = nn.LayerNorm(dim, eps=norm_eps)
+            self.cross_b = Attention(other_dim, other_heads, context_dim=dim, dropout=dropout)
+            self.norm_cross_b = nn.LayerNorm(other_dim, eps=norm_eps)
+        if self_attention:
+            self.attn_a, self.norm1_a = Attention(dim, num_heads, dropout=dropout), nn.LayerNorm(dim, eps=norm_eps)
+            self.attn_b = Attention(other_dim, other_heads, dropout=dropout)
+            self.norm1_b = nn.LayerNorm(other_dim, eps=norm_eps)
+        self.mlp_a, self.norm2_a = MLP(dim, int(dim * mlp_ratio), activation), nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp_b = MLP(other_dim, int(other_dim * other_mlp_ratio), activation)
+        self.norm2_b = nn.LayerNorm(other_dim, eps=norm_eps)
+        self.residual_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> torch.Tensor:
+        if self.prenorm:
+            return x + self.residual_dropout(sublayer(norm(x)))
+        return norm(x + self.residual_dropout(sublayer(x)))
+
+    def _cross(self, x: torch.Tensor, norm: nn.Module, attention: Attention, context: torch.Tensor,
+               context_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.prenorm:  # the context is the other stream as it is (it has its own norm in its own stream)
+            return x + self.residual_dropout(attention(norm(x), context=context, mask=context_mask))
+        return norm(x + self.residual_dropout(attention(x, context=context, mask=context_mask)))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, mask_a: torch.Tensor | None = None,
+                mask_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streams a (B, Ta, Da) and b (B, Tb, Db); `mask_a` / `mask_b`: boolean key masks of each
+        stream (True = attend), broadcastable to (B, heads, queries, keys), e.g. `padding_mask`.
+        Returns the new (a, b)."""
+        cross_a, norm_a = (self.cross, self.norm_cross) if self.shared_cross else (self.cross_a, self.norm_cross_a)
+        cross_b, norm_b = (self.cross, self.norm_cross) if self.shared_cross else (self.cross_b, self.norm_cross_b)
+        a, b = self._cross(a, norm_a, cross_a, b, mask_b), self._cross(b, norm_b, cross_b, a, mask_a)  # both read the inputs
+        if self.has_self_attention:
+            a = self._residual(a, self.norm1_a, lambda h: self.attn_a(h, mask=mask_a))  # (B, Ta, Da)
+            b = self._residual(b, self.norm1_b, lambda h: self.attn_b(h, mask=mask_b))  # (B, Tb, Db)
+        return self._residual(a, self.norm2_a, self.mlp_a), self._residual(b, self.norm2_b, self.mlp_b)

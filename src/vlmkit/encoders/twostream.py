@@ -1,0 +1,119 @@
+"""Pieces the two-stream fusion encoders (ViLBERT, LXMERT) share, below the family files; the tasks,
+fine-tuning heads and datasets of every fusion encoder are `encoders.fusion`'s.
+
+- `RegionEmbedding`: region features (B, N, F) and their boxes (B, N, P) -> visual tokens (B, N, D),
+  LXMERT's `(LN(fc(feat)) + LN(fc(box))) / 2` (`combine="mean"`) or ViLBERT's
+  `LN(fc(feat) + fc(box))` (`combine="sum"`).
+- `Pooler`: tanh(dense(first token)), BERT's pooled output.
+- `RegionHead`: dense -> activation -> LayerNorm, then one linear decoder per masked-region target
+  (the region's feature for regression, its classes for classification); HF's `LxmertVisualObjHead`.
+- `mask_regions`: which regions a pre-training step masks, drawn from an explicit generator.
+- `feature_regression_loss`: LXMERT's masked-feature loss, SmoothL1 over the masked regions.
+- `idle_heads_term`: keeps the fine-tuning heads in a pre-training step's graph (zero gradients).
+- `region_inputs`: the `ReadsRegions` boxes of evaluation records, through the evaluation transform.
+
+The streams themselves are `layers.transformer.Transformer` stacks and `CoAttentionBlock`s; each
+family composes them in its own order.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.encoders.regions import VisualInputConfig, collate_regions, sample_regions
+from vlmkit.layers.mlp import make_activation
+
+class RegionEmbedding(nn.Module):
+    """Region features and box geometry -> visual tokens. (B, N, F), (B, N, P) -> (B, N, D)"""
+
+    def __init__(self, feat_dim: int, pos_dim: int, width: int, norm_eps: float = 1e-12, combine: str = "mean") -> None:
+        super().__init__()
+        if combine not in ("mean", "sum"):
+            raise ValueError(f"unknown region combine '{combine}'; use 'mean' (LXMERT) or 'sum' (ViLBERT)")
+        self.combine = combine
+        self.feat_fc = nn.Linear(feat_dim, width)
+        self.box_fc = nn.Linear(pos_dim, width)
+        if combine == "mean":  # each part normalised on its own, then averaged
+            self.feat_norm = nn.LayerNorm(width, eps=norm_eps)
+            self.box_norm = nn.LayerNorm(width, eps=norm_eps)
+        else:
+            self.norm = nn.LayerNorm(width, eps=norm_eps)
+
+    def forward(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        if self.combine == "mean":
+            return (self.feat_norm(self.feat_fc(feats)) + self.box_norm(self.box_fc(boxes))) / 2  # (B, N, D)
+        return self.norm(self.feat_fc(feats) + self.box_fc(boxes))  # (B, N, D)
+
+
+class Pooler(nn.Module):
+    """BERT's pooled output: tanh(dense(hidden[:, 0])). (B, T, D) -> (B, D)"""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class RegionHead(nn.Module):
+    """Masked region modelling: a shared transform, then `decoders[name]` (Linear to `sizes[name]`)."""
+
+    def __init__(self, width: int, sizes: dict[str, int], activation: str = "gelu", norm_eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.activation = make_activation(activation)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.decoders = nn.ModuleDict({name: nn.Linear(width, size) for name, size in sizes.items()})
+
+    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        shared = self.norm(self.activation(self.dense(hidden)))  # (B, N, D)
+        return {name: decoder(shared) for name, decoder in self.decoders.items()}  # name -> (B, N, size)
+
+
+def mask_regions(real: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, N) bool: which real regions are masked (LXMERT zeroes their features), at least one per batch."""
+    chosen = (torch.rand(real.shape, generator=generator).to(real.device) < probability) & real
+    if not chosen.any() and real.any():
+        first = real.flatten().nonzero()[0]
+        chosen = chosen.flatten().index_fill(0, first, True).view_as(chosen)
+    return chosen
+
+
+def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """LXMERT's masked-feature loss: SmoothL1 between predicted and original features (B, N, F),
+    averaged over the features of the masked regions `masked` (B, N)."""
+    if not masked.any():
+        return predicted.sum() * 0.0  # keeps every head in the graph
+    return F.smooth_l1_loss(predicted[masked], target[masked])
+
+
+def idle_heads_term(heads: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """0 times the answer and reasoning heads' outputs: pre-training does not train the fine-tuning heads,
+    but every parameter still gets a (zero) gradient, so DDP needs no unused-parameter search and an
+    optimizer state exists for every tensor from the first step."""
+    term = pooled.new_zeros(())
+    for head in (getattr(heads, "answer", None), getattr(heads, "reasoning", None)):
+        if head is not None:
+            term = term + 0.0 * head(pooled).sum()
+    return term
+
+
+def region_inputs(records: Sequence[dict], transform, visual: VisualInputConfig, image_size: int,
+                  classes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """`ReadsRegions.region_inputs`: the records' object boxes where the evaluation `transform` puts them
+    (`boxes`, `region_mask`, `region_labels`); a record without objects (or `visual.source: grid`) gets none."""
+    from vlmkit.data.formats import load_image
+
+    samples = []
+    for record in records:
+        if not record.get("objects") or visual.source == "grid":
+            samples.append({"boxes": torch.zeros(0, 4), "region_labels": torch.zeros(0, dtype=torch.long)})
+            continue
+        evaluation = transform.eval() if hasattr(transform, "eval") else transform
+        samples.append(sample_regions(record, load_image(record["image"]), evaluation, None, image_size, classes,
+                                      visual.max_regions))
+    return collate_regions(samples)

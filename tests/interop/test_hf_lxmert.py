@@ -1,0 +1,134 @@
+"""HF transformers LXMERT folders: fp32 parity on load (language, vision, pooled, QA logits), strict keys, export back."""
+import json
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.errors import UserError
+
+from interop_helpers import randomise_, transformers
+
+TOLERANCE = 1e-5
+VOCAB, FEAT, REGIONS, ANSWERS = 90, 20, 6, 7
+
+
+def _hf_config():
+    """A tiny LxmertConfig: every stack present, an MLP ratio that is not 4, visual features not the width."""
+    return transformers.LxmertConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, intermediate_size=56,
+                                     l_layers=2, r_layers=2, x_layers=2, visual_feat_dim=FEAT, visual_pos_dim=4,
+                                     max_position_embeddings=24, num_qa_labels=ANSWERS, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+
+
+def _save(cls, folder, seed):
+    torch.manual_seed(seed)
+    hf = cls(_hf_config()).eval()
+    randomise_(hf, seed)
+    hf.save_pretrained(folder)
+    return cls.from_pretrained(folder).eval()  # what the folder holds, as HF reads it
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, VOCAB - 3, (3, 9), generator=generator)
+    ids[:, 0] = 1  # [CLS]-like
+    ids[0, 6:] = 0  # a padded row: pad id 0, masked out on both sides
+    attention = (ids != 0).long()
+    feats = torch.rand(3, REGIONS, FEAT, generator=generator)
+    corners = torch.rand(3, REGIONS, 2, 2, generator=generator).sort(dim=2).values
+    boxes = corners.transpose(2, 3).reshape(3, REGIONS, 4)  # normalised [x0, y0, x1, y1]
+    return ids, attention, feats, boxes
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_lxmert")
+    return _save(transformers.LxmertModel, folder, seed=1), folder
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_lxmert_qa")
+    return _save(transformers.LxmertForQuestionAnswering, folder, seed=2), folder
+
+
+def _differences(hf_out, ours, ids, feats, boxes, visual_mask=None):
+    language, vision, pooled = ours.encode(ids, feats, boxes, visual_mask=visual_mask)
+    real = ids != 0  # padded positions are garbage on both sides and never read
+    return ((language - hf_out.language_output)[real].abs().max().item(),
+            (vision - hf_out.vision_output).abs().max().item(),
+            (pooled - hf_out.pooled_output).abs().max().item())
+
+
+def test_hf_lxmert_model_loads_strictly_with_the_same_outputs(base):
+    hf, folder = base
+    ours = vlmkit.load(folder)
+    assert ours.family == "lxmert" and ours.heads.answer is None and not ours.config.pretraining_heads
+    assert ours.capabilities == ()  # no image tower: it reads features, as HF
+    ids, attention, feats, boxes = _inputs()
+    with torch.no_grad():
+        hf_out = hf(input_ids=ids, attention_mask=attention, visual_feats=feats, visual_pos=boxes)
+        differences = _differences(hf_out, ours, ids, feats, boxes)
+        # a visual mask (padded regions) is honoured the same way on both sides
+        visual_mask = torch.ones(3, REGIONS, dtype=torch.bool)
+        visual_mask[1, 4:] = False
+        hf_masked = hf(input_ids=ids, attention_mask=attention, visual_feats=feats, visual_pos=boxes,
+                       visual_attention_mask=visual_mask.long())
+        masked = ours.encode(ids, feats, boxes, visual_mask=visual_mask)[2]
+    assert hf_out.pooled_output.abs().mean() > 0.05  # not a degenerate comparison
+    assert max(differences) < TOLERANCE, differences
+    assert (masked - hf_masked.pooled_output).abs().max() < TOLERANCE
+    assert (masked[1] - hf_out.pooled_output[1]).abs().max() > 1e-4  # the mask changed something
+
+
+def test_hf_lxmert_question_answering_loads_with_the_same_scores_and_exports_back(qa, tmp_path):
+    hf, folder = qa
+    ours = vlmkit.load(folder)
+    assert len(ours.config.answers) == ANSWERS
+    ids, attention, feats, boxes = _inputs()
+    with torch.no_grad():
+        hf_scores = hf(input_ids=ids, attention_mask=attention, visual_feats=feats, visual_pos=boxes).question_answering_score
+        scores = ours.answer_logits(ids, feats, boxes)
+    assert (scores - hf_scores).abs().max() < TOLERANCE
+    # export back: HF reads our folder into the same scores, and every tensor is bit-identical
+    ours.save_pretrained(tmp_path / "out", format="hf")
+    again = transformers.LxmertForQuestionAnswering.from_pretrained(tmp_path / "out").eval()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LxmertForQuestionAnswering"]
+    original = hf.state_dict()
+    for key, tensor in again.state_dict().items():
+        assert torch.equal(tensor, original[key]), key
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=attention, visual_feats=feats,
+                                 visual_pos=boxes).question_answering_score, hf_scores)
+
+
+def test_a_pretrained_vlmkit_lxmert_exports_its_backbone_and_notes_what_hf_cannot_hold(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = vlmkit.create_model("lxmert-tiny", answers=["yes", "no", "2"]).eval()
+    model.save_pretrained(tmp_path, format="hf")
+    note = capsys.readouterr().err
+    assert "mlm_head" in note and "visual" in note and "heads" in note
+    hf = transformers.LxmertForQuestionAnswering.from_pretrained(tmp_path).eval()
+    batch = model.dummy_batch(2)
+    tokens = batch["tokens"]
+    with torch.no_grad():
+        visual = model.visual_features(batch)  # our image tower's region features, what HF is given
+        hf_out = hf(input_ids=tokens, attention_mask=(tokens != 0).long(), visual_feats=visual["feats"],
+                    visual_pos=visual["pos"], visual_attention_mask=visual["mask"].long())
+        scores = model.answer_logits(tokens, visual["feats"], visual["pos"], visual["mask"])
+    assert (scores - hf_out.question_answering_score).abs().max() < TOLERANCE
+
+
+def test_a_checkpoint_with_a_missing_tensor_is_a_clear_error(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = base
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    state = load_file(folder / "model.safetensors")
+    state.pop(next(key for key in state if "x_layers.1.visual_attention.att.key.weight" in key))
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(UserError, match="x_layers.1.visual_attention.att.key.weight"):
+        vlmkit.load(broken)
