@@ -1,7 +1,7 @@
 """Prepare a real-image set from the Oxygen icon theme (Debian package `oxygen-icon-theme`).
 
 Each icon name (`user-trash-full`) is a class, named by its words ("user trash full"). Oxygen draws
-every icon separately at up to seven sizes (16 ... 256 px), so one class holds several genuinely
+every icon separately at up to seven sizes (16 ... 256 px; the 8 px ones are skipped), so one class holds several genuinely
 different drawings; each is flattened onto white and saved at 64 x 64 RGB. Classes are split BY CLASS
 (seeded): the test classes never occur in training, so zero-shot on them measures naming, not memory.
 Every image gets several captions (its name, its category, its drawing size).
