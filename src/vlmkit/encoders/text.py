@@ -54,6 +54,27 @@ class TextTransformer(TokenTransformer):
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.proj = nn.Linear(width, output_dim, bias=False) if output_dim else nn.Identity()
 
+    @torch.no_grad()
+    def init_openclip(self) -> None:
+        """OpenCLIP's `TextTransformer.init_parameters`: normal weights with depth-scaled stds.
+
+        Attention in-projection std width**-0.5, residual output projections (attention out, MLP
+        fc2) width**-0.5 * (2 * depth)**-0.5, MLP fc1 (2 * width)**-0.5, the text projection
+        width**-0.5, zero attention biases; token embedding std 0.02 and positions std 0.01 (already so).
+        """
+        width, depth = self.width, len(self.transformer.blocks)
+        attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * max(depth, 1)) ** -0.5, (2 * width) ** -0.5
+        for block in self.transformer.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.normal_(block.attn.out.weight, std=proj_std)
+            for bias in (block.attn.qkv.bias, block.attn.out.bias):
+                if bias is not None:
+                    nn.init.zeros_(bias)
+            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+        if isinstance(self.proj, nn.Linear):
+            nn.init.normal_(self.proj.weight, std=width**-0.5)
+
     def real_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: True for tokens that are not padding."""
         if self.causal and self.eos_token_id is not None:

@@ -1,0 +1,93 @@
+"""Train a CLIP with OpenCLIP's own trainer (open_clip_train.main) and write it as an OpenCLIP hub folder.
+
+Runs in OpenCLIP's environment (setup.sh), never in vlmkit's: torchvision and open_clip live only there.
+The folder (open_clip_config.json + open_clip_model.safetensors) is what `vlmkit.load` reads, so both
+sides of the comparison are scored by the same evaluation code (`vlmkit eval zeroshot / retrieval`);
+`--check` also scores zero-shot with OpenCLIP's own model and tokenizer, to show the two agree.
+
+Usage (OpenCLIP's python): oc_train.py --csv DATA/train.csv --arch arch.json --out RUN [--epochs 1 --batch 128
+       --lr 5e-4 --wd 0.1 --warmup 100 --seed 0] [--check DATA/test.jsonl --templates DATA/templates.txt]
+OpenCLIP counts epochs over CSV rows (one per image-caption pair): one epoch of a CSV with C captions
+per image sees each image C times, in floor(rows / batch) steps.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import torch
+
+MODEL = "side-by-side-arch"  # no "vit" in the name: open_clip_train then picks beta2 0.999, eps 1e-8
+
+
+def train(args) -> None:
+    import open_clip
+    from open_clip_train.main import main as openclip_main
+
+    cfgdir = os.path.join(args.out, "cfg")
+    os.makedirs(cfgdir, exist_ok=True)
+    arch = json.load(open(args.arch))
+    json.dump(arch, open(os.path.join(cfgdir, f"{MODEL}.json"), "w"))
+    open_clip.add_model_config(cfgdir)
+    openclip_main([
+        "--model", MODEL, "--train-data", args.csv, "--dataset-type", "csv", "--csv-img-key", "filepath",
+        "--csv-caption-key", "title", "--csv-separator", ",", "--batch-size", str(args.batch),
+        "--epochs", str(args.epochs), "--lr", str(args.lr), "--wd", str(args.wd), "--warmup", str(args.warmup),
+        "--workers", "0", "--device", "cpu", "--precision", "fp32", "--logs", args.out, "--name", "oc",
+        "--save-frequency", "1", "--seed", str(args.seed), "--log-every-n-steps", "20",
+    ])
+    checkpoint = sorted(glob.glob(os.path.join(args.out, "oc", "checkpoints", "epoch_*.pt")), key=os.path.getmtime)[-1]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = {key.removeprefix("module."): value.contiguous() for key, value in state.items()}
+    from safetensors.torch import save_file
+
+    save_file(state, os.path.join(args.out, "open_clip_model.safetensors"))
+    json.dump({"model_cfg": {**arch, "quick_gelu": False}, "preprocess_cfg": {}},
+              open(os.path.join(args.out, "open_clip_config.json"), "w"))
+
+
+@torch.no_grad()
+def check(args) -> None:
+    """Zero-shot top-1 with OpenCLIP's own model, preprocessing and tokenizer (the cross-check)."""
+    import open_clip
+    from PIL import Image
+
+    open_clip.add_model_config(os.path.join(args.out, "cfg"))
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(os.path.join(args.out, "open_clip_model.safetensors")))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(MODEL)
+    rows = [json.loads(line) for line in open(args.check)]
+    classes = sorted({row["label"] for row in rows})
+    templates = [line.strip() for line in open(args.templates) if line.strip()]
+    weights = []
+    for name in classes:
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer([t.format(name) for t in templates])), dim=-1)
+        weights.append(torch.nn.functional.normalize(text.mean(0), dim=0))
+    weights = torch.stack(weights)
+    root = os.path.dirname(args.check)
+    images = torch.stack([preprocess(Image.open(os.path.join(root, row["image"])).convert("RGB")) for row in rows])
+    features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+    labels = torch.tensor([classes.index(row["label"]) for row in rows])
+    top1 = (features @ weights.T).argmax(1).eq(labels).float().mean().item()
+    print(json.dumps({"openclip_native_top1": top1, "n": len(rows), "classes": len(classes)}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--csv"), parser.add_argument("--arch"), parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", type=int, default=1), parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4), parser.add_argument("--wd", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=100), parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--check"), parser.add_argument("--templates")
+    parser.add_argument("--check-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if not args.check_only:
+        train(args)
+    if args.check:
+        check(args)
+    sys.exit(0)
