@@ -24,14 +24,19 @@ def tiny_model():
 def _tiny_model(name: str, tokenizer, **overrides):
     from vlmkit.config import apply_overrides
     from vlmkit.data.transforms import ImageTransform
+    from vlmkit.models.base import _field_names
     from vlmkit.models.registry import get_family, named_config
 
     family, config = named_config(name)
     cls = get_family(family)
     config = cls.adapt_config_to_tokenizer(config, tokenizer)
     training = {key[len("training."):]: overrides.pop(key) for key in list(overrides) if key.startswith("training.")}
-    text = cls.tower_configs["text"]  # "text", or "lm" for families on the language model
-    config = apply_overrides(config, {**cls.example_config, f"{text}.width": 64, f"{text}.depth": 2, **overrides})
+    text = cls.tower_configs.get("text")  # "text", or "lm" for families on the language model
+    # smaller still where the text side is a tower section with a width and depth (LXMERT's and
+    # ViLBERT's text stream is the model's own top-level width; their example configs are tiny already)
+    shrinkable = text in config and {"width", "depth"} <= _field_names(cls.config_class, text)
+    smaller = {f"{text}.width": 64, f"{text}.depth": 2} if shrinkable else {}
+    config = apply_overrides(config, {**cls.example_config, **smaller, **overrides})
     torch.manual_seed(0)
     model = cls.from_config_dict(config)
     model.set_training_options(training)

@@ -108,8 +108,18 @@ def test_without_a_model_name_the_first_capable_model_answers(client, models, im
     generating = [family for family, model in models.items() if provides(model, Generates)]
     answer = client.post("/v1/caption", json={"image": image, "max_new_tokens": 3}).json()
     assert answer["model"] == generating[0]
-    nobody = client.post("/v1/imagine", json={"prompt": "a red circle"})
-    assert nobody.status_code == 404 and "no loaded model can 'generate images'" in nobody.json()["error"]["message"]
+    imagining = [family for family, model in models.items() if provides(model, Imagines)]
+    drawn = client.post("/v1/imagine", json={"prompt": "a red circle"})
+    assert drawn.status_code == 200 and drawn.json()["model"] == imagining[0]
+    # a server none of whose models has the capability says so (every endpoint has a family now)
+    from types import SimpleNamespace
+
+    from vlmkit.serve.errors import ApiError
+    from vlmkit.serve.service import Service
+
+    captioners = SimpleNamespace(models={generating[0]: models[generating[0]]})
+    with pytest.raises(ApiError, match="no loaded model can 'generate images', which /v1/imagine needs"):
+        Service.pick(captioners, None, (Imagines,), "/v1/imagine")
 
 
 def test_unknown_model_is_a_404_listing_the_loaded_ones(client, image):
