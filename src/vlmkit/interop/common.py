@@ -21,6 +21,21 @@ def reject_kwargs(kwargs: dict[str, Any], format_name: str) -> None:
         raise UserError(f"option(s) {', '.join(sorted(given))} do not apply to the {format_name} format; leave them out")
 
 
+def read_hf_folder(directory: Path, architecture: str, dtype: torch.dtype | None
+                   ) -> tuple[dict[str, Any], Path, dict[str, torch.Tensor]]:
+    """An HF folder saved from `architecture`: its config.json (one line when it names another
+    architecture; a config without `architectures` is taken as one), its weights file and the
+    tensors in it, floats cast to `dtype`."""
+    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
+
+    hf = read_json(directory / "config.json")
+    architectures = hf.get("architectures") or [architecture]
+    if architecture not in architectures:
+        raise UserError(f"{directory} holds a {architectures[0]}; vlmkit loads {architecture} folders")
+    weights = find_hf_weights(directory)
+    return hf, weights, cast_floats(read_weights(weights), dtype)
+
+
 def build_and_load(family: str, config: dict[str, Any], state: dict[str, torch.Tensor],
                    make_format: Callable[[Any], Format], source: str):
     """Build `family` from `config` on the meta device and load `state` into it strictly, in eval mode.

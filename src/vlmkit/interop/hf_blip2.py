@@ -161,17 +161,11 @@ def blip2_format(config, state: dict[str, torch.Tensor] | None = None) -> Format
 
 def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     """A `blip2_lm` model from an HF Blip2ForConditionalGeneration folder (Llama LM), with its tokenizer."""
-    from vlmkit.interop.common import attach_preprocessing, build_and_load, reject_kwargs
-    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
+    from vlmkit.interop.common import attach_preprocessing, build_and_load, read_hf_folder, reject_kwargs
 
     reject_kwargs(unused, FORMAT_NAME)
-    hf = read_json(directory / "config.json")
-    architectures = hf.get("architectures") or [ARCHITECTURE]
-    if ARCHITECTURE not in architectures:
-        raise UserError(f"{directory} holds a {architectures[0]}; vlmkit loads {ARCHITECTURE} folders")
+    hf, weights, state = read_hf_folder(directory, ARCHITECTURE, dtype)
     config = config_from_hf(hf, str(directory / "config.json"))
-    weights = find_hf_weights(directory)
-    state = cast_floats(read_weights(weights), dtype)
     model = build_and_load("blip2_lm", config, state, lambda built: blip2_format(built.config, state), str(weights))
     attach_preprocessing(model, directory, image_size=model.config.vision.image_size, context_length=model.config.lm.context_length)
     return model

@@ -150,17 +150,11 @@ def idefics_format(config, state: dict[str, torch.Tensor] | None = None) -> Form
 def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     """A `flamingo` family model from an HF IdeficsForVisionText2Text folder (with its tokenizer and
     image transform when the folder has them)."""
-    from vlmkit.interop.common import attach_preprocessing, build_and_load, reject_kwargs
-    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
+    from vlmkit.interop.common import attach_preprocessing, build_and_load, read_hf_folder, reject_kwargs
 
     reject_kwargs(unused, FORMAT_NAME)
-    hf = read_json(directory / "config.json")
-    architectures = hf.get("architectures") or [ARCHITECTURE]
-    if ARCHITECTURE not in architectures:
-        raise UserError(f"{directory} holds a {architectures[0]}; vlmkit loads {ARCHITECTURE} folders")
+    hf, weights, state = read_hf_folder(directory, ARCHITECTURE, dtype)
     config = config_from_hf(hf, str(directory / "config.json"))
-    weights = find_hf_weights(directory)
-    state = cast_floats(read_weights(weights), dtype)
     model = build_and_load("flamingo", config, state, lambda built: idefics_format(built.config, state), str(weights))
     attach_preprocessing(model, directory, image_size=model.config.vision.image_size, context_length=model.config.lm.context_length)
     return model

@@ -173,17 +173,11 @@ def llava_format(config, state: dict[str, torch.Tensor] | None = None, layout: L
 def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     """A `llava` family model from an HF LlavaForConditionalGeneration folder, with its tokenizer
     (which must hold `<image>` at the config's image_token_index) and image transform."""
-    from vlmkit.interop.common import attach_preprocessing, build_and_load, reject_kwargs
-    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
+    from vlmkit.interop.common import attach_preprocessing, build_and_load, read_hf_folder, reject_kwargs
 
     reject_kwargs(unused, FORMAT_NAME)
-    hf = read_json(directory / "config.json")
-    architectures = hf.get("architectures") or [ARCHITECTURE]
-    if ARCHITECTURE not in architectures:
-        raise UserError(f"{directory} holds a {architectures[0]}; vlmkit loads {ARCHITECTURE} folders")
+    hf, weights, state = read_hf_folder(directory, ARCHITECTURE, dtype)
     config = config_from_hf(hf, str(directory / "config.json"))
-    weights = find_hf_weights(directory)
-    state = cast_floats(read_weights(weights), dtype)
     layout = detect_layout(state)
     model = build_and_load("llava", config, state, lambda built: llava_format(built.config, state, layout), str(weights))
     lm = model.config.lm
