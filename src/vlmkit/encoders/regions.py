@@ -25,7 +25,8 @@ A record without objects has R = 0 real boxes: with `source: auto` its image fal
 features (per sample, in the same batch as records with boxes); with `source: regions` it is an
 error naming the fix; `source: grid` ignores boxes. In a dataset, `sample_regions` (the image,
 its transform and the sample's augmentation generator) builds one sample's part, `collate_regions`
-pads them; `region_classes` lists the object names of the training records.
+pads them; `region_classes` lists the object names of the training records. At evaluation,
+`region_inputs` gives a family's `ReadsRegions` boxes through the evaluation transform.
 
 Model side: `VisualInputs(config, width).forward(grid, batch, generator)` -> `VisualTokens`
 (features (B, T, C), boxes (B, T, 4), geometry (B, T, 7), mask (B, T), label distribution
@@ -268,6 +269,23 @@ def collate_regions(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
         count = len(sample["boxes"])
         boxes[row, :count], labels[row, :count], mask[row, :count] = sample["boxes"], sample["region_labels"], True
     return {"boxes": boxes, "region_mask": mask, "region_labels": labels}
+
+
+def region_inputs(records: Sequence[dict], transform, visual: VisualInputConfig, image_size: int,
+                  classes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """`ReadsRegions.region_inputs`: the records' object boxes where the evaluation `transform` puts them
+    (`boxes`, `region_mask`, `region_labels`); a record without objects (or `visual.source: grid`) gets none."""
+    from vlmkit.data.formats import load_image
+
+    samples = []
+    for record in records:
+        if not record.get("objects") or visual.source == "grid":
+            samples.append({"boxes": torch.zeros(0, 4), "region_labels": torch.zeros(0, dtype=torch.long)})
+            continue
+        evaluation = transform.eval() if hasattr(transform, "eval") else transform
+        samples.append(sample_regions(record, load_image(record["image"]), evaluation, None, image_size, classes,
+                                      visual.max_regions))
+    return collate_regions(samples)
 
 
 def region_classes(records: Sequence[dict]) -> list[str]:

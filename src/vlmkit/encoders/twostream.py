@@ -10,7 +10,9 @@ fine-tuning heads and datasets of every fusion encoder are `encoders.fusion`'s.
 - `mask_regions`: which regions a pre-training step masks, drawn from an explicit generator.
 - `feature_regression_loss`: LXMERT's masked-feature loss, SmoothL1 over the masked regions.
 - `idle_heads_term`: keeps the fine-tuning heads in a pre-training step's graph (zero gradients).
-- `region_inputs`: the `ReadsRegions` boxes of evaluation records, through the evaluation transform.
+- `TwoStreamTasks`: the capability methods both families answer with (`answer`, `verify`, `match`,
+  `image_match_features`, `match_scores`, `region_inputs`), written once over the family's
+  `visual_features` and `encode`.
 
 The streams themselves are `layers.transformer.Transformer` stacks and `CoAttentionBlock`s; each
 family composes them in its own order.
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.encoders.regions import VisualInputConfig, collate_regions, sample_regions
+from vlmkit.encoders.regions import region_inputs
+from vlmkit.errors import UserError
 from vlmkit.layers.mlp import make_activation
 
 class RegionEmbedding(nn.Module):
@@ -102,18 +105,56 @@ def idle_heads_term(heads: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
     return term
 
 
-def region_inputs(records: Sequence[dict], transform, visual: VisualInputConfig, image_size: int,
-                  classes: Sequence[str]) -> dict[str, torch.Tensor]:
-    """`ReadsRegions.region_inputs`: the records' object boxes where the evaluation `transform` puts them
-    (`boxes`, `region_mask`, `region_labels`); a record without objects (or `visual.source: grid`) gets none."""
-    from vlmkit.data.formats import load_image
+class TwoStreamTasks:
+    """The `Answers`, `Verifies`, `MatchesImageText` and `ReadsRegions` methods of a two-stream family.
 
-    samples = []
-    for record in records:
-        if not record.get("objects") or visual.source == "grid":
-            samples.append({"boxes": torch.zeros(0, 4), "region_labels": torch.zeros(0, dtype=torch.long)})
-            continue
-        evaluation = transform.eval() if hasattr(transform, "eval") else transform
-        samples.append(sample_regions(record, load_image(record["image"]), evaluation, None, image_size, classes,
-                                      visual.max_regions))
-    return collate_regions(samples)
+    A family class mixes this in and provides: `visual_features(batch) -> {"feats" (B, N, F), "pos" (B, N, P),
+    "mask" (B, N)}` from `pixels` (and optional boxes), `encode(tokens, feats, pos, visual_mask=...)` whose third
+    output is the fused pooled feature (B, D), `heads` (`encoders.fusion.FusionHeads`), and
+    `visual_widths() -> (F, P)`, the widths `image_match_features` packs. The config holds `visual`,
+    `vision.image_size`, `region_classes` and `answers`.
+    """
+
+    def visual_widths(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def region_inputs(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The records' object boxes where the evaluation transform puts them (`ReadsRegions`)."""
+        config = self.config
+        return region_inputs(records, self.transform, config.visual, config.vision.image_size, config.region_classes)
+
+    def _pooled(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None) -> torch.Tensor:
+        """(B, D) the fused pooled feature of each (image, text) row; `regions` from `region_inputs`."""
+        batch = {key: value.to(self.device) for key, value in (regions or {}).items()}
+        visual = self.visual_features({**batch, "pixels": pixels.to(self.device)})
+        return self.encode(tokens.to(self.device), visual["feats"], visual["pos"], visual_mask=visual["mask"])[2]
+
+    @torch.no_grad()
+    def answer(self, pixels: torch.Tensor, questions: list[str], regions: dict | None = None, **_) -> list[str]:
+        """The answer head's highest-scoring answer for each (image, question); `regions` from `region_inputs`."""
+        if self.heads.answer is None:
+            raise UserError(f"this {self.family} model has no answer head; fine-tune it with task=vqa on records "
+                            "with 'qa'")
+        logits = self.heads.answer(self._pooled(pixels, self.tokenize(questions), regions))
+        return [self.config.answers[i] for i in logits.argmax(-1).tolist()]
+
+    @torch.no_grad()
+    def verify(self, pixels: torch.Tensor, statements: list[str], regions: dict | None = None) -> torch.Tensor:
+        """(B,) probability that each statement is true of its image."""
+        return torch.sigmoid(self.heads.reasoning(self._pooled(pixels, self.tokenize(statements), regions))[:, 0]).cpu()
+
+    @torch.no_grad()
+    def match(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None = None) -> torch.Tensor:
+        """(B,) probability that text row b describes image row b (softmax of the ITM / alignment head)."""
+        return self.heads.itm(self._pooled(pixels, tokens, regions)).softmax(-1)[:, 1].cpu()
+
+    def image_match_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, N, F + P + 1): each image's region features, locations and mask, packed for `match_scores`."""
+        visual = self.visual_features({"pixels": pixels.to(self.device)})
+        return torch.cat([visual["feats"], visual["pos"], visual["mask"][..., None].to(visual["feats"].dtype)], dim=-1)
+
+    def match_scores(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) the ITM "match" logit minus the "no match" one, of text row b against image-feature row b."""
+        feats, pos, mask = image_features.split([*self.visual_widths(), 1], dim=-1)
+        logits = self.heads.itm(self.encode(tokens.to(self.device), feats, pos, visual_mask=mask[..., 0] > 0.5)[2])
+        return logits[:, 1] - logits[:, 0]  # (B,)

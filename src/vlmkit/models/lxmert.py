@@ -32,7 +32,6 @@ as HF's `LxmertModel` does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ from vlmkit.config import bounded, check_fields
 from vlmkit.encoders.config import VisionConfig, build_vision_tower
 from vlmkit.encoders.fusion import IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss, keep_fresh_heads
 from vlmkit.encoders.regions import VisualInputConfig, VisualInputs, backbone_grid, random_regions
-from vlmkit.encoders.twostream import idle_heads_term, Pooler, RegionEmbedding, RegionHead, feature_regression_loss, mask_regions, region_inputs
+from vlmkit.encoders.twostream import TwoStreamTasks, idle_heads_term, Pooler, RegionEmbedding, RegionHead, feature_regression_loss, mask_regions
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.mlp import BertLMHead
@@ -107,7 +106,7 @@ class LxmertTraining(FusionTraining):
 
 
 @register_family
-class Lxmert(VLModel):
+class Lxmert(TwoStreamTasks, VLModel):
     family = "lxmert"
     config_class = LxmertConfig
     training_class = LxmertTraining
@@ -287,45 +286,10 @@ class Lxmert(VLModel):
                 batch["region_labels"] = torch.randint(config.num_object_labels, (batch_size, regions), generator=generator)
         return batch
 
-    # ---- capabilities -------------------------------------------------------------------------
-    def region_inputs(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """The records' object boxes where the evaluation transform puts them (`ReadsRegions`)."""
-        config = self.config
-        return region_inputs(records, self.transform, config.visual, config.vision.image_size, config.region_classes)
-
-    def _pooled(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None) -> torch.Tensor:
-        batch = {key: value.to(self.device) for key, value in (regions or {}).items()}
-        visual = self.visual_features({**batch, "pixels": pixels.to(self.device)})
-        return self.encode(tokens.to(self.device), visual["feats"], visual["pos"], visual_mask=visual["mask"])[2]
-
-    @torch.no_grad()
-    def answer(self, pixels: torch.Tensor, questions: list[str], regions: dict | None = None, **_) -> list[str]:
-        """The answer head's highest-scoring answer for each (image, question); `regions` from `region_inputs`."""
-        if self.heads.answer is None:
-            raise UserError("this LXMERT model has no answer head; fine-tune it with task=vqa on records with 'qa'")
-        logits = self.heads.answer(self._pooled(pixels, self.tokenize(questions), regions))
-        return [self.config.answers[i] for i in logits.argmax(-1).tolist()]
-
-    @torch.no_grad()
-    def verify(self, pixels: torch.Tensor, statements: list[str], regions: dict | None = None) -> torch.Tensor:
-        """(B,) probability that each statement is true of its image."""
-        return torch.sigmoid(self.heads.reasoning(self._pooled(pixels, self.tokenize(statements), regions))[:, 0]).cpu()
-
-    @torch.no_grad()
-    def match(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None = None) -> torch.Tensor:
-        """(B,) probability that text row b describes image row b (softmax of the ITM head)."""
-        return self.heads.itm(self._pooled(pixels, tokens, regions)).softmax(-1)[:, 1].cpu()
-
-    def image_match_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, N, F + 4 + 1): each image's region features, boxes and mask, packed for `match_scores`."""
-        visual = self.visual_features({"pixels": pixels.to(self.device)})
-        return torch.cat([visual["feats"], visual["pos"], visual["mask"][..., None].to(visual["feats"].dtype)], dim=-1)
-
-    def match_scores(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,) the ITM "match" logit minus the "no match" one, of text row b against image-feature row b."""
-        feats, pos, mask = image_features.split([self.config.visual_feat_dim, self.config.visual_pos_dim, 1], dim=-1)
-        logits = self.heads.itm(self.encode(tokens.to(self.device), feats, pos, visual_mask=mask[..., 0] > 0.5)[2])
-        return logits[:, 1] - logits[:, 0]
+    # ---- capabilities: `encoders.twostream.TwoStreamTasks`, over these widths ---------------------
+    def visual_widths(self) -> tuple[int, int]:
+        """(F, P): the widths of a region's feature and location in `image_match_features`."""
+        return self.config.visual_feat_dim, self.config.visual_pos_dim
 
 
 register_config("lxmert-tiny", "lxmert", tiny=True, config={

@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from typing import Sequence
-
 from vlmkit.capabilities import Answers, MatchesImageText, ReadsRegions, Verifies
 from vlmkit.config import bounded, check_fields
 from vlmkit.encoders.config import VisionConfig, build_vision_tower
 from vlmkit.encoders.regions import VisualInputConfig, VisualInputs, backbone_grid, random_regions
 from vlmkit.encoders.fusion import IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss, keep_fresh_heads
-from vlmkit.encoders.twostream import idle_heads_term, Pooler, RegionEmbedding, RegionHead, mask_regions, region_inputs
+from vlmkit.encoders.twostream import TwoStreamTasks, idle_heads_term, Pooler, RegionEmbedding, RegionHead, mask_regions
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.mlp import BertLMHead
@@ -92,7 +90,7 @@ class ViLBERTTraining(FusionTraining):
 
 
 @register_family
-class ViLBERT(VLModel):
+class ViLBERT(TwoStreamTasks, VLModel):
     family = "vilbert"
     config_class = ViLBERTConfig
     training_class = ViLBERTTraining
@@ -237,43 +235,10 @@ class ViLBERT(VLModel):
                 "pixels": torch.randn(batch_size, 3, size, size, generator=generator),
                 **random_regions(batch_size, size, len(config.region_classes), generator)}
 
-    # ---- capabilities -------------------------------------------------------------------------
-    def region_inputs(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """The records' object boxes where the evaluation transform puts them (`ReadsRegions`)."""
-        config = self.config
-        return region_inputs(records, self.transform, config.visual, config.vision.image_size, config.region_classes)
-
-    def _fused(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None) -> torch.Tensor:
-        batch = {key: value.to(self.device) for key, value in (regions or {}).items()}
-        visual = self.visual_features({**batch, "pixels": pixels.to(self.device)})
-        return self.encode(tokens.to(self.device), visual["feats"], visual["pos"], visual["mask"])[2]
-
-    @torch.no_grad()
-    def answer(self, pixels: torch.Tensor, questions: list[str], regions: dict | None = None, **_) -> list[str]:
-        """The answer head's highest-scoring answer for each (image, question); `regions` from `region_inputs`."""
-        logits = self.heads.answer(self._fused(pixels, self.tokenize(questions), regions))
-        return [self.config.answers[i] for i in logits.argmax(-1).tolist()]
-
-    @torch.no_grad()
-    def verify(self, pixels: torch.Tensor, statements: list[str], regions: dict | None = None) -> torch.Tensor:
-        """(B,) probability that each statement is true of its image."""
-        return torch.sigmoid(self.heads.reasoning(self._fused(pixels, self.tokenize(statements), regions))[:, 0]).cpu()
-
-    @torch.no_grad()
-    def match(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None = None) -> torch.Tensor:
-        """(B,) probability that text row b describes image row b (softmax of the alignment head)."""
-        return self.heads.itm(self._fused(pixels, tokens, regions)).softmax(-1)[:, 1].cpu()
-
-    def image_match_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, N, F + 5 + 1): each image's region features, locations and mask, packed for `match_scores`."""
-        visual = self.visual_features({"pixels": pixels.to(self.device)})
-        return torch.cat([visual["feats"], visual["pos"], visual["mask"][..., None].to(visual["feats"].dtype)], dim=-1)
-
-    def match_scores(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B,) the alignment head's "match" logit minus the "no match" one, of text row b against image row b."""
-        feats, pos, mask = image_features.split([self.config.vision.width, LOCATION_DIM, 1], dim=-1)
-        logits = self.heads.itm(self.encode(tokens.to(self.device), feats, pos, mask[..., 0] > 0.5)[2])  # (B, 2)
-        return logits[:, 1] - logits[:, 0]
+    # ---- capabilities: `encoders.twostream.TwoStreamTasks`, over these widths ---------------------
+    def visual_widths(self) -> tuple[int, int]:
+        """(F, P): the widths of a region's feature and location in `image_match_features`."""
+        return self.config.vision.width, LOCATION_DIM
 
 
 register_config("vilbert-tiny", "vilbert", tiny=True, config={

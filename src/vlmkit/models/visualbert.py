@@ -43,7 +43,7 @@ from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
 from vlmkit.encoders.fusion import (IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss,
                                     keep_fresh_heads)
 from vlmkit.encoders.regions import (GEOMETRY_DIM, VisualInputConfig, VisualInputs, VisualTokens, backbone_grid,
-                                     random_regions, region_classes, sample_regions, collate_regions)
+                                     random_regions, region_classes, region_inputs)
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.mlp import make_activation
@@ -344,18 +344,8 @@ class VisualBert(VLModel):
     def region_inputs(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         """The records' object boxes where the evaluation transform puts them (`boxes`, `region_mask`,
         `region_labels`); a record without objects gets none (its grid cells then)."""
-        from vlmkit.data.formats import load_image
-
-        samples = []
-        for record in records:
-            if not record.get("objects") or self.config.visual.source == "grid":
-                samples.append({"boxes": torch.zeros(0, 4), "region_labels": torch.zeros(0, dtype=torch.long)})
-                continue
-            image = load_image(record["image"])
-            transform = self.transform.eval() if hasattr(self.transform, "eval") else self.transform
-            samples.append(sample_regions(record, image, transform, None, self.config.vision.image_size,
-                                          self.config.region_classes, self.config.visual.max_regions))
-        return collate_regions(samples)
+        config = self.config
+        return region_inputs(records, self.transform, config.visual, config.vision.image_size, config.region_classes)
 
     def _hidden(self, pixels: torch.Tensor, tokens: torch.Tensor, regions: dict | None):
         """Hidden states for inference, in eval mode (every grid cell, no dropout) whatever the module's mode."""
