@@ -4,9 +4,9 @@ attaching the tokenizer and image transform, and writing a foreign folder.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,19 +21,35 @@ def reject_kwargs(kwargs: dict[str, Any], format_name: str) -> None:
         raise UserError(f"option(s) {', '.join(sorted(given))} do not apply to the {format_name} format; leave them out")
 
 
-def read_hf_folder(directory: Path, architecture: str, dtype: torch.dtype | None
-                   ) -> tuple[dict[str, Any], Path, dict[str, torch.Tensor]]:
-    """An HF folder saved from `architecture`: its config.json (one line when it names another
-    architecture; a config without `architectures` is taken as one), its weights file and the
-    tensors in it, floats cast to `dtype`."""
+class HFFolder(NamedTuple):
+    """An HF model folder as read by `read_hf_folder`."""
+
+    config: dict[str, Any]          # config.json
+    architecture: str               # the accepted architecture it holds
+    weights: Path                   # its weights file (safetensors, .bin or a sharded index)
+    state: dict[str, torch.Tensor]  # the tensors, floats cast to the dtype asked for
+
+
+def read_hf_folder(directory: Path, accepted: str | Sequence[str], dtype: torch.dtype | None,
+                   assumed: str | None = None) -> HFFolder:
+    """An HF folder saved from one of the `accepted` architectures: its config.json, which of them it
+    holds, its weights file and the tensors in it, floats cast to `dtype`.
+
+    A config.json naming none of them is one line. One that names no architecture at all holds
+    `assumed` (by default the only accepted architecture; with several and no `assumed`, an error)."""
     from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
 
+    accepted = [accepted] if isinstance(accepted, str) else list(accepted)
+    assumed = accepted[0] if assumed is None and len(accepted) == 1 else assumed
     hf = read_json(directory / "config.json")
-    architectures = hf.get("architectures") or [architecture]
-    if architecture not in architectures:
-        raise UserError(f"{directory} holds a {architectures[0]}; vlmkit loads {architecture} folders")
+    named = hf.get("architectures") or ([assumed] if assumed else [])
+    architecture = next((name for name in named if name in accepted), None)
+    if architecture is None:
+        held = named[0] if named else "model of unnamed class"
+        raise UserError(f"{directory} holds a {held}; vlmkit loads {' and '.join(accepted)} folders "
+                        "(config.json 'architectures')")
     weights = find_hf_weights(directory)
-    return hf, weights, cast_floats(read_weights(weights), dtype)
+    return HFFolder(hf, architecture, weights, cast_floats(read_weights(weights), dtype))
 
 
 def build_and_load(family: str, config: dict[str, Any], state: dict[str, torch.Tensor],

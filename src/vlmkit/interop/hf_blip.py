@@ -167,22 +167,14 @@ def _check_skipped(key: str, tensor: torch.Tensor) -> None:
 
 def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     """A vlmkit BLIP model from an HF BlipForConditionalGeneration / BlipForImageTextRetrieval folder."""
-    from vlmkit.interop.common import attach_preprocessing, reject_kwargs
-    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
+    from vlmkit.interop.common import attach_preprocessing, read_hf_folder, reject_kwargs
     from vlmkit.interop.mapping import to_ours
     from vlmkit.io import load_state_dict_strict
     from vlmkit.models.registry import get_family
 
     reject_kwargs(unused, FORMAT_NAME)
-    hf = read_json(directory / "config.json")
-    architectures = hf.get("architectures") or []
-    architecture = next((name for name in architectures if name in (CAPTIONER, RETRIEVAL)), None)
-    if architecture is None:
-        raise UserError(f"{directory} holds a {architectures[0] if architectures else 'BLIP model of unnamed class'}; vlmkit reads "
-                        f"{CAPTIONER} and {RETRIEVAL} folders (config.json 'architectures')")
+    hf, architecture, weights, state = read_hf_folder(directory, (CAPTIONER, RETRIEVAL), dtype)
     config = config_from_hf(hf, architecture, str(directory / "config.json"))
-    weights = find_hf_weights(directory)
-    state = cast_floats(read_weights(weights), dtype)
     with torch.device("meta"):
         model = get_family("blip").from_config_dict(config)
     fmt = blip_format(model.config)

@@ -131,19 +131,11 @@ def clip_format(config) -> Format:
 
 def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     """A vlmkit CLIP model from an HF CLIPModel folder, with its tokenizer and image transform."""
-    from vlmkit.interop.common import attach_preprocessing, build_and_load, reject_kwargs
-    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
+    from vlmkit.interop.common import attach_preprocessing, build_and_load, read_hf_folder, reject_kwargs
 
     reject_kwargs(unused, FORMAT_NAME)
-    hf = read_json(directory / "config.json")
-    architectures = hf.get("architectures") or ["CLIPModel"]
-    if "CLIPModel" not in architectures:
-        raise UserError(
-            f"{directory} holds a {architectures[0]}, not a CLIPModel; vlmkit reads full CLIPModel checkpoints"
-        )
+    hf, _, weights, state = read_hf_folder(directory, "CLIPModel", dtype)
     config = config_from_hf(hf, str(directory / "config.json"))
-    weights = find_hf_weights(directory)
-    state = cast_floats(read_weights(weights), dtype)
     model = build_and_load("clip", config, state, lambda built: clip_format(built.config), str(weights))
     attach_preprocessing(model, directory, image_size=config["vision"]["image_size"])
     return model

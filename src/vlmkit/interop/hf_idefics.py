@@ -153,7 +153,7 @@ def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     from vlmkit.interop.common import attach_preprocessing, build_and_load, read_hf_folder, reject_kwargs
 
     reject_kwargs(unused, FORMAT_NAME)
-    hf, weights, state = read_hf_folder(directory, ARCHITECTURE, dtype)
+    hf, _, weights, state = read_hf_folder(directory, ARCHITECTURE, dtype)
     config = config_from_hf(hf, str(directory / "config.json"))
     model = build_and_load("flamingo", config, state, lambda built: idefics_format(built.config, state), str(weights))
     attach_preprocessing(model, directory, image_size=model.config.vision.image_size, context_length=model.config.lm.context_length)

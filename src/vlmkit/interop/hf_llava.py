@@ -176,7 +176,7 @@ def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     from vlmkit.interop.common import attach_preprocessing, build_and_load, read_hf_folder, reject_kwargs
 
     reject_kwargs(unused, FORMAT_NAME)
-    hf, weights, state = read_hf_folder(directory, ARCHITECTURE, dtype)
+    hf, _, weights, state = read_hf_folder(directory, ARCHITECTURE, dtype)
     config = config_from_hf(hf, str(directory / "config.json"))
     layout = detect_layout(state)
     model = build_and_load("llava", config, state, lambda built: llava_format(built.config, state, layout), str(weights))

@@ -227,20 +227,17 @@ def lm_format(config, state: dict[str, torch.Tensor] | None = None) -> Format:
 # ---- loading -------------------------------------------------------------------------------------
 def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     """An `lm` family model from an HF GPT2LMHeadModel / LlamaForCausalLM folder, with its tokenizer."""
-    from vlmkit.interop.common import attach_preprocessing, build_and_load, reject_kwargs
-    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
+    from vlmkit.interop.common import attach_preprocessing, build_and_load, read_hf_folder, reject_kwargs
+    from vlmkit.interop.files import read_json
 
     reject_kwargs(unused, FORMAT_NAME)
     where = str(directory / "config.json")
-    hf = read_json(directory / "config.json")
-    kind = hf.get("model_type")
-    wanted = ARCHITECTURES.get(kind)
-    architectures = hf.get("architectures") or [wanted]
-    if wanted is None or wanted not in architectures:
-        raise UserError(f"{directory} holds a {architectures[0]} ({kind}); vlmkit loads {' and '.join(ARCHITECTURES.values())} folders")
+    kind = read_json(directory / "config.json").get("model_type")
+    if kind not in ARCHITECTURES:  # the head is checked next, against the model type's architecture
+        raise UserError(f"{directory} holds a {kind or 'untyped'} model (config.json 'model_type'); vlmkit loads "
+                        f"{' and '.join(ARCHITECTURES.values())} folders")
+    hf, _, weights, state = read_hf_folder(directory, ARCHITECTURES[kind], dtype)
     config = config_from_hf(hf, where)
-    weights = find_hf_weights(directory)
-    state = cast_floats(read_weights(weights), dtype)
     model = build_and_load("lm", config, state, lambda built: lm_format(built.config, state), str(weights))
     lm = model.config.lm
     attach_preprocessing(model, directory, image_size=None, context_length=lm.context_length)

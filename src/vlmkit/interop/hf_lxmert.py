@@ -126,19 +126,11 @@ def _check_skipped(key: str, tensor: torch.Tensor) -> None:
 
 def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     """A vlmkit `lxmert` model from an HF LxmertModel / LxmertForQuestionAnswering folder, strictly."""
-    from vlmkit.interop.common import attach_preprocessing, build_and_load, reject_kwargs
-    from vlmkit.interop.files import cast_floats, find_hf_weights, read_json, read_weights
+    from vlmkit.interop.common import attach_preprocessing, build_and_load, read_hf_folder, reject_kwargs
 
     reject_kwargs(unused, FORMAT_NAME)
-    hf = read_json(directory / "config.json")
-    architectures = hf.get("architectures") or []
-    architecture = next((name for name in architectures if name in (BASE, QA)), None)
-    if architecture is None:
-        raise UserError(f"{directory} holds a {architectures[0] if architectures else 'LXMERT model of unnamed class'}; "
-                        f"vlmkit reads {BASE} and {QA} folders (config.json 'architectures')")
+    hf, architecture, weights, state = read_hf_folder(directory, (BASE, QA), dtype)
     config = config_from_hf(hf, architecture, str(directory / "config.json"))
-    weights = find_hf_weights(directory)
-    state = cast_floats(read_weights(weights), dtype)
     if architecture == BASE and not any(key.startswith("lxmert.") for key in state):
         state = {f"lxmert.{key}": value for key, value in state.items()}  # a bare LxmertModel saves without the prefix
     model = build_and_load("lxmert", config, state, lambda built: lxmert_format(built.config), str(weights))
