@@ -76,6 +76,32 @@ def test_the_itc_pass_under_the_unimodal_mask_equals_queries_and_text_run_alone(
     assert torch.allclose(joint[:, 8:][real], alone_text[real], atol=1e-5)
 
 
+def test_image_keys_projected_once_and_the_queries_only_pass_give_the_same_outputs_and_gradients():
+    """Stage 1 projects each image into the cross-attention keys and values once for its three passes
+    (hard-negative rows picked from them) and reads only the queries in ITM: the same function."""
+    model = _tiny().train()
+    batch = model.dummy_batch(3)
+    tokens, mask = batch["tokens"], qformer_mask("itm", 8, batch["tokens"] != 0)
+    rows = torch.tensor([2, 0, 0])  # repeats, as hard negatives can be
+
+    def run(use_keys: bool):
+        model.zero_grad(set_to_none=True)
+        image, queries = model.image_features(batch["pixels"]), model._queries(3)
+        context = model.qformer.image_keys(image).rows(rows) if use_keys else image[rows]
+        hidden = model.qformer(queries, tokens, mask=mask, context=context, queries_only=use_keys)
+        (hidden[:, :8] ** 2).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return hidden[:, :8].detach(), grads
+
+    plain, plain_grads = run(False)
+    fast, fast_grads = run(True)
+    assert fast.shape == (3, 8, model.qformer.width)
+    assert torch.allclose(fast, plain, atol=1e-6)
+    for name, grad in plain_grads.items():  # the last block's text FFN: a zero gradient, or none at all
+        assert torch.allclose(fast_grads.get(name, torch.zeros_like(grad)), grad, atol=1e-5), name
+    assert set(fast_grads) <= set(plain_grads)
+
+
 def test_text_never_reads_the_image_except_through_the_queries():
     model = _tiny().eval()
     batch = model.dummy_batch(2)

@@ -8,6 +8,10 @@
            0, f, 2f, ... (f = cross_attention_frequency) -> a feed-forward of the queries' own
            (mlp_query) and the text's (mlp)
 
+`context` is the image features (B, N, C), or their `ImageKeys`: every cross-attention block's keys
+and values, projected once by `QFormer.image_keys` and reused by several passes over the same
+images (`ImageKeys.rows` picks images, e.g. hard negatives). Both give the same outputs.
+
 Parameter names follow `TokenTransformer` (`token_embedding`, `positional_embedding`,
 `embed_norm`, `transformer.blocks.N.{attn,norm1,mlp,norm2}`), so a BERT / MiniLM text tower loads
 into it by the same mapping; the query FFN and cross-attention are the Q-Former's own.
@@ -17,8 +21,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmkit.layers.attention import Attention
+from vlmkit.layers.attention import Attention, LayerCache
 from vlmkit.layers.mlp import MLP
+
+
+class ImageKeys:
+    """The keys and values (B, H, N, Dh) of image features in each cross-attention block, by block index."""
+
+    def __init__(self, layers: dict[int, LayerCache]) -> None:
+        self.layers = layers
+
+    def rows(self, index: torch.Tensor) -> "ImageKeys":
+        """The keys and values of images `index` (B',) (with repeats): row b' is image index[b']."""
+        return ImageKeys({block: LayerCache(cache.key[index], cache.value[index]) for block, cache in self.layers.items()})
 
 
 class QFormerBlock(nn.Module):
@@ -38,11 +53,20 @@ class QFormerBlock(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor, num_queries: int, mask: torch.Tensor | None,
-                context: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.attn(x, mask=mask)))  # (B, Nq+T, D)
+                context: torch.Tensor | None, context_keys: LayerCache | None = None,
+                queries_only: bool = False) -> torch.Tensor:
+        """`context` (B, N, C) image features, or `context_keys` their keys and values in this block.
+        `queries_only`: return only the queries' rows (B, Nq, D); the text still gives keys and values."""
+        if queries_only:  # the text rows' own outputs are not computed (only what the queries read)
+            rows_mask = None if mask is None else mask[..., :num_queries, :]
+            x = self.norm1(x[:, :num_queries] + self.dropout(self.attn(x, mask=rows_mask, num_queries=num_queries)))
+        else:
+            x = self.norm1(x + self.dropout(self.attn(x, mask=mask)))  # (B, Nq+T, D)
         queries, text = x[:, :num_queries], x[:, num_queries:]  # (B, Nq, D), (B, T, D)
-        if num_queries and self.cross_attn is not None and context is not None:  # text never sees the image
-            queries = self.norm_cross(queries + self.dropout(self.cross_attn(queries, context=context)))
+        sees_image = context is not None or context_keys is not None
+        if num_queries and self.cross_attn is not None and sees_image:  # text never sees the image
+            attended = self.cross_attn(queries, context=context, cache=context_keys)  # (B, Nq, D)
+            queries = self.norm_cross(queries + self.dropout(attended))
         parts = []
         if num_queries:
             parts.append(self.norm2_query(queries + self.dropout(self.mlp_query(queries))))
@@ -82,10 +106,18 @@ class QFormer(nn.Module):
         if text:
             nn.init.normal_(self.token_embedding.weight, std=0.02)
 
+    def image_keys(self, context: torch.Tensor) -> ImageKeys:
+        """Every cross-attention block's keys and values of image features `context` (B, N, C)."""
+        return ImageKeys({index: LayerCache(*block.cross_attn.context_keys(context))
+                          for index, block in enumerate(self.transformer.blocks) if block.cross_attn is not None})
+
     def forward(self, query_embeds: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, context: torch.Tensor | ImageKeys | None = None,
+                queries_only: bool = False) -> torch.Tensor:
         """Hidden states (B, Nq+T, D) of [query_embeds (B, Nq, D) ; tokens (B, T)]; `mask` boolean,
-        broadcastable to (B, heads, Nq+T, Nq+T); `context` (B, N, C) the image features."""
+        broadcastable to (B, heads, Nq+T, Nq+T); `context` (B, N, C) the image features or their
+        `image_keys`. `queries_only`: only the queries' outputs (B, Nq, D), as image-text matching
+        reads them; the last block then skips the text rows (same values, less work)."""
         parts = []
         if query_embeds is not None:
             parts.append(query_embeds)  # (B, Nq, D): no positions
@@ -97,6 +129,12 @@ class QFormer(nn.Module):
             parts.append(self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]])  # (B, T, D)
         x = self.embed_dropout(self.embed_norm(torch.cat(parts, dim=1)))  # (B, Nq+T, D)
         num_queries = 0 if query_embeds is None else query_embeds.shape[1]
-        for block in self.transformer.blocks:
-            x = block(x, num_queries, mask, context)
-        return x
+        keys = context if isinstance(context, ImageKeys) else None
+        features = None if keys is not None else context
+        if queries_only and not num_queries:
+            raise ValueError("queries_only needs query embeddings")
+        last = len(self.transformer.blocks) - 1
+        for index, block in enumerate(self.transformer.blocks):
+            x = block(x, num_queries, mask, features, None if keys is None else keys.layers.get(index),
+                      queries_only=queries_only and index == last)
+        return x[:, :num_queries] if queries_only else x

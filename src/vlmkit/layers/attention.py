@@ -139,6 +139,12 @@ class Attention(nn.Module):
         x = x.view(batch, length, parts, heads or self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return x.unbind(0)
 
+    def context_keys(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A cross-attention layer's keys and values of `context` (B, N, C), each (B, KV, N, Dh), as
+        `forward` computes them: a caller that attends to the same context several times (BLIP-2's
+        three stage-1 passes over one image) projects it once and passes them in a `LayerCache`."""
+        return self._heads(self.kv(context), 2, self.kv_heads)
+
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused projections (B, T, (H + 2KV) Dh) -> q (B, H, T, Dh), k and v (B, KV, T, Dh)."""
         if self.kv_heads == self.num_heads:
@@ -195,7 +201,7 @@ class Attention(nn.Module):
             if cache is not None and cache.key is not None:
                 key, value = cache.key, cache.value  # image keys/values computed once per generation
             else:
-                key, value = self._heads(self.kv(context), 2, self.kv_heads)
+                key, value = self.context_keys(context)
                 if cache is not None:
                     cache.key, cache.value = key, value
         else:

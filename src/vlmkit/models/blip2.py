@@ -34,7 +34,7 @@ from vlmkit.data.loader import ImageTextDataset, batch_seed
 from vlmkit.data.records import record_texts
 from vlmkit.encoders.config import LMConfig, TextConfig, VisionConfig, build_vision_tower, lm_config_llama
 from vlmkit.encoders.lm import DecoderLM, random_prefixed_batch, random_texts
-from vlmkit.encoders.qformer import QFormer
+from vlmkit.encoders.qformer import ImageKeys, QFormer
 from vlmkit.errors import UserError
 from vlmkit.generation import Generative, GenerationConfig, embedded_prompt_step, left_pad_embeddings
 from vlmkit.layers.masks import qformer_mask, real_tokens_through_end
@@ -212,12 +212,13 @@ class BLIP2(VLModel):
         query_features, text_features = F.normalize(query_features, dim=-1), F.normalize(text_features, dim=-1)
         return torch.einsum("iqe,te->itq", query_features, text_features).amax(dim=-1)  # (Bi, Bt)
 
-    def itm_logits(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """ITM logits (B, 2) [no match, match] of text row b against image-feature row b (B, N, W)."""
+    def itm_logits(self, image: torch.Tensor | ImageKeys, tokens: torch.Tensor) -> torch.Tensor:
+        """ITM logits (B, 2) [no match, match] of text row b against image-feature row b (B, N, W)
+        (or its `ImageKeys`)."""
         num_queries = self.config.num_query_tokens
         mask = qformer_mask("itm", num_queries, self._text_is_real(tokens))
-        hidden = self.qformer(self._queries(tokens.shape[0]), tokens, mask=mask, context=image)  # (B, Nq+T, D)
-        return self.itm_head(hidden[:, :num_queries]).mean(dim=1)  # (B, 2): averaged over the queries
+        hidden = self.qformer(self._queries(tokens.shape[0]), tokens, mask=mask, context=image, queries_only=True)
+        return self.itm_head(hidden).mean(dim=1)  # (B, 2): averaged over the (B, Nq, D) query outputs
 
     def match(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(B,) probability that text row b describes image row b (softmax of the ITM head)."""
@@ -239,11 +240,13 @@ class BLIP2(VLModel):
         if size < 2:
             raise UserError("BLIP-2's ITM loss needs at least 2 image-text pairs per batch (hard negatives); raise batch_size")
         image = self.image_features(pixels)  # (B, N, W)
+        # The three passes attend to the same images: project them into each cross-attention once.
+        image_keys = self.qformer.image_keys(image)
         text_is_real = self._text_is_real(tokens)  # (B, T)
         queries = self._queries(size)  # (B, Nq, D)
 
         # ITC: one pass under the unimodal mask is the two separate passes of LAVIS (queries / text alone).
-        hidden = self.qformer(queries, tokens, mask=qformer_mask("itc", num_queries, text_is_real), context=image)
+        hidden = self.qformer(queries, tokens, mask=qformer_mask("itc", num_queries, text_is_real), context=image_keys)
         query_features = self.vision_proj(hidden[:, :num_queries])  # (B, Nq, E)
         text_features = self.text_proj(hidden[:, num_queries])  # (B, E): the text's [CLS]
         sim_i2t = self.itc_similarity(query_features, text_features) / self.temperature  # (B, B)
@@ -257,7 +260,8 @@ class BLIP2(VLModel):
         generator = None if seed is None else torch.Generator(device=sim_t2i.device).manual_seed(int(seed))
         negative_images = sample_hard_negatives(sim_t2i.detach(), generator)  # (B,)
         negative_texts = sample_hard_negatives(sim_i2t.detach(), generator)  # (B,)
-        itm_images = torch.cat([image, image[negative_images], image], dim=0)  # (3B, N, W)
+        pairs = torch.arange(size, device=tokens.device)
+        itm_images = image_keys.rows(torch.cat([pairs, negative_images, pairs]))  # 3B images' keys and values
         itm_texts = torch.cat([tokens, tokens, tokens[negative_texts]], dim=0)  # (3B, T)
         itm_logits = self.itm_logits(itm_images, itm_texts)  # (3B, 2)
         itm_labels = torch.cat([torch.ones(size), torch.zeros(2 * size)]).long().to(itm_logits.device)
@@ -267,7 +271,7 @@ class BLIP2(VLModel):
         inputs = tokens[:, :-1].clone()
         inputs[:, 0] = config.dec_token_id  # (B, T-1)
         mask = qformer_mask("itg", num_queries, self._text_is_real(inputs))
-        hidden = self.qformer(queries, inputs, mask=mask, context=image)[:, num_queries:]  # (B, T-1, D)
+        hidden = self.qformer(queries, inputs, mask=mask, context=image_keys)[:, num_queries:]  # (B, T-1, D)
         logits = self.lm_head(hidden, self.qformer.token_embedding.weight)  # (B, T-1, V)
         target_mask = real_tokens_through_end(tokens, config.text.eos_token_id)[:, 1:]  # through [SEP]
         itg, lm_logs = lm_loss_and_logs(logits, tokens[:, 1:], target_mask, options.label_smoothing)
