@@ -249,6 +249,23 @@ def test_stage2_captions_and_answers_through_the_lm(runs):
         vlmkit.create_model("blip2-tiny-stage2", answer_prompt="no slot")
 
 
+def test_stage2_chats_with_the_dialogue_written_as_questions_and_answers(runs):
+    model = vlmkit.load(runs["stage2"]).eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    messages = [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "a red circle"},
+                {"role": "user", "content": "how many?"}]
+    pieces = []
+    reply = model.chat(pixels, messages, stream=pieces.append, max_new_tokens=4)
+    assert isinstance(reply, str) and "".join(pieces).strip() == reply.strip()
+    # The same as generating after the dialogue as a prompt: "Question: q Answer: a Question: q Answer:".
+    dialogue = "Question: what is this? Answer: a red circle Question: how many? Answer:"
+    assert reply == model.generate(pixels, prompt=dialogue, max_new_tokens=4)[0]
+    with pytest.raises(UserError, match="ends with an assistant turn"):
+        model.chat(pixels, messages[:2])
+    with pytest.raises(UserError, match="chats about an image"):
+        model.chat(None, messages)
+
+
 def test_a_resumed_stage1_run_draws_the_same_hard_negatives_and_ends_bit_identical(tmp_path):
     import json
     import shutil

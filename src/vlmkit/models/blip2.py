@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.capabilities import Answers, EmbedsImages, EmbedsTexts, Generates, MatchesImageText
+from vlmkit.capabilities import Answers, Chats, EmbedsImages, EmbedsTexts, Generates, MatchesImageText
 from vlmkit.data.loader import ImageTextDataset, batch_seed
-from vlmkit.data.records import record_texts
+from vlmkit.data.records import check_messages, qa_text, record_texts
 from vlmkit.encoders.config import LMConfig, TextConfig, VisionConfig, build_vision_tower, lm_config_llama
 from vlmkit.encoders.lm import DecoderLM, random_prefixed_batch, random_texts
 from vlmkit.encoders.qformer import ImageKeys, QFormer
@@ -376,7 +376,7 @@ class BLIP2LM(Generative, VLModel):
     family = "blip2_lm"
     config_class = BLIP2LMConfig
     export_formats = {"hf": "vlmkit.interop.hf_blip2:export"}
-    capabilities = (Generates, Answers)
+    capabilities = (Generates, Answers, Chats)
     training_class = BLIP2LMTraining
     towers = {"image": "query_encoder", "text": "lm"}
     tower_configs = {"image": "vision", "text": "lm"}
@@ -426,6 +426,25 @@ class BLIP2LM(Generative, VLModel):
         decoding.setdefault("max_new_tokens", 5)
         rows = self._prompt_rows(pixels, [self.config.answer_prompt.format(q.strip()) for q in questions])
         return self.generate_from_embeddings(left_pad_embeddings(rows), **decoding).texts
+
+    def chat(self, pixels: torch.Tensor | None, messages: list[dict], stream=None, **decoding) -> str:
+        """The reply to a conversation about one image, `pixels` (1, 3, H, W) or (3, H, W).
+
+        BLIP-2 has no chat template: as in the paper's prompted generation (its figure 4 dialogues),
+        the turns are written as "Question: q Answer: a Question: q Answer:" after the soft prompt,
+        and the LM continues. `stream` gets each new piece of text; `decoding` takes GenerationConfig fields.
+        """
+        turns = check_messages(messages, "the chat", prompt=True)
+        if pixels is None:
+            raise UserError("BLIP-2 chats about an image; give one (its LM is prompted by the image's queries)")
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+        if pixels.ndim != 4 or pixels.shape[0] != 1:
+            raise UserError(f"chat takes one image, pixels (1, 3, H, W) or (3, H, W); got {tuple(pixels.shape)}")
+        dialogue = " ".join(qa_text(turns[number][1], turns[number + 1][1] if number + 1 < len(turns) else None)
+                            for number in range(0, len(turns), 2))
+        rows = self._prompt_rows(pixels, [dialogue])
+        return self.generate_from_embeddings(left_pad_embeddings(rows), stream=stream, **decoding).texts[0]
 
     @classmethod
     def tokenizer_texts(cls, records: list[dict]) -> list[str]:
