@@ -1,7 +1,8 @@
 """torchrun with two CPU processes (gloo) trains exactly like one process with the whole batch.
 
-The ViT recipe: BatchNorm (the ResNet tower) keeps per-process statistics under DDP, as in
-every PyTorch DDP run without SyncBatchNorm, so only BatchNorm-free towers match exactly.
+The ViT recipe without its convolutional stem: BatchNorm (the stem, the ResNet tower) keeps
+per-process statistics under DDP, as in every PyTorch DDP run without SyncBatchNorm, so only
+BatchNorm-free towers match exactly.
 """
 import json
 import os
@@ -57,7 +58,8 @@ def test_every_family_trains_two_steps_under_torchrun(synth, tmp_path):
 
 @needs_torchrun
 def test_two_gloo_processes_match_one_process(synth, tmp_path):
-    args = ["--recipe", "clip-vit-tiny", "--data", str(synth / "train.jsonl"), *FAST, "steps=4", "save_every=4"]
+    args = ["--recipe", "clip-vit-tiny", "--data", str(synth / "train.jsonl"), *FAST, "steps=4", "save_every=4",
+            "model.vision.conv_stem=[]"]  # the plain ViT: no BatchNorm
     single = tmp_path / "single"
     assert main(["train", "--out", str(single), *args]) == 0
     double = tmp_path / "double"

@@ -15,7 +15,7 @@ from core_helpers import FAST
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 # Gradient checkpointing and a frozen tower in every run: FSDP must work with both.
-ARGS = [*FAST, "steps=4", "save_every=2", "gradient_checkpointing=true", "lock_image=true"]
+ARGS = [*FAST, "steps=4", "save_every=2", "gradient_checkpointing=true", "lock_image=true", "grad_clip=1.0"]  # a norm to compare
 
 
 def _rows(run):
