@@ -143,16 +143,23 @@ class Attention(nn.Module):
         """A cross-attention layer's keys and values of `context` (B, N, C), each (B, KV, N, Dh), as
         `forward` computes them: a caller that attends to the same context several times (BLIP-2's
         three stage-1 passes over one image) projects it once and passes them in a `LayerCache`."""
-        return self._heads(self.kv(context), 2, self.kv_heads)
+        # split, not a permute + unbind: the backward is one concatenation of the two gradients
+        key, value = self.kv(context).split(self.kv_heads * self.head_dim, dim=-1)
+        return self._to_heads(key, self.kv_heads), self._to_heads(value, self.kv_heads)
 
     def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fused projections (B, T, (H + 2KV) Dh) -> q (B, H, T, Dh), k and v (B, KV, T, Dh)."""
-        if self.kv_heads == self.num_heads:
-            return self._heads(qkv, 3)
-        q_dim = self.num_heads * self.head_dim
-        (query,) = self._heads(qkv[..., :q_dim], 1)
-        key, value = self._heads(qkv[..., q_dim:], 2, self.kv_heads)
-        return query, key, value
+        """Fused projections (B, T, (H + 2KV) Dh) -> q (B, H, T, Dh), k and v (B, KV, T, Dh).
+
+        One `split` along the features: its backward is a single concatenation of the three
+        gradients, where slicing (or a permute + unbind) costs zero-filled copies and a sum.
+        """
+        kv_dim = self.kv_heads * self.head_dim
+        query, key, value = qkv.split([qkv.shape[-1] - 2 * kv_dim, kv_dim, kv_dim], dim=-1)
+        return self._to_heads(query, self.num_heads), self._to_heads(key, self.kv_heads), self._to_heads(value, self.kv_heads)
+
+    def _to_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """(B, T, heads*Dh) -> (B, heads, T, Dh), a view (the last dimension of a split is still unit-stride)."""
+        return x.view(x.shape[0], x.shape[1], heads, self.head_dim).transpose(1, 2)
 
     def _attend(self, query, key, value, mask, is_causal: bool) -> torch.Tensor:
         """SDPA over grouped keys/values: native GQA where the kernel takes it, expanded k/v otherwise."""
