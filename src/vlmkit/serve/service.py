@@ -109,11 +109,10 @@ class Service:
         """Base64 images -> (B, 3, H, W) pixels with the model's transform, decoded off the event loop
         in the model's own thread.
 
-        Not in asyncio's default pool: its threads (up to six here) each grow a malloc arena of
-        their own from the decoded images and tensors, and freed memory scattered over those
-        arenas is not given back, so the server's RSS crept up under load while its Python heap
-        stayed flat (see the README's server section). One thread keeps it in one arena; the
-        thread hop and the GIL contention of a second pool go too.
+        Not in asyncio's default pool: its threads (up to six here) would each grow a malloc arena
+        of their own from the decoded images and tensors, and a second pool adds a thread hop and
+        GIL contention per request. (This halves neither the whole RSS creep under load nor its
+        cause, which is native and not found yet; see the README's server section.)
         """
         if getattr(model, "transform", None) is None:
             raise ApiError(400, "invalid_request", "this model has no image preprocessing saved with it; it cannot take images")
