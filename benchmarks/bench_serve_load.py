@@ -259,6 +259,8 @@ def load_part(run: str, args) -> dict:
         "p50_ms": round(1000 * percentile(latencies, 0.5), 1), "p99_ms": round(1000 * percentile(latencies, 0.99), 1),
         "requests_per_s": round(len(results) / seconds, 1), "seconds": round(seconds, 1),
         "rss_start_mb": round(rss[0], 1), "rss_end_mb": round(rss[-1], 1), "rss_mb_after_each_fifth": [round(r, 1) for r in rss[1:]],
+        # Growth once warm (after the first fifth): what "flat" is judged by; the first fifth fills caches and arenas.
+        "rss_growth_after_first_fifth_mb": round(rss[-1] - rss[1], 1),
         "model_calls": sum(batches), "requests_per_model_call": round(sum(served) / max(1, sum(batches)), 2),
     }
 

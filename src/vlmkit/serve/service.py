@@ -105,8 +105,15 @@ class Service:
                                           on_batch=lambda size: self.metrics.observe_batch(name, kind, size))
         return self._batchers[key]
 
-    async def pixels(self, model, images: list[str], field: str) -> torch.Tensor:
-        """Base64 images -> (B, 3, H, W) pixels with the model's transform, decoded off the event loop."""
+    async def pixels(self, name: str, model, images: list[str], field: str) -> torch.Tensor:
+        """Base64 images -> (B, 3, H, W) pixels with the model's transform, decoded off the event loop
+        in the model's own thread.
+
+        Not in asyncio's default pool: its threads (up to six here) would each grow a malloc arena
+        of their own from the decoded images and tensors, and a second pool adds a thread hop and
+        GIL contention per request. (It does not stop the server's RSS creep under load, whose
+        cause is native and not found yet; see the README's server section.)
+        """
         if getattr(model, "transform", None) is None:
             raise ApiError(400, "invalid_request", "this model has no image preprocessing saved with it; it cannot take images")
         limit = self.settings.max_image_pixels
@@ -117,7 +124,7 @@ class Service:
         def decode() -> torch.Tensor:
             return torch.stack([model.transform(decode_image(data, name, limit)) for data, name in zip(images, names)])
 
-        return await asyncio.to_thread(decode)
+        return await asyncio.get_running_loop().run_in_executor(self.executors[name], decode)
 
     def texts(self, texts: list[str], field: str) -> list[str]:
         limit = self.settings.max_text_chars
@@ -163,8 +170,9 @@ class Service:
         else:
             name, model = self.pick(request.model, (EmbedsImages,), "/v1/embed with images")
             images = check_count(request.images, "images", self.settings.max_items, "images")
-            embeddings = await self.embed_pixels(name, model, await self.pixels(model, images, "images"))
-        return {"model": name, "dim": int(embeddings.shape[1]), "embeddings": embeddings.tolist()}
+            embeddings = await self.embed_pixels(name, model, await self.pixels(name, model, images, "images"))
+        # A numpy array, not a list of Python floats: the response writes it directly (app.FastJSON).
+        return {"model": name, "dim": int(embeddings.shape[1]), "embeddings": embeddings.numpy()}
 
     async def classify(self, request: schemas.ClassifyRequest) -> dict:
         name, model = self.pick(request.model, (EmbedsImages, EmbedsTexts), "/v1/classify")
@@ -178,7 +186,7 @@ class Service:
         if bad:
             raise ApiError(400, "invalid_request", f"template '{bad[0][:80]}' needs exactly one '{{}}' where the label goes")
         self.texts(list(templates), "templates")
-        pixels = await self.pixels(model, [request.image], "image")
+        pixels = await self.pixels(name, model, [request.image], "image")
 
         def run(items: list[tuple]) -> list[list[float]]:
             prompts = sorted({template.format(label) for _, labels, templates in items for label in labels for template in templates})
@@ -231,7 +239,7 @@ class Service:
             query = await self.embed_texts(name, model, self.texts([request.text], "text"))
         else:
             name, model = self.index_model(index, request.model, EmbedsImages)
-            query = await self.embed_pixels(name, model, await self.pixels(model, [request.image], "image"))
+            query = await self.embed_pixels(name, model, await self.pixels(name, model, [request.image], "image"))
         if query.shape[1] != index.dim:
             raise ApiError(400, "invalid_request", f"model '{name}' embeds into {query.shape[1]} dimensions but index '{index_name}' "
                                                    f"holds {index.dim}; name the model the index was built with")
@@ -270,7 +278,7 @@ class Service:
         name, model = self.pick(request.model, (Generates,), "/v1/caption")
         prompt = None if request.prompt is None else check_text(request.prompt, "prompt", self.settings.max_text_chars)
         decoding = self.decoding(request, model, default_cap=True)
-        pixels = await self.pixels(model, [request.image], "image")
+        pixels = await self.pixels(name, model, [request.image], "image")
         caption = await self.generate(name, model, "caption", pixels, prompt, decoding,
                                       lambda p, prompts, d: model.generate(p, prompt=prompts, **d))
         return {"model": name, "caption": caption}
@@ -279,7 +287,7 @@ class Service:
         name, model = self.pick(request.model, (Answers,), "/v1/ask")
         question = check_text(request.question, "question", self.settings.max_text_chars)
         decoding = self.decoding(request, model, default_cap=False)
-        pixels = await self.pixels(model, [request.image], "image")
+        pixels = await self.pixels(name, model, [request.image], "image")
         answer = await self.generate(name, model, "ask", pixels, question, decoding,
                                      lambda p, questions, d: model.answer(p, questions, **d))
         return {"model": name, "answer": answer}
@@ -287,7 +295,7 @@ class Service:
     async def match(self, request: schemas.MatchRequest) -> dict:
         name, model = self.pick(request.model, (MatchesImageText,), "/v1/match")
         texts = self.texts(check_count(request.texts, "texts", self.settings.max_items, "texts"), "texts")
-        pixels = await self.pixels(model, [request.image], "image")
+        pixels = await self.pixels(name, model, [request.image], "image")
 
         def run(items: list[tuple]) -> list[list[float]]:
             rows = torch.cat([p.expand(len(t), -1, -1, -1) for p, t in items])  # (N, 3, H, W): the image once per text
@@ -332,7 +340,7 @@ class Service:
         except UserError as error:
             raise ApiError(400, "invalid_request", str(error)) from None
         decoding = self.decoding(request, model, default_cap=True)
-        pixels = None if request.image is None else await self.pixels(model, [request.image], "image")
+        pixels = None if request.image is None else await self.pixels(name, model, [request.image], "image")
         return name, model, pixels, messages, decoding
 
     async def chat(self, request: schemas.ChatRequest) -> dict:
