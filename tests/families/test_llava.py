@@ -300,3 +300,22 @@ def test_cached_decoding_steps_reproduce_the_training_forward_logits(tokenizer, 
         for t in range(reply.shape[1]):
             logits = step(torch.cat([placeholder, reply[:, :t]], dim=1), cache, rows)
             assert torch.allclose(logits, expected[:, prompt_length - 1 + t], atol=1e-4), t
+
+
+def test_qa_repeats_copy_the_questions_of_a_type_and_bad_counts_are_one_clear_error(tokenizer):
+    from vlmkit.models.llava import qa_conversations
+
+    record = {"image": "x.png", "qa": [{"question": "is the red circle left of the blue square?", "answer": "yes", "type": "relation"},
+                                       {"question": "what color is the circle?", "answer": "red", "type": "color"}]}
+    plain = qa_conversations([record])
+    repeated = qa_conversations([record], {"relation": 3, "yesno": 2})
+    assert len(plain) == 2 and len(repeated) == 4
+    assert [c["id"] for c in repeated] == ["x.png#qa0"] * 3 + ["x.png#qa1"]
+    assert repeated[0]["conversations"][1]["value"] == "yes" and repeated[3]["conversations"][1]["value"] == "red"
+    assert qa_conversations([record], {"color": 0})[0]["id"] == "x.png#qa0" and len(qa_conversations([record], {"color": 0})) == 1
+    model = _model(tokenizer)
+    model.set_training_options({"stage": 2, "qa_repeats": {"relation": 2}, "include_captions": False})
+    assert len(model.training_records([record])) == 3  # no dialogues, 2 + 1 questions
+    for bad in ({"relation": -1}, {"relation": 1.5}, {"relation": True}):
+        with pytest.raises(UserError, match="qa_repeats.relation must be a whole number"):
+            model.set_training_options({"stage": 2, "qa_repeats": bad})

@@ -108,6 +108,9 @@ class LlavaTraining:
     # caption sets) each record's `qa` as short-answer turns and its captions after CAPTION_PROMPT.
     conversation_types: tuple[str, ...] = ()  # dialogue types to keep (empty: all)
     include_qa: bool = True
+    # Copies of each `qa` question of these types (e.g. {relation: 3}); other types once. A tiny LM
+    # sees the rarer, harder types too seldom in a few hundred steps to learn them (see README).
+    qa_repeats: dict[str, int] = field(default_factory=dict)
     include_captions: bool = True
     train_vision: bool = False  # the vision tower is frozen in both stages unless this is true
     lora_rank: int = 0  # stage 2: 0 = full fine-tuning of the LM, >0 = LoRA adapters of this rank instead
@@ -123,6 +126,9 @@ class LlavaTraining:
             get_template(self.template)
         if self.max_length < 1 or self.lora_rank < 0:
             raise UserError(f"training.max_length must be positive and lora_rank 0 or more; got {self.max_length}, {self.lora_rank}")
+        for kind, copies in self.qa_repeats.items():
+            if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+                raise UserError(f"training.qa_repeats.{kind} must be a whole number of copies (0 or more), got {copies!r}")
         if self.lora_rank and self.stage == 1:
             raise UserError("training.lora_rank applies to stage 2 (stage 1 trains the projector alone); drop it or set stage: 2")
 
@@ -192,19 +198,22 @@ def short_answer_question(question: str) -> str:
     return f"{question[:1].upper()}{question[1:]}\n{SHORT_ANSWER_PROMPT}"
 
 
-def qa_conversations(records: Sequence[dict]) -> list[dict]:
-    """One short-answer conversation per question of each record's `qa` (its most common answer)."""
+def qa_conversations(records: Sequence[dict], repeats: dict[str, int] | None = None) -> list[dict]:
+    """One short-answer conversation per question of each record's `qa` (its most common answer),
+    `repeats[type]` copies of a question of that type (default one)."""
     from vlmkit.data.records import answers_of
 
+    repeats = repeats or {}
     out = []
     for record in records:
         for k, item in enumerate(record.get("qa") or []):
             answers = answers_of(item)
             if "image" in record and answers:
                 best = max(dict.fromkeys(answers), key=answers.count)
-                out.append({"image": record["image"], "id": f"{record.get('id', record['image'])}#qa{k}",
-                            "conversations": [{"from": "human", "value": f"{DEFAULT_IMAGE_TOKEN}\n{short_answer_question(item['question'])}"},
-                                              {"from": "gpt", "value": best}]})
+                conversation = {"image": record["image"], "id": f"{record.get('id', record['image'])}#qa{k}",
+                                "conversations": [{"from": "human", "value": f"{DEFAULT_IMAGE_TOKEN}\n{short_answer_question(item['question'])}"},
+                                                  {"from": "gpt", "value": best}]}
+                out += [conversation] * repeats.get(item.get("type"), 1)
     return out
 
 
@@ -336,7 +345,7 @@ class Llava(Generative, VLModel):
             return caption_conversations(records, None)
         flat = conversation_records(records, list(training.conversation_types) or None)
         if training.include_qa:
-            flat += qa_conversations(records)
+            flat += qa_conversations(records, training.qa_repeats)
         if training.include_captions:
             flat += caption_conversations(records, CAPTION_PROMPT)
         return flat
