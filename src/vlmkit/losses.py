@@ -261,18 +261,26 @@ def enqueue(queues: tuple[torch.Tensor, ...], features: tuple[torch.Tensor, ...]
 
 
 @torch.no_grad()
-def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_hard_negatives(similarity: torch.Tensor, generator: torch.Generator | None = None,
+                          also_matches: torch.Tensor | None = None) -> torch.Tensor:
     """For each row i of a (B, B) similarity matrix, one column j != i drawn with probability
     proportional to softmax(similarity[i]) over the columns other than i (BLIP's hard negatives).
 
     Vectorised: one `torch.multinomial` over the whole batch. BLIP adds 1e-4 before zeroing the
     diagonal so that a row whose softmax underflows everywhere still has negatives to draw.
-    Returns (B,) column indices; B must be at least 2.
+    `also_matches` (B, B), True where column j is a match of row i too (another pair with the same
+    caption): those are never drawn, since the hardest "negative" of a duplicated caption is then a
+    positive labelled as a negative, and an ITM head fed such labels learns the class prior and
+    nothing else. A row whose every other column also matches keeps BLIP's draw. Returns (B,)
+    column indices; B must be at least 2.
     """
     if similarity.shape[0] < 2:
         raise ValueError("hard negatives need a batch of at least 2 pairs")
     weights = similarity.float().softmax(dim=1) + 1e-4  # (B, B)
     weights.fill_diagonal_(0)  # the positive is never drawn
+    if also_matches is not None:
+        allowed = weights.masked_fill(also_matches, 0)  # (B, B)
+        weights = torch.where(allowed.sum(dim=1, keepdim=True) > 0, allowed, weights)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
 
 

@@ -139,9 +139,44 @@ def test_the_filter_keeps_exactly_the_captions_scored_above_the_threshold(model,
     expected = {key for key, item in scored.items() if item["score"] > threshold}
     assert {(record["image"], text) for record in kept for text in record["texts"]} == expected
     assert 0 < len(expected) < len(scored) and summary["records_without_kept_caption"] == len(records) - len(kept)
-    assert set(summary["caption_noise"]) == {"noisy_web", "noisy_web_dropped", "clean_web", "clean_web_kept"}
+    assert set(summary["caption_noise"]) == {"noisy_web", "noisy_web_dropped", "clean_web", "clean_web_kept",
+                                             "roc_auc", "kept_precision", "clean_kept", "dropped_by_kind"}
+    noise = summary["caption_noise"]
+    assert noise["noisy_web"] > 0 and 0.0 <= noise["roc_auc"] <= 1.0
+    assert set(noise["dropped_by_kind"]) <= {"color", "shape", "unrelated"}
     assert all(record["label"] == source["label"] for record in kept for source in records
                if source["image"] == record["image"] and "label" in source)
+
+
+def test_filter_quality_against_hand_counted_pairs():
+    from vlmkit.tasks.capfilt import filter_quality, roc_auc
+
+    scores = [0.9, 0.8, 0.8, 0.3, 0.1]
+    kinds = [None, None, "color", "shape", None]  # clean at 0.9, 0.8, 0.1; corrupted at 0.8, 0.3
+    # clean-over-corrupted pairs: 0.9 beats both, 0.8 ties 0.8 (half) and beats 0.3, 0.1 beats none: 3.5 of 6
+    quality = filter_quality(scores, kinds, threshold=0.5)
+    assert quality["roc_auc"] == pytest.approx(3.5 / 6)
+    assert quality["kept_precision"] == pytest.approx(2 / 3) and quality["clean_kept"] == pytest.approx(2 / 3)
+    assert quality["dropped_by_kind"] == {"color": 0.0, "shape": 1.0}
+    assert roc_auc([3, 2, 1], [True, True, False]) == 1.0 and roc_auc([1, 2, 3], [True, True, False]) == 0.0
+    assert roc_auc([1.0, 1.0], [True, False]) == 0.5 and roc_auc([1, 2], [True, True]) is None
+    assert filter_quality([0.1], [None], threshold=0.5)["kept_precision"] is None
+
+
+def test_hard_negatives_skip_pairs_with_the_same_caption():
+    from vlmkit.losses import sample_hard_negatives
+
+    similarity = torch.tensor([[5.0, 4.9, 0.0, 0.0], [4.9, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    same = torch.zeros(4, 4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True  # rows 0 and 1 carry one caption: each is the other's hardest "negative"
+    generator = torch.Generator().manual_seed(0)
+    plain = torch.stack([sample_hard_negatives(similarity, generator) for _ in range(200)])
+    assert (plain[:, 0] == 1).float().mean() > 0.9  # without the mask the duplicate is nearly always drawn
+    draws = torch.stack([sample_hard_negatives(similarity, generator, same) for _ in range(200)])  # (200, 4)
+    assert not (draws[:, 0] == 1).any() and not (draws[:, 1] == 0).any() and not (draws == torch.arange(4)).any()
+    assert set(draws[:, 0].tolist()) == {2, 3}
+    everyone = ~torch.eye(2, dtype=torch.bool)  # every other pair shares the caption: BLIP's draw is kept
+    assert sample_hard_negatives(torch.zeros(2, 2), generator, everyone).tolist() == [1, 0]
 
 
 def test_capfilt_needs_a_captioner_and_a_matching_filter(model, records):

@@ -315,8 +315,11 @@ class BLIP(Generative, VLModel):
         # training and a fixed seed in evaluation (a validation loss is a function of model and batch).
         seed = negative_seed if negative_seed is not None else (None if self.training else 0)
         generator = None if seed is None else torch.Generator(device=sim_t2i.device).manual_seed(seed)
-        negative_images = sample_hard_negatives(sim_t2i, generator)  # (B,) an image for each text
-        negative_texts = sample_hard_negatives(sim_i2t, generator)  # (B,) a text for each image
+        # Pairs with the same caption (frequent when a dataset's captions repeat, e.g. "a red circle")
+        # are matches of each other, not negatives.
+        same_text = (tokens[:, None, :] == tokens[None, :, :]).all(dim=-1)  # (B, B)
+        negative_images = sample_hard_negatives(sim_t2i, generator, same_text)  # (B,) an image for each text
+        negative_texts = sample_hard_negatives(sim_i2t, generator, same_text)  # (B,) a text for each image
         itm_images = torch.cat([image, image[negative_images], image], dim=0)  # (3B, 1+N, W)
         itm_texts = torch.cat([tokens, tokens, tokens[negative_texts]], dim=0)  # (3B, L)
         itm_logits = self.itm_logits(itm_images, itm_texts)  # (3B, 2)

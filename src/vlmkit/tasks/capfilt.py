@@ -47,6 +47,47 @@ def check_settings(samples: int, top_p: float, threshold: float, batch_size: int
         raise UserError(f"--batch-size {batch_size} must be at least 1")
 
 
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """The area under the ROC curve of `scores` for telling `positive` items from the others: the
+    probability that a random positive scores above a random negative, ties counting half (the
+    Mann-Whitney rank sum, as sklearn's `roc_auc_score`). 0.5 is chance; None when a class is empty."""
+    import torch
+
+    values = torch.tensor(list(scores), dtype=torch.float64)
+    labels = torch.tensor(list(positive), dtype=torch.bool)
+    num_pos, num_neg = int(labels.sum()), int((~labels).sum())
+    if not num_pos or not num_neg:
+        return None
+    _, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # 1-based ranks, tied values share their mean rank
+    return float((ranks[labels].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
+
+
+def filter_quality(scores: Sequence[float], kinds: Sequence[str | None], threshold: float) -> dict:
+    """How well a filter's `scores` separate clean captions (`kinds[i]` None) from corrupted ones
+    (`kinds[i]` the corruption, e.g. "color"), keeping a caption when its score is above `threshold`.
+
+    Returns `roc_auc` (threshold-free: 1.0 ranks every clean caption above every corrupted one, 0.5
+    is chance), `kept_precision` (the share of kept captions that are clean; None if none is kept),
+    `clean_kept` (the share of clean captions kept) and `dropped_by_kind` ({kind: share dropped})."""
+    clean = [kind is None for kind in kinds]
+    kept = [score > threshold for score in scores]
+    num_kept, num_clean = sum(kept), sum(clean)
+    by_kind: dict[str, list[int]] = {}
+    for keep, kind in zip(kept, kinds):
+        if kind is not None:
+            tally = by_kind.setdefault(kind, [0, 0])
+            tally[0] += not keep
+            tally[1] += 1
+    return {
+        "roc_auc": roc_auc(scores, clean),
+        "kept_precision": sum(k and c for k, c in zip(kept, clean)) / num_kept if num_kept else None,
+        "clean_kept": sum(k and c for k, c in zip(kept, clean)) / num_clean if num_clean else None,
+        "dropped_by_kind": {kind: dropped / total for kind, (dropped, total) in sorted(by_kind.items())},
+    }
+
+
 def _candidates(web: Sequence[str], synthetic: Sequence[str]) -> list[tuple[str, str]]:
     """(text, source) pairs to score: the web captions, then the synthetic ones; a text already in the
     list (a repeated sample, or a sample equal to a web caption) is scored once, under its first source."""
@@ -88,6 +129,8 @@ def run_capfilt(captioner, matcher, records: Sequence[dict], *, samples: int = D
     skipped: list[str] = []
     counts = {"web": [0, 0], "synthetic": [0, 0]}  # source: [scored, kept]
     noise = {"noisy_web": 0, "noisy_web_dropped": 0, "clean_web": 0, "clean_web_kept": 0}
+    web_scores: list[float] = []  # the web captions of records carrying noise labels, for filter_quality
+    web_kinds: list[str | None] = []
     seen_noise = False
     dropped_records = 0
     bar = tqdm(total=len(records), desc="capfilt", unit="image", file=sys.stderr, disable=not progress, mininterval=0.5)
@@ -130,7 +173,8 @@ def run_capfilt(captioner, matcher, records: Sequence[dict], *, samples: int = D
                 position = 0
                 for record, items in zip(chunk, candidates):
                     kept = []
-                    noisy = {item.get("text") for item in record.get("caption_noise") or [] if isinstance(item, dict)}
+                    noisy = {item.get("text"): item.get("kind", "corrupted")
+                             for item in record.get("caption_noise") or [] if isinstance(item, dict)}
                     seen_noise = seen_noise or bool(noisy)
                     for text, source in items:
                         score = float(scores[position])
@@ -140,6 +184,9 @@ def run_capfilt(captioner, matcher, records: Sequence[dict], *, samples: int = D
                         counts[source][1] += keep
                         if keep:
                             kept.append({"text": text, "source": source, "score": round(score, 6)})
+                        if source == "web":  # every web caption: a record without noise labels is clean
+                            web_scores.append(score)
+                            web_kinds.append(noisy.get(text))
                         if source == "web" and noisy and text in noisy:
                             noise["noisy_web"] += 1
                             noise["noisy_web_dropped"] += not keep
@@ -162,7 +209,7 @@ def run_capfilt(captioner, matcher, records: Sequence[dict], *, samples: int = D
         "samples": samples, "top_p": top_p, "threshold": threshold, "seed": seed,
     }
     if seen_noise:
-        summary["caption_noise"] = noise
+        summary["caption_noise"] = {**noise, **filter_quality(web_scores, web_kinds, threshold)}
     if skipped:
         files = sorted(set(skipped), key=skipped.index)
         more = f" and {len(files) - 3} more" if len(files) > 3 else ""
