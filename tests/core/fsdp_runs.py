@@ -3,7 +3,8 @@
 1. `fsdp` (fp32, gradient checkpointing, locked image tower): 4 steps, checkpoints at 2 and 4;
 2. `fsdp` resumed from its step-2 checkpoint (rank 0 points checkpoints/latest back at it), which
    must redo steps 3 and 4 exactly;
-3. `fsdp-bf16`: 2 steps with bf16 autocast and FSDP's bf16 mixed-precision policy.
+3. `fsdp-bf16`: 2 steps with bf16 autocast and FSDP's bf16 mixed-precision policy;
+4. `fsdp-bf16-stem`: 1 step of the same with the recipe's conv stem (BatchNorm) put back.
 Usage: torchrun --nproc_per_node 2 fsdp_runs.py DATA OUT KEY=VALUE ...
 """
 import shutil
@@ -26,6 +27,8 @@ def main(data: str, out: str, overrides: list[str]) -> None:
     Trainer(load_recipe("clip-vit-tiny", common), data, f"{out}/fsdp", resume=True).train()
     bf16 = {**common, "steps": 2, "save_every": 2, "precision": "bf16"}
     Trainer(load_recipe("clip-vit-tiny", bf16), data, f"{out}/fsdp-bf16").train()
+    stem = {key: value for key, value in bf16.items() if key != "model.vision.conv_stem"} | {"steps": 1, "save_every": 1}
+    Trainer(load_recipe("clip-vit-tiny", stem), data, f"{out}/fsdp-bf16-stem").train()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -7,7 +7,8 @@ Model code is written for one device; `parallelize` turns it into what the train
    - FSDP (`fsdp: true`): FSDP2's `fully_shard` on every `TransformerBlock`, then on the root for
      the rest (embeddings, CNN towers, heads), so each rank holds 1/N of the parameters, gradients
      and optimizer state and gathers one block at a time; with bf16 the gathered parameters are
-     bf16 and gradients are reduced in fp32. Frozen (locked) parameters are sharded too and get no
+     bf16 and gradients are reduced in fp32, except BatchNorm's (a conv stem, a ResNet tower): each
+     BatchNorm is its own FSDP unit kept in fp32, as its running statistics are. Frozen (locked) parameters are sharded too and get no
      gradients. FSDP2 cannot shard 0-dim parameters (CLIP's logit scale, SigLIP's bias): those stay
      whole on every rank and a hook averages their gradients across ranks, as DDP would. A family
      whose steps can leave a head without gradients (`uses_every_parameter = False`) reduces zeros
@@ -84,6 +85,11 @@ def shard(model: nn.Module, bf16: bool = False, every_step_uses_every_parameter:
     for parameter in scalars:
         if parameter.requires_grad:
             parameter.register_post_accumulate_grad_hook(_average_gradient_across_ranks)
+    if bf16:  # BatchNorm's kernels take parameters of their running statistics' dtype: fp32 in, fp32 out
+        batch_norm_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                fully_shard(module, mp_policy=batch_norm_policy, ignored_params=scalars)
     for module in model.modules():
         if isinstance(module, TransformerBlock):
             fully_shard(module, mp_policy=policy, ignored_params=scalars)
