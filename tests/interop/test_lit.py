@@ -38,3 +38,17 @@ def test_locked_pretrained_text_tower_stays_bit_identical(tmp_path):
     initial = build_vision_tower(trained.config.vision, trained.config.embed_dim).state_dict()
     changed = [name for name, tensor in trained.visual.state_dict().items() if not torch.equal(tensor, initial[name])]
     assert len(changed) >= len(initial) // 2, changed
+
+
+def test_an_override_that_changes_the_pretrained_towers_architecture_is_refused(tmp_path):
+    from vlmkit.errors import UserError
+    from vlmkit.train.recipe import load_recipe
+    from vlmkit.train.trainer import Trainer
+
+    generate(tmp_path / "data", n=10, seed=3, progress=False)
+    data = str(tmp_path / "data" / "train.jsonl")
+    # 2 heads fit MiniLM's weights (same shapes) and would compute something else: refused, naming the key.
+    recipe = load_recipe("lit-minilm-tiny", {"steps": 1, "model.text.heads": 2})
+    with pytest.raises(UserError, match=r"model\.text\.heads=2 would change the architecture of init_text .*heads 12"):
+        Trainer(recipe, data, tmp_path / "run").train()
+    assert not (tmp_path / "run" / "model.safetensors").exists()

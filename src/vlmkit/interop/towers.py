@@ -75,6 +75,7 @@ class PretrainedTowers:
         if self.text_model is not None:
             section = family.tower_configs["text"]
             text = to_dict(getattr(self.text_model.config, self.text_model.tower_configs["text"]))
+            _refuse_architecture_overrides(text, section, model_overrides, f"init_text {self.text_source}", ("context_length",))
             positions = text["context_length"]
             wanted = model_overrides.get(f"{section}.context_length", min(positions, self.tokenizer.context_length))
             if wanted > positions:
@@ -83,6 +84,7 @@ class PretrainedTowers:
             config[section] = family.adapt_pretrained_tower_config("text", text)
         if self.image_model is not None:
             image = to_dict(getattr(self.image_model.config, self.image_model.tower_configs["image"]))
+            _refuse_architecture_overrides(image, family.tower_configs["image"], model_overrides, f"init_image {self.image_source}")
             config[family.tower_configs["image"]] = family.adapt_pretrained_tower_config("image", image)
         return config
 
@@ -134,3 +136,20 @@ class PretrainedTowers:
             state = adapt(state, expected)
         with torch.no_grad():
             load_state_dict_strict(target, {key: value.detach().clone() for key, value in state.items()}, where, "vlmkit tower")
+
+
+def _refuse_architecture_overrides(tower: dict, section: str, model_overrides: dict, where: str, allowed=()) -> None:
+    """A recipe override that would change a pretrained tower's architecture is an error, not a silent
+    change: a head count fits the same weights and computes something else. Overrides equal to the
+    tower's own values pass, as do `allowed` keys (the text positions may shorten) and dropout rates."""
+    for key, value in model_overrides.items():
+        if not key.startswith(f"{section}."):
+            continue
+        field = key[len(section) + 1:].split(".")[0]
+        if field in allowed or "drop" in field or field not in tower:
+            continue
+        own = tower[field]
+        if (list(value) if isinstance(value, (list, tuple)) else value) != (list(own) if isinstance(own, (list, tuple)) else own):
+            raise UserError(f"model.{key}={value} would change the architecture of {where} ({field} {own}); "
+                            f"a pretrained tower keeps its own: drop the override")
+
