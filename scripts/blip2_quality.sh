@@ -4,7 +4,7 @@
 # usage: scripts/blip2_quality.sh OUT_FOLDER        (VLMKIT=path/to/vlmkit to use another command)
 # CAPTION_IMAGES / VQA_IMAGES: the test images (the first N of test.jsonl) stage 2 and its baselines are scored
 # on; 0 = all 1,600. A finished run leaves RUN/DONE and is not trained again.
-# Measured so far (2026-12-02): the stage-1 part (README table); the stage-2 part has not been run to the end yet.
+# Measured 2026-12-03 (README tables): every part, stage 1 and stage 2.
 set -euo pipefail
 OUT=${1:?usage: $0 OUT_FOLDER}
 CAPTION_IMAGES=${CAPTION_IMAGES:-400}; VQA_IMAGES=${VQA_IMAGES:-100}
@@ -35,6 +35,7 @@ step blip2-tiny-stage2
 train stage2 --recipe blip2-tiny-stage2 --data synth/train.jsonl init_text=lm-tiny init_image=stage1
 $V baseline caption-nn --train synth/train.jsonl --data synth/test_caption.jsonl > caption-nn.json
 $V eval caption --model stage2 --data synth/test_caption.jsonl > stage2-caption.json
+$V eval caption --model stage2 --data synth/test_caption.jsonl --beams 3 > stage2-caption-beams3.json
 $V baseline vqa-majority --train synth/train.jsonl --data synth/test_vqa.jsonl > vqa-majority.json
 $V eval vqa --model stage2 --data synth/test_vqa.jsonl > stage2-vqa.json
 step done
