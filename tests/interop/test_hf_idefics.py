@@ -93,3 +93,55 @@ def test_idefics_options_flamingo_lacks_are_one_clear_error(folder, tmp_path, ov
     (tmp_path / "model.safetensors").symlink_to(directory / "model.safetensors")
     with pytest.raises(UserError, match=message):
         vlmkit.load(tmp_path)
+
+
+def test_idefics_exports_back_bit_identical_and_hf_gives_the_same_logits(folder, tmp_path):
+    directory, hf = folder
+    model = vlmkit.load(directory)
+    model.save_pretrained(tmp_path / "out", format="hf")
+    again = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path / "out").eval()
+    original, exported = hf.state_dict(), again.state_dict()
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(tensor, exported[key]), key
+    ids, pixels, image_attention_mask = _inputs()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=pixels, image_attention_mask=image_attention_mask).logits
+        logits = again(input_ids=ids, pixel_values=pixels, image_attention_mask=image_attention_mask).logits
+    assert (logits - expected).abs().max() < 1e-5
+    assert vlmkit.load(tmp_path / "out").config == model.config  # and back into vlmkit: the same flamingo config
+
+
+def test_convert_cli_writes_idefics(folder, tmp_path, capsys):
+    from vlmkit.cli import main
+
+    directory, hf = folder
+    assert main(["convert", str(directory), str(tmp_path / "hf"), "--to", "hf"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["family"] == "flamingo"
+    again = transformers.IdeficsForVisionText2Text.from_pretrained(tmp_path / "hf").eval()
+    assert all(torch.equal(tensor, again.state_dict()[key]) for key, tensor in hf.state_dict().items())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"cross_attention_offset": 1}, "cross_attention_offset 1"),
+    ({"cross_attention_norm": "layernorm", "cross_attention_gated_mlp": False, "cross_attention_activation": "gelu"},
+     "a cross-attention block with layernorm and a plain MLP"),
+    ({"resampler": {"activation": "gelu"}}, "resampler activation 'gelu'"),
+    ({"vision": {"conv_stem": [8]}}, "conv stem"),
+    ({"lm": {"positions": "learned", "norm": "layernorm", "gated_mlp": False, "bias": True, "activation": "gelu_tanh",
+             "tie_embeddings": True}, "cross_attention_activation": "gelu_tanh"}, "GPT-2 style"),
+    ({"vision_tokens": "patches"}, "vision_tokens 'patches'"),
+    ({"extra_tokens": ["<image>", "<|endofchunk|>"]}, "extra_tokens"),
+])
+def test_flamingo_idefics_cannot_express_is_one_line_and_writes_nothing(folder, tmp_path, overrides, message):
+    directory, _ = folder
+    config = vlmkit.load(directory).config_dict()["config"]
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    from vlmkit.models.registry import get_family
+
+    model = get_family("flamingo").from_config_dict(config)
+    with pytest.raises(UserError, match=message) as error:
+        model.save_pretrained(tmp_path / "out", format="hf")
+    assert "\n" not in str(error.value) and "format='vlmkit'" in str(error.value)
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@
 - an HF LxmertModel / LxmertForQuestionAnswering folder (model_type "lxmert") -> `lxmert`,
 - an HF VisualBertModel / VisualBertForPreTraining / VisualBertForQuestionAnswering folder (model_type
   "visual_bert") -> `visualbert` without an image tower (it reads visual_embeds, as HF),
+- an HF IdeficsForVisionText2Text folder (model_type "idefics") -> `flamingo`,
 - an OpenAI / OpenCLIP state dict file (`.safetensors`, `.pt`, `.pth`, `.bin`) -> `clip`,
 and returns the model in eval mode with its tokenizer and image transform attached. Every format
 is a list of key-mapping rules (`interop.mapping`) used both to load and to export.
@@ -145,7 +146,8 @@ def _exporter(model, to: str):
 def export_hf(model, directory: Path) -> None:
     """Write `model` as an HF transformers folder (CLIPModel for CLIP, BertModel + sentence-transformers files for a text encoder,
     GPT2LMHeadModel / LlamaForCausalLM for an LM, LlavaForConditionalGeneration for LLaVA,
-    BlipForConditionalGeneration / BlipForImageTextRetrieval for a one-sided BLIP)."""
+    BlipForConditionalGeneration / BlipForImageTextRetrieval for a one-sided BLIP, Blip2ForConditionalGeneration
+    for BLIP-2, LXMERT, VisualBERT, IdeficsForVisionText2Text for an IDEFICS-shaped Flamingo)."""
     _exporter(model, "hf")(model, Path(directory))
 
 

@@ -1,4 +1,4 @@
-"""HF transformers `IdeficsForVisionText2Text` folders -> the `flamingo` family (loading).
+"""HF transformers `IdeficsForVisionText2Text` folders <-> the `flamingo` family, both ways.
 
 IDEFICS is HF's open re-implementation of Flamingo, and its parts map one to one onto vlmkit's:
 
@@ -22,6 +22,14 @@ vector` (per-channel gates; Flamingo's are scalars), an `additional_vocab_size` 
 head, and a layer count that the cross-layer interval does not divide. Prompts: vlmkit writes
 Flamingo's layout (`<image>` then text); an IDEFICS checkpoint was trained with its processor's
 (`<fake_token_around_image><image><fake_token_around_image>`), which vlmkit's prompt builder does not write.
+
+Export (`model.save_pretrained(dir, format="hf")`, `vlmkit convert SRC DST --to hf`) writes the same
+layout through the same rules, reversed (`config_to_hf`, `export`): a loaded IDEFICS folder comes back
+bit-identical. It takes a Flamingo only in the shape `config_from_hf` makes; anything else (a non-zero
+`cross_attention_offset`, a LayerNorm / GELU cross-attention block, a resampler activation other than
+relu or ff_mult other than 4, a vision tower other than a plain CLIP ViT, a GPT-2 style or grouped-query
+or biased or tied LM, `vision_tokens: patches`, other `extra_tokens`, cross-attention heads / MLP width /
+norm eps other than the LM's) is one UserError before anything is written.
 """
 from __future__ import annotations
 
@@ -158,3 +166,86 @@ def load(directory: Path, dtype: torch.dtype | None = None, **unused):
     model = build_and_load("flamingo", config, state, lambda built: idefics_format(built.config, state), str(weights))
     attach_preprocessing(model, directory, image_size=model.config.vision.image_size, context_length=model.config.lm.context_length)
     return model
+
+
+# ---- export ------------------------------------------------------------------------------------
+def config_to_hf(model) -> dict[str, Any]:
+    """The HF `IdeficsConfig` dict (config.json) of a vlmkit `flamingo` model, or a one-line UserError
+    naming the first setting IDEFICS cannot express (everything `config_from_hf` fixes must hold)."""
+    from vlmkit.interop.hf_clip import TO_HF_ACTIVATION, vision_export_problem
+    from vlmkit.interop.hf_lm import hf_style
+
+    config = model.config
+    vision, lm, resampler = config.vision, config.lm, config.resampler
+    vision_problem = vision_export_problem(vision)
+    try:
+        llama = hf_style(lm) == "llama"
+    except UserError:  # a mix of GPT-2 and Llama options
+        llama = False
+    problems = {
+        f"an image tower with {vision_problem} (IDEFICS's is a plain CLIP ViT)": vision_problem is not None,
+        f"a {'GPT-2 style' if lm.positions == 'learned' else 'non-Llama'} language model (IDEFICS's is Llama: rotary "
+        f"positions, RMSNorm, SwiGLU, silu)": not llama,
+        f"grouped-query attention ({lm.num_kv_heads} key/value heads for {lm.heads})": lm.num_kv_heads != lm.heads,
+        "biases in the language model": lm.bias,
+        "a head tied to the embedding (tie_embeddings)": lm.tie_embeddings,
+        f"cross_attention_offset {config.cross_attention_offset} (IDEFICS puts a gated block before layers 0, N, 2N: "
+        f"offset 0)": config.cross_attention_offset != 0,
+        f"{lm.depth} LM layers, which cross_attention_every {config.cross_attention_every} does not divide":
+        lm.depth % config.cross_attention_every != 0,
+        f"a cross-attention block with {config.cross_attention_norm} and a {'gated' if config.cross_attention_gated_mlp else 'plain'} "
+        f"MLP (IDEFICS's is RMSNorm + SwiGLU)":
+        config.cross_attention_norm != "rmsnorm" or not config.cross_attention_gated_mlp,
+        f"cross-attention activation '{config.cross_attention_activation}' (IDEFICS uses the LM's, '{lm.activation}')":
+        config.cross_attention_activation != lm.activation,
+        f"{config.cross_attention_heads} cross-attention heads (IDEFICS uses the LM's {lm.heads})":
+        config.cross_attention_heads != lm.heads,
+        f"a cross-attention MLP of {config.cross_attention_mlp_hidden or 4 * lm.width} (IDEFICS uses the LM's "
+        f"intermediate_size {lm.hidden})": (config.cross_attention_mlp_hidden or 4 * lm.width) != lm.hidden,
+        f"cross-attention norm eps {config.cross_attention_norm_eps} (IDEFICS uses the LM's rms_norm_eps {lm.norm_eps})":
+        config.cross_attention_norm_eps != lm.norm_eps,
+        f"resampler activation '{resampler.activation}' (IDEFICS's is relu)": resampler.activation != "relu",
+        f"resampler ff_mult {resampler.ff_mult} (IDEFICS's is 4)": resampler.ff_mult != 4,
+        f"vision_tokens '{config.vision_tokens}' (IDEFICS resamples all ViT tokens, [CLS] included: 'all')":
+        config.vision_tokens != "all",
+        f"extra_tokens {list(config.extra_tokens)} (IDEFICS's added tokens are {list(EXTRA_TOKENS)}, in that order)":
+        tuple(config.extra_tokens) != EXTRA_TOKENS,
+    }
+    for problem, present in problems.items():
+        if present:
+            raise UserError(f"this Flamingo model has {problem}, which vlmkit cannot write as {ARCHITECTURE}; "
+                            f"save it with format='vlmkit'")
+    return {
+        "architectures": [ARCHITECTURE], "model_type": "idefics", "dtype": "float32",
+        "vocab_size": lm.vocab_size, "additional_vocab_size": 2, "hidden_size": lm.width,
+        "intermediate_size": lm.hidden, "num_hidden_layers": lm.depth, "num_attention_heads": lm.heads,
+        "hidden_act": lm.activation, "max_position_embeddings": lm.context_length, "rms_norm_eps": lm.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": lm.rope_theta}, "dropout": lm.dropout,
+        "bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id, "pad_token_id": lm.pad_token_id,
+        "tie_word_embeddings": False, "alpha_type": "float", "cross_layer_interval": config.cross_attention_every,
+        "qk_layer_norms": False, "use_resampler": True,
+        "vision_config": {
+            "model_type": "idefics_vision", "embed_dim": vision.width, "image_size": vision.image_size,
+            "patch_size": vision.patch_size, "intermediate_size": int(vision.width * vision.mlp_ratio),
+            "num_hidden_layers": vision.depth, "num_attention_heads": vision.heads, "num_channels": 3,
+            "hidden_act": TO_HF_ACTIVATION[vision.activation], "layer_norm_eps": vision.norm_eps, "attention_dropout": 0.0,
+        },
+        "perceiver_config": {
+            "model_type": "idefics_perciever", "use_resampler": True,  # (sic) HF's spelling
+            "resampler_n_latents": resampler.num_latents, "resampler_depth": resampler.depth,
+            "resampler_n_heads": resampler.heads, "resampler_head_dim": resampler.head_dim,
+            "qk_layer_norms_perceiver": False,
+        },
+    }
+
+
+def export(model, directory: Path) -> None:
+    """Write an HF IdeficsForVisionText2Text folder: config.json, model.safetensors, tokenizer, preprocessor.
+
+    Every check runs before anything is written, and config.json is written last (`write_folder`)."""
+    from vlmkit.interop.common import write_folder
+    from vlmkit.interop.mapping import to_theirs
+
+    hf_config = config_to_hf(model)
+    state = to_theirs(model.state_dict(), idefics_format(model.config))
+    write_folder(model, Path(directory), hf_config, state, FORMAT_NAME)

@@ -240,6 +240,7 @@ def document_ids(segments: Sequence[dict], tokenizer, config: FlamingoConfig, cl
 class Flamingo(Generative, VLModel):
     family = "flamingo"
     config_class = FlamingoConfig
+    export_formats = {"hf": "vlmkit.interop.hf_idefics:export"}  # IdeficsForVisionText2Text (IDEFICS-shaped configs)
     capabilities = (Generates, Answers, AnswersInContext, CaptionsInContext, Chats)
     training_class = FlamingoTraining
     towers = {"image": "visual", "text": "lm"}
