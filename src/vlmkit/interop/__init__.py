@@ -8,7 +8,7 @@
 - an HF LlavaForConditionalGeneration folder (model_type "llava") -> `llava`,
 - an HF BlipForConditionalGeneration / BlipForImageTextRetrieval folder (model_type "blip") -> `blip`,
 - an HF Blip2ForConditionalGeneration folder with a Llama LM (model_type "blip-2") -> `blip2_lm`,
-- an HF LxmertModel / LxmertForQuestionAnswering folder (model_type "lxmert") -> `lxmert`,
+- an HF LxmertModel / LxmertForQuestionAnswering / LxmertForPreTraining folder (model_type "lxmert") -> `lxmert`,
 - an HF VisualBertModel / VisualBertForPreTraining / VisualBertForQuestionAnswering folder (model_type
   "visual_bert") -> `visualbert` without an image tower (it reads visual_embeds, as HF),
 - an HF IdeficsForVisionText2Text folder (model_type "idefics") -> `flamingo`,

@@ -15,7 +15,8 @@ Tasks and heads are the fusion encoders' (`encoders.fusion`): `task=pretrain` is
 modelling (on matched pairs) + image-text matching (`itm_labels`, 1 = match, as LXMERT's
 `matched_label`) + masked object prediction: on matched pairs, 15% of the regions have their
 features zeroed (LXMERT's masking), and the model regresses the original feature (SmoothL1) and
-predicts the region's class distribution (KL; with a detector's one-hot label this is LXMERT's CE).
+predicts the region's class distribution (KL; with a detector's one-hot label this is LXMERT's CE)
+and, with `num_attr_labels`, its attribute (LXMERT's `attr` head; `region_attr_labels` in a batch).
 The visual losses are means over the masked regions, which LXMERT's `mean() * 6.67` over all
 regions (15% masked) approximates. The feature target is detached: the backbone trains with the
 model, and regressing onto a moving target would let both collapse. LXMERT's QA head is the shared
@@ -72,7 +73,9 @@ class LxmertConfig:
     # Pre-training, reasoning and ITM heads (MLM, masked objects, `heads.itm`, `heads.reasoning`); an HF
     # LxmertModel / LxmertForQuestionAnswering checkpoint has none of them.
     pretraining_heads: bool = True
+    reasoning_head: bool = True  # `heads.reasoning`, with the pre-training heads (an LxmertForPreTraining has none)
     num_object_labels: int = bounded(0, low=0)  # masked-object classes without an image tower (0: no such head)
+    num_attr_labels: int = bounded(0, low=0)  # masked-object attribute classes (LXMERT's `attr`; 0: no such head)
     answers: list[str] = field(default_factory=list)  # the answer head's vocabulary (empty: no answer head)
     max_answers: int = bounded(100, low=1)  # answer vocabulary size taken from the training records
     # The image side. None: region features come in the batch (HF's interface); a tower: from pixels, and
@@ -98,7 +101,7 @@ class LxmertTraining(FusionTraining):
 
     region_mask_probability: float = bounded(0.15, low=0, high=1)
     feat_weight: float = bounded(1.0, low=0)  # masked-feature regression
-    obj_weight: float = bounded(1.0, low=0)  # masked-object classes
+    obj_weight: float = bounded(1.0, low=0)  # masked-object classes (and attributes)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,15 +133,17 @@ class Lxmert(TwoStreamTasks, VLModel):
         self.heads = FusionHeads(width, len(config.answers), "mlp", eps)
         if config.pretraining_heads:
             self.mlm_head = BertLMHead(width, config.vocab_size, config.activation, eps)
-            sizes = {"feat": config.visual_feat_dim, **({"obj": config.num_object_labels} if config.num_object_labels else {})}
-            self.region_head = RegionHead(width, sizes, config.activation, eps)
+            sizes = {"feat": config.visual_feat_dim, "obj": config.num_object_labels, "attr": config.num_attr_labels}
+            self.region_head = RegionHead(width, {name: size for name, size in sizes.items() if size}, config.activation, eps)
+            if not config.reasoning_head:
+                self.heads.reasoning = None
         else:  # an HF checkpoint: at most the answer head
             self.heads.reasoning = self.heads.itm = None
         self.visual = build_vision_tower(config.vision, None) if config.vision is not None else None
         if self.visual is not None:
             self.visual_inputs = VisualInputs(config.visual, config.vision.image_size, num_classes=len(config.region_classes))
         # What this instance can do: a feature-only model (an HF checkpoint) cannot read pixels.
-        present = {Answers: self.heads.answer is not None, Verifies: config.pretraining_heads,
+        present = {Answers: self.heads.answer is not None, Verifies: self.heads.reasoning is not None,
                    MatchesImageText: config.pretraining_heads, ReadsRegions: True}
         self.capabilities = tuple(c for c in self.capabilities if self.visual is not None and present[c])
 
@@ -158,7 +163,7 @@ class Lxmert(TwoStreamTasks, VLModel):
 
     def visual_features(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The batch's region features: {"feats" (B, N, F), "pos" (B, N, 4), "mask" (B, N) bool, and
-        "labels" (B, N) class ids or "label_dist" (B, N, K) when the batch carries region classes}."""
+        "label_dist" (B, N, K) when the batch carries region classes, "attr_dist" (B, N, K') attributes}."""
         if self.visual is None:
             if "visual_feats" not in batch:
                 raise UserError("this LXMERT model has no image tower, so it reads region features: give visual_feats "
@@ -167,9 +172,11 @@ class Lxmert(TwoStreamTasks, VLModel):
             mask = batch.get("visual_mask")
             out = {"feats": feats, "pos": batch["visual_pos"],
                    "mask": torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device) if mask is None else mask}
-            if "region_labels" in batch and self.config.num_object_labels:
-                labels = batch["region_labels"]  # (B, N) class ids, -1 = none: as one-hot distributions
-                out["label_dist"] = F.one_hot(labels.clamp(min=0), self.config.num_object_labels).float() * (labels >= 0)[..., None]
+            for name, key, size in (("region_labels", "label_dist", self.config.num_object_labels),
+                                    ("region_attr_labels", "attr_dist", self.config.num_attr_labels)):
+                if name in batch and size:
+                    labels = batch[name]  # (B, N) class ids, -1 = none: as one-hot distributions
+                    out[key] = F.one_hot(labels.clamp(min=0), size).float() * (labels >= 0)[..., None]
             return out
         tokens = self.visual_inputs(backbone_grid(self.visual, batch["pixels"]), batch, generator)
         out = {"feats": tokens.features, "pos": tokens.geometry[..., :4], "mask": tokens.mask}  # LXMERT's 4-d normalised box
@@ -185,6 +192,21 @@ class Lxmert(TwoStreamTasks, VLModel):
                             "on records with 'qa'")
         return self.heads.answer(self.encode(tokens, visual_feats, visual_pos, visual_mask=visual_mask)[2])
 
+    def pretraining_logits(self, tokens: torch.Tensor, visual_feats: torch.Tensor, visual_pos: torch.Tensor,
+                           visual_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The pre-training heads' outputs: "mlm" (B, L, V) (HF's `prediction_logits`), "itm" (B, 2)
+        [no match, match] (`cross_relationship_score`), the masked-region head's "feat" (B, N, F) and, where
+        the model has them, "obj" / "attr" (B, N, K) (HF's `obj_predict_head`), and "answer" (B, A)."""
+        if not self.config.pretraining_heads:
+            raise UserError("this LXMERT model has no pre-training heads (an HF LxmertModel / ForQuestionAnswering "
+                            "checkpoint)")
+        language, vision, pooled = self.encode(tokens, visual_feats, visual_pos, visual_mask=visual_mask)
+        out = {"mlm": self.mlm_head(language, self.text.token_embedding.weight), "itm": self.heads.itm(pooled),
+               **self.region_head(vision)}
+        if self.heads.answer is not None:
+            out["answer"] = self.heads.answer(pooled)
+        return out
+
     # ---- training -----------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         options = self.training_options
@@ -195,6 +217,9 @@ class Lxmert(TwoStreamTasks, VLModel):
         visual = self.visual_features(batch, generator)
         feats, boxes, real = visual["feats"], visual["pos"], visual["mask"]  # (B, N, F), (B, N, 4), (B, N)
         tokens = batch["tokens"]  # (B, L), already masked by the dataset in pre-training
+        if options.task == "reasoning" and self.heads.reasoning is None:
+            raise UserError("this LXMERT model has no reasoning head (an HF LxmertForPreTraining checkpoint); "
+                            "build it with reasoning_head=true to fine-tune task=reasoning")
         if options.task != "pretrain":
             pooled = self.encode(tokens, feats, boxes, visual_mask=real)[2]
             loss, logs, logits = fusion_task_loss(self.heads, pooled, batch, options.task)
@@ -219,6 +244,11 @@ class Lxmert(TwoStreamTasks, VLModel):
                    else predicted["obj"].sum() * 0.0)  # keeps the head in the graph when the batch has no classes
             loss = loss + options.obj_weight * obj
             logs["obj_loss"] = obj
+        if "attr" in predicted:  # no built-in data names attributes: only a batch's `region_attr_labels` train it
+            attr = (masked_region_kl_loss(predicted["attr"], visual["attr_dist"], masked) if "attr_dist" in visual
+                    else predicted["attr"].sum() * 0.0)
+            loss = loss + options.obj_weight * attr
+            logs["attr_loss"] = attr
         return ModelOutput(loss=loss, logs=detached_logs(**logs, loss=loss), logits=logits)
 
     # ---- hooks ------------------------------------------------------------------------------
@@ -284,6 +314,8 @@ class Lxmert(TwoStreamTasks, VLModel):
             batch["visual_pos"] = corners.transpose(2, 3).reshape(batch_size, regions, 4)
             if config.num_object_labels:
                 batch["region_labels"] = torch.randint(config.num_object_labels, (batch_size, regions), generator=generator)
+            if config.num_attr_labels:
+                batch["region_attr_labels"] = torch.randint(config.num_attr_labels, (batch_size, regions), generator=generator)
         return batch
 
     # ---- capabilities: `encoders.twostream.TwoStreamTasks`, over these widths ---------------------
