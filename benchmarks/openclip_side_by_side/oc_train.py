@@ -6,7 +6,8 @@ sides of the comparison are scored by the same evaluation code (`vlmkit eval zer
 `--check` also scores zero-shot with OpenCLIP's own model and tokenizer, to show the two agree.
 
 Usage (OpenCLIP's python): oc_train.py --csv DATA/train.csv --arch arch.json --out RUN [--epochs 1 --batch 128
-       --lr 5e-4 --wd 0.1 --warmup 100 --seed 0] [--check DATA/test.jsonl --templates DATA/templates.txt]
+       --lr 5e-4 --wd 0.1 --warmup 100 --seed 0] [--check DATA/test.jsonl [--templates DATA/templates.txt]]
+--check scores the records with a 'label'; without --templates it uses vlmkit's default templates.
 OpenCLIP counts epochs over CSV rows (one per image-caption pair): one epoch of a CSV with C captions
 per image sees each image C times, in floor(rows / batch) steps.
 """
@@ -19,6 +20,8 @@ import sys
 import torch
 
 MODEL = "side-by-side-arch"  # no "vit" in the name: open_clip_train then picks beta2 0.999, eps 1e-8
+# `vlmkit eval zeroshot` without --templates (vlmkit.tasks.zeroshot.DEFAULT_TEMPLATES; vlmkit is not importable here)
+VLMKIT_DEFAULT_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.", "a rendering of a {}.")
 
 
 def train(args) -> None:
@@ -60,9 +63,11 @@ def check(args) -> None:
     model.load_state_dict(load_file(os.path.join(args.out, "open_clip_model.safetensors")))
     model.eval()
     tokenizer = open_clip.get_tokenizer(MODEL)
-    rows = [json.loads(line) for line in open(args.check)]
+    rows = [json.loads(line) for line in open(args.check) if line.strip()]
+    rows = [row for row in rows if row.get("label") is not None]  # as `vlmkit eval zeroshot`: labelled records only
     classes = sorted({row["label"] for row in rows})
-    templates = [line.strip() for line in open(args.templates) if line.strip()]
+    templates = ([line.strip() for line in open(args.templates) if line.strip()] if args.templates
+                 else list(VLMKIT_DEFAULT_TEMPLATES))
     weights = []
     for name in classes:
         text = torch.nn.functional.normalize(model.encode_text(tokenizer([t.format(name) for t in templates])), dim=-1)

@@ -3,7 +3,8 @@
 Every run (a vlmkit run folder, or the OpenCLIP hub folder oc_train.py writes, which `vlmkit.load` reads)
 is scored by `vlmkit eval zeroshot` (templates ensembled, the test classes only) and `vlmkit eval
 retrieval` on the same test records, so the OpenCLIP and vlmkit numbers differ by training alone.
-Usage (vlmkit's python): table.py --data DATA/test.jsonl --templates DATA/templates.txt NAME=RUN ... [--json OUT]
+Usage (vlmkit's python): table.py --data DATA/test.jsonl [--templates DATA/templates.txt] NAME=RUN ... [--json OUT]
+Zero-shot scores the records with a 'label' (classes = their distinct labels); retrieval all records.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import subprocess
 import sys
 
 
-def score(run: str, data: str, templates: str) -> dict:
+def score(run: str, data: str, templates: str | None) -> dict:
     """Zero-shot and retrieval figures of one run, from vlmkit's evaluation commands (their stdout JSON)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "vlmkit", "eval"]
-    zeroshot = subprocess.run(command + ["zeroshot", "--model", run, "--data", data, "--templates", templates],
+    zeroshot = subprocess.run(command + ["zeroshot", "--model", run, "--data", data]
+                              + (["--templates", templates] if templates else []),
                               check=True, capture_output=True, text=True, env=env)
     retrieval = subprocess.run(command + ["retrieval", "--model", run, "--data", data],
                                check=True, capture_output=True, text=True, env=env)
@@ -28,7 +30,7 @@ def score(run: str, data: str, templates: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True)
-    parser.add_argument("--templates", required=True)
+    parser.add_argument("--templates", help="zero-shot templates, one per line (default: vlmkit eval zeroshot's own)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("runs", nargs="+", metavar="NAME=RUN")
     args = parser.parse_args(argv)
