@@ -101,6 +101,19 @@ def test_caption_first_and_eval_transform(synth_dir):
         ImageTextDataset(records, ImageTransform(64), caption="longest")
 
 
+def test_caption_pairs_sees_every_pair_once_an_epoch(synth_dir):
+    records = read_records(synth_dir / "test.jsonl")[:5]
+    pairs = [(record["image"], text) for record in records for text in record["texts"]]
+    assert len({len(record["texts"]) for record in records} - {1}) > 0  # the records hold several captions
+    dataset = ImageTextDataset(records, ImageTransform(64), caption="pairs")
+    assert len(dataset) == len(pairs)
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        seen = [(dataset.records[i]["image"], dataset[i]["text"]) for i in range(len(dataset))]
+        assert seen == pairs  # each (image, caption) pair exactly once, whatever the epoch
+    assert torch.equal(dataset[1]["pixels"], ImageTransform(64)(records[0]["image"]))  # the pair's own image
+
+
 def test_plain_callable_transform_without_rng(synth_dir):
     records = read_records(synth_dir / "test.jsonl")[:2]
     dataset = ImageTextDataset(records, lambda image: torch.zeros(3, 4, 4))

@@ -22,7 +22,7 @@ def data(tmp_path_factory):
     # each was a traceback after the run folder was written
     ("steps=abc", "steps must be an integer, got 'abc'"),
     ("hflip=abc", "hflip must be a number, got 'abc'"),
-    ("caption=xyz", "caption must be one of random, first, got 'xyz'"),
+    ("caption=xyz", "caption must be one of random, first, pairs, got 'xyz'"),
     ("save_every=0", "save_every must be at least 1, got 0"),
     ("log_every=0", "log_every must be at least 1, got 0"),
     ("grad_accum=0", "grad_accum must be at least 1, got 0"),

@@ -52,7 +52,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style dataset over `read_records` output, yielding preprocessed pixels and one caption.
 
     `caption="random"` draws one of the record's `texts` per (seed, epoch, index); `"first"`
-    always takes the first. Use `dataset.collate` as the DataLoader's `collate_fn`: it tokenizes
+    always takes the first; `"pairs"` makes every (image, caption) pair a sample of its own, each seen
+    once an epoch (OpenCLIP's sampling of a CSV with a row per pair): the dataset then holds one
+    single-caption record per pair, so subclasses and indices work unchanged. Use `dataset.collate` as the DataLoader's `collate_fn`: it tokenizes
     the whole batch at once with `tokenizer` (any callable list[str] -> LongTensor (B, L)) and
     reports skipped images. `cache_images=True` keeps every decoded image in memory after its
     first use (about 12 KB per 64 px image: worth it for the synthetic dataset, where decoding
@@ -61,9 +63,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence[dict], transform: ImageTransform | Callable, tokenizer: Tokenizer | None = None,
                  caption: str = "random", seed: int = 0, cache_images: bool = False):
-        if caption not in ("random", "first"):
-            raise ValueError(f"caption must be 'random' or 'first', not {caption!r}")
-        self.records = records
+        if caption not in ("random", "first", "pairs"):
+            raise ValueError(f"caption must be 'random', 'first' or 'pairs', not {caption!r}")
+        self.records = caption_pairs(records) if caption == "pairs" else records
         self.transform = transform
         self.tokenizer = tokenizer
         self.caption = caption
@@ -118,6 +120,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
         for item in skipped:
             logger.debug("skipped %s: %s", item["image"], item["reason"])
         return batch
+
+
+def caption_pairs(records: Sequence[dict]) -> list[dict]:
+    """One record per (image, caption) pair, in order: a record with texts [a, b] becomes two records
+    with texts [a] and [b] (its other fields shared); a record without captions stays one record."""
+    return [{**record, "texts": [text]} if texts else record
+            for record in records for texts in [record.get("texts") or []] for text in (texts or [None])]
 
 
 def _accepts_rng(function: Callable) -> bool:

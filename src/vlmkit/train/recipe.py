@@ -33,7 +33,9 @@ class Recipe:
     # Images: the model's image size; CLIP mean/std; RandomResizedCrop scale for training.
     crop_scale: tuple[float, float] = (0.9, 1.0)
     hflip: float = bounded(0.0, low=0, high=1)  # a probability
-    caption: Literal["random", "first"] = "random"  # which of a record's captions a step sees
+    # Which of a record's captions a step sees: "random" (one per visit), "first", or "pairs" (one sample per
+    # image-caption pair, each once an epoch: OpenCLIP's CSV sampling).
+    caption: Literal["random", "first", "pairs"] = "random"
     # Optimisation (OpenCLIP's ViT defaults, scaled for tiny models by the recipes).
     steps: int = bounded(1000, low=1)
     batch_size: int = bounded(128, low=1)  # samples per optimizer step (all ranks, all accumulation steps)
