@@ -54,9 +54,9 @@ class ImageTextDataset(torch.utils.data.Dataset):
     `caption="random"` draws one of the record's `texts` per (seed, epoch, index); `"first"`
     always takes the first; `"pairs"` makes every (image, caption) pair a sample of its own, each seen
     once an epoch (OpenCLIP's sampling of a CSV with a row per pair): the dataset then holds one
-    single-caption record per pair, so subclasses and indices work unchanged. Use `dataset.collate` as the DataLoader's `collate_fn`: it tokenizes
-    the whole batch at once with `tokenizer` (any callable list[str] -> LongTensor (B, L)) and
-    reports skipped images. `cache_images=True` keeps every decoded image in memory after its
+    single-caption record per pair, so subclasses and indices work unchanged. Use `dataset.collate`
+    as the DataLoader's `collate_fn`: it tokenizes the whole batch at once with `tokenizer` (any
+    callable list[str] -> LongTensor (B, L)) and reports skipped images. `cache_images=True` keeps every decoded image in memory after its
     first use (about 12 KB per 64 px image: worth it for the synthetic dataset, where decoding
     the PNG is half the cost of a sample; not for web-scale data).
     """
@@ -125,8 +125,14 @@ class ImageTextDataset(torch.utils.data.Dataset):
 def caption_pairs(records: Sequence[dict]) -> list[dict]:
     """One record per (image, caption) pair, in order: a record with texts [a, b] becomes two records
     with texts [a] and [b] (its other fields shared); a record without captions stays one record."""
-    return [{**record, "texts": [text]} if texts else record
-            for record in records for texts in [record.get("texts") or []] for text in (texts or [None])]
+    pairs = []
+    for record in records:
+        texts = record.get("texts") or []
+        if texts:
+            pairs.extend({**record, "texts": [text]} for text in texts)
+        else:
+            pairs.append(record)
+    return pairs
 
 
 def _accepts_rng(function: Callable) -> bool:
