@@ -6,18 +6,17 @@ different drawings; each is flattened onto white and saved at 64 x 64 RGB. Class
 (seeded): the test classes never occur in training, so zero-shot on them measures naming, not memory.
 Every image gets several captions (its name, its category, its drawing size).
 
-Writes OUT/train.jsonl, OUT/test.jsonl (`image`, `texts`, `label`), OUT/train.csv (OpenCLIP's
-filepath,title columns, one row per image-caption pair), OUT/templates.txt and OUT/images/.
+Writes OUT/train.jsonl, OUT/test.jsonl (`image`, `texts`, `label`), OUT/templates.txt and OUT/images/.
+OpenCLIP's CSV (filepath,title, one row per image-caption pair) comes from the JSONL:
+`python3 benchmarks/openclip_side_by_side/jsonl_to_csv.py OUT/train.jsonl OUT/train.csv`.
 Usage: python scripts/prepare_icons.py --out data/icons [--deb oxygen-icon-theme_*.deb] [--test-fraction 0.2]
 Needs `apt-get download` and `dpkg -x` (no root) unless --deb or --icons is given. The data never goes in git.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
-import os
 import random
 import re
 import subprocess
@@ -103,12 +102,6 @@ def main(argv: list[str] | None = None) -> None:
         with open(out / f"{split}.jsonl", "w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
-    with open(out / "train.csv", "w", newline="") as handle:  # OpenCLIP: one row per image-caption pair
-        writer = csv.writer(handle)
-        writer.writerow(["filepath", "title"])
-        for record in splits["train"]:
-            for text in record["texts"]:
-                writer.writerow([os.path.abspath(out / record["image"]), text])
     (out / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     print(json.dumps({"train_images": len(splits["train"]), "test_images": len(splits["test"]),
                       "train_classes": len(by_class) - len(test_names), "test_classes": len(test_names),

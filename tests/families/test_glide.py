@@ -1,8 +1,10 @@
 """GLIDE's own behaviour: caption dropout really drops the caption, guidance is the classifier-free
-formula through the model, seeded sampling is reproducible, bad options are one-line errors, and
-`vlmkit imagine` runs on a saved GLIDE run. One tiny model (16 px) for the whole module."""
+formula through the model, the moving average of the weights follows its formula and is what sampling
+uses, seeded sampling is reproducible, bad options are one-line errors, and `vlmkit imagine` runs on a
+saved GLIDE run. One tiny model (16 px) for the whole module."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -35,6 +37,7 @@ def glide(tmp_path_factory):
         for parameter in model.parameters():
             if not parameter.any():
                 parameter.normal_(0, 0.2)
+    model.reset_ema()  # the average starts as the weights, randomised ones included
     model.tokenizer, model.transform = tokenizer, ImageTransform(16)
     run = tmp_path_factory.mktemp("glide") / "run"
     model.save_pretrained(run)
@@ -73,6 +76,38 @@ def test_guided_eps_through_the_model_is_the_formula(glide):
     assert not torch.allclose(conditional, unconditional, atol=1e-4)
 
 
+def test_the_moving_average_follows_its_formula_and_is_what_sampling_uses(glide):
+    model = copy.deepcopy(glide[0])
+    trained, averaged = model._ema_pairs()
+    assert len(trained) == len(averaged) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert all(not a.requires_grad for a in averaged) and all(torch.equal(t, a) for t, a in zip(trained, averaged))
+    prompts = ["a red circle", "a blue square"]
+    same = model.imagine(prompts, seed=3, steps=3, weights="online")
+    assert torch.equal(same, model.imagine(prompts, seed=3, steps=3))  # average = weights: the same images
+    before = [a.clone() for a in averaged]
+    for n, decay in enumerate((1 / 10, 2 / 11)):  # warm-up: min(0.9999, (1 + n) / (10 + n))
+        with torch.no_grad():
+            for t in trained:
+                t.add_(0.05 * torch.randn_like(t))
+        model.after_optimizer_step()
+        for t, a, old in zip(trained, averaged, before):
+            assert torch.allclose(a, decay * old + (1 - decay) * t, atol=1e-6)
+        before = [a.clone() for a in averaged]
+        assert int(model.ema_updates) == n + 1
+    online, ema = model.imagine(prompts, seed=3, steps=3, weights="online"), model.imagine(prompts, seed=3, steps=3)
+    assert not torch.equal(online, ema)
+    tokens, keep = model.tokenize(["a red circle"]), torch.zeros(1, dtype=torch.bool)
+    x, t = torch.zeros(1, 3, 16, 16), torch.tensor([50])
+    with torch.no_grad():
+        eps = model.unet(x, t, *model.conditioning(tokens, keep))
+        eps_ema = model.ema_unet(x, t, *model.conditioning(tokens, keep, ema=True))
+        assert torch.equal(model.guided_eps_fn(tokens, 1.0)(x, t), eps_ema)  # sampling's default: the average
+        assert torch.equal(model.guided_eps_fn(tokens, 1.0, ema=False)(x, t), eps)
+    assert not torch.equal(eps, eps_ema)
+    with pytest.raises(UserError, match="weights 'best' is not 'ema'"):
+        model.imagine(prompts, weights="best")
+
+
 def test_seeded_sampling_is_reproducible(glide):
     model, _ = glide
     prompts = ["a red circle", "a blue square"]
@@ -100,7 +135,9 @@ def test_bad_options_are_user_errors(glide, options, message):
 
 def test_imagine_cli_on_a_saved_run(glide, tmp_path, capsys):
     _, run = glide
-    assert vlmkit.load(run).imagine_options == ("guidance", "steps", "sampler", "eta")
+    loaded = vlmkit.load(run)
+    assert loaded.imagine_options == ("guidance", "steps", "sampler", "eta", "weights")
+    assert int(loaded.ema_updates) == 0 and all(torch.equal(t, a) for t, a in zip(*loaded._ema_pairs()))  # saved with it
     out = tmp_path / "grid.png"
     assert main(["imagine", "a red circle", "--model", str(run), "--out", str(out), "--n", "2", "--steps", "3",
                  "--guidance", "2", "--seed", "1"]) == 0
@@ -108,3 +145,6 @@ def test_imagine_cli_on_a_saved_run(glide, tmp_path, capsys):
     assert out.exists() and len(result["images"]) == 2 and all((tmp_path / f"grid-00{i}.png").exists() for i in range(2))
     assert main(["imagine", "a red circle", "--model", str(run), "--out", str(tmp_path / "x.png"), "--temperature", "1"]) == 2
     assert "the 'glide' model family does not take --temperature" in capsys.readouterr().err
+    assert main(["imagine", "a red circle", "--model", str(run), "--out", str(tmp_path / "o.png"), "--n", "1", "--steps", "2",
+                 "--weights", "online"]) == 0
+    assert json.loads(capsys.readouterr().out)["options"]["weights"] == "online"

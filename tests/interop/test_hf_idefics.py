@@ -130,6 +130,7 @@ def test_convert_cli_writes_idefics(folder, tmp_path, capsys):
     ({"vision": {"conv_stem": [8]}}, "conv stem"),
     ({"lm": {"positions": "learned", "norm": "layernorm", "gated_mlp": False, "bias": True, "activation": "gelu_tanh",
              "tie_embeddings": True}, "cross_attention_activation": "gelu_tanh"}, "GPT-2 style"),
+    ({"lm": {"norm": "layernorm"}}, "a non-Llama language model without RMSNorm "),  # a mix of the two styles
     ({"vision_tokens": "patches"}, "vision_tokens 'patches'"),
     ({"extra_tokens": ["<image>", "<|endofchunk|>"]}, "extra_tokens"),
 ])

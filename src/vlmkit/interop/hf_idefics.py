@@ -173,19 +173,16 @@ def config_to_hf(model) -> dict[str, Any]:
     """The HF `IdeficsConfig` dict (config.json) of a vlmkit `flamingo` model, or a one-line UserError
     naming the first setting IDEFICS cannot express (everything `config_from_hf` fixes must hold)."""
     from vlmkit.interop.hf_clip import TO_HF_ACTIVATION, vision_export_problem
-    from vlmkit.interop.hf_lm import hf_style
+    from vlmkit.interop.hf_lm import llama_needs
 
     config = model.config
     vision, lm, resampler = config.vision, config.lm, config.resampler
     vision_problem = vision_export_problem(vision)
-    try:
-        llama = hf_style(lm) == "llama"
-    except UserError:  # a mix of GPT-2 and Llama options
-        llama = False
+    not_llama = [need for need, holds in llama_needs(lm).items() if not holds]
     problems = {
         f"an image tower with {vision_problem} (IDEFICS's is a plain CLIP ViT)": vision_problem is not None,
-        f"a {'GPT-2 style' if lm.positions == 'learned' else 'non-Llama'} language model (IDEFICS's is Llama: rotary "
-        f"positions, RMSNorm, SwiGLU, silu)": not llama,
+        f"a {'GPT-2 style' if lm.positions == 'learned' else 'non-Llama'} language model without "
+        f"{', '.join(not_llama)} (IDEFICS's is Llama: rotary positions, RMSNorm, SwiGLU, silu)": bool(not_llama),
         f"grouped-query attention ({lm.num_kv_heads} key/value heads for {lm.heads})": lm.num_kv_heads != lm.heads,
         "biases in the language model": lm.bias,
         "a head tied to the embedding (tie_embeddings)": lm.tie_embeddings,

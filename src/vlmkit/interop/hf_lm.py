@@ -250,13 +250,22 @@ def load(directory: Path, dtype: torch.dtype | None = None, **unused):
 
 
 # ---- export --------------------------------------------------------------------------------------
-def hf_style(lm) -> str:
-    """"gpt2" or "llama": the HF architecture that holds this LM exactly, or a UserError naming the mismatch."""
-    gpt2 = {"learned positions": lm.positions == "learned", "LayerNorm": lm.norm == "layernorm",
+def _gpt2_needs(lm) -> dict[str, bool]:
+    """What GPT2LMHeadModel needs of an LM config, each with whether it holds."""
+    return {"learned positions": lm.positions == "learned", "LayerNorm": lm.norm == "layernorm",
             "a plain MLP": not lm.gated_mlp, "biases": lm.bias, "no grouped-query attention": lm.num_kv_heads == lm.heads,
             f"a supported activation (not {lm.activation})": lm.activation in TO_HF_ACTIVATION}
-    llama = {"rotary positions": lm.positions == "rotary", "RMSNorm": lm.norm == "rmsnorm", "a gated MLP": lm.gated_mlp,
-             f"silu (not {lm.activation})": lm.activation == "silu"}
+
+
+def llama_needs(lm) -> dict[str, bool]:
+    """What LlamaForCausalLM needs of an LM config, each with whether it holds."""
+    return {"rotary positions": lm.positions == "rotary", "RMSNorm": lm.norm == "rmsnorm", "a gated MLP": lm.gated_mlp,
+            f"silu (not {lm.activation})": lm.activation == "silu"}
+
+
+def hf_style(lm) -> str:
+    """"gpt2" or "llama": the HF architecture that holds this LM exactly, or a UserError naming the mismatch."""
+    gpt2, llama = _gpt2_needs(lm), llama_needs(lm)
     if all(gpt2.values()):
         return "gpt2"
     if all(llama.values()):

@@ -9,11 +9,17 @@ The caption is dropped in `training.caption_dropout` (the paper's 20%) of the ro
 sees a learned "empty caption" (one null token for the attention, a null pooled vector), standing
 for GLIDE's empty, all-padding token sequence. Sampling runs each step on [caption; empty] rows and
 guides: eps = eps(x, empty) + s * (eps(x, caption) - eps(x, empty)) (s = 1: the conditional model
-alone). DDPM or DDIM (vlmkit.diffusion), any number of steps, seeded. Unlike GLIDE there is no
-learned variance (fixed posterior variance), no super-resolution stage and no EMA of the weights.
+alone). DDPM or DDIM (vlmkit.diffusion), any number of steps, seeded.
+
+An exponential moving average of the trained weights (text tower, empty caption, U-Net; `ema_decay`,
+GLIDE's 0.9999, 0 = none) is updated after every optimizer step with the warm-up
+decay_n = min(ema_decay, (1 + n) / (10 + n)) for the n-th update, saved with the model, and is what
+`imagine` samples with (`weights="online"` samples the trained weights instead). Unlike GLIDE there is
+no learned variance (fixed posterior variance) and no super-resolution stage.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -72,6 +78,8 @@ class GLIDEConfig:
     sample_steps: int = bounded(50, low=1)
     guidance: float = bounded(3.0, low=0)
     eta: float = bounded(0.0, low=0)
+    # Moving average of the weights that sampling uses (guided-diffusion's ema_rate 0.9999); 0: none.
+    ema_decay: float = bounded(0.9999, low=0, high=1, high_open=True)
 
     def __post_init__(self) -> None:
         check_fields(self, "glide", ".")
@@ -100,7 +108,7 @@ class GLIDE(VLModel):
     family = "glide"
     config_class = GLIDEConfig
     capabilities = (Imagines,)
-    imagine_options = ("guidance", "steps", "sampler", "eta")
+    imagine_options = ("guidance", "steps", "sampler", "eta", "weights")
     training_class = GLIDETraining
     towers = {"text": "text"}
     tower_configs = {"text": "text"}
@@ -117,18 +125,72 @@ class GLIDE(VLModel):
             tuple(unet.attention_resolutions), unet.heads, context_dim=text.width, groups=unet.groups, dropout=unet.dropout,
         )
         self.diffusion = GaussianDiffusion.named(config.schedule, config.diffusion_steps)
+        if config.ema_decay > 0:
+            # Averaged copies, never trained (no gradient, not in the optimizer); `ema_updates` counts updates.
+            self.ema_text, self.ema_unet = copy.deepcopy(self.text), copy.deepcopy(self.unet)
+            self.ema_text.requires_grad_(False)
+            self.ema_unet.requires_grad_(False)
+            self.register_buffer("ema_null_context", self.null_context.detach().clone())
+            self.register_buffer("ema_null_pooled", self.null_pooled.detach().clone())
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    # ---- the moving average ---------------------------------------------------------------
+    def has_ema(self) -> bool:
+        return self.config.ema_decay > 0
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(trained, averaged) tensors, matched by name."""
+        trained, averaged = [self.null_context, self.null_pooled], [self.ema_null_context, self.ema_null_pooled]
+        for online, ema in ((self.text, self.ema_text), (self.unet, self.ema_unet)):
+            params = dict(online.named_parameters())
+            for name, param in ema.named_parameters():
+                trained.append(params[name])
+                averaged.append(param)
+        return trained, averaged
+
+    def after_optimizer_step(self) -> None:
+        """ema <- decay_n * ema + (1 - decay_n) * weights, decay_n = min(ema_decay, (1 + n) / (10 + n))."""
+        if not self.has_ema():
+            return
+        with torch.no_grad():
+            updates = int(self.ema_updates)
+            decay = min(self.config.ema_decay, (1 + updates) / (10 + updates))
+            trained, averaged = self._ema_pairs()
+            torch._foreach_mul_(averaged, decay)
+            torch._foreach_add_(averaged, [t.detach() for t in trained], alpha=1 - decay)
+            self.ema_updates += 1
+
+    def reset_ema(self) -> None:
+        """Restart the average from the current weights (its warm-up too)."""
+        if self.has_ema():
+            with torch.no_grad():
+                for trained, averaged in zip(*self._ema_pairs()):
+                    averaged.copy_(trained)
+                self.ema_updates.zero_()
+
+    def after_pretrained_towers(self) -> None:
+        """A pretrained text tower (`init_text`) goes into the average too."""
+        self.reset_ema()
+
+    def _weights(self, ema: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, nn.Module]:
+        """(text tower, null token, null pooled, U-Net): the averaged ones or the trained ones."""
+        if ema and self.has_ema():
+            return self.ema_text, self.ema_null_context, self.ema_null_pooled, self.ema_unet
+        return self.text, self.null_context, self.null_pooled, self.unet
 
     # ---- conditioning -------------------------------------------------------------------
-    def conditioning(self, tokens: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def conditioning(self, tokens: torch.Tensor, drop: torch.Tensor, ema: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Caption tokens (B, L) and which rows get the empty caption (B,) bool -> (context (B, 1+L, Dt),
-        context mask (B, 1+L) bool, pooled (B, Dt)). A kept row sees its tokens, a dropped row only the null token."""
-        out = self.text(tokens)
+        context mask (B, 1+L) bool, pooled (B, Dt)). A kept row sees its tokens, a dropped row only the null token.
+        `ema`: with the averaged weights."""
+        text, null_context, null_pooled, _ = self._weights(ema)
+        out = text(tokens)
         context = out.tokens  # (B, L', Dt); trailing all-padding columns trimmed by the tower
-        real = self.text.real_tokens(tokens)[:, : context.shape[1]]  # (B, L')
+        real = text.real_tokens(tokens)[:, : context.shape[1]]  # (B, L')
         batch = tokens.shape[0]
-        context = torch.cat([self.null_context.expand(batch, -1, -1).to(context.dtype), context], dim=1)  # (B, 1+L', Dt)
+        context = torch.cat([null_context.expand(batch, -1, -1).to(context.dtype), context], dim=1)  # (B, 1+L', Dt)
         mask = torch.cat([drop[:, None], real & ~drop[:, None]], dim=1)  # (B, 1+L')
-        pooled = torch.where(drop[:, None], self.null_pooled.to(out.pooled.dtype).expand_as(out.pooled), out.pooled)  # (B, Dt)
+        pooled = torch.where(drop[:, None], null_pooled.to(out.pooled.dtype).expand_as(out.pooled), out.pooled)  # (B, Dt)
         return context, mask, pooled
 
     def to_diffusion_space(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -173,7 +235,7 @@ class GLIDE(VLModel):
         }
 
     # ---- sampling -----------------------------------------------------------------------
-    def _sampling_options(self, options: dict[str, Any]) -> tuple[float, int, str, float]:
+    def _sampling_options(self, options: dict[str, Any]) -> tuple[float, int, str, float, bool]:
         unknown = sorted(set(options) - set(self.imagine_options))
         if unknown:
             raise UserError(f"the 'glide' model family does not take the option {unknown[0]!r}; it takes seed, "
@@ -191,27 +253,31 @@ class GLIDE(VLModel):
             raise UserError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}; choose one")
         if eta < 0:
             raise UserError(f"eta {eta} is negative; give 0 (deterministic DDIM) to 1 (DDPM-like)")
-        return guidance, steps, sampler, eta
+        weights = options.get("weights") or "ema"
+        if weights not in ("ema", "online"):
+            raise UserError(f"weights {weights!r} is not 'ema' (the moving average, when the model keeps one) or 'online'")
+        return guidance, steps, sampler, eta, weights == "ema"
 
     def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
-                    pooled: torch.Tensor) -> torch.Tensor:
+                    pooled: torch.Tensor, ema: bool = False) -> torch.Tensor:
         """The U-Net's output as eps (converted from v when the model predicts v). (B, 3, H, W)"""
-        out = self.unet(x_t, t, context, mask, pooled)
+        out = self._weights(ema)[3](x_t, t, context, mask, pooled)
         return out if self.config.prediction == "eps" else self.diffusion.eps_from_v(x_t, t, out)
 
-    def guided_eps_fn(self, tokens: torch.Tensor, guidance: float):
+    def guided_eps_fn(self, tokens: torch.Tensor, guidance: float, ema: bool = True):
         """eps_fn(x_t, t) for `GaussianDiffusion.sample`: the captions' eps guided against the empty
-        caption's. s = 1 runs the conditional rows only, s = 0 the unconditional ones only."""
+        caption's. s = 1 runs the conditional rows only, s = 0 the unconditional ones only. `ema`:
+        with the averaged weights (when the model keeps them)."""
         rows = tokens.shape[0]
         keep, drop = torch.zeros(rows, dtype=torch.bool, device=tokens.device), torch.ones(rows, dtype=torch.bool, device=tokens.device)
         if guidance == 1.0 or guidance == 0.0:
-            context, mask, pooled = self.conditioning(tokens, drop if guidance == 0.0 else keep)
-            return lambda x, t: self.predict_eps(x, t, context, mask, pooled)
+            context, mask, pooled = self.conditioning(tokens, drop if guidance == 0.0 else keep, ema)
+            return lambda x, t: self.predict_eps(x, t, context, mask, pooled, ema)
         # Text encoded once for the whole loop: [caption rows; empty-caption rows].
-        context, mask, pooled = self.conditioning(torch.cat([tokens, tokens]), torch.cat([keep, drop]))
+        context, mask, pooled = self.conditioning(torch.cat([tokens, tokens]), torch.cat([keep, drop]), ema)
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = self.predict_eps(torch.cat([x, x]), torch.cat([t, t]), context, mask, pooled)  # (2B, 3, H, W)
+            eps = self.predict_eps(torch.cat([x, x]), torch.cat([t, t]), context, mask, pooled, ema)  # (2B, 3, H, W)
             conditional, unconditional = eps.chunk(2)
             return guided_eps(conditional, unconditional, guidance)
 
@@ -220,8 +286,9 @@ class GLIDE(VLModel):
     @torch.no_grad()
     def imagine(self, prompts: Sequence[str], seed: int = 0, **options) -> torch.Tensor:
         """(B, 3, H, W) images in [0, 1], one per prompt; options: guidance, steps, sampler, eta (the
-        config's defaults otherwise). The same seed gives the same images."""
-        guidance, steps, sampler, eta = self._sampling_options(options)
+        config's defaults otherwise), weights ("ema", the default: the moving average when the model
+        keeps one; "online": the trained weights). The same seed gives the same images."""
+        guidance, steps, sampler, eta, ema = self._sampling_options(options)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not str(prompt).strip() for prompt in prompts):
             raise UserError("a prompt is empty; give a prompt that describes the image, e.g. \"a red triangle\"")
@@ -231,7 +298,7 @@ class GLIDE(VLModel):
             tokens = self.tokenize(prompts).to(self.device)  # (B, L)
             size = self.config.unet.image_size
             generator = torch.Generator().manual_seed(int(seed))
-            images = self.diffusion.sample(self.guided_eps_fn(tokens, guidance), (len(prompts), 3, size, size), steps,
+            images = self.diffusion.sample(self.guided_eps_fn(tokens, guidance, ema), (len(prompts), 3, size, size), steps,
                                            sampler=sampler, eta=eta, generator=generator, device=self.device)
         finally:
             self.train(was_training)

@@ -2,7 +2,7 @@
 
 Importing this module registers the `eval text-to-image` sub-verb with `vlmkit.tasks.cli.evaluation`
 (tasks.cli lists it in EVALUATION_MODULES). Both verbs work for any model that `Imagines`; family
-options (`--guidance`, `--steps`, `--sampler` for diffusion, `--temperature`, `--top-k` for
+options (`--guidance`, `--steps`, `--sampler`, `--weights` for diffusion, `--temperature`, `--top-k` for
 autoregressive families) are passed through only when given, and a family refuses those it does
 not take. torch is imported inside the handlers, so registering the parsers stays cheap.
 """
@@ -25,6 +25,9 @@ def _family_arguments(parser: argparse.ArgumentParser, guidance_list: bool = Fal
                            help="classifier-free guidance scale s: 1 = the conditional model alone, above 1 = guided (diffusion families)")
     group.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion families)")
     group.add_argument("--sampler", default=None, help="ddpm or ddim (diffusion families)")
+    group.add_argument("--weights", choices=("ema", "online"), default=None,
+                       help="sample with the moving average of the weights (ema, the default where the model keeps "
+                            "one) or the trained weights (online; diffusion families)")
     group.add_argument("--temperature", type=float, default=None, help="sampling temperature (autoregressive families)")
     group.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (autoregressive families)")
     group.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same images (default 0)")
@@ -36,7 +39,8 @@ def _family_arguments(parser: argparse.ArgumentParser, guidance_list: bool = Fal
 
 
 def _options(args: argparse.Namespace, with_guidance: bool = True) -> dict:
-    options = {"steps": args.steps, "sampler": args.sampler, "temperature": args.temperature, "top_k": args.top_k}
+    options = {"steps": args.steps, "sampler": args.sampler, "weights": args.weights, "temperature": args.temperature,
+               "top_k": args.top_k}
     if with_guidance:
         options["guidance"] = args.guidance
     return {key: value for key, value in options.items() if value is not None}
