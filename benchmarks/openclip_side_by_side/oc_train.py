@@ -3,10 +3,13 @@
 Runs in OpenCLIP's environment (setup.sh), never in vlmkit's: torchvision and open_clip live only there.
 The folder (open_clip_config.json + open_clip_model.safetensors) is what `vlmkit.load` reads, so both
 sides of the comparison are scored by the same evaluation code (`vlmkit eval zeroshot / retrieval`);
-`--check` also scores zero-shot with OpenCLIP's own model and tokenizer, to show the two agree.
+`--check` also scores zero-shot (top-1, top-5) with OpenCLIP's own model and tokenizer, to show the two agree;
+it is the only scorer for an arch whose text tower is an HF model (`minilm-arch.json`), which vlmkit does
+not read from an OpenCLIP folder.
 
 Usage (OpenCLIP's python): oc_train.py --csv DATA/train.csv --arch arch.json --out RUN [--epochs 1 --batch 128
        --lr 5e-4 --wd 0.1 --warmup 100 --seed 0] [--check DATA/test.jsonl [--templates DATA/templates.txt]]
+       [--hf-text MINILM_FOLDER with --arch minilm-arch.json: the pretrained text tower, loaded by transformers]
 --check scores the records with a 'label'; without --templates it uses vlmkit's default templates.
 OpenCLIP counts epochs over CSV rows (one per image-caption pair): one epoch of a CSV with C captions
 per image sees each image C times, in floor(rows / batch) steps.
@@ -31,6 +34,8 @@ def train(args) -> None:
     cfgdir = os.path.join(args.out, "cfg")
     os.makedirs(cfgdir, exist_ok=True)
     arch = json.load(open(args.arch))
+    if args.hf_text:  # an HF text tower (its weights and tokenizer) from a local folder: no download
+        arch["text_cfg"] = {**arch["text_cfg"], "hf_model_name": args.hf_text, "hf_tokenizer_name": args.hf_text}
     json.dump(arch, open(os.path.join(cfgdir, f"{MODEL}.json"), "w"))
     open_clip.add_model_config(cfgdir)
     openclip_main([
@@ -77,8 +82,10 @@ def check(args) -> None:
     images = torch.stack([preprocess(Image.open(os.path.join(root, row["image"])).convert("RGB")) for row in rows])
     features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
     labels = torch.tensor([classes.index(row["label"]) for row in rows])
-    top1 = (features @ weights.T).argmax(1).eq(labels).float().mean().item()
-    print(json.dumps({"openclip_native_top1": top1, "n": len(rows), "classes": len(classes)}))
+    top5 = (features @ weights.T).topk(min(5, len(classes)), dim=1).indices  # (N, 5), best first
+    top1 = top5[:, 0].eq(labels).float().mean().item()
+    top5 = top5.eq(labels[:, None]).any(1).float().mean().item()
+    print(json.dumps({"openclip_native_top1": top1, "openclip_native_top5": top5, "n": len(rows), "classes": len(classes)}))
 
 
 if __name__ == "__main__":
@@ -88,6 +95,7 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=5e-4), parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=100), parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check"), parser.add_argument("--templates")
+    parser.add_argument("--hf-text", help="local HF model folder for an arch with an HF text tower (minilm-arch.json)")
     parser.add_argument("--check-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)

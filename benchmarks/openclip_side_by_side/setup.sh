@@ -16,7 +16,8 @@ python3 -m venv "$VENV"
 PIP="$VENV/bin/pip"
 "$PIP" install -q "torch==$TORCH" "torchvision==$TV"
 # open_clip_train (the trainer) ships inside the open_clip_torch wheel; pandas reads its CSV datasets.
-"$PIP" install -q open_clip_torch "torch==$TORCH" "torchvision==$TV" pandas braceexpand webdataset
+# transformers: OpenCLIP's HF text towers (minilm-arch.json, the pretrained MiniLM read from a local folder).
+"$PIP" install -q open_clip_torch "torch==$TORCH" "torchvision==$TV" pandas braceexpand webdataset transformers
 if ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
   echo "torchvision does not load with this torch build; installing PyPI's torch $TORCH into $VENV" >&2
   "$PIP" --isolated install -q --cert /etc/ssl/certs/ca-certificates.crt --force-reinstall "torch==$TORCH" "torchvision==$TV"
