@@ -9,17 +9,21 @@ same order), so a generator's numbers can be read against them.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text_to_image_references.py \
         --autoencoder runs/dvae-tiny --judge runs/clip-tiny --data DATA/test.jsonl [--n-prompts 100]
+
+Without --autoencoder, `--image-size S` gives the `real` row alone, at S px (a diffusion model's size).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
+import numpy as np
 import torch
 
 import vlmkit
 from vlmkit.capabilities import Imagines
 from vlmkit.data.formats import load_image, read_records
+from vlmkit.data.transforms import ImageTransform
 from vlmkit.tasks.imagine import evaluate_text_to_image, prompt_records
 
 
@@ -41,20 +45,30 @@ class ReplayImages:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--autoencoder", required=True, help="a run that reconstructs images (a dvae run)")
+    parser.add_argument("--autoencoder", help="a run that reconstructs images (a dvae run): real and reconstructed rows")
+    parser.add_argument("--image-size", type=int, help="without --autoencoder: the real row at this size (e.g. 32)")
     parser.add_argument("--judge", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--n-prompts", type=int, default=100)
     args = parser.parse_args()
-    autoencoder, judge = vlmkit.load(args.autoencoder), vlmkit.load(args.judge)
+    if (args.autoencoder is None) == (args.image_size is None):
+        parser.error("give --autoencoder RUN (real and reconstructed rows) or --image-size S (the real row)")
+    judge = vlmkit.load(args.judge)
     records = read_records(args.data)
     count = len(prompt_records(records, n_prompts=args.n_prompts))
     labelled = [record for record in records if record.get("label") is not None][:count]  # prompt_records' order
-    with torch.no_grad():
-        pixels = autoencoder.preprocess([load_image(record["image"]) for record in labelled])
-        real = autoencoder.unit_pixels(pixels)  # (P, 3, S, S) in [0, 1]
-        reconstructed = autoencoder.reconstruct(pixels)
-    for name, images in (("real", real), ("reconstructed", reconstructed)):
+    images = [load_image(record["image"]) for record in labelled]
+    if args.autoencoder is None:
+        transform = ImageTransform(args.image_size)  # the eval geometry training and judging use
+        rows = [("real", torch.stack([torch.from_numpy(np.asarray(transform.geometry(image.convert("RGB")), dtype=np.float32))
+                                      .permute(2, 0, 1) / 255 for image in images]))]  # (P, 3, S, S) in [0, 1]
+    else:
+        autoencoder = vlmkit.load(args.autoencoder)
+        with torch.no_grad():
+            pixels = autoencoder.preprocess(images)
+            rows = [("real", autoencoder.unit_pixels(pixels)),  # (P, 3, S, S) in [0, 1]
+                    ("reconstructed", autoencoder.reconstruct(pixels))]
+    for name, images in rows:
         result = evaluate_text_to_image(ReplayImages(images), judge, records, n_prompts=args.n_prompts)
         print(json.dumps({"images": name, "image_size": int(images.shape[-1]), **result}))
 
