@@ -68,8 +68,8 @@ def test_guided_eps_through_the_model_is_the_formula(glide):
     generator = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 3, 16, 16, generator=generator), torch.tensor([5, 80])
     with torch.no_grad():
-        conditional = model.unet(x, t, *model.conditioning(tokens, torch.zeros(2, dtype=torch.bool)))
-        unconditional = model.unet(x, t, *model.conditioning(tokens, torch.ones(2, dtype=torch.bool)))
+        conditional = model.predict_eps(x, t, *model.conditioning(tokens, torch.zeros(2, dtype=torch.bool)))
+        unconditional = model.predict_eps(x, t, *model.conditioning(tokens, torch.ones(2, dtype=torch.bool)))
         for scale in (0.0, 1.0, 3.0):
             got = model.guided_eps_fn(tokens, scale)(x, t)
             assert (got - guided_eps(conditional, unconditional, scale)).abs().max() < 1e-4, scale
@@ -99,8 +99,8 @@ def test_the_moving_average_follows_its_formula_and_is_what_sampling_uses(glide)
     tokens, keep = model.tokenize(["a red circle"]), torch.zeros(1, dtype=torch.bool)
     x, t = torch.zeros(1, 3, 16, 16), torch.tensor([50])
     with torch.no_grad():
-        eps = model.unet(x, t, *model.conditioning(tokens, keep))
-        eps_ema = model.ema_unet(x, t, *model.conditioning(tokens, keep, ema=True))
+        eps = model.predict_eps(x, t, *model.conditioning(tokens, keep))
+        eps_ema = model.diffusion.eps_from_v(x, t, model.ema_unet(x, t, *model.conditioning(tokens, keep, ema=True)))
         assert torch.equal(model.guided_eps_fn(tokens, 1.0)(x, t), eps_ema)  # sampling's default: the average
         assert torch.equal(model.guided_eps_fn(tokens, 1.0, ema=False)(x, t), eps)
     assert not torch.equal(eps, eps_ema)

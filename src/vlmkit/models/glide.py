@@ -309,7 +309,10 @@ register_config("glide-tiny", "glide", tiny=True, config={
     # 32 px: 32 channels at 32x32, 64 at 16x16 and 8x8, attention with the text at 8x8. The U-Net has
     # 1.3M parameters, the text tower 0.5M: about 1 step of 32 images a second on one CPU thread. (An
     # 8/16/32-channel U-Net of 0.2M parameters with attention at 16 and 8 stayed at chance after 900
-    # steps; this one draws the prompted colour and shape: README, "GLIDE text to image".)
+    # steps; this one draws the prompted colour and shape: README, "GLIDE text to image".) It predicts v:
+    # after 1,500 steps GLIDE's eps prediction still leaves noise in 25-step DDIM samples (judge accuracy
+    # 0.10 guided, against 0.58 for v).
+    "prediction": "v",
     "text": {"width": 128, "depth": 2, "heads": 4, "context_length": 32, "vocab_size": 1024, "eos_token_id": 1023},
     "unet": {"image_size": 32, "channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 1,
              "attention_resolutions": [8], "heads": 2, "groups": 8, "dropout": 0.0},
