@@ -157,7 +157,7 @@ class GLIDE(VLModel):
             decay = min(self.config.ema_decay, (1 + updates) / (10 + updates))
             trained, averaged = self._ema_pairs()
             torch._foreach_mul_(averaged, decay)
-            torch._foreach_add_(averaged, [t.detach() for t in trained], alpha=1 - decay)
+            torch._foreach_add_(averaged, trained, alpha=1 - decay)  # under no_grad: no detached copies needed
             self.ema_updates += 1
 
     def reset_ema(self) -> None:
