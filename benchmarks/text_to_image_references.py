@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
 import vlmkit
@@ -59,9 +58,8 @@ def main() -> None:
     labelled = [record for record in records if record.get("label") is not None][:count]  # prompt_records' order
     images = [load_image(record["image"]) for record in labelled]
     if args.autoencoder is None:
-        transform = ImageTransform(args.image_size)  # the eval geometry training and judging use
-        rows = [("real", torch.stack([torch.from_numpy(np.asarray(transform.geometry(image.convert("RGB")), dtype=np.float32))
-                                      .permute(2, 0, 1) / 255 for image in images]))]  # (P, 3, S, S) in [0, 1]
+        unit = ImageTransform(args.image_size, mean=(0, 0, 0), std=(1, 1, 1))  # the eval geometry, pixels left in [0, 1]
+        rows = [("real", unit.batch(images))]  # (P, 3, S, S)
     else:
         autoencoder = vlmkit.load(args.autoencoder)
         with torch.no_grad():
