@@ -38,6 +38,7 @@ from vlmkit.generation import Generative, GenerationConfig, left_padded_prompts
 from vlmkit.layers.attention import KVCache
 from vlmkit.layers.masks import padding_mask, real_tokens_through_end
 from vlmkit.layers.mlp import BertLMHead
+from vlmkit.layers.moving_average import copy_weights, paired_parameters, update_moving_average
 from vlmkit.layers.transformer import TokenTransformer
 from vlmkit.losses import enqueue, lm_loss_and_logs, momentum_contrastive_loss, sample_hard_negatives
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
@@ -164,9 +165,8 @@ class BLIP(Generative, VLModel):
             self.vision_proj_m = copy.deepcopy(self.vision_proj)
             self.text_m = self._text_stack(context_dim=None, decoder_attention=False)
             self.text_proj_m = copy.deepcopy(self.text_proj)
-            with torch.no_grad():
-                for online, momentum in self._momentum_pairs():
-                    momentum.copy_(online)
+            online, momentum = self._momentum_pairs()
+            copy_weights(momentum, online)
             for module in self._momentum_modules():
                 module.requires_grad_(False)
             self.register_buffer("image_queue", F.normalize(torch.randn(config.queue_size, config.embed_dim), dim=1))
@@ -187,13 +187,9 @@ class BLIP(Generative, VLModel):
     def _momentum_modules(self) -> list[nn.Module]:
         return [self.visual_m, self.vision_proj_m, self.text_m, self.text_proj_m]
 
-    def _momentum_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(online, momentum) parameter pairs, matched by name (the momentum text stack has no cross-attention)."""
-        pairs = []
-        for online, momentum in zip((self.visual, self.vision_proj, self.text, self.text_proj), self._momentum_modules()):
-            params = dict(online.named_parameters())
-            pairs += [(params[name], param) for name, param in momentum.named_parameters()]
-        return pairs
+    def _momentum_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(online, momentum) parameters, matched by name (the momentum text stack has no cross-attention)."""
+        return paired_parameters(zip((self.visual, self.vision_proj, self.text, self.text_proj), self._momentum_modules()))
 
     def has_momentum(self) -> bool:
         return self.config.encoder and self.config.distill
@@ -205,9 +201,8 @@ class BLIP(Generative, VLModel):
         with torch.no_grad():
             self.temperature.clamp_(self.config.min_temperature, self.config.max_temperature)
             if self.has_momentum():
-                online, momentum = zip(*self._momentum_pairs())
-                torch._foreach_mul_(momentum, self.config.momentum)
-                torch._foreach_add_(momentum, online, alpha=1 - self.config.momentum)
+                online, momentum = self._momentum_pairs()
+                update_moving_average(momentum, online, self.config.momentum)
 
     # ---- the three text modes ----------------------------------------------------------------
     def image_tokens(self, pixels: torch.Tensor, visual: nn.Module | None = None) -> torch.Tensor:
@@ -395,9 +390,8 @@ class BLIP(Generative, VLModel):
     def after_pretrained_towers(self) -> None:
         """The momentum encoders start as copies of the (now pretrained) online ones."""
         if self.has_momentum():
-            with torch.no_grad():
-                for online, momentum in self._momentum_pairs():
-                    momentum.copy_(online)
+            online, momentum = self._momentum_pairs()
+            copy_weights(momentum, online)
 
     # ---- generation --------------------------------------------------------------------------
     def decoding_setup(self, pixels: torch.Tensor, prompts: list[str] | None):

@@ -35,6 +35,7 @@ from vlmkit.encoders.config import TextConfig, build_text_tower
 from vlmkit.encoders.lm import random_texts
 from vlmkit.encoders.unet import TextConditionalUNet
 from vlmkit.errors import UserError
+from vlmkit.layers.moving_average import copy_weights, paired_parameters, update_moving_average
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
 
@@ -140,33 +141,24 @@ class GLIDE(VLModel):
 
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(trained, averaged) tensors, matched by name."""
-        trained, averaged = [self.null_context, self.null_pooled], [self.ema_null_context, self.ema_null_pooled]
-        for online, ema in ((self.text, self.ema_text), (self.unet, self.ema_unet)):
-            params = dict(online.named_parameters())
-            for name, param in ema.named_parameters():
-                trained.append(params[name])
-                averaged.append(param)
-        return trained, averaged
+        trained, averaged = paired_parameters([(self.text, self.ema_text), (self.unet, self.ema_unet)])
+        return [self.null_context, self.null_pooled, *trained], [self.ema_null_context, self.ema_null_pooled, *averaged]
 
     def after_optimizer_step(self) -> None:
         """ema <- decay_n * ema + (1 - decay_n) * weights, decay_n = min(ema_decay, (1 + n) / (10 + n))."""
         if not self.has_ema():
             return
-        with torch.no_grad():
-            updates = int(self.ema_updates)
-            decay = min(self.config.ema_decay, (1 + updates) / (10 + updates))
-            trained, averaged = self._ema_pairs()
-            torch._foreach_mul_(averaged, decay)
-            torch._foreach_add_(averaged, trained, alpha=1 - decay)  # under no_grad: no detached copies needed
-            self.ema_updates += 1
+        updates = int(self.ema_updates)
+        trained, averaged = self._ema_pairs()
+        update_moving_average(averaged, trained, min(self.config.ema_decay, (1 + updates) / (10 + updates)))
+        self.ema_updates += 1
 
     def reset_ema(self) -> None:
         """Restart the average from the current weights (its warm-up too)."""
         if self.has_ema():
-            with torch.no_grad():
-                for trained, averaged in zip(*self._ema_pairs()):
-                    averaged.copy_(trained)
-                self.ema_updates.zero_()
+            trained, averaged = self._ema_pairs()
+            copy_weights(averaged, trained)
+            self.ema_updates.zero_()
 
     def after_pretrained_towers(self) -> None:
         """A pretrained text tower (`init_text`) goes into the average too."""
