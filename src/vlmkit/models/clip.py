@@ -111,6 +111,8 @@ class CLIP(VLModel):
                 image, text, self.logit_scale, local_loss=options.local_loss, label_smoothing=options.label_smoothing
             )
         logs = detached_logs(loss=loss, i2t_acc=matching_accuracy(logits), logit_scale=self.logit_scale.exp())
+        if self.logit_bias is not None:
+            logs.update(detached_logs(logit_bias=self.logit_bias))
         return ModelOutput(loss=loss, logs=logs)
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
