@@ -260,7 +260,12 @@ class TokenTransformer(nn.Module):
         self.lm_head = None if tie_embeddings else nn.Linear(width, vocab_size, bias=False)
         self.context_length, self.width, self.vocab_size = context_length, width, vocab_size
         self.positions, self.rope_theta, self.head_dim = positions, rope_theta, width // heads
+        # BERT's initializer_range for every embedding. nn.Embedding's own N(0, 1) would make the token-type row
+        # (the same for every token) 50x the token rows, and the embedding LayerNorm would leave every position
+        # nearly the same vector: a from-scratch BERT-style tower then starts with no content signal.
         nn.init.normal_(self.token_embedding.weight, std=0.02)
+        if self.type_embedding is not None:
+            nn.init.normal_(self.type_embedding.weight, std=0.02)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """The token embedding alone, no positions. (B, T) -> (B, T, D)"""
