@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results = {}
     for item in args.runs:
-        name, runs = item.split("=", 1)
-        scored = [score(run, args.data, args.templates) for run in runs.split(",")]
-        results[name] = scored[0] if len(scored) == 1 else {"runs": runs.split(","), "seeds": scored}
+        name, joined = item.split("=", 1)
+        runs = joined.split(",")
+        scored = [score(run, args.data, args.templates) for run in runs]
+        results[name] = scored[0] if len(runs) == 1 else {"runs": runs, "seeds": scored}
         print(f"scored {name}", file=sys.stderr)
     lines = ["| run | zero-shot top-1 | top-5 | image->text R@1 | R@5 | text->image R@1 | R@5 |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
