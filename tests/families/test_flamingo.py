@@ -150,6 +150,22 @@ def test_command_line_caption_ask_chat_and_few_shot_evaluation(runs, capsys):
     assert result["shots"] == 1 and "CIDEr" in result
     assert main(["eval", "caption", "--model", run, "--data", test, "--shots", "1"]) == 2
     assert "--support" in capsys.readouterr().err
+    # retrieval-based examples (RICES): the most similar support images (and questions)
+    assert main(["eval", "vqa", "--model", run, "--data", test, "--shots", "2", "--support", train,
+                 "--examples", "similar", "--max-new-tokens", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["shots"] == 2 and result["examples"] == "similar" and result["n"] > 0
+    assert main(["caption", image, "--model", run, "--shots", "1", "--support", train, "--examples", "similar",
+                 "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["captions"][0]["image"] == image
+    assert main(["caption", image, "--model", run, "--shots", "1"]) == 2  # examples need a support set
+    assert "--support" in capsys.readouterr().err
+    assert main(["eval", "vqa", "--model", run, "--data", test, "--shots", "1", "--support", train,
+                 "--retriever", run]) == 2
+    assert "--examples similar" in capsys.readouterr().err
+    assert main(["eval", "vqa", "--model", run, "--data", test, "--shots", "1", "--support", train,
+                 "--examples", "similar", "--retriever", run]) == 2  # a Flamingo run embeds no images
+    assert "embed images" in capsys.readouterr().err
     assert main(["eval", "caption", "--model", str(runs["lm"]), "--data", test, "--shots", "1", "--support", train]) == 2
     assert "generate text" in capsys.readouterr().err  # an LM alone captions nothing
 

@@ -49,11 +49,13 @@ def caption_references(records: Sequence[dict]) -> dict[str, list[str]]:
 
 @torch.no_grad()
 def generate_captions(model, records: Sequence[dict], batch_size: int = 64, shots: int = 0,
-                      support: Sequence[dict] | None = None, seed: int = 0, **decoding) -> dict[str, str]:
+                      support: Sequence[dict] | None = None, seed: int = 0, examples: str = "random",
+                      retriever=None, **decoding) -> dict[str, str]:
     """{image id: generated caption} for every record with captions; `shots=K` (models that
-    `CaptionsInContext`) puts K (image, caption) examples drawn from `support` before each image."""
+    `CaptionsInContext`) puts K (image, caption) examples from `support` before each image, drawn at
+    random or (`examples="similar"`) the K most similar (see `ExampleRetriever`)."""
     model.require(Generates, task="caption")
-    draw = _caption_drawer(model, support, shots, seed) if shots else None
+    draw = _caption_drawer(model, support, shots, seed, examples, retriever) if shots else None
     ids = list(caption_references(records))
     by_id = {str(record.get("id", index)): record for index, record in enumerate(records)}
     predictions = {}
@@ -62,43 +64,118 @@ def generate_captions(model, records: Sequence[dict], batch_size: int = 64, shot
         if draw is None:
             texts = model.generate(pixels, **decoding)
         else:
-            texts = model.caption_in_context(pixels, [draw() for _ in chunk], **decoding)
+            texts = model.caption_in_context(pixels, draw([by_id[i]["image"] for i in chunk]), **decoding)
         predictions.update(zip(chunk, texts))
     return predictions
 
 
 def evaluate_caption(model, records: Sequence[dict], batch_size: int = 64, metrics=("bleu", "rouge", "cider"),
-                     shots: int = 0, support: Sequence[dict] | None = None, seed: int = 0, **decoding) -> dict:
+                     shots: int = 0, support: Sequence[dict] | None = None, seed: int = 0, examples: str = "random",
+                     retriever=None, **decoding) -> dict:
     """Caption metrics of the model's generated captions: "BLEU-1".."BLEU-4", "ROUGE-L", "CIDEr", "n"
     (and "shots" with in-context examples, drawn as `generate_captions` says)."""
     from vlmkit.metrics.caption import score_captions
 
-    predictions = generate_captions(model, records, batch_size=batch_size, shots=shots, support=support, seed=seed, **decoding)
+    predictions = generate_captions(model, records, batch_size=batch_size, shots=shots, support=support, seed=seed,
+                                    examples=examples, retriever=retriever, **decoding)
     # An empty generation still counts: score it as a placeholder word instead of rejecting the set.
     predictions = {key: text if text.strip() else "<empty>" for key, text in predictions.items()}
     result = score_captions(predictions, caption_references(records), metrics=metrics)
-    return {**result, "shots": shots} if shots else result
+    return {**result, "shots": shots, "examples": examples} if shots else result
 
 
-def _caption_drawer(model, support: Sequence[dict] | None, shots: int, seed: int):
-    """A function drawing `shots` (pixels (3, H, W), caption) examples from the support set (seeded)."""
+def _caption_drawer(model, support: Sequence[dict] | None, shots: int, seed: int, examples: str = "random",
+                    retriever=None):
+    """A function from the query images (paths) to their examples: for each, `shots` (pixels (3, H, W),
+    caption) pairs from the support set, drawn at random (seeded) or the most similar images' captions."""
     import random
 
     model.require(CaptionsInContext, task=f"{shots}-shot captioning")
+    _check_selection(examples, retriever)
     pool = [(record["image"], text) for record in support or [] if "image" in record for text in record.get("texts") or []]
     if shots < 0 or len(pool) < shots:
         raise UserError(f"{shots}-shot captioning needs at least {shots} support captions ('texts' in the --support "
                         f"records); found {len(pool)}")
     rng, pixels_of = random.Random(seed), {}
+    similar = ExampleRetriever([image for image, _ in pool], retriever) if examples == "similar" else None
 
-    def draw() -> list[tuple[torch.Tensor, str]]:
-        chosen = rng.sample(pool, shots)
-        for image, _ in chosen:
-            if image not in pixels_of:
-                pixels_of[image] = _pixels(model, [image])[0]
-        return [(pixels_of[image], text) for image, text in chosen]
+    def pixels(image: str) -> torch.Tensor:
+        if image not in pixels_of:
+            pixels_of[image] = _pixels(model, [image])[0]
+        return pixels_of[image]
+
+    def draw(queries: Sequence[str]) -> list[list[tuple[torch.Tensor, str]]]:
+        rows = similar.nearest(queries, shots) if similar else [rng.sample(range(len(pool)), shots) for _ in queries]
+        return [[(pixels(pool[index][0]), pool[index][1]) for index in row] for row in rows]
 
     return draw
+
+
+EXAMPLE_SELECTIONS = ("random", "similar")
+
+
+def _check_selection(examples: str, retriever) -> None:
+    if examples not in EXAMPLE_SELECTIONS:
+        raise UserError(f"examples must be one of {', '.join(EXAMPLE_SELECTIONS)}, not {examples!r}")
+    if retriever is not None and examples != "similar":
+        raise UserError("a retriever model ranks examples by similarity; use it with examples='similar' (--examples similar)")
+    if retriever is not None:
+        from vlmkit.capabilities import EmbedsImages
+
+        retriever.require(EmbedsImages, task="example retrieval")
+
+
+class ExampleRetriever:
+    """Retrieval-based in-context example selection (RICES, Flamingo; from PICa, Yang et al. 2022): the
+    support examples ranked by the cosine similarity of their image to the query image, plus, for VQA,
+    the cosine similarity of their question's bag of words to the query question (PICa sums image and
+    question similarity). Images are compared by a `retriever` model's embeddings (anything that
+    `EmbedsImages`, e.g. a CLIP run), or without one by downsampled pixels (the nearest-neighbour
+    baseline's features). The chosen examples are ordered most similar last, next to the query, as
+    OpenFlamingo's RICES orders them. Ties go to the earlier support example."""
+
+    def __init__(self, images: Sequence[str], retriever=None, questions: Sequence[str] | None = None) -> None:
+        self.retriever = retriever
+        distinct = list(dict.fromkeys(images))
+        row_of = {image: row for row, image in enumerate(distinct)}
+        self.image_rows = np.array([row_of[image] for image in images])  # (N,) example -> its image
+        self.image_features = self._features(distinct)  # (I, D) unit rows
+        self.words, self.question_features = {}, None
+        if questions is not None:
+            for question in questions:
+                for word in _words(question):
+                    self.words.setdefault(word, len(self.words))
+            self.question_features = self._bag(questions)  # (N, V) unit rows
+
+    def _features(self, images: Sequence[str]) -> np.ndarray:
+        if self.retriever is None:
+            return _pixel_features([{"image": image} for image in images])
+        rows = []
+        for chunk in _batches(list(images), 64):
+            with torch.no_grad():
+                embedded = self.retriever.encode_image(_pixels(self.retriever, chunk)).float()
+            rows.append(torch.nn.functional.normalize(embedded, dim=-1).cpu().numpy())
+        return np.concatenate(rows)
+
+    def _bag(self, questions: Sequence[str]) -> np.ndarray:
+        bag = np.zeros((len(questions), max(len(self.words), 1)), dtype=np.float32)
+        for row, question in enumerate(questions):
+            for word in _words(question):
+                if word in self.words:
+                    bag[row, self.words[word]] += 1
+        return bag / (np.linalg.norm(bag, axis=1, keepdims=True) + 1e-6)
+
+    def nearest(self, images: Sequence[str], k: int, questions: Sequence[str] | None = None) -> list[list[int]]:
+        """For each query image (and question), the indices of its k most similar examples, most similar last."""
+        similarity = (self._features(images) @ self.image_features.T)[:, self.image_rows]  # (Q, N)
+        if questions is not None and self.question_features is not None:
+            similarity = similarity + self._bag(questions) @ self.question_features.T
+        order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]  # (Q, k), most similar first
+        return [list(reversed(row.tolist())) for row in order]
+
+
+def _words(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
 
 
 def _pixel_features(records: Sequence[dict], side: int = 16) -> np.ndarray:
@@ -171,17 +248,19 @@ def score_vqa(predictions: dict[str, str], items) -> dict:
 
 @torch.no_grad()
 def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, shots: int = 0,
-                 support: Sequence[dict] | None = None, seed: int = 0, **decoding) -> dict:
+                 support: Sequence[dict] | None = None, seed: int = 0, examples: str = "random",
+                 retriever=None, **decoding) -> dict:
     """VQA accuracy of the model's answers, overall and per question type.
 
     `batch_size` counts images; each image is preprocessed once and shared by its questions.
     `shots=K` (models that `AnswersInContext`) puts K examples before every question: image,
-    question and most common answer of K questions drawn from the `support` records (training
-    data), a new draw per question from a generator seeded with `seed`.
+    question and most common answer of K questions from the `support` records (training data):
+    drawn anew for each question from a generator seeded with `seed`, or (`examples="similar"`) the
+    K most similar by image and question (`ExampleRetriever`; `retriever` embeds the images).
     """
     model.require(Answers, task="vqa")
     items = vqa_items(records)
-    draw = _example_drawer(model, support, shots, seed) if shots else None
+    draw = _example_drawer(model, support, shots, seed, examples, retriever) if shots else None
     predictions = {}
     with_questions = [(index, record) for index, record in enumerate(records) if record.get("qa")]
     for chunk in _batches(with_questions, batch_size):
@@ -194,33 +273,43 @@ def evaluate_vqa(model, records: Sequence[dict], batch_size: int = 16, shots: in
                        for key, inputs in _regions(model, [record for _, record in chunk]).items()}  # one read per image
             answers = model.answer(pixels.index_select(0, owner), questions, **regions, **decoding)
         else:
-            answers = model.answer_in_context(pixels.index_select(0, owner), questions, [draw() for _ in questions], **decoding)
+            images = [record["image"] for _, record in chunk for _ in record["qa"]]
+            answers = model.answer_in_context(pixels.index_select(0, owner), questions, draw(images, questions), **decoding)
         predictions.update(zip(qids, answers))
     result = score_vqa(predictions, items)
-    return {**result, "shots": shots} if shots else result
+    return {**result, "shots": shots, "examples": examples} if shots else result
 
 
-def _example_drawer(model, support: Sequence[dict] | None, shots: int, seed: int):
-    """A function drawing `shots` (pixels (3, H, W), question, answer) examples from the support set."""
+def _example_drawer(model, support: Sequence[dict] | None, shots: int, seed: int, examples: str = "random",
+                    retriever=None):
+    """A function from the query images (paths) and questions to their examples: for each, `shots`
+    (pixels (3, H, W), question, answer) triples from the support set, random or the most similar."""
     import random
 
     from vlmkit.data.records import answers_of
 
     model.require(AnswersInContext, task=f"{shots}-shot vqa")
+    _check_selection(examples, retriever)
     pool = [(record, item) for record in support or [] for item in record.get("qa") or []]
     if shots < 0 or len(pool) < shots:
         raise UserError(f"{shots}-shot VQA needs at least {shots} support questions ('qa' in the --support records); found {len(pool)}")
     rng, pixels_of = random.Random(seed), {}
+    similar = (ExampleRetriever([record["image"] for record, _ in pool], retriever, [item["question"] for _, item in pool])
+               if examples == "similar" else None)
 
     def pixels(image: str) -> torch.Tensor:
         if image not in pixels_of:
             pixels_of[image] = _pixels(model, [image])[0]
         return pixels_of[image]
 
-    def draw() -> list[tuple[torch.Tensor, str, str]]:
-        chosen = rng.sample(pool, shots)
-        return [(pixels(record["image"]), item["question"], Counter(answers_of(item)).most_common(1)[0][0])
-                for record, item in chosen]
+    def example(index: int) -> tuple[torch.Tensor, str, str]:
+        record, item = pool[index]
+        return pixels(record["image"]), item["question"], Counter(answers_of(item)).most_common(1)[0][0]
+
+    def draw(images: Sequence[str], questions: Sequence[str]) -> list[list[tuple[torch.Tensor, str, str]]]:
+        rows = (similar.nearest(images, shots, questions) if similar
+                else [rng.sample(range(len(pool)), shots) for _ in questions])
+        return [[example(index) for index in row] for row in rows]
 
     return draw
 

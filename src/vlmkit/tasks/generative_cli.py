@@ -98,7 +98,7 @@ def _eval_caption(args) -> dict:
     model = _captioner(args)
     support = _support(args, "caption support set")
     return evaluate_caption(model, _records(args.data, "caption evaluation"), **_batch(args, 64), shots=args.shots,
-                            support=support, seed=args.shots_seed, **_decoding(args))
+                            support=support, seed=args.shots_seed, **_selection(args), **_decoding(args))
 
 
 def _support(args, what: str):
@@ -125,7 +125,7 @@ def _eval_vqa(args) -> dict:
         raise UserError(f"--shots {args.shots} needs --support TRAIN_RECORDS to draw the in-context examples from")
     support = _records(args.support, "vqa support set") if args.shots else None
     return evaluate_vqa(model, _records(args.data, "vqa evaluation"), **_batch(args, 16), shots=args.shots, support=support,
-                        seed=args.shots_seed, **decoding)
+                        seed=args.shots_seed, **_selection(args), **decoding)
 
 
 def _eval_reasoning(args) -> dict:
@@ -141,6 +141,23 @@ def _eval_perplexity(args) -> dict:
     return evaluate_perplexity(model, read_texts(args.data, model), **_batch(args, 64))
 
 
+def _selection_arguments(group) -> None:
+    group.add_argument("--examples", choices=["random", "similar"], default="random",
+                       help="random draws, or the most similar support examples (RICES: image similarity, plus question "
+                       "similarity for VQA)")
+    group.add_argument("--retriever", default=None, help="--examples similar: a run that embeds images (a CLIP run) to "
+                       "compare them by (default: downsampled pixels)")
+
+
+def _selection(args) -> dict:
+    """`examples=` and `retriever=` of the --shots evaluations."""
+    if args.retriever and args.examples != "similar":
+        from vlmkit.errors import UserError
+
+        raise UserError("--retriever ranks examples by similarity; add --examples similar or drop --retriever")
+    return {"examples": args.examples, "retriever": _model(args.retriever) if args.retriever else None}
+
+
 def _caption_arguments(parser: argparse.ArgumentParser) -> None:
     _decoding_arguments(parser)
     _guided_arguments(parser)
@@ -148,6 +165,7 @@ def _caption_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shots", type=int, default=0, help="examples (image, caption) before each image")
     group.add_argument("--support", default=None, help="records the examples are drawn from (the training data)")
     group.add_argument("--shots-seed", type=int, default=0, help="seed of the example draws")
+    _selection_arguments(group)
 
 
 _eval_caption.arguments = _caption_arguments
@@ -159,6 +177,7 @@ def _vqa_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shots", type=int, default=0, help="examples (image, question, answer) before each question")
     group.add_argument("--support", default=None, help="records the examples are drawn from (the training data)")
     group.add_argument("--shots-seed", type=int, default=0, help="seed of the example draws")
+    _selection_arguments(group)
 
 
 _eval_vqa.arguments = _vqa_arguments
@@ -207,9 +226,23 @@ def _caption(args) -> dict:
     model.require(Generates, task="caption")
     decoding = _decoding(args)
     size = (args.batch_size or 32)
+    draw = None
+    if args.shots:  # in-context examples before each image, as `eval caption --shots` puts them
+        from vlmkit.tasks.generative import _caption_drawer
+
+        if args.prompt is not None:
+            from vlmkit.errors import UserError
+
+            raise UserError("--prompt and --shots do not combine: the examples are the prompt; drop one")
+        draw = _caption_drawer(model, _support(args, "caption support set"), args.shots, args.shots_seed,
+                               **_selection(args))
     captions = []
     for start in range(0, len(images), size):
-        captions += model.generate(model.preprocess(images[start : start + size]).to(model.device), prompt=args.prompt, **decoding)
+        pixels = model.preprocess(images[start : start + size]).to(model.device)
+        if draw is None:
+            captions += model.generate(pixels, prompt=args.prompt, **decoding)
+        else:
+            captions += model.caption_in_context(pixels, draw(args.images[start : start + size]), **decoding)
     return {"captions": [{"image": path, "caption": text} for path, text in zip(args.images, captions)]}
 
 
