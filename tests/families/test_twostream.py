@@ -101,6 +101,24 @@ def test_mmca_similarity_is_i0c0_plus_alpha_i1c1_of_each_pair_and_trains_on_the_
     assert scores.std() > 1e-3  # not a constant similarity
 
 
+def test_mmca_warms_up_on_every_negative_before_the_hardest_and_saves_its_place(tmp_path):
+    model = vlmkit.create_model("mmca-tiny").eval()
+    model.training_options = model.parse_training_options({"hardest_after": 2})
+    batch = model.dummy_batch(4)
+    with torch.no_grad():
+        scores = model.similarity(batch["pixels"], batch["tokens"])
+        for update in range(3):
+            output = model(batch)
+            hardest = update >= 2
+            assert float(output.logs["hardest"]) == float(hardest)
+            want = hinge_triplet_loss_from_scores(scores, margin=0.2, hardest=hardest)
+            assert torch.allclose(output.loss, want, atol=1e-5), update
+            model.after_optimizer_step()
+    assert int(model.updates) == 3
+    model.save_pretrained(tmp_path / "run")  # the count travels with the weights (exact resume)
+    assert int(vlmkit.load(tmp_path / "run").updates) == 3
+
+
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     from vlmkit.data.formats import read_records

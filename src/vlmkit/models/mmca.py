@@ -8,7 +8,8 @@
     S(I, T) = cos(i0, c0) + alpha * cos(i1, c1)
 
 Trained with the bidirectional hinge triplet loss on the hardest negatives of the batch (VSE++,
-`losses.hinge_triplet_loss_from_scores`) over the full (B, B) matrix of S, so every step runs the
+`losses.hinge_triplet_loss_from_scores`; `training.hardest_after: N` sums every negative for the first N
+updates, VSE++'s warm-up for towers trained from scratch) over the full (B, B) matrix of S, so every step runs the
 cross module on all B^2 pairs (keep batches and widths small on a CPU). The paper's regions are
 bottom-up detector features; here they are the image tower's last grid cells and its pooled
 embedding (a ResNet's 2 x 2 grid at 64 px, or a ViT's patches), which is what the built-in data
@@ -61,6 +62,9 @@ class MMCATraining:
 
     margin: float = bounded(0.2, low=0)  # VSE++'s margin
     hardest: bool = True  # the hardest negative only (false: every negative, VSE0)
+    # optimizer updates on every negative (VSE0) before the hardest only: VSE++'s warm-up for towers that
+    # start from random weights, where the hardest negative alone collapses (0 = hardest from the start)
+    hardest_after: int = bounded(0, low=0)
 
     def __post_init__(self) -> None:
         check_fields(self, "training", ".")
@@ -95,6 +99,9 @@ class MMCA(VLModel):
         self.cross = Transformer(width, config.cross_depth, heads)
         self.cross_norm = nn.LayerNorm(width)
         self.modality = nn.Parameter(torch.randn(2, width) * 0.02)  # tells regions from words in the joint sequence
+        # optimizer updates so far: saved with the weights, so a resumed run keeps its place in the
+        # summed-then-hardest schedule (`training.hardest_after`)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     # ---- fragments -----------------------------------------------------------------------------
     def regions(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -146,8 +153,13 @@ class MMCA(VLModel):
         image, text = self.intra(regions, words, real)  # (B, D) x 2
         scores = self._similarity(regions, words, real, image, text)  # (B, B)
         options = self.training_options
-        loss = hinge_triplet_loss_from_scores(scores, margin=options.margin, hardest=options.hardest)
-        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=matching_accuracy(scores)))
+        hardest = options.hardest and int(self.updates) >= options.hardest_after
+        loss = hinge_triplet_loss_from_scores(scores, margin=options.margin, hardest=hardest)
+        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=matching_accuracy(scores),
+                                                         hardest=scores.new_tensor(float(hardest))))
+
+    def after_optimizer_step(self) -> None:
+        self.updates += 1
 
     # ---- capabilities ----------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
