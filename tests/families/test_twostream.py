@@ -114,9 +114,9 @@ def test_mmca_warms_up_on_every_negative_before_the_hardest_and_saves_its_place(
             want = hinge_triplet_loss_from_scores(scores, margin=0.2, hardest=hardest)
             assert torch.allclose(output.loss, want, atol=1e-5), update
             model.after_optimizer_step()
-    assert int(model.updates) == 3
+    assert int(model.updates.count) == 3
     model.save_pretrained(tmp_path / "run")  # the count travels with the weights (exact resume)
-    assert int(vlmkit.load(tmp_path / "run").updates) == 3
+    assert int(vlmkit.load(tmp_path / "run").updates.count) == 3
 
 
 @pytest.fixture(scope="module")

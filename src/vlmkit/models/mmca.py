@@ -35,6 +35,7 @@ from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, b
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
 from vlmkit.layers.transformer import Transformer
+from vlmkit.layers.update_counter import UpdateCounter
 from vlmkit.losses import hinge_triplet_loss_from_scores, matching_accuracy
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
@@ -99,9 +100,7 @@ class MMCA(VLModel):
         self.cross = Transformer(width, config.cross_depth, heads)
         self.cross_norm = nn.LayerNorm(width)
         self.modality = nn.Parameter(torch.randn(2, width) * 0.02)  # tells regions from words in the joint sequence
-        # optimizer updates so far: saved with the weights, so a resumed run keeps its place in the
-        # summed-then-hardest schedule (`training.hardest_after`)
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self.updates = UpdateCounter()  # saved with the weights: a resumed run keeps its place in `hardest_after`
 
     # ---- fragments -----------------------------------------------------------------------------
     def regions(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -153,13 +152,13 @@ class MMCA(VLModel):
         image, text = self.intra(regions, words, real)  # (B, D) x 2
         scores = self._similarity(regions, words, real, image, text)  # (B, B)
         options = self.training_options
-        hardest = options.hardest and int(self.updates) >= options.hardest_after
+        hardest = options.hardest and self.updates.reached(options.hardest_after)
         loss = hinge_triplet_loss_from_scores(scores, margin=options.margin, hardest=hardest)
         return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=matching_accuracy(scores),
                                                          hardest=scores.new_tensor(float(hardest))))
 
     def after_optimizer_step(self) -> None:
-        self.updates += 1
+        self.updates.step()
 
     # ---- capabilities ----------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ image -> vision tower -> (B, D)      text -> text tower -> (B, D)
 s(i, j) = cos(image i, text j)
 loss = sum_i max_{j != i} [m - s(i, i) + s(i, j)]_+ + max_{j != i} [m - s(i, i) + s(j, i)]_+
 (the "max of hinges": only the hardest negative in the batch counts; `hardest: false` sums all of
-them, the paper's VSE0 baseline). Unlike CLIP there is no temperature and no softmax over the batch:
+them, the paper's VSE0 baseline; `hardest_after: N` sums them for the first N updates, then takes the
+hardest, the warm-up towers trained from random weights need: from the first step the hardest negative
+alone collapses to a loss of 2 x batch x margin). Unlike CLIP there is no temperature and no softmax over the batch:
 a pair stops contributing once it beats its hardest negative by the margin. The paper uses a GRU
 over word embeddings; here the text side is any vlmkit text tower. Under torchrun each process
 ranks within its own micro-batch, as VSE++'s single-GPU training did.
@@ -18,6 +20,7 @@ import torch
 from vlmkit.capabilities import EmbedsImages, EmbedsTexts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 from vlmkit.errors import UserError
+from vlmkit.layers.update_counter import UpdateCounter
 from vlmkit.losses import hinge_triplet_loss, matching_accuracy
 from vlmkit.models.base import ModelOutput, VLModel, detached_logs
 from vlmkit.models.registry import register_config, register_family
@@ -36,10 +39,15 @@ class VSETraining:
 
     margin: float = 0.2  # the paper's alpha
     hardest: bool = True  # max of hinges (VSE++); false = sum over all negatives (VSE0)
+    # updates on summed negatives (VSE0) before the hardest only: VSE++'s warm-up for towers that start
+    # from random weights, where the hardest negative alone collapses (0 = hardest from the start)
+    hardest_after: int = 0
 
     def __post_init__(self) -> None:
         if self.margin < 0:
             raise UserError(f"training.margin must be 0 or more, got {self.margin}")
+        if self.hardest_after < 0:
+            raise UserError(f"training.hardest_after must be 0 or more, got {self.hardest_after}")
 
 
 @register_family
@@ -55,6 +63,7 @@ class VSEPlusPlus(VLModel):
         super().__init__(config)
         self.visual = build_vision_tower(config.vision, config.embed_dim)
         self.text = build_text_tower(config.text, config.embed_dim)
+        self.updates = UpdateCounter()  # saved with the weights: a resumed run keeps its place in `hardest_after`
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D), not normalised."""
@@ -68,8 +77,13 @@ class VSEPlusPlus(VLModel):
         image = self.encode_image(batch["pixels"])  # (B, D)
         text = self.encode_text(batch["tokens"])  # (B, D)
         options = self.training_options
-        loss, scores = hinge_triplet_loss(image, text, margin=options.margin, hardest=options.hardest)  # (), (B, B)
-        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=matching_accuracy(scores)))
+        hardest = options.hardest and self.updates.reached(options.hardest_after)
+        loss, scores = hinge_triplet_loss(image, text, margin=options.margin, hardest=hardest)  # (), (B, B)
+        return ModelOutput(loss=loss, logs=detached_logs(loss=loss, i2t_acc=matching_accuracy(scores),
+                                                         hardest=scores.new_tensor(float(hardest))))
+
+    def after_optimizer_step(self) -> None:
+        self.updates.step()
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         from vlmkit.encoders.lm import random_texts
