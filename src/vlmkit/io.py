@@ -153,8 +153,23 @@ def key_mismatch_error(source: str, assumed_format: str, missing: list[str], une
     return UserError(f"weights in {source} do not fit the model (assumed format: {assumed_format}): " + "; ".join(parts) + hint)
 
 
+def _with_optional_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` plus the defaults of the entries its modules declare optional ({name: default tensor}
+    in a module's `optional_state`: counters that files written by an earlier vlmkit do not hold)."""
+    filled = state_dict
+    for prefix, module in model.named_modules():
+        for name, default in getattr(module, "optional_state", {}).items():
+            key = f"{prefix}.{name}" if prefix else name
+            if key not in filled:
+                filled = dict(filled) if filled is state_dict else filled
+                filled[key] = default.clone()
+    return filled
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assumed_format: str) -> None:
-    """Load weights, failing loudly on any missing/unexpected key or shape mismatch."""
+    """Load weights, failing loudly on any missing/unexpected key or shape mismatch (state a module marks
+    optional, `optional_state`, is filled with its default where a file written before it lacks it)."""
+    state_dict = _with_optional_state(model, state_dict)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

@@ -23,3 +23,17 @@ def test_vsepp_sums_negatives_for_hardest_after_updates_then_takes_the_hardest(t
     assert hardest <= summed
     model.save_pretrained(tmp_path / "run")
     assert int(vlmkit.load(tmp_path / "run").updates.count) == 1  # exact resume keeps the schedule's place
+
+
+def test_a_run_saved_before_the_update_counter_still_loads(tmp_path):
+    from vlmkit.io import load_safetensors, save_safetensors
+
+    model = vlmkit.create_model("vsepp-tiny")
+    model.save_pretrained(tmp_path / "run")
+    state = load_safetensors(tmp_path / "run" / "model.safetensors")
+    del state["updates.count"]  # what an earlier vlmkit wrote
+    save_safetensors(state, tmp_path / "run" / "model.safetensors")
+    loaded = vlmkit.load(tmp_path / "run")
+    assert int(loaded.updates.count) == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

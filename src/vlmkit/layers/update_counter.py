@@ -11,6 +11,9 @@ from torch import nn
 
 
 class UpdateCounter(nn.Module):
+    # a checkpoint written before a family counted its updates loads with the count at 0 (vlmkit.io)
+    optional_state = {"count": torch.zeros((), dtype=torch.long)}
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
