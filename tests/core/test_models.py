@@ -171,4 +171,6 @@ def test_pooled_only_vit_computes_the_same_embedding():
     loss_fast = vit(pixels, pooled_only=True).pooled.square().sum()
     grads_fast = torch.autograd.grad(loss_fast, list(vit.parameters()), allow_unused=True)
     for a, b in zip(grads_full, grads_fast):
-        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+        # float32 rounding of a different summation order, measured against the gradient's own scale
+        # (entries reach ~180 here: an absolute 1e-5 is below one rounding step on some CPUs' kernels)
+        assert (a is None and b is None) or (a - b).abs().max() <= 1e-6 * a.abs().max() + 1e-7, (a - b).abs().max()
