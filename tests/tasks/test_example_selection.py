@@ -45,6 +45,9 @@ def test_the_question_breaks_ties_between_examples_of_one_image(images):
     (row,) = retriever.nearest([images["query"]], 2, ["how many squares?"])
     assert row == [1, 0]
     assert retriever.nearest([images["query"]], 1, ["zebra"])[0] == [0]  # unknown words: the image decides, ties go first
+    # a VQA chunk asks several questions of one image: each question gets its own ranking, the image is read once
+    assert retriever.nearest([images["query"], images["query"]], 1, ["what colour is the circle?", "how many squares?"]) \
+        == [[1], [0]]
 
 
 def test_selection_options_are_checked():

@@ -96,19 +96,26 @@ def _caption_drawer(model, support: Sequence[dict] | None, shots: int, seed: int
     if shots < 0 or len(pool) < shots:
         raise UserError(f"{shots}-shot captioning needs at least {shots} support captions ('texts' in the --support "
                         f"records); found {len(pool)}")
-    rng, pixels_of = random.Random(seed), {}
+    rng, pixels = random.Random(seed), _cached_pixels(model)
     similar = ExampleRetriever([image for image, _ in pool], retriever) if examples == "similar" else None
-
-    def pixels(image: str) -> torch.Tensor:
-        if image not in pixels_of:
-            pixels_of[image] = _pixels(model, [image])[0]
-        return pixels_of[image]
 
     def draw(queries: Sequence[str]) -> list[list[tuple[torch.Tensor, str]]]:
         rows = similar.nearest(queries, shots) if similar else [rng.sample(range(len(pool)), shots) for _ in queries]
         return [[(pixels(pool[index][0]), pool[index][1]) for index in row] for row in rows]
 
     return draw
+
+
+def _cached_pixels(model):
+    """A function from an image path to its preprocessed pixels (3, H, W), each image read once."""
+    pixels_of: dict[str, torch.Tensor] = {}
+
+    def pixels(image: str) -> torch.Tensor:
+        if image not in pixels_of:
+            pixels_of[image] = _pixels(model, [image])[0]
+        return pixels_of[image]
+
+    return pixels
 
 
 EXAMPLE_SELECTIONS = ("random", "similar")
@@ -136,9 +143,7 @@ class ExampleRetriever:
 
     def __init__(self, images: Sequence[str], retriever=None, questions: Sequence[str] | None = None) -> None:
         self.retriever = retriever
-        distinct = list(dict.fromkeys(images))
-        row_of = {image: row for row, image in enumerate(distinct)}
-        self.image_rows = np.array([row_of[image] for image in images])  # (N,) example -> its image
+        distinct, self.image_rows = _distinct(images)  # (N,) example -> its image
         self.image_features = self._features(distinct)  # (I, D) unit rows
         self.words, self.question_features = {}, None
         if questions is not None:
@@ -167,11 +172,19 @@ class ExampleRetriever:
 
     def nearest(self, images: Sequence[str], k: int, questions: Sequence[str] | None = None) -> list[list[int]]:
         """For each query image (and question), the indices of its k most similar examples, most similar last."""
-        similarity = (self._features(images) @ self.image_features.T)[:, self.image_rows]  # (Q, N)
+        distinct, rows = _distinct(images)  # a VQA chunk repeats each image once per question: embed it once
+        similarity = (self._features(distinct) @ self.image_features.T)[rows][:, self.image_rows]  # (Q, N)
         if questions is not None and self.question_features is not None:
             similarity = similarity + self._bag(questions) @ self.question_features.T
         order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]  # (Q, k), most similar first
         return [list(reversed(row.tolist())) for row in order]
+
+
+def _distinct(images: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct images in first-seen order, and for each input the row of its image among them."""
+    distinct = list(dict.fromkeys(images))
+    row_of = {image: row for row, image in enumerate(distinct)}
+    return distinct, np.array([row_of[image] for image in images])
 
 
 def _words(text: str) -> list[str]:
@@ -293,14 +306,9 @@ def _example_drawer(model, support: Sequence[dict] | None, shots: int, seed: int
     pool = [(record, item) for record in support or [] for item in record.get("qa") or []]
     if shots < 0 or len(pool) < shots:
         raise UserError(f"{shots}-shot VQA needs at least {shots} support questions ('qa' in the --support records); found {len(pool)}")
-    rng, pixels_of = random.Random(seed), {}
+    rng, pixels = random.Random(seed), _cached_pixels(model)
     similar = (ExampleRetriever([record["image"] for record, _ in pool], retriever, [item["question"] for _, item in pool])
                if examples == "similar" else None)
-
-    def pixels(image: str) -> torch.Tensor:
-        if image not in pixels_of:
-            pixels_of[image] = _pixels(model, [image])[0]
-        return pixels_of[image]
 
     def example(index: int) -> tuple[torch.Tensor, str, str]:
         record, item = pool[index]

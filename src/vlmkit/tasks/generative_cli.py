@@ -150,11 +150,7 @@ def _selection_arguments(group) -> None:
 
 
 def _selection(args) -> dict:
-    """`examples=` and `retriever=` of the --shots evaluations."""
-    if args.retriever and args.examples != "similar":
-        from vlmkit.errors import UserError
-
-        raise UserError("--retriever ranks examples by similarity; add --examples similar or drop --retriever")
+    """`examples=` and `retriever=` of the --shots evaluations (checked where they are used: tasks.generative)."""
     return {"examples": args.examples, "retriever": _model(args.retriever) if args.retriever else None}
 
 
