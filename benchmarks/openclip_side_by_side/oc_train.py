@@ -10,6 +10,8 @@ not read from an OpenCLIP folder.
 Usage (OpenCLIP's python): oc_train.py --csv DATA/train.csv --arch arch.json --out RUN [--epochs 1 --batch 128
        --lr 5e-4 --wd 0.1 --warmup 100 --seed 0] [--check DATA/test.jsonl [--templates DATA/templates.txt]]
        [--hf-text MINILM_FOLDER with --arch minilm-arch.json: the pretrained text tower, loaded by transformers]
+       [--init-text FILE: the text tower's starting weights from an OpenCLIP state dict (safetensors) of this arch,
+        e.g. `vlmkit convert runs/distilled_text X --to openclip`; the image tower keeps OpenCLIP's own init]
 --check scores the records with a 'label'; without --templates it uses vlmkit's default templates.
 OpenCLIP counts epochs over CSV rows (one per image-caption pair): one epoch of a CSV with C captions
 per image sees each image C times, in floor(rows / batch) steps.
@@ -38,6 +40,8 @@ def train(args) -> None:
         arch["text_cfg"] = {**arch["text_cfg"], "hf_model_name": args.hf_text, "hf_tokenizer_name": args.hf_text}
     json.dump(arch, open(os.path.join(cfgdir, f"{MODEL}.json"), "w"))
     open_clip.add_model_config(cfgdir)
+    if args.init_text:
+        _start_text_tower_from(args.init_text)
     openclip_main([
         "--model", MODEL, "--train-data", args.csv, "--dataset-type", "csv", "--csv-img-key", "filepath",
         "--csv-caption-key", "title", "--csv-separator", ",", "--batch-size", str(args.batch),
@@ -53,6 +57,30 @@ def train(args) -> None:
     save_file(state, os.path.join(args.out, "open_clip_model.safetensors"))
     json.dump({"model_cfg": {**arch, "quick_gelu": False}, "preprocess_cfg": {}},
               open(os.path.join(args.out, "open_clip_config.json"), "w"))
+
+
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+def _start_text_tower_from(path: str) -> None:
+    """Make open_clip_train's model start its text tower (every key but `visual.*` and the logit scale) from
+    `path`, loaded strictly for those keys; the image tower and the logit scale keep OpenCLIP's initialisation."""
+    import open_clip_train.main as trainer
+    from safetensors.torch import load_file
+
+    text = {key: value for key, value in load_file(path).items() if key.startswith(TEXT_KEYS)}
+    build = trainer.create_model_and_transforms
+
+    def build_then_load(*args, **kwargs):
+        built = build(*args, **kwargs)
+        own = {key for key in built[0].state_dict() if key.startswith(TEXT_KEYS)}
+        if own != set(text):
+            sys.exit(f"--init-text {path}: text keys differ from the arch's: {sorted(own ^ set(text))[:5]}")
+        built[0].load_state_dict(text, strict=False)
+        print(f"text tower started from {path} ({len(text)} tensors)", file=sys.stderr)
+        return built
+
+    trainer.create_model_and_transforms = build_then_load
 
 
 @torch.no_grad()
@@ -96,6 +124,7 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=100), parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check"), parser.add_argument("--templates")
     parser.add_argument("--hf-text", help="local HF model folder for an arch with an HF text tower (minilm-arch.json)")
+    parser.add_argument("--init-text", help="an OpenCLIP state dict (safetensors) whose text tower the run starts from")
     parser.add_argument("--check-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
