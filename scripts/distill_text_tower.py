@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -38,6 +37,9 @@ from tqdm import tqdm
 from vlmkit import load
 from vlmkit.data import read_records
 from vlmkit.interop.towers import resolve
+from vlmkit.io import atomic_torch_save
+from vlmkit.losses import contrastive_loss
+from vlmkit.train.optim import learning_rate
 
 TEMPLATES = ("{}", "{}", "a {}.", "an icon of {}.", "a picture of {}.", "a photo of the {}.", "the {}")
 
@@ -84,8 +86,7 @@ def teacher_targets(teacher, name: str, texts: list[str], cache: str | None) -> 
         print(f"{cache} holds another corpus or teacher; embedding again", file=sys.stderr)
     targets = embed(teacher, texts)
     if cache:
-        torch.save({"teacher": name, "texts": texts, "targets": targets}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        atomic_torch_save(cache, {"teacher": name, "texts": texts, "targets": targets})
     return targets
 
 
@@ -124,17 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     del teacher
 
     tower = student.tower("text").train()
-    width = student.encode_text(tokens[:2]).shape[-1]
-    head = nn.Linear(width, targets.shape[-1], bias=False)
+    head = nn.Linear(student.config.embed_dim, targets.shape[-1], bias=False)  # (D_student -> D_teacher), discarded
     parameters = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
 
-    def lr_at(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    # The trainer's own schedule (linear warmup, then cosine to 0), as a factor of --lr.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(step, 1.0, args.warmup, args.steps))
+    scale = torch.tensor(math.log(1 / args.temperature))  # contrastive_loss multiplies by exp(scale)
     generator = torch.Generator().manual_seed(args.seed)
     train = len(texts) - held_out
     progress = tqdm(range(args.steps), desc="distil", file=sys.stderr, mininterval=5)
@@ -142,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = torch.randint(held_out, len(texts), (args.batch,), generator=generator)
         predicted = nn.functional.normalize(head(tower(tokens[rows]).pooled), dim=-1)  # (B, D_teacher)
         target = targets[rows]
-        logits = predicted @ target.T / args.temperature
-        labels = torch.arange(len(rows))
-        contrastive = (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
+        contrastive, _ = contrastive_loss(predicted, target, scale)
         cosine = (predicted * target).sum(-1).mean()
         loss = contrastive + (1 - cosine)
         optimizer.zero_grad(set_to_none=True)

@@ -54,15 +54,15 @@ def test_distilled_text_tower_learns_the_teacher_and_starts_a_clip_run(tmp_path,
 
     student, distilled = vlmkit.load(tmp_path / "student"), vlmkit.load(tmp_path / "distilled")
     assert distilled.config == student.config and distilled.tokenizer.vocab_size == student.tokenizer.vocab_size
+    distilled_image, distilled_text = distilled.visual.state_dict(), distilled.text.state_dict()
     for name, tensor in student.visual.state_dict().items():
-        assert torch.equal(distilled.visual.state_dict()[name], tensor), name  # the image tower is untouched
-    changed = [name for name, tensor in student.text.state_dict().items()
-               if not torch.equal(distilled.text.state_dict()[name], tensor)]
+        assert torch.equal(distilled_image[name], tensor), name  # the image tower is untouched
+    changed = [name for name, tensor in student.text.state_dict().items() if not torch.equal(distilled_text[name], tensor)]
     assert len(changed) >= len(student.text.state_dict()) // 2, changed
 
     # A CLIP started from it (init_text, locked here so the copy can be checked exactly) holds its text tower.
     recipe = load_recipe("clip-tiny", dict(small, init_text=str(tmp_path / "distilled"), lock_text=True))
     Trainer(recipe, data, tmp_path / "clip").train()
-    trained = vlmkit.load(tmp_path / "clip")
-    for name, tensor in distilled.text.state_dict().items():
-        assert torch.equal(trained.text.state_dict()[name], tensor), name
+    trained_text = vlmkit.load(tmp_path / "clip").text.state_dict()
+    for name, tensor in distilled_text.items():
+        assert torch.equal(trained_text[name], tensor), name
