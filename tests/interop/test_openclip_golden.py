@@ -86,3 +86,34 @@ def test_export_to_openclip_layout_round_trips(name, tmp_path):
     again = vlmkit.load(tmp_path / "oc")  # the hub-style folder, activation from open_clip_config.json
     io = load_file(GOLDEN / f"openclip_{name}.io.safetensors")
     assert max(_differences(again, io).values()) <= TOLERANCE
+
+
+def _with_text_pool(model, pool: str, eos_token_id: int):
+    """The same weights in a CLIP whose text tower pools differently (what a vlmkit-trained CLIP has)."""
+    import dataclasses
+
+    text = dataclasses.replace(model.config.text, pool=pool, eos_token_id=eos_token_id)
+    other = type(model)(dataclasses.replace(model.config, text=text))
+    other.load_state_dict(model.state_dict())
+    other.transform, other.tokenizer = model.transform, getattr(model, "tokenizer", None)
+    return other.eval()
+
+
+def test_first_eos_pooling_exports_when_the_end_token_is_the_highest_id(tmp_path):
+    # vlmkit's own CLIP runs pool at the first end token; with CLIP's BPE (<|endoftext|> = vocab - 1) that
+    # is OpenCLIP's argmax position, so the OpenCLIP folder embeds every text identically.
+    original = vlmkit.load(GOLDEN / "openclip_vit_quickgelu.safetensors")
+    vocab = original.config.text.vocab_size
+    first_eos = _with_text_pool(original, "eos", vocab - 1)
+    io = load_file(GOLDEN / "openclip_vit_quickgelu.io.safetensors")
+    assert max(_differences(first_eos, io).values()) <= TOLERANCE
+    from vlmkit.interop import export
+
+    export(first_eos, tmp_path / "oc", to="openclip")
+    again = vlmkit.load(tmp_path / "oc")
+    assert again.config.text.pool == "argmax"
+    assert max(_differences(again, io).values()) <= TOLERANCE
+    # An end token that is not the highest id would pool elsewhere under OpenCLIP: refused, saying why.
+    with pytest.raises(UserError, match="highest id"):
+        export(_with_text_pool(original, "eos", vocab - 2), tmp_path / "bad", to="openclip")
+    assert not (tmp_path / "bad" / "open_clip_config.json").exists()

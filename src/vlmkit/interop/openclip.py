@@ -222,7 +222,12 @@ def export(model, directory: Path) -> None:
     vision, text = config.vision, config.text
     problems = {
         "a bidirectional text tower": not text.causal or not text.prenorm or text.embed_norm or text.type_vocab_size,
-        "first-eos text pooling (OpenCLIP pools at the argmax id)": text.pool != "argmax",
+        # OpenCLIP pools at the argmax id. First-eos pooling is the same position when the end token is the
+        # highest id (CLIP's BPE: <|endoftext|> = vocab_size - 1) and every row holds it, which vlmkit's
+        # tokenizers guarantee (truncation keeps the end token).
+        "text pooling OpenCLIP cannot express (it pools at the argmax id; first-eos pooling is only the same "
+        "when the end token is the highest id)": text.pool not in ("argmax", "eos")
+        or (text.pool == "eos" and text.eos_token_id != text.vocab_size - 1),
         "a ViT feature OpenCLIP's config cannot express (conv stem, mean pool, no ln_pre, LayerScale)": vision.type == "vit"
         and (bool(vision.conv_stem) or vision.pool != "cls" or not vision.norm_pre or vision.layer_scale is not None),
         "different activations in the two towers": vision.type == "vit" and vision.activation != text.activation,
