@@ -171,3 +171,32 @@ def test_fusion_dataset_batches_carry_their_task_and_skip_bad_boxes(runs):
         assert batch["num_skipped"] == 1 and batch["skip_reasons"] == {BAD_BOXES: 1} and len(batch["pixels"]) == 3
         assert batch["boxes"].shape[:2] == batch["region_mask"].shape and batch["region_mask"].sum(1).tolist() == [
             len(records[i]["objects"]) for i in (0, 2, 3)]
+
+
+def test_grounding_probe_masks_each_colour_and_shape_word_and_scores_both_images(runs):
+    """scripts/grounding_probe.py (the README's "Which pre-training reads the image"): every one-token colour /
+    shape word of a caption is masked once, and the two scores are fractions of those words."""
+    import importlib.util
+    from pathlib import Path
+
+    from vlmkit.data.formats import read_records
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "grounding_probe.py"
+    spec = importlib.util.spec_from_file_location("grounding_probe", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    records = [r for r in read_records(str(runs / "data" / "test.jsonl")) if r.get("objects") and r.get("texts")]
+    names = [obj["name"].split() for record in records for obj in record["objects"]]
+    parts = {"colour": {name[0] for name in names}, "shape": {name[-1] for name in names}}
+    import vlmkit
+
+    tokenizer = vlmkit.load(runs / "pre").tokenizer
+    items = probe.masked_words(records, tokenizer, parts)
+    assert items and all(int((row == tokenizer.mask_id).sum()) == 1 and row[position] == tokenizer.mask_id
+                         for _, _, row, position, _ in items)
+    caption_words = sum(word in parts["colour"] | parts["shape"] for r in records for word in r["texts"][0].replace(",", " ,").split())
+    assert len(items) <= caption_words
+    result = probe.probe(str(runs / "pre"), records, parts)
+    assert sum(result["words"].values()) == len(items)
+    assert all(0.0 <= result[f"{part}_{which}_image"] <= 1.0 for part in parts for which in ("own", "other"))
+    assert -1.0 <= result["fused_visual_cosine"] <= 1.0
