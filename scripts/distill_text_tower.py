@@ -67,14 +67,10 @@ def phrases(words: list[str], count: int, seed: int, templates=TEMPLATES) -> lis
     return texts
 
 
-@torch.no_grad()
-def embed(model, texts: list[str], batch: int = 512) -> torch.Tensor:
-    """(N, D) L2-normalised embeddings of `texts` by a model with `encode_text`, with progress on stderr."""
-    out = []
-    for start in tqdm(range(0, len(texts), batch), desc="teacher", file=sys.stderr, mininterval=5):
-        tokens = model.tokenizer(texts[start:start + batch])
-        out.append(nn.functional.normalize(model.encode_text(tokens).float(), dim=-1))
-    return torch.cat(out)
+def embed(model, texts: list[str], chunk: int = 4096) -> torch.Tensor:
+    """(N, D) L2-normalised embeddings of `texts` (the model's `embed_texts`, chunk by chunk for progress on stderr)."""
+    chunks = tqdm(range(0, len(texts), chunk), desc="teacher", file=sys.stderr, mininterval=5)
+    return torch.cat([model.embed_texts(texts[start:start + chunk], batch_size=512) for start in chunks])
 
 
 def teacher_targets(teacher, name: str, texts: list[str], cache: str | None) -> torch.Tensor:

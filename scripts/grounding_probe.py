@@ -28,11 +28,11 @@ def masked_words(records: list[dict], tokenizer, parts: dict[str, set[str]]) -> 
     items = []
     for index, record in enumerate(records):
         words = record["texts"][0].replace(",", " ,").split()
+        whole = tokenizer([" ".join(words)])[0]
         for position, word in enumerate(words):
             part = next((name for name, vocabulary in parts.items() if word in vocabulary), None)
             if part is None:
                 continue
-            whole = tokenizer([" ".join(words)])[0]
             masked = tokenizer([" ".join(words[:position] + ["[MASK]"] + words[position + 1:])])[0]
             where = (masked == tokenizer.mask_id).nonzero()[:, 0]
             if len(where) != 1 or len(whole) != len(masked):  # the word is several tokens
@@ -77,9 +77,14 @@ def probe(run: str, records: list[dict], parts: dict[str, set[str]]) -> dict:
     return result
 
 
+def object_parts(records: list[dict]) -> dict[str, set[str]]:
+    """{"colour": first words, "shape": last words} of the records' "COLOUR SHAPE" object names."""
+    names = [obj["name"].split() for record in records for obj in record["objects"]]
+    return {"colour": {name[0] for name in names if len(name) == 2}, "shape": {name[-1] for name in names}}
+
+
 if __name__ == "__main__":
     records = [record for record in read_records(sys.argv[1]) if record.get("objects") and record.get("texts")][:200]
-    names = [obj["name"].split() for record in records for obj in record["objects"]]
-    parts = {"colour": {name[0] for name in names if len(name) == 2}, "shape": {name[-1] for name in names}}
+    parts = object_parts(records)
     for run in sys.argv[2:]:
         print(json.dumps(probe(run, records, parts)))

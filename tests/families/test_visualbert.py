@@ -186,8 +186,7 @@ def test_grounding_probe_masks_each_colour_and_shape_word_and_scores_both_images
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     records = [r for r in read_records(str(runs / "data" / "test.jsonl")) if r.get("objects") and r.get("texts")]
-    names = [obj["name"].split() for record in records for obj in record["objects"]]
-    parts = {"colour": {name[0] for name in names}, "shape": {name[-1] for name in names}}
+    parts = probe.object_parts(records)
     import vlmkit
 
     tokenizer = vlmkit.load(runs / "pre").tokenizer
