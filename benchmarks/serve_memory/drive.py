@@ -1,7 +1,11 @@
 """Where the server's memory goes under the load mix: after every 2,000 requests, SIGUSR1 makes the server
 (probe_server.py) write tracemalloc / allocated-blocks / glibc mallinfo2 figures and a snapshot to OUT.
 
-    PROBE_TRACE=0|1 .venv/bin/python benchmarks/serve_memory/drive.py OUT [REQUESTS] [extra vlmkit serve options]
+    PROBE_TRACE=0|1 [PROBE_MIX=mixed|healthz|texts|images|invalid] [PROBE_TRIM=1] \
+        .venv/bin/python benchmarks/serve_memory/drive.py OUT [REQUESTS] [extra vlmkit serve options]
+
+PROBE_MIX keeps only one kind of request of the load mix (to tell which serving path holds memory);
+PROBE_TRIM=1 also records the RSS after glibc's malloc_trim(0) at each snapshot (what is free heap).
 
 Diff two snapshots with tracemalloc.Snapshot.load(...).compare_to(..., "traceback").
 """
@@ -22,6 +26,13 @@ with tempfile.TemporaryDirectory() as folder:
     server.wait_ready(900)
     asyncio.run(b.drive(server.url, b.mixed_requests(200, seed=99), 64))
     reqs = b.mixed_requests(total, seed=0)
+    mix = os.environ.get("PROBE_MIX", "mixed")
+    if mix != "mixed":
+        pool = {"healthz": [("GET", "/healthz", None, False)],
+                "texts": [r for r in reqs[:2000] if r[1] == "/v1/embed" and b'"texts"' in (r[2] or b"") and not r[3]],
+                "images": [r for r in reqs[:2000] if r[1] == "/v1/embed" and b'"images"' in (r[2] or b"") and not r[3]],
+                "invalid": [r for r in reqs[:2000] if r[3]]}[mix]
+        reqs = [pool[i % len(pool)] for i in range(total)]
     chunk = 2000; n = 0
     for start in range(0, total, chunk):
         t = time.perf_counter()

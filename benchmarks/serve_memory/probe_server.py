@@ -27,6 +27,9 @@ def dump(*_):
     if tracemalloc.is_tracing():
         stats["traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
         tracemalloc.take_snapshot().dump(f"{d}/snap{counter[0]}.tm")
+    if os.environ.get("PROBE_TRIM") == "1":  # how much of the RSS is free heap pages glibc could hand back
+        libc.malloc_trim(0)
+        stats["rss_after_trim_mb"] = rss()
     json.dump(stats, open(f"{d}/snap{counter[0]}.json", "w"))
 signal.signal(signal.SIGUSR1, dump)
 sys.path.insert(0, os.environ["PROBE_SRC"])
