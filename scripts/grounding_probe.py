@@ -22,12 +22,17 @@ import vlmkit
 from vlmkit.data.formats import read_records
 
 
+def caption_words(caption: str) -> list[str]:
+    """The words of a caption as the probe masks them (a comma is a word of its own)."""
+    return caption.replace(",", " ,").split()
+
+
 def masked_words(records: list[dict], tokenizer, parts: dict[str, set[str]]) -> list[tuple[int, str, torch.Tensor, int, int]]:
     """(record index, part, masked token row (L,), masked position, target id) for every colour / shape word
     of each record's first caption that is one token."""
     items = []
     for index, record in enumerate(records):
-        words = record["texts"][0].replace(",", " ,").split()
+        words = caption_words(record["texts"][0])
         whole = tokenizer([" ".join(words)])[0]
         for position, word in enumerate(words):
             part = next((name for name, vocabulary in parts.items() if word in vocabulary), None)

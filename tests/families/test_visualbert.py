@@ -193,8 +193,8 @@ def test_grounding_probe_masks_each_colour_and_shape_word_and_scores_both_images
     items = probe.masked_words(records, tokenizer, parts)
     assert items and all(int((row == tokenizer.mask_id).sum()) == 1 and row[position] == tokenizer.mask_id
                          for _, _, row, position, _ in items)
-    caption_words = sum(word in parts["colour"] | parts["shape"] for r in records for word in r["texts"][0].replace(",", " ,").split())
-    assert len(items) <= caption_words
+    probed_words = sum(word in parts["colour"] | parts["shape"] for r in records for word in probe.caption_words(r["texts"][0]))
+    assert len(items) <= probed_words
     result = probe.probe(str(runs / "pre"), records, parts)
     assert sum(result["words"].values()) == len(items)
     assert all(0.0 <= result[f"{part}_{which}_image"] <= 1.0 for part in parts for which in ("own", "other"))
