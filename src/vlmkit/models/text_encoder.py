@@ -186,6 +186,8 @@ class DistillationTexts(torch.utils.data.Dataset):
                 print(f"vlmkit: {cache} holds another corpus or teacher; the teacher embeds this one", file=sys.stderr)
         if self.targets is None:
             self.teacher = load_teacher(teacher)  # loaded now, so a bad teacher fails before the run starts
+            print(f"vlmkit: the teacher embeds the {len(texts):,} texts of the corpus as the run first visits them, "
+                  f"so the first steps are slow", file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.texts)
