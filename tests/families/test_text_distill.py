@@ -109,8 +109,9 @@ def test_distillation_without_a_head_of_the_teachers_width_is_a_clear_error(dist
     small = {"steps": 1, "batch_size": 8, "model.text.depth": 1, "training.phrases": 10}
     with pytest.raises(UserError, match="model.distill_dim"):
         Trainer(load_recipe("clip-text-distill", dict(small, **{"model.distill_dim": None})), data, tmp_path / "a").train()
-    with pytest.raises(UserError, match="width 384 needs model.distill_dim=384"):
+    with pytest.raises(UserError, match="width 384 needs model.distill_dim=384"):  # checked before anything is written
         Trainer(load_recipe("clip-text-distill", dict(small, **{"model.distill_dim": 100})), data, tmp_path / "b").train()
+    assert not (tmp_path / "b").exists()
     with pytest.raises(UserError, match="training.temperature"):
         Trainer(load_recipe("clip-text-distill", dict(small, **{"training.temperature": 0})), data, tmp_path / "c").train()
 

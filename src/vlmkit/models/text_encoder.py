@@ -188,6 +188,8 @@ class DistillationTexts(torch.utils.data.Dataset):
             self.teacher = load_teacher(teacher)  # loaded now, so a bad teacher fails before the run starts
             print(f"vlmkit: the teacher embeds the {len(texts):,} texts of the corpus as the run first visits them, "
                   f"so the first steps are slow", file=sys.stderr)
+            self.teacher_targets(torch.zeros(1, dtype=torch.long))  # the first chunk now: it gives the teacher's width
+        self.width = self.targets.shape[-1]  # the teacher's embedding width
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -288,7 +290,11 @@ class TextEncoder(VLModel):
         texts = vocabulary_phrases(vocabulary_words(tokenizer), options.phrases, seed, tuple(options.templates))
         texts += [text for record in records for text in record.get("texts") or []]
         tokens = torch.cat([tokenizer(texts[start:start + 4096]) for start in range(0, len(texts), 4096)])  # (N, L)
-        return DistillationTexts(texts, tokens, options.teacher, options.teacher_cache)
+        dataset = DistillationTexts(texts, tokens, options.teacher, options.teacher_cache)
+        if dataset.width != self.distill_head.out_features:  # before the run folder is written
+            raise UserError(f"distilling from a teacher of width {dataset.width} needs model.distill_dim={dataset.width} "
+                            f"(the model has {self.config.distill_dim})")
+        return dataset
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
