@@ -19,9 +19,10 @@ exactly the shape of one trained from scratch. The corpus: `training.phrases` ph
 drawn (seeded) from the whole words of the tower's own vocabulary, each in a caption template, plus
 every caption of the training records: every word the tower can spell gets a meaning, whether or not
 it occurs in image-text data. The teacher embeds each text once, when the run first visits it
-(L2-normalised; `teacher_cache` keeps them on disk). The tower's embedding goes through a linear head to the teacher's width (`distill_dim`;
-unused afterwards) and the loss is CLIP's symmetric cross-entropy between the batch's student and
-teacher embeddings at temperature `training.temperature`, plus 1 - their cosine.
+(L2-normalised; `teacher_cache` keeps them on disk). The tower's embedding goes through a linear
+head to the teacher's width (`distill_dim`; unused afterwards) and the loss is CLIP's symmetric
+cross-entropy between the batch's student and teacher embeddings at temperature
+`training.temperature`, plus 1 - their cosine.
 """
 from __future__ import annotations
 
@@ -270,15 +271,18 @@ class TextEncoder(VLModel):
 
     def _distillation_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         """Contrastive (student vs teacher over the batch) + 1 - cosine, through the distillation head."""
-        if self.distill_head is None or self.distill_head.out_features != targets.shape[-1]:
-            raise UserError(f"distilling from a teacher of width {targets.shape[-1]} needs model.distill_dim="
-                            f"{targets.shape[-1]} (the model has {self.config.distill_dim})")
+        self._check_teacher_width(targets.shape[-1])
         predicted = nn.functional.normalize(self.distill_head(self.encode_text(tokens)), dim=-1)  # (B, D_teacher)
         scale = torch.tensor(math.log(1 / self.training_options.temperature), device=predicted.device)
         contrastive, logits = contrastive_loss(predicted, targets, scale, local_loss=True)
         cosine = (predicted * targets).sum(dim=-1).mean()
         loss = contrastive + (1 - cosine)
         return ModelOutput(loss=loss, logs=detached_logs(loss=loss, cosine=cosine, match_acc=matching_accuracy(logits)))
+
+    def _check_teacher_width(self, width: int) -> None:
+        if self.distill_head is None or self.distill_head.out_features != width:
+            raise UserError(f"distilling from a teacher of width {width} needs model.distill_dim={width} "
+                            f"(the model has {self.config.distill_dim})")
 
     def training_dataset(self, records, transform, tokenizer, seed: int, caption: str = "random"):
         options = self.training_options
@@ -291,9 +295,7 @@ class TextEncoder(VLModel):
         texts += [text for record in records for text in record.get("texts") or []]
         tokens = torch.cat([tokenizer(texts[start:start + 4096]) for start in range(0, len(texts), 4096)])  # (N, L)
         dataset = DistillationTexts(texts, tokens, options.teacher, options.teacher_cache)
-        if dataset.width != self.distill_head.out_features:  # before the run folder is written
-            raise UserError(f"distilling from a teacher of width {dataset.width} needs model.distill_dim={dataset.width} "
-                            f"(the model has {self.config.distill_dim})")
+        self._check_teacher_width(dataset.width)  # before the run folder is written
         return dataset
 
     def dummy_batch(self, batch_size: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
