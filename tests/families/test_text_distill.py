@@ -39,8 +39,8 @@ def distilled(tmp_path_factory):
     data = str(root / "data" / "train.jsonl")
     # A BPE of 1,024 tokens trained on the captions (not CLIP's 49,408: 400 phrases would leave most of its
     # words unseen), so the held-out phrases below are new combinations of words the tower has met.
-    overrides = {"tokenizer": "bpe", "vocab_size": 1024, "steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "save_every": 60, "log_every": 10,
-                 "model.text.depth": 1, "training.phrases": 400, "training.teacher_cache": str(root / "cache.pt")}
+    overrides = {"tokenizer": "bpe", "vocab_size": 1024, "steps": 60, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5,
+                 "save_every": 60, "log_every": 10, "model.text.depth": 1, "training.phrases": 400, "training.teacher_cache": str(root / "cache.pt")}
     Trainer(load_recipe("clip-text-distill", overrides), data, root / "run").train()
     return root, data
 
@@ -57,7 +57,6 @@ def test_distilled_tower_embeds_unseen_texts_as_the_teacher_does(distilled):
         predicted = torch.nn.functional.normalize(run.distill_head(run.encode_text(run.tokenizer(unseen))), dim=-1)
     cosine = float((predicted * target).sum(-1).mean())
     assert cosine > 0.3, cosine  # a random tower: about 0; the teacher itself: 1
-
 
 
 def test_teacher_targets_do_not_depend_on_the_batch_and_are_cached_once_complete(distilled, tmp_path):

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmkit.capabilities import EmbedsTexts
+from vlmkit.capabilities import EmbedsTexts, require
 from vlmkit.encoders.config import TextConfig, build_text_tower
 from vlmkit.errors import UserError
 from vlmkit.io import atomic_torch_save
@@ -150,7 +150,6 @@ def vocabulary_phrases(words: list[str], count: int, seed: int, templates=PHRASE
 
 def load_teacher(source: str):
     """The model at `source` (a path or `package:NAME/folder`), checked to embed texts, in eval mode."""
-    from vlmkit.capabilities import require
     from vlmkit.hub import load
     from vlmkit.interop.towers import resolve
 
@@ -190,7 +189,11 @@ class DistillationTexts(torch.utils.data.Dataset):
             print(f"vlmkit: the teacher embeds the {len(texts):,} texts of the corpus as the run first visits them, "
                   f"so the first steps are slow", file=sys.stderr)
             self.teacher_targets(torch.zeros(1, dtype=torch.long))  # the first chunk now: it gives the teacher's width
-        self.width = self.targets.shape[-1]  # the teacher's embedding width
+
+    @property
+    def width(self) -> int:
+        """The teacher's embedding width."""
+        return self.targets.shape[-1]
 
     def __len__(self) -> int:
         return len(self.texts)
