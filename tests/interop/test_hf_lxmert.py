@@ -224,3 +224,43 @@ def test_a_checkpoint_with_a_missing_tensor_is_a_clear_error(base, tmp_path):
     save_file(state, broken / "model.safetensors")
     with pytest.raises(UserError, match="x_layers.1.visual_attention.att.key.weight"):
         vlmkit.load(broken)
+
+
+def test_the_pretraining_losses_run_the_heads_on_labelled_positions_only_with_the_all_position_values(pretraining):
+    """The training forward runs the MLM head on the masked tokens and the region head on the masked regions
+    only; its losses equal the same losses computed from every position's logits (HF's MLM logits, the
+    family's own region outputs), and the gradient reaches every head."""
+    import torch.nn.functional as F
+
+    from vlmkit.encoders.fusion import IGNORE
+    from vlmkit.encoders.twostream import mask_regions
+
+    hf, folder = pretraining
+    ours = vlmkit.load(folder)
+    ids, attention, feats, boxes = _inputs()
+    matched = torch.tensor([1, 0, 1])
+    mlm_labels = torch.full_like(ids, IGNORE)
+    mlm_labels[0, 2], mlm_labels[2, 3], mlm_labels[2, 5] = ids[0, 2], ids[2, 3], ids[2, 5]
+    tokens = ids.masked_fill(mlm_labels != IGNORE, 4)
+    objects = torch.randint(OBJECTS, (3, REGIONS), generator=torch.Generator().manual_seed(5))
+    attributes = torch.randint(ATTRIBUTES, (3, REGIONS), generator=torch.Generator().manual_seed(6))
+    batch = {"tokens": tokens, "mlm_labels": mlm_labels, "itm_labels": matched, "visual_feats": feats,
+             "visual_pos": boxes, "region_labels": objects, "region_attr_labels": attributes, "batch_seed": 11}
+    ours.train()
+    out = ours(batch)
+    out.loss.backward()
+    masked = mask_regions(torch.ones(3, REGIONS, dtype=torch.bool) & matched.bool()[:, None], 0.15,
+                          torch.Generator().manual_seed(11))
+    assert masked.any() and not masked[1].any()  # only matched pairs' regions
+    with torch.no_grad():
+        hf_logits = hf(input_ids=tokens, attention_mask=attention, visual_feats=feats.masked_fill(masked[..., None], 0.0),
+                       visual_pos=boxes).prediction_logits  # (B, L, V) at every position
+        full = ours.pretraining_logits(tokens, feats.masked_fill(masked[..., None], 0.0), boxes)
+    mlm = F.cross_entropy(hf_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+    assert out.logs["mlm_loss"] == pytest.approx(mlm.item(), abs=1e-5)
+    assert out.logs["feat_loss"] == pytest.approx(F.smooth_l1_loss(full["feat"][masked], feats[masked]).item(), abs=1e-6)
+    for name, labels in (("obj", objects), ("attr", attributes)):
+        expected = F.cross_entropy(full[name][masked], labels[masked])  # KL to a one-hot = cross-entropy
+        assert out.logs[f"{name}_loss"] == pytest.approx(expected.item(), abs=1e-5)
+    for head in (ours.mlm_head, ours.region_head):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())

@@ -21,7 +21,8 @@ Tasks (`FUSION_TASKS`, the training option `task`):
 `answer` (LXMERT/UNITER layout `logit_fc` = Linear(W, 2W), GELU, LayerNorm, Linear(2W, A), or one
 Linear for HF VisualBERT: `answer_head="linear"`), `reasoning` (the same MLP with one output) and
 `itm` (Linear(W, 2)). `fusion_task_loss(heads, pooled, batch, task)` is the loss of the fine-tuning
-tasks (and ITM in pre-training). `keep_fresh_heads` is the `adapt_init_state` of a family: a head
+tasks (and ITM in pre-training); `masked_lm_loss` is MLM with the vocabulary head run on the labelled
+positions only. `keep_fresh_heads` is the `adapt_init_state` of a family: a head
 whose shape changed (a new answer vocabulary) starts afresh.
 
 `FusionTaskDataset` draws the samples of a task and adds the visual inputs of `encoders.regions`;
@@ -123,6 +124,17 @@ def fusion_task_loss(heads: FusionHeads, pooled: torch.Tensor, batch: dict, task
     logits, labels = heads.itm(pooled), batch["itm_labels"]  # (B, 2), (B,)
     loss = F.cross_entropy(logits, labels)
     return loss, {"itm_loss": loss, "itm_acc": (logits.argmax(-1) == labels).float().mean()}, logits
+
+
+def masked_lm_loss(head: nn.Module, hidden: torch.Tensor, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BERT's masked-language-modelling cross-entropy over the positions with a label (`labels` (B, L), IGNORE
+    elsewhere), hidden states (B, L, D), `head(hidden, embedding)` -> logits over the vocabulary.
+
+    The head runs on the M labelled positions only (about 15% of them), not on all B x L: the same mean as
+    cross-entropy with `ignore_index` over every position, without the vocabulary matmul and softmax of the
+    positions it would ignore (HF's LXMERT / ViLBERT heads compute all of them)."""
+    chosen = labels != IGNORE  # (B, L)
+    return F.cross_entropy(head(hidden[chosen], embedding), labels[chosen])  # logits (M, V)
 
 
 def keep_fresh_heads(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

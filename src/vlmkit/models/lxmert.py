@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from vlmkit.capabilities import Answers, MatchesImageText, ReadsRegions, Verifies
 from vlmkit.config import bounded, check_fields
 from vlmkit.encoders.config import VisionConfig, build_vision_tower
-from vlmkit.encoders.fusion import IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss, keep_fresh_heads
+from vlmkit.encoders.fusion import (IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss,
+                                    keep_fresh_heads, masked_lm_loss)
 from vlmkit.encoders.regions import VisualInputConfig, VisualInputs, backbone_grid, random_regions
 from vlmkit.encoders.twostream import TwoStreamTasks, idle_heads_term, Pooler, RegionEmbedding, RegionHead, feature_regression_loss, mask_regions
 from vlmkit.errors import UserError
@@ -231,21 +232,22 @@ class Lxmert(TwoStreamTasks, VLModel):
         loss = options.itm_weight * itm + idle_heads_term(self.heads, pooled)
         mlm_labels = batch.get("mlm_labels")
         if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
-            mlm_logits = self.mlm_head(language, self.text.token_embedding.weight)  # (B, L, V)
-            mlm = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+            mlm = masked_lm_loss(self.mlm_head, language, self.text.token_embedding.weight, mlm_labels)
             loss = loss + options.mlm_weight * mlm
             logs["mlm_loss"] = mlm
-        predicted = self.region_head(vision)  # name -> (B, N, size)
-        feat = feature_regression_loss(predicted["feat"], feats.detach(), masked)
+        # The region head runs on the masked regions only (M of them): every row it predicts has a target.
+        predicted = self.region_head(vision[masked])  # name -> (M, size)
+        every = masked.new_ones(predicted["feat"].shape[0])  # (M,) all masked
+        feat = feature_regression_loss(predicted["feat"], feats.detach()[masked], every)
         loss = loss + options.feat_weight * feat
         logs["feat_loss"] = feat
         if "obj" in predicted:
-            obj = (masked_region_kl_loss(predicted["obj"], visual["label_dist"], masked) if "label_dist" in visual
+            obj = (masked_region_kl_loss(predicted["obj"], visual["label_dist"][masked], every) if "label_dist" in visual
                    else predicted["obj"].sum() * 0.0)  # keeps the head in the graph when the batch has no classes
             loss = loss + options.obj_weight * obj
             logs["obj_loss"] = obj
         if "attr" in predicted:  # no built-in data names attributes: only a batch's `region_attr_labels` train it
-            attr = (masked_region_kl_loss(predicted["attr"], visual["attr_dist"], masked) if "attr_dist" in visual
+            attr = (masked_region_kl_loss(predicted["attr"], visual["attr_dist"][masked], every) if "attr_dist" in visual
                     else predicted["attr"].sum() * 0.0)
             loss = loss + options.obj_weight * attr
             logs["attr_loss"] = attr

@@ -30,7 +30,8 @@ from vlmkit.capabilities import Answers, MatchesImageText, ReadsRegions, Verifie
 from vlmkit.config import bounded, check_fields
 from vlmkit.encoders.config import VisionConfig, build_vision_tower
 from vlmkit.encoders.regions import VisualInputConfig, VisualInputs, backbone_grid, random_regions
-from vlmkit.encoders.fusion import IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss, keep_fresh_heads
+from vlmkit.encoders.fusion import (IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss,
+                                    keep_fresh_heads, masked_lm_loss)
 from vlmkit.encoders.twostream import TwoStreamTasks, idle_heads_term, Pooler, RegionEmbedding, RegionHead, mask_regions
 from vlmkit.errors import UserError
 from vlmkit.layers.masks import padding_mask
@@ -172,13 +173,13 @@ class ViLBERT(TwoStreamTasks, VLModel):
         loss = options.itm_weight * itm + idle_heads_term(self.heads, fused)
         mlm_labels = batch.get("mlm_labels")
         if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
-            mlm_logits = self.mlm_head(text, self.text.token_embedding.weight)  # (B, L, V)
-            mlm = F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+            mlm = masked_lm_loss(self.mlm_head, text, self.text.token_embedding.weight, mlm_labels)
             loss = loss + options.mlm_weight * mlm
             logs["mlm_loss"] = mlm
         if self.region_head is not None:
-            region_logits = self.region_head(image)["cls"]  # (B, N, 1 + K)
-            region = (masked_region_kl_loss(region_logits, visual["label_dist"], masked) if "label_dist" in visual
+            region_logits = self.region_head(image[masked])["cls"]  # (M, 1 + K): the masked regions only
+            every = masked.new_ones(region_logits.shape[0])  # (M,)
+            region = (masked_region_kl_loss(region_logits, visual["label_dist"][masked], every) if "label_dist" in visual
                       else region_logits.sum() * 0.0)  # keeps the head in the graph when the batch has no classes
             loss = loss + options.region_weight * region
             logs["region_loss"] = region
