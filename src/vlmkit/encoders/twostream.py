@@ -73,8 +73,8 @@ class RegionHead(nn.Module):
         self.decoders = nn.ModuleDict({name: nn.Linear(width, size) for name, size in sizes.items()})
 
     def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        shared = self.norm(self.activation(self.dense(hidden)))  # (B, N, D)
-        return {name: decoder(shared) for name, decoder in self.decoders.items()}  # name -> (B, N, size)
+        shared = self.norm(self.activation(self.dense(hidden)))  # (..., D): (B, N, D) or the masked (M, D)
+        return {name: decoder(shared) for name, decoder in self.decoders.items()}  # name -> (..., size)
 
 
 def mask_regions(real: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
@@ -88,7 +88,8 @@ def mask_regions(real: torch.Tensor, probability: float, generator: torch.Genera
 
 def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """LXMERT's masked-feature loss: SmoothL1 between predicted and original features (B, N, F),
-    averaged over the features of the masked regions `masked` (B, N)."""
+    averaged over the features of the masked regions `masked` (B, N) (or rows (M, F) already chosen, with
+    `masked` (M,) all true)."""
     if not masked.any():
         return predicted.sum() * 0.0  # keeps every head in the graph
     return F.smooth_l1_loss(predicted[masked], target[masked])
