@@ -1,4 +1,4 @@
-"""LXMERT training-step speed: vlmkit's `lxmert` family vs HF's LXMERT, same weights, two steps.
+"""LXMERT training-step speed: vlmkit's `lxmert` family vs HF's LXMERT, same weights: a QA or a pre-training step.
 
 `--task qa` (the default): a randomly initialised HF LxmertForQuestionAnswering (dropout 0, so both
 sides compute the same function) is saved to a temporary folder and loaded by `vlmkit.load` (strict,
@@ -60,8 +60,7 @@ def pretraining_steps(args, hf, ours, optimizers, ids, feats, boxes, generator):
     objects = torch.randint(config.num_object_labels, (args.batch, args.regions), generator=generator)
     attributes = torch.randint(config.num_attr_labels, (args.batch, args.regions), generator=generator)
     batch_seed = 7
-    real = torch.ones(args.batch, args.regions, dtype=torch.bool)
-    masked = mask_regions(real & matched[:, None], ours.training_options.region_mask_probability,
+    masked = mask_regions(matched[:, None].expand(args.batch, args.regions), ours.training_options.region_mask_probability,
                           torch.Generator().manual_seed(batch_seed))  # (B, N): what vlmkit's forward masks
     conf = masked.float()
     hf_inputs = dict(input_ids=tokens, attention_mask=torch.ones_like(tokens), visual_feats=feats.masked_fill(masked[..., None], 0.0),

@@ -32,7 +32,7 @@ def main() -> None:
     import transformers
 
     import vlmkit
-    from vlmkit.encoders.fusion import IGNORE
+    from vlmkit.encoders.fusion import IGNORE, masked_lm_loss
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -65,7 +65,7 @@ def main() -> None:
 
     def our_step(optimizer):
         hidden = ours.encode(tokens, embeds, visual_mask.bool())  # what VisualBert.forward runs in pre-training
-        loss = ours.mlm_loss(hidden[:, :tokens.shape[1]], labels) + F.cross_entropy(ours.heads.itm(ours.pool(hidden)), matched)
+        loss = masked_lm_loss(ours.mlm_logits, hidden[:, :tokens.shape[1]], labels) + F.cross_entropy(ours.heads.itm(ours.pool(hidden)), matched)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -294,14 +294,17 @@ def masked_region_feature_loss(predicted: torch.Tensor, target: torch.Tensor, ma
     return F.mse_loss(predicted[masked], target[masked].detach())
 
 
-def masked_region_kl_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+def masked_region_kl_loss(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
     """Masked region classification with KL divergence (UNITER MRC-kl): KL(target || softmax(logits)) of
     each masked (B, T) region, logits (B, T, K) against its label distribution (B, T, K), averaged over
-    the masked regions. (With a one-hot target this is the cross-entropy, UNITER's MRC.)"""
-    if not bool(masked.any()):
+    the masked regions; with `masked` None, the rows (M, K) given are the masked regions. (With a one-hot
+    target this is the cross-entropy, UNITER's MRC.)"""
+    if masked is not None:
+        logits, target = logits[masked], target[masked]  # (M, K)
+    if logits.shape[0] == 0:
         return logits.sum() * 0
-    log_probs = F.log_softmax(logits[masked].float(), dim=-1)
-    return F.kl_div(log_probs, target[masked].float(), reduction="none").sum(-1).mean()
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return F.kl_div(log_probs, target.float(), reduction="none").sum(-1).mean()
 
 
 def cosine_cost(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

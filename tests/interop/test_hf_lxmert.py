@@ -249,7 +249,7 @@ def test_the_pretraining_losses_run_the_heads_on_labelled_positions_only_with_th
     ours.train()
     out = ours(batch)
     out.loss.backward()
-    masked = mask_regions(torch.ones(3, REGIONS, dtype=torch.bool) & matched.bool()[:, None], 0.15,
+    masked = mask_regions(matched.bool()[:, None].expand(3, REGIONS), 0.15,
                           torch.Generator().manual_seed(11))
     assert masked.any() and not masked[1].any()  # only matched pairs' regions
     with torch.no_grad():

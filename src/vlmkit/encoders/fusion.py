@@ -126,15 +126,15 @@ def fusion_task_loss(heads: FusionHeads, pooled: torch.Tensor, batch: dict, task
     return loss, {"itm_loss": loss, "itm_acc": (logits.argmax(-1) == labels).float().mean()}, logits
 
 
-def masked_lm_loss(head: nn.Module, hidden: torch.Tensor, embedding: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def masked_lm_loss(logits_of, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """BERT's masked-language-modelling cross-entropy over the positions with a label (`labels` (B, L), IGNORE
-    elsewhere), hidden states (B, L, D), `head(hidden, embedding)` -> logits over the vocabulary.
+    elsewhere), hidden states (B, L, D); `logits_of` maps (M, D) hidden states to (M, V) vocabulary logits.
 
     The head runs on the M labelled positions only (about 15% of them), not on all B x L: the same mean as
     cross-entropy with `ignore_index` over every position, without the vocabulary matmul and softmax of the
-    positions it would ignore (HF's LXMERT / ViLBERT heads compute all of them)."""
+    positions it would ignore (HF's VisualBERT and LXMERT heads compute all of them)."""
     chosen = labels != IGNORE  # (B, L)
-    return F.cross_entropy(head(hidden[chosen], embedding), labels[chosen])  # logits (M, V)
+    return F.cross_entropy(logits_of(hidden[chosen]), labels[chosen])  # logits (M, V)
 
 
 def keep_fresh_heads(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],

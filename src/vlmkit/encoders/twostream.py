@@ -86,13 +86,15 @@ def mask_regions(real: torch.Tensor, probability: float, generator: torch.Genera
     return chosen
 
 
-def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
     """LXMERT's masked-feature loss: SmoothL1 between predicted and original features (B, N, F),
-    averaged over the features of the masked regions `masked` (B, N) (or rows (M, F) already chosen, with
-    `masked` (M,) all true)."""
-    if not masked.any():
+    averaged over the features of the masked regions `masked` (B, N); with `masked` None, the rows
+    (M, F) given are the masked regions."""
+    if masked is not None:
+        predicted, target = predicted[masked], target[masked]  # (M, F)
+    if predicted.shape[0] == 0:
         return predicted.sum() * 0.0  # keeps every head in the graph
-    return F.smooth_l1_loss(predicted[masked], target[masked])
+    return F.smooth_l1_loss(predicted, target)
 
 
 def idle_heads_term(heads: nn.Module, pooled: torch.Tensor) -> torch.Tensor:

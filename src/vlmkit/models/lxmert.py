@@ -33,6 +33,7 @@ as HF's `LxmertModel` does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -232,22 +233,21 @@ class Lxmert(TwoStreamTasks, VLModel):
         loss = options.itm_weight * itm + idle_heads_term(self.heads, pooled)
         mlm_labels = batch.get("mlm_labels")
         if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
-            mlm = masked_lm_loss(self.mlm_head, language, self.text.token_embedding.weight, mlm_labels)
+            mlm = masked_lm_loss(partial(self.mlm_head, embedding=self.text.token_embedding.weight), language, mlm_labels)
             loss = loss + options.mlm_weight * mlm
             logs["mlm_loss"] = mlm
         # The region head runs on the masked regions only (M of them): every row it predicts has a target.
         predicted = self.region_head(vision[masked])  # name -> (M, size)
-        every = masked.new_ones(predicted["feat"].shape[0])  # (M,) all masked
-        feat = feature_regression_loss(predicted["feat"], feats.detach()[masked], every)
+        feat = feature_regression_loss(predicted["feat"], feats.detach()[masked])
         loss = loss + options.feat_weight * feat
         logs["feat_loss"] = feat
         if "obj" in predicted:
-            obj = (masked_region_kl_loss(predicted["obj"], visual["label_dist"][masked], every) if "label_dist" in visual
+            obj = (masked_region_kl_loss(predicted["obj"], visual["label_dist"][masked]) if "label_dist" in visual
                    else predicted["obj"].sum() * 0.0)  # keeps the head in the graph when the batch has no classes
             loss = loss + options.obj_weight * obj
             logs["obj_loss"] = obj
         if "attr" in predicted:  # no built-in data names attributes: only a batch's `region_attr_labels` train it
-            attr = (masked_region_kl_loss(predicted["attr"], visual["attr_dist"][masked], every) if "attr_dist" in visual
+            attr = (masked_region_kl_loss(predicted["attr"], visual["attr_dist"][masked]) if "attr_dist" in visual
                     else predicted["attr"].sum() * 0.0)
             loss = loss + options.obj_weight * attr
             logs["attr_loss"] = attr

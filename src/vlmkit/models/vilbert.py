@@ -22,6 +22,7 @@ ITM head, `itm_labels` 1 = aligned); `vqa`, `reasoning` and `retrieval` fine-tun
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -173,13 +174,12 @@ class ViLBERT(TwoStreamTasks, VLModel):
         loss = options.itm_weight * itm + idle_heads_term(self.heads, fused)
         mlm_labels = batch.get("mlm_labels")
         if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
-            mlm = masked_lm_loss(self.mlm_head, text, self.text.token_embedding.weight, mlm_labels)
+            mlm = masked_lm_loss(partial(self.mlm_head, embedding=self.text.token_embedding.weight), text, mlm_labels)
             loss = loss + options.mlm_weight * mlm
             logs["mlm_loss"] = mlm
         if self.region_head is not None:
             region_logits = self.region_head(image[masked])["cls"]  # (M, 1 + K): the masked regions only
-            every = masked.new_ones(region_logits.shape[0])  # (M,)
-            region = (masked_region_kl_loss(region_logits, visual["label_dist"][masked], every) if "label_dist" in visual
+            region = (masked_region_kl_loss(region_logits, visual["label_dist"][masked]) if "label_dist" in visual
                       else region_logits.sum() * 0.0)  # keeps the head in the graph when the batch has no classes
             loss = loss + options.region_weight * region
             logs["region_loss"] = region

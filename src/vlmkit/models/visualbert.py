@@ -41,7 +41,7 @@ from vlmkit.config import bounded
 from vlmkit.data.records import answer_vocabulary, record_texts
 from vlmkit.encoders.config import TextConfig, VisionConfig, build_vision_tower
 from vlmkit.encoders.fusion import (IGNORE, FusionHeads, FusionTaskDataset, FusionTraining, fusion_task_loss,
-                                    keep_fresh_heads)
+                                    keep_fresh_heads, masked_lm_loss)
 from vlmkit.encoders.regions import (GEOMETRY_DIM, VisualInputConfig, VisualInputs, VisualTokens, backbone_grid,
                                      random_regions, region_classes, region_inputs)
 from vlmkit.errors import UserError
@@ -213,12 +213,6 @@ class VisualBert(VLModel):
         return {"hidden": hidden, "pooled": pooled, "answer_logits": answer,
                 "itm_logits": self.heads.itm(pooled), "mlm_logits": self.mlm_logits(hidden[:, :tokens.shape[1]])}
 
-    def mlm_loss(self, text_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """MLM cross-entropy over the labelled (B, L) positions (IGNORE elsewhere); the decoder runs on those
-        positions only (the same loss as over every position, a fraction of the vocabulary matmul)."""
-        chosen = labels != IGNORE  # (B, L)
-        return F.cross_entropy(self.mlm_logits(text_hidden[chosen]), labels[chosen])
-
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., W) -> (..., V): the MLM decoder, tied to the word embeddings."""
         return self.mlm_head(hidden) @ self.bert.token_embedding.weight.t() + self.mlm_bias
@@ -253,7 +247,7 @@ class VisualBert(VLModel):
                 loss, logits = loss + weight * part, part_logits if logits is None else logits
                 logs.update(part_logs)
         if mlm_labels is not None and bool((mlm_labels != IGNORE).any()):
-            mlm = self.mlm_loss(hidden[:, :length], mlm_labels)
+            mlm = masked_lm_loss(self.mlm_logits, hidden[:, :length], mlm_labels)  # the decoder on masked tokens only
             loss = loss + options.mlm_weight * mlm
             logs["mlm_loss"] = mlm
         if masked_regions is not None:
