@@ -49,6 +49,7 @@ def test_vlmkit_serve_starts_and_answers_healthz(model_runs, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=20)
+    assert "vlmkit serve: oneDNN o" in server.stderr.read().decode()  # the choice is said at start (serve/cli.py)
 
 
 @pytest.mark.parametrize("arguments, words", [

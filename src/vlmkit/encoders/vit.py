@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlmkit.layers.patch import resample_grid_positions
+from vlmkit.layers.patch import PatchEmbedding, resample_grid_positions
 from vlmkit.layers.transformer import Transformer
 
 
@@ -65,8 +65,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"patch size {patch_size} must be a multiple of the conv stem's stride {stride}")
         in_channels = self.stem.out_channels if self.stem else 3
         self.patch_size = patch_size
-        self.patch_embed = nn.Conv2d(in_channels, width, patch_size // stride, stride=patch_size // stride,
-                                     bias=patch_bias)  # CLIP has no bias here, timm / BLIP ViTs do
+        self.patch_embed = PatchEmbedding(in_channels, width, patch_size // stride,
+                                          bias=patch_bias)  # CLIP has no bias here, timm / BLIP ViTs do
         self.grid = image_size // patch_size
         self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
         self.positional_embedding = nn.Parameter(torch.randn(self.grid**2 + 1, width) * width**-0.5)

@@ -1,0 +1,81 @@
+"""Why `vlmkit serve` runs without oneDNN for transformer models: it keeps native memory per input shape.
+
+The server sees batches of ever new shapes (texts trimmed to the longest in the batch, any batch
+size); oneDNN builds and keeps a primitive for each new shape of the ops it runs (exact GELU,
+convolutions), so the server's memory grew with the variety of its traffic (README, server
+section). These tests pin the choice (`serve.cli.onednn_wanted`) and the effect it is made for.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.serve.cli import onednn_wanted
+
+
+def test_auto_turns_onednn_off_unless_a_model_has_convolutions(model_runs):
+    vit, with_stem, cnn = (vlmkit.load(model_runs[family]) for family in ("blip", "clip", "vsepp"))
+    assert not onednn_wanted({"vit": vit}, "auto")  # a plain ViT: its patchify is a matmul (layers.patch.PatchEmbedding)
+    assert onednn_wanted({"vit": vit, "clip": with_stem}, "auto")  # clip-vit-tiny's conv stem
+    assert onednn_wanted({"cnn": cnn}, "auto")  # a ResNet tower
+    assert onednn_wanted({"vit": vit}, "on") and not onednn_wanted({"cnn": cnn}, "off")
+
+
+PROBE = """
+import ctypes, json, sys, threading, torch, vlmkit
+torch.set_num_threads(1)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+model = vlmkit.load(sys.argv[1]).eval()
+size, context, kept = model.dummy_batch(1)["pixels"].shape[-1], model.tokenizer.context_length, {}
+
+def batches(sizes):  # image and text batches of these sizes, in this thread
+    for n in sizes:
+        model.encode_image(torch.randn(n, 3, size, size))
+        model.encode_text(torch.randint(1, 400, (n, context)))
+
+def work():  # a thread of its own, as the server's model thread (its own malloc arena)
+    with torch.no_grad():
+        for name, onednn, first in (("off", False, 4), ("on", True, 44)):
+            torch.backends.mkldnn.enabled = onednn
+            batches(range(first - 3, first))  # first-call allocations that are not per shape
+            start = libc.mallinfo2().uordblks
+            batches(range(first, first + 40))  # 80 batch shapes this process has not seen
+            kept[name] = libc.mallinfo2().uordblks - start
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(json.dumps(kept))
+"""
+
+
+def test_without_onednn_new_batch_shapes_keep_no_native_memory(model_runs, tmp_path):
+    """In a fresh process (the test process's own state blurs glibc's counters): native bytes kept
+    after 80 image and text batches of new sizes, oneDNN off then on."""
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("glibc's mallinfo2 is not available here")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), model_runs["clip"]], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = json.loads(done.stdout.strip().splitlines()[-1])
+    assert kept["off"] < 512 * 1024, f"{kept['off'] / 2**20:.2f} MB kept over 80 new batch shapes without oneDNN"
+    assert kept["on"] > 4 * 2**20 and kept["on"] > 8 * kept["off"], kept  # what oneDNN keeps (measured ~5.5 MB)
