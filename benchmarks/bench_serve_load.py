@@ -88,10 +88,10 @@ def free_port() -> int:
 class Server:
     """`python -m vlmkit serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, run: str, batching: bool, threads: int) -> None:
+    def __init__(self, run: str, batching: bool, threads: int, onednn: str = "auto") -> None:
         self.port = free_port()
         command = [sys.executable, "-m", "vlmkit", "serve", "--model", f"m={run}", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--max-concurrency", "4096", "--timeout", "120"] + ([] if batching else ["--no-batching"])
+                   "--max-concurrency", "4096", "--timeout", "120", "--onednn", onednn] + ([] if batching else ["--no-batching"])
         env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -226,7 +226,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load_part(run: str, args) -> dict:
-    server = Server(run, batching=True, threads=args.threads)
+    server = Server(run, batching=True, threads=args.threads, onednn=args.onednn)
     try:
         server.wait_ready()
         asyncio.run(drive(server.url, mixed_requests(200, seed=99), args.clients))  # warm-up: every code path once
@@ -276,7 +276,7 @@ def throughput_part(run: str, args) -> dict:
                   for _ in range(args.embed_requests)],
     }
     rounds = {(kind, side): [] for kind in kinds for side in ("batching", "no_batching")}
-    servers = {"batching": Server(run, True, args.threads), "no_batching": Server(run, False, args.threads)}
+    servers = {"batching": Server(run, True, args.threads, args.onednn), "no_batching": Server(run, False, args.threads, args.onednn)}
     try:
         for server in servers.values():
             server.wait_ready()
@@ -310,6 +310,7 @@ def main() -> int:
     parser.add_argument("--embed-requests", type=int, default=2000, help="embedding requests per throughput round and kind")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)")
+    parser.add_argument("--onednn", choices=("auto", "on", "off"), default="auto", help="the servers' --onednn")
     args = parser.parse_args()
     sys.path.insert(0, SRC)
     with tempfile.TemporaryDirectory() as folder:

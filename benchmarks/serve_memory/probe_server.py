@@ -32,9 +32,6 @@ def dump(*_):
         stats["rss_after_trim_mb"] = rss()
     json.dump(stats, open(f"{d}/snap{counter[0]}.json", "w"))
 signal.signal(signal.SIGUSR1, dump)
-if os.environ.get("PROBE_NO_ONEDNN") == "1":
-    import torch
-    torch.backends.mkldnn.enabled = False
 sys.path.insert(0, os.environ["PROBE_SRC"])
 from vlmkit.cli import main
 sys.exit(main(sys.argv[1:]))
