@@ -10,7 +10,9 @@
     expanded (what its processor gives).
 (b) LM training step: vlmkit's `DecoderLM` vs HF `LlamaForCausalLM` at the same config and the same
     starting weights (HF's, loaded through `vlmkit.interop.hf_lm`): forward + the same shifted
-    cross-entropy + backward + AdamW step on `--train-batch` x `--train-tokens` tokens.
+    cross-entropy + backward + AdamW step on `--train-batch` x `--train-tokens` tokens, each side with the
+    AdamW its trainer builds (vlmkit's `train.optim.make_optimizer`, HF Trainer's default `adamw_torch_fused`:
+    both torch's fused kernel), or torch's unfused AdamW on both with `--same-optimizer`.
 
 The contenders run in interleaved rounds in one process, each side on one thread (set here:
 `torch.set_num_threads(1)`), so machine noise hits both; the medians of `--rounds` rounds are
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=64)
     parser.add_argument("--patch", type=int, default=8)
     parser.add_argument("--skip", choices=("generation", "training"), default=None, help="measure only the other part")
+    parser.add_argument("--same-optimizer", action="store_true",
+                        help="train both sides with torch's unfused AdamW instead of each library's trainer default")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per side, the same for both
     n = args.new_tokens
@@ -164,8 +168,17 @@ def main() -> None:
         ours_lm, theirs_lm = make_lm(args, work / "lm")
         tokens = torch.randint(3, args.vocab, (args.train_batch, args.train_tokens + 1), generator=torch.Generator().manual_seed(4))
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
-        optimizers = {"vlmkit": torch.optim.AdamW(ours_lm.lm.parameters(), lr=1e-4),
-                      "hf": torch.optim.AdamW(theirs_lm.parameters(), lr=1e-4)}
+        if args.same_optimizer:  # torch's unfused AdamW on both sides
+            optimizers = {"vlmkit": torch.optim.AdamW(ours_lm.lm.parameters(), lr=1e-4),
+                          "hf": torch.optim.AdamW(theirs_lm.parameters(), lr=1e-4)}
+        else:  # what each library's trainer builds: vlmkit's make_optimizer, HF Trainer's default (adamw_torch_fused)
+            import transformers
+            from vlmkit.train.optim import make_optimizer
+
+            hf_args = transformers.TrainingArguments(output_dir=str(work / "hf_trainer"), learning_rate=1e-4, report_to=[])
+            hf_class, hf_kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(hf_args)
+            optimizers = {"vlmkit": make_optimizer(ours_lm.lm, 1e-4, 0.0, (0.9, 0.999), 1e-8),
+                          "hf": hf_class(theirs_lm.parameters(), **hf_kwargs)}
 
         def train_step(name, logits_fn):
             def step():

@@ -28,6 +28,17 @@ def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+# Devices where torch's AdamW has a fused kernel (torch >= 2.4 for the CPU one).
+FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps"})
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
-    fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    """AdamW over `parameter_groups`, with torch's fused kernel where the parameters' device has one.
+
+    Fused, one kernel updates every parameter; unfused, AdamW loops over the tensors with ~10 ops
+    each. On CPU that is 18.6 against 3.6 ms a step for a 3M-parameter LM (one thread), ~7% of its
+    training step. HF's Trainer defaults to the same kernel (`adamw_torch_fused`).
+    """
+    devices = {parameter.device.type for parameter in model.parameters() if parameter.requires_grad}
+    fused = bool(devices) and devices <= FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
