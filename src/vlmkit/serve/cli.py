@@ -43,8 +43,8 @@ def register(subparsers) -> None:
     batching.add_argument("--no-batching", action="store_true", help="run the model once per request")
     parser.add_argument("--onednn", choices=("auto", "on", "off"), default="auto",
                         help="run torch's CPU ops through oneDNN while serving; auto (default): only when a loaded model "
-                             "has convolutions, since oneDNN keeps a kernel per input shape and a server's memory then "
-                             "grows with the variety of its batch shapes (README, server section)")
+                             "with convolutions is faster with it (timed at start-up), since oneDNN keeps a kernel per "
+                             "input shape and a server's memory then grows with its batch shapes (README, server section)")
     parser.set_defaults(func=run_serve)
 
 
@@ -91,27 +91,6 @@ def load_indexes(specs: list[str]) -> dict:
             raise UserError(f"two indexes are named '{name}'; name them apart with --index NAME=IDX")
         indexes[name] = SearchIndex.load(path)
     return indexes
-
-
-def onednn_wanted(models: dict, choice: str) -> bool:
-    """Whether to serve with oneDNN (`torch.backends.mkldnn`): `on`, `off`, or `auto`: on only if a loaded
-    model has a convolution other than the ViT patchify (`layers.patch.PatchEmbedding`, a matmul).
-
-    oneDNN builds and keeps a primitive for every new input shape of the ops it runs (convolutions,
-    exact GELU), and a server sees batches of ever new shapes (texts trimmed to the longest in the
-    batch, batch sizes), so its memory grows and glibc's heap fragments around the kept primitives.
-    Without oneDNN, transformer towers run as fast (GELU falls back to torch's own kernel); CNNs
-    would run 1.5-9x slower, hence `auto`.
-    """
-    if choice != "auto":
-        return choice == "on"
-    from torch import nn
-
-    from vlmkit.layers.patch import PatchEmbedding
-
-    convolutions = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-    return any(isinstance(module, convolutions) and not isinstance(module, PatchEmbedding)
-               for model in models.values() for module in model.modules())
 
 
 def read_api_key(path: str | None) -> str | None:
@@ -184,9 +163,11 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(models, indexes, settings)
     import torch
 
+    from vlmkit.serve.onednn import onednn_wanted
+
     onednn, previous = onednn_wanted(models, args.onednn), torch.backends.mkldnn.enabled
     reason = f"--onednn {args.onednn}" if args.onednn != "auto" else (
-        "a loaded model has convolutions" if onednn else "no loaded model has convolutions")
+        "a loaded model is faster with it" if onednn else "no loaded model is faster with it")
     print(f"vlmkit serve: oneDNN {'on' if onednn else 'off'} ({reason})", file=sys.stderr, flush=True)
     print(f"vlmkit serve: http://{args.host}:{args.port} (API docs at /docs); Ctrl-C stops it", file=sys.stderr, flush=True)
     torch.backends.mkldnn.enabled = onednn  # for the server's lifetime (this command owns the process), then as it was

@@ -112,7 +112,7 @@ class Service:
         Not in asyncio's default pool: its threads (up to six here) would each grow a malloc arena
         of their own from the decoded images and tensors, and a second pool adds a thread hop and
         GIL contention per request. (The RSS creep under mixed load was oneDNN's per-shape
-        primitives, not this: see `serve.cli.onednn_wanted`.)
+        primitives, not this: see serve/onednn.py.)
         """
         if getattr(model, "transform", None) is None:
             raise ApiError(400, "invalid_request", "this model has no image preprocessing saved with it; it cannot take images")

@@ -1,0 +1,74 @@
+"""Whether `vlmkit serve` runs torch's CPU ops through oneDNN (`torch.backends.mkldnn`).
+
+oneDNN builds and keeps a primitive (a compiled kernel) for every new input shape of the ops it
+runs on CPU: exact GELU and convolutions here. A server sees batches of ever new shapes (texts
+trimmed to the longest of their batch, any batch size, classify's labels x templates), so with
+oneDNN its native memory grows and glibc's heap fragments around the kept primitives (README,
+server section: 408 -> 483 MB over 40,000 requests of the load mix, against a flat 366 MB
+without). Without oneDNN a transformer tower runs as fast (GELU falls back to torch's own kernel,
+the ViT patchify is a matmul: `layers.patch.PatchEmbedding`), but a CNN runs several times slower.
+So `auto` turns it on only for a model that is faster with it: one with convolutions (besides the
+patchify) whose image tower runs at least `SPEEDUP_NEEDED` times faster with oneDNN, timed at
+start-up on 16 random images (clip-vit-tiny's conv stem: 1.0x, so off; a ResNet tower: ~6x, so on). A model with convolutions outside its image tower keeps oneDNN.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from vlmkit.layers.patch import PatchEmbedding
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+SPEEDUP_NEEDED = 1.25  # oneDNN's memory growth is worth it only for a clearly faster model
+
+
+def convolutions(module: nn.Module) -> list[nn.Module]:
+    """The convolutions of `module`, the ViT patchify (a matmul) left out."""
+    return [m for m in module.modules() if isinstance(m, CONVOLUTIONS) and not isinstance(m, PatchEmbedding)]
+
+
+def onednn_wanted(models: dict, choice: str) -> bool:
+    """`on` / `off` as asked; `auto`: on if any loaded model `onednn_pays`."""
+    if choice != "auto":
+        return choice == "on"
+    return any(onednn_pays(model) for model in models.values())
+
+
+def onednn_pays(model: nn.Module, images: int = 16, repeats: int = 2) -> bool:
+    """Whether `model` is served faster enough with oneDNN to be worth its memory growth (module docstring).
+
+    Timed on `images` random images, not fewer: torch's own convolution falls behind oneDNN's only
+    at larger batches (a small ResNet tower: 0.9x oneDNN's time at 4 images, 6x at 16, 5.7x at 32).
+    """
+    convs = convolutions(model)
+    if not convs:
+        return False
+    tower = model.tower("image") if "image" in getattr(model, "towers", {}) else None
+    in_tower = {id(m) for m in convolutions(tower)} if tower is not None else set()
+    if any(id(conv) not in in_tower for conv in convs) or any(p.device.type != "cpu" for p in model.parameters()):
+        return True  # convolutions elsewhere (a detector head, a U-Net), or not on CPU: leave oneDNN as torch has it
+    try:
+        pixels = model.dummy_batch(images)["pixels"]  # (B, 3, H, W) of the model's image size
+    except (KeyError, NotImplementedError):
+        return True
+    if pixels.ndim != 4:
+        return True
+    seconds, previous, training = {}, torch.backends.mkldnn.enabled, tower.training
+    tower.eval()
+    try:
+        with torch.no_grad():
+            for enabled in (True, False):
+                torch.backends.mkldnn.enabled = enabled
+                tower(pixels)  # warm-up: oneDNN's primitives, first-call allocations
+                runs = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    tower(pixels)
+                    runs.append(time.perf_counter() - start)
+                seconds[enabled] = min(runs)
+    finally:
+        torch.backends.mkldnn.enabled = previous
+        tower.train(training)
+    return seconds[False] >= SPEEDUP_NEEDED * seconds[True]
