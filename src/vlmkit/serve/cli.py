@@ -163,8 +163,11 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(models, indexes, settings)
     import torch
 
-    from vlmkit.serve.onednn import onednn_wanted
+    from vlmkit.serve.onednn import convolutions, onednn_wanted
 
+    if args.onednn == "auto" and any(convolutions(model) for model in models.values()):
+        print("vlmkit serve: timing the models with convolutions with and without oneDNN (--onednn on|off skips this)",
+              file=sys.stderr, flush=True)
     onednn, previous = onednn_wanted(models, args.onednn), torch.backends.mkldnn.enabled
     reason = f"--onednn {args.onednn}" if args.onednn != "auto" else (
         "a loaded model is faster with it" if onednn else "no loaded model is faster with it")
