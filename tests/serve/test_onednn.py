@@ -29,6 +29,7 @@ def test_auto_keeps_onednn_only_for_models_that_are_faster_with_it(model_runs):
     assert not onednn_wanted({"vit": vit, "clip": with_stem}, "auto") and onednn_wanted({"vit": vit, "cnn": cnn}, "auto")
     assert onednn_wanted({"vit": vit}, "on") and not onednn_wanted({"cnn": cnn}, "off")
     assert onednn_pays(vlmkit.load(model_runs["vild"]))  # convolutions outside its image tower (the RPN head): kept
+    assert onednn_pays(vlmkit.load(model_runs["dvae"]))  # an image tower that is not run on pixels alone: kept, untimed
 
 
 PROBE = """
