@@ -51,15 +51,12 @@ def onednn_pays(model: nn.Module, images: int = 16, repeats: int = 2) -> bool:
     in_tower = {id(m) for m in convolutions(tower)} if tower is not None else set()
     if any(id(conv) not in in_tower for conv in convs) or any(p.device.type != "cpu" for p in model.parameters()):
         return True  # convolutions elsewhere (a detector head, a U-Net), or not on CPU: leave oneDNN as torch has it
-    try:
-        pixels = model.dummy_batch(images)["pixels"]  # (B, 3, H, W) of the model's image size
-    except (KeyError, NotImplementedError):
-        return True
-    if pixels.ndim != 4:
-        return True
     seconds, previous, training = {}, torch.backends.mkldnn.enabled, tower.training
     tower.eval()
     try:
+        pixels = model.dummy_batch(images)["pixels"]  # (B, 3, H, W) of the model's image size
+        if pixels.ndim != 4:
+            return True
         with torch.no_grad():
             for enabled in (True, False):
                 torch.backends.mkldnn.enabled = enabled
@@ -70,7 +67,7 @@ def onednn_pays(model: nn.Module, images: int = 16, repeats: int = 2) -> bool:
                     tower(pixels)
                     runs.append(time.perf_counter() - start)
                 seconds[enabled] = min(runs)
-    except Exception:  # noqa: BLE001 - a tower that does not run on its own pixels (a dVAE's): keep oneDNN, untimed
+    except Exception:  # noqa: BLE001 - no pixels to time, or a tower that does not run on them alone (a dVAE): keep oneDNN
         return True
     finally:
         torch.backends.mkldnn.enabled = previous
