@@ -86,12 +86,9 @@ def mask_regions(real: torch.Tensor, probability: float, generator: torch.Genera
     return chosen
 
 
-def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
-    """LXMERT's masked-feature loss: SmoothL1 between predicted and original features (B, N, F),
-    averaged over the features of the masked regions `masked` (B, N); with `masked` None, the rows
-    (M, F) given are the masked regions."""
-    if masked is not None:
-        predicted, target = predicted[masked], target[masked]  # (M, F)
+def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LXMERT's masked-feature loss: SmoothL1 between the predicted and original features (M, F) of the
+    M masked regions, averaged over their features."""
     if predicted.shape[0] == 0:
         return predicted.sum() * 0.0  # keeps every head in the graph
     return F.smooth_l1_loss(predicted, target)

@@ -166,8 +166,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from vlmkit.serve.onednn import convolutions, onednn_wanted
 
     if args.onednn == "auto" and any(convolutions(model) for model in models.values()):
-        print("vlmkit serve: timing the models with convolutions with and without oneDNN (--onednn on|off skips this)",
-              file=sys.stderr, flush=True)
+        print("vlmkit serve: choosing oneDNN for the models with convolutions, which may time their image towers with "
+              "and without it (--onednn on|off skips this)", file=sys.stderr, flush=True)
     onednn, previous = onednn_wanted(models, args.onednn), torch.backends.mkldnn.enabled
     reason = f"--onednn {args.onednn}" if args.onednn != "auto" else (
         "a loaded model is faster with it" if onednn else "no loaded model is faster with it")
