@@ -19,11 +19,12 @@ The contenders run in interleaved rounds, each on one thread (`torch.set_num_thr
 noise hits both; medians of `--rounds` rounds are compared as ratios. Prints one JSON object on
 stdout and a table on stderr.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_flamingo.py [--rounds 5] [--batch 4] [--new-tokens 24]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_flamingo.py [--rounds 5] [--batch 4] [--new-tokens 24] [--profile 3]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--train-tokens", type=int, default=96)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the rounds, profile STEPS training steps of each side (tables and matmul rate on stderr)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import transformers
@@ -151,6 +154,19 @@ def main() -> None:
         order = [("train_vlmkit", ours_step), ("train_hf", hf_step)]
         for key, step in order if round_index % 2 == 0 else order[::-1]:
             times[key].append(timed(step))
+
+    if args.profile:
+        from torch.profiler import profile
+
+        from profile_lm_step import print_profile
+
+        for name, step in (("vlmkit", ours_step), ("hf", hf_step)):
+            with profile(record_shapes=True, with_flops=True) as prof:
+                for _ in range(args.profile):
+                    step()
+            with contextlib.redirect_stdout(sys.stderr):
+                print(f"===== {name}, {args.profile} training steps")
+                print_profile(name, prof, rows=25)
 
     medians = {key: statistics.median(values) for key, values in times.items()}
     result = {

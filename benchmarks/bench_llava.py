@@ -12,7 +12,8 @@
     starting weights (HF's, loaded through `vlmkit.interop.hf_lm`): forward + the same shifted
     cross-entropy + backward + AdamW step on `--train-batch` x `--train-tokens` tokens, each side with the
     AdamW its trainer builds (vlmkit's `train.optim.make_optimizer`, HF Trainer's default `adamw_torch_fused`:
-    both torch's fused kernel), or torch's unfused AdamW on both with `--same-optimizer`.
+    both torch's fused kernel), or torch's unfused AdamW on both with `--same-optimizer`. `--bf16` runs
+    both forwards under bf16 autocast (the loss stays float32), as both trainers do when asked for bf16.
 
 The contenders run in interleaved rounds in one process, each side on one thread (set here:
 `torch.set_num_threads(1)`), so machine noise hits both; the medians of `--rounds` rounds are
@@ -23,15 +24,16 @@ compared as ratios. Prints one JSON object on stdout and a table on stderr.
 Where the time goes (torch.profiler, this configuration, one thread): generation is ~40% prompt
 prefill (848 positions, compute-bound matmuls, the same on both sides), then 31 cached steps where
 vlmkit spends ~3-4.5 ms and HF ~5.5-7 ms (HF copies grouped k/v for its masked SDPA and
-concatenates its cache). The training step (benchmarks/profile_lm_step.py) is ~69% matmuls and
-~10% SDPA forward/backward on both sides, the same kernels and the same FLOPs (a fused projection
-runs as fast as its parts here), so even an overhead-free vlmkit could be at most ~1.27x HF; the
-rest (RMSNorm, rotary, SwiGLU, residual adds, the loss, the for-loop AdamW) is the same eager ops
-on both sides. Prints the best-of ratio too (`vlmkit_over_hf_best`).
+concatenates its cache). The training step (benchmarks/profile_lm_step.py) is ~51% matmuls and
+~10% SDPA forward/backward on both sides, the same kernels on the same FLOPs, the matmuls at this
+core's float32 peak (the profile prints their rate against a 2048^3 matmul's); the rest (RMSNorm,
+rotary, SwiGLU, residual adds, the loss, AdamW) is the same eager ops on both sides, and 1.2x would
+need about half of them to vanish. Prints the best-of ratio too (`vlmkit_over_hf_best`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--skip", choices=("generation", "training"), default=None, help="measure only the other part")
     parser.add_argument("--same-optimizer", action="store_true",
                         help="train both sides with torch's unfused AdamW instead of each library's trainer default")
+    parser.add_argument("--bf16", action="store_true", help="training step forwards under bf16 autocast on both sides")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread per side, the same for both
     n = args.new_tokens
@@ -180,10 +183,13 @@ def main() -> None:
             optimizers = {"vlmkit": make_optimizer(ours_lm.lm, 1e-4, 0.0, (0.9, 0.999), 1e-8),
                           "hf": hf_class(theirs_lm.parameters(), **hf_kwargs)}
 
+        precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+
         def train_step(name, logits_fn):
             def step():
                 for _ in range(args.train_steps):
-                    logits = logits_fn()  # (B, T, V)
+                    with precision():
+                        logits = logits_fn()  # (B, T, V)
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
                     loss.backward()
                     optimizers[name].step()

@@ -4,6 +4,9 @@ and HF `LlamaForCausalLM` at bench_llava.py's training configuration and weights
 Same step as bench_llava.py (b): forward, shifted cross-entropy, backward, AdamW, zero_grad. Prints one
 table per side, sorted by self CPU time; read the op counts and the matmul / SDPA share, not the absolute
 times (the two sides are profiled one after the other, so machine load can differ between them).
+Under each table, the rate the step's matmuls (`aten::mm` / `addmm` / `bmm`, FLOPs from their shapes) ran at, next to a
+2048^3 float32 matmul on the same thread: when the two agree, the matmuls are at this core's peak and
+only the other ops are left to win time on.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/profile_lm_step.py [--steps 3] [--rows 30]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -43,11 +47,35 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
         step(), step()  # warm-up: optimizer state, allocator
-        with profile() as prof:
+        with profile(record_shapes=True, with_flops=True) as prof:
             for _ in range(args.steps):
                 step()
         print(f"===== {name}, {args.steps} steps")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        print_profile(name, prof, args.rows)
+
+
+def print_profile(name: str, prof, rows: int) -> None:
+    """The profile's table (self CPU time), then its matmuls' rate against this core's peak.
+
+    `prof` must be recorded with `record_shapes=True, with_flops=True` (the FLOPs come from the shapes).
+    """
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    mm = [event for event in events if event.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    flops, seconds = sum(e.flops for e in mm), sum(e.self_cpu_time_total for e in mm) / 1e6
+    share = seconds / (sum(e.self_cpu_time_total for e in events) / 1e6)
+    print(f"{name}: matmuls (mm, addmm, bmm) {flops / seconds / 1e9:.0f} GFLOP/s, {share:.0%} of the self CPU time; "
+          f"a 2048^3 float32 matmul here: {peak_matmul_rate() / 1e9:.0f} GFLOP/s")
+
+
+def peak_matmul_rate(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square float32 matmul on the current threads: this core's practical peak."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,26 @@ def test_pooled_only_vit_computes_the_same_embedding():
         # float32 rounding of a different summation order, measured against the gradient's own scale
         # (entries reach ~180 here: an absolute 1e-5 is below one rounding step on some CPUs' kernels)
         assert (a is None and b is None) or (a - b).abs().max() <= 1e-6 * a.abs().max() + 1e-7, (a - b).abs().max()
+
+
+def test_vit_hidden_state_runs_only_the_blocks_up_to_the_layer():
+    """`hidden_state(pixels, layer)` equals `hidden_states[layer]` of a full forward, for every layer
+    (negative ones too), and the blocks after it never run."""
+    from vlmkit.encoders.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(image_size=32, patch_size=8, width=32, depth=3, heads=2, output_dim=16).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = tower(pixels, output_hidden_states=True).hidden_states  # 4 x (2, 17, 32)
+        ran = []
+        hooks = [block.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+                 for i, block in enumerate(tower.transformer.blocks)]
+        for layer in range(-4, 4):
+            ran.clear()
+            assert torch.equal(tower.hidden_state(pixels, layer), full[layer])
+            assert ran == list(range(layer % 4)), (layer, ran)
+        for hook in hooks:
+            hook.remove()
+    with pytest.raises(ValueError, match="outside the 4 hidden states"):
+        tower.hidden_state(pixels, 4)

@@ -110,6 +110,15 @@ class VisionTransformer(nn.Module):
             positions = resample_grid_positions(positions, tuple(grid))
         return x + positions.to(x.dtype)
 
+    def hidden_state(self, pixels: torch.Tensor, layer: int) -> torch.Tensor:
+        """`forward(pixels, output_hidden_states=True).hidden_states[layer]` (0: the embeddings after
+        `norm_pre`, k: block k's output, negative from the end), running only the blocks up to it. (B, 1+N, W)"""
+        states = len(self.transformer.blocks) + 1
+        if not -states <= layer < states:
+            raise ValueError(f"layer {layer} is outside the {states} hidden states of this tower")
+        x = self.norm_pre(self.embed(pixels))  # (B, 1+N, W)
+        return self.transformer(x, num_blocks=layer % states)
+
     def forward(self, pixels: torch.Tensor, output_hidden_states: bool = False, pooled_only: bool = False) -> VisionOutput:
         """`pooled_only`: the caller needs only `pooled`, so with [CLS] pooling the last block
         computes the [CLS] row alone (exact; `tokens` is then just that row)."""

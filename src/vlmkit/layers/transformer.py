@@ -178,15 +178,18 @@ class Transformer(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         decoder: bool = False,
         before_block=None,
+        num_blocks: int | None = None,
     ):
         """`last_layer_queries=N`: the last block computes only the first N positions (e.g. the
         [CLS] token a pooled embedding needs), skipping its MLP and output projection elsewhere.
         `rotary`: (cos, sin) of rotary positions, shared by every block. `before_block(index, x) -> x`,
         if given, runs before every block: layers inserted into a frozen stack (Flamingo's gated
-        cross-attention) without changing its blocks."""
+        cross-attention) without changing its blocks. `num_blocks=K`: run the first K blocks only
+        (a caller that reads an intermediate layer's output)."""
         hidden_states = [x]
-        last = len(self.blocks) - 1
-        for index, block in enumerate(self.blocks):
+        blocks = self.blocks if num_blocks is None else self.blocks[:num_blocks]
+        last = len(blocks) - 1
+        for index, block in enumerate(blocks):
             if before_block is not None:
                 x = before_block(index, x)
             num_queries = last_layer_queries if index == last else None

@@ -241,8 +241,8 @@ class Llava(Generative, VLModel):
     # ---- the model -------------------------------------------------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """K projected image tokens per image, in the LM's input space. (N, 3, H, W) -> (N, K, D)"""
-        states = self.visual(pixels, output_hidden_states=True).hidden_states  # depth+1 x (N, 1+P, W)
-        chosen = states[self.config.vision_feature_layer]  # (N, 1+P, W), HF's hidden_states indexing
+        # HF's hidden_states indexing; the tower runs only the blocks up to the chosen layer.
+        chosen = self.visual.hidden_state(pixels, self.config.vision_feature_layer)  # (N, 1+P, W)
         if self.config.vision_feature_select_strategy == "default":
             chosen = chosen[:, 1:]  # (N, P, W): the patches, CLS dropped
         return self.projector(chosen)  # (N, K, D)
