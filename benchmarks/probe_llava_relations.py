@@ -21,18 +21,10 @@ from pathlib import Path
 import torch
 
 import vlmkit
+from vlmkit.data.synthetic import box_relation
 
 QUESTION = re.compile(r"is the (\w+ \w+) (left of|right of|above|below) the (\w+ \w+)\?")
 REASONED = re.compile(r"so it is (?:to the )?(left of|right of|above|below)")
-
-
-def box_relation(a: list[float], b: list[float]) -> str:
-    """Where box a lies relative to box b along the axis of their larger centre offset (y grows downwards)."""
-    dx = (a[0] + a[2]) / 2 - (b[0] + b[2]) / 2
-    dy = (a[1] + a[3]) / 2 - (b[1] + b[3]) / 2
-    if abs(dx) >= abs(dy):
-        return "left of" if dx < 0 else "right of"
-    return "above" if dy < 0 else "below"
 
 
 def main() -> None:

@@ -182,3 +182,16 @@ def test_holdout_validation_and_cli(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--n", "1", "--no-progress"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "--n" in captured.err
+
+
+def test_box_relation_follows_the_larger_centre_offset():
+    from vlmkit.data.synthetic import box_relation
+
+    a = [0, 0, 10, 10]                                     # centre (5, 5); y grows downwards
+    assert box_relation(a, [20, 2, 30, 12]) == "left of"   # dx 20 > dy 2
+    assert box_relation([20, 2, 30, 12], a) == "right of"
+    assert box_relation(a, [2, 20, 12, 30]) == "above"     # dy 20 > dx 2
+    assert box_relation([2, 20, 12, 30], a) == "below"
+    assert box_relation(a, [10, 10, 20, 20]) == "left of"  # a tie goes to the horizontal axis
+    assert box_relation(a, [4, 0, 14, 10], min_offset=5) is None  # too close to call
+    assert box_relation(a, [4, 0, 14, 10]) == "left of"   # without a threshold it always answers

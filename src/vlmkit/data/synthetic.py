@@ -215,29 +215,44 @@ def _join(names: list[str]) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def _side(offset: float, min_offset: float, ahead: str, behind: str) -> str | None:
+    """`ahead` when the other object's centre is `offset` > 0 further along the axis, `behind` when
+    it is before; None when |offset| < min_offset (too close to call)."""
+    if abs(offset) < min_offset:
+        return None
+    return ahead if offset > 0 else behind
+
+
+def _offset(a_box: Sequence[float], b_box: Sequence[float]) -> tuple[float, float]:
+    """Centre of box b minus centre of box a, (dx, dy); y grows downwards."""
+    return (b_box[0] + b_box[2] - a_box[0] - a_box[2]) / 2, (b_box[1] + b_box[3] - a_box[1] - a_box[3]) / 2
+
+
+def box_relation(a_box: Sequence[float], b_box: Sequence[float], min_offset: float = 0.0) -> str | None:
+    """Where box a lies relative to box b: 'left of', 'right of', 'above' or 'below', along the axis
+    of their larger centre offset (horizontal on a tie); None when that offset is below `min_offset`.
+
+    The generator's captions, statements and reasoned relation dialogues use it with
+    `min_offset = 0.2 * image_size`; with the default 0 it always answers (probes and metrics).
+    """
+    dx, dy = _offset(a_box, b_box)
+    if abs(dx) >= abs(dy):
+        return _side(dx, min_offset, "left of", "right of")
+    return _side(dy, min_offset, "above", "below")
+
+
 def _horizontal(a: dict, b: dict, size: int) -> str | None:
     """'left' / 'right' when a is clearly left / right of b, else None (too close to call)."""
-    dx = _center(b)[0] - _center(a)[0]
-    if abs(dx) < 0.2 * size:
-        return None
-    return "left" if dx > 0 else "right"
+    return _side(_offset(a["box"], b["box"])[0], 0.2 * size, "left", "right")
 
 
 def _vertical(a: dict, b: dict, size: int) -> str | None:
-    dy = _center(b)[1] - _center(a)[1]
-    if abs(dy) < 0.2 * size:
-        return None
-    return "above" if dy > 0 else "below"
+    return _side(_offset(a["box"], b["box"])[1], 0.2 * size, "above", "below")
 
 
 def _relation_phrase(a: dict, b: dict, size: int) -> str | None:
     """The dominant, unambiguous spatial relation of a to b ('left of', 'above', ...)."""
-    dx = abs(_center(b)[0] - _center(a)[0])
-    dy = abs(_center(b)[1] - _center(a)[1])
-    if dx >= dy:
-        side = _horizontal(a, b, size)
-        return f"{side} of" if side else None
-    return _vertical(a, b, size)
+    return box_relation(a["box"], b["box"], 0.2 * size)
 
 
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
