@@ -59,9 +59,14 @@ def contrastive_loss(
     logit_scale: torch.Tensor,
     local_loss: bool = True,
     label_smoothing: float = 0.0,
+    negative_features: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE over L2-normalised features: (CE(logits) + CE(logits.T)) / 2.
 
+    `negative_features` (B, D), NegCLIP's hard negative captions (one per row, `negative_mask` (B,)
+    False where a row has none): extra columns every image scores against, after the batch's
+    texts, in the image -> text term only; the text -> image term is CLIP's.
     Returns the loss and the local (B, B_global) image->text logits (for logging accuracy).
     """
     image_features = F.normalize(image_features, dim=-1)  # (B, D)
@@ -82,8 +87,16 @@ def contrastive_loss(
         logits_per_image = scale * image_features @ text_features.T  # (B, B)
         logits_per_text = logits_per_image.T
         labels = torch.arange(batch, device=image_features.device)
+    image_side = logits_per_image
+    if negative_features is not None:
+        negatives = gather_features(F.normalize(negative_features, dim=-1))  # (G, D)
+        mask = torch.ones(batch, dtype=torch.bool, device=negatives.device) if negative_mask is None else negative_mask
+        mask = gather_features(mask.to(negatives.dtype)[:, None])[:, 0] > 0  # (G,)
+        images = all_images if _distributed() and not local_loss else image_features
+        negative_logits = (scale * images @ negatives.T).masked_fill(~mask, float("-inf"))  # (B or G, G)
+        image_side = torch.cat([logits_per_image, negative_logits], dim=1)  # (B, 2G): texts, then negatives
     loss = (
-        F.cross_entropy(logits_per_image, labels, label_smoothing=label_smoothing)
+        F.cross_entropy(image_side, labels, label_smoothing=label_smoothing)
         + F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
     ) / 2
     return loss, logits_per_image

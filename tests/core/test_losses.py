@@ -75,6 +75,10 @@ def _worker(rank, world, init_file, out_dir, kind, local_loss):
     scale = torch.tensor(math.log(10) if kind == "sigmoid" else math.log(1 / 0.07))
     if kind == "contrastive":
         loss, _ = contrastive_loss(image, text, scale, local_loss=local_loss)
+    elif kind == "negclip":
+        negatives = _negatives()[rows].clone().requires_grad_()
+        loss, _ = contrastive_loss(image, text, scale, local_loss=local_loss, negative_features=negatives,
+                                   negative_mask=_NEGATIVE_MASK[rows])
     elif kind == "unicl":
         loss, _ = unicl_loss(image, text, scale, _UNICL_LABELS[rows])
     else:
@@ -85,9 +89,15 @@ def _worker(rank, world, init_file, out_dir, kind, local_loss):
 
 
 _UNICL_LABELS = torch.tensor([0, 1, 0, 9, 8, 1, 7, 0])  # classes shared within and across the two ranks
+_NEGATIVE_MASK = torch.tensor([True, True, False, True, True, True, False, True])  # rows 2 and 6 have none
 
 
-@pytest.mark.parametrize("kind,local_loss", [("contrastive", True), ("contrastive", False), ("sigmoid", True), ("unicl", True)])
+def _negatives():
+    return torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("kind,local_loss", [("contrastive", True), ("contrastive", False), ("sigmoid", True), ("unicl", True),
+                                             ("negclip", True), ("negclip", False)])
 def test_two_processes_equal_one(kind, local_loss):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp, kind, local_loss), nprocs=2, join=True)
@@ -96,6 +106,9 @@ def test_two_processes_equal_one(kind, local_loss):
     image.requires_grad_(), text.requires_grad_()
     if kind == "contrastive":
         loss, _ = contrastive_loss(image, text, torch.tensor(math.log(1 / 0.07)))
+    elif kind == "negclip":
+        loss, _ = contrastive_loss(image, text, torch.tensor(math.log(1 / 0.07)), negative_features=_negatives(),
+                                   negative_mask=_NEGATIVE_MASK)
     elif kind == "unicl":
         loss, _ = unicl_loss(image, text, torch.tensor(math.log(1 / 0.07)), _UNICL_LABELS)
     else:
@@ -129,3 +142,55 @@ def test_clip_family_trains_with_unicl_labels_from_the_records():
 
     labels = _LabelledDataset(Records()).collate([0, 1, 2, 3, 4])["labels"].tolist()
     assert labels[0] == labels[3] and len(set(labels)) == 4  # unlabelled records are classes of their own
+
+
+def test_negclip_loss_adds_hard_negative_columns_to_the_image_side_only():
+    image, text = _features()
+    negatives, mask = _negatives(), _NEGATIVE_MASK
+    scale = torch.tensor(math.log(1 / 0.07))
+    loss, logits = contrastive_loss(image, text, scale, negative_features=negatives, negative_mask=mask)
+    image, text, negatives = (F.normalize(x, dim=-1) for x in (image, text, negatives))
+    per_image = scale.exp() * image @ text.T  # (8, 8)
+    labels = torch.arange(8)
+    assert torch.allclose(logits, per_image, atol=1e-6)  # what the accuracy log reads: the real texts only
+    with_negatives = torch.cat([per_image, (scale.exp() * image @ negatives.T)[:, mask]], dim=1)  # (8, 8 + 6)
+    want = (F.cross_entropy(with_negatives, labels) + F.cross_entropy(per_image.T, labels)) / 2
+    assert torch.allclose(loss, want, atol=1e-6)
+    plain, _ = contrastive_loss(image, text, scale)
+    assert loss > plain  # more columns to beat on the image side
+
+
+def test_clip_family_trains_with_hard_negatives_drawn_per_sample():
+    import vlmkit
+    from vlmkit.data.negatives import hard_negative
+    from vlmkit.errors import UserError
+    from vlmkit.models.clip import CLIPTraining, _HardNegativeDataset
+
+    class Captions:  # the part of an ImageTextDataset the wrapper reads
+        seed, epoch = 3, 0
+
+        @staticmethod
+        def tokenizer(texts):
+            return [[len(text), 1] for text in texts]
+
+        def collate(self, samples):
+            return {"indices": torch.tensor([i for i, _ in samples]), "texts": [t for _, t in samples]}
+
+    dataset = _HardNegativeDataset(Captions(), ("spatial", "swap"))
+    captions = [(0, "a red star left of a blue circle"), (1, "star"), (2, "a green square on the right")]
+    batch = dataset.collate(captions)
+    assert batch["has_negative"].tolist() == [True, False, True]
+    assert batch["negative_tokens"].shape == (3, 2)
+    assert dataset.collate(captions)["negative_tokens"].tolist() == batch["negative_tokens"].tolist()  # seeded per sample
+    with pytest.raises(UserError, match="label_smoothing"):
+        CLIPTraining(hard_negatives=("spatial",), label_smoothing=0.1)
+    with pytest.raises(UserError, match="kinds"):
+        CLIPTraining(hard_negatives=("verbs",))
+
+    model = vlmkit.create_model("clip-tiny")
+    batch = model.dummy_batch(4)
+    batch["negative_tokens"], batch["has_negative"] = batch["tokens"].flip(1), torch.tensor([True, True, False, True])
+    output = model(batch)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and 0 <= output.logs["negative_acc"] <= 1
+    assert hard_negative("a red star", __import__("random").Random(0), ("spatial",)) is None

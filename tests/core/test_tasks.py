@@ -71,3 +71,21 @@ def test_classify_and_embed(run, synth, tmp_path, capsys):
 def test_classify_missing_image_is_a_clear_error(run, capsys):
     assert main(["classify", "/no/such.png", "--model", str(run), "--labels", "a", "b"]) == 2
     assert "/no/such.png" in capsys.readouterr().err
+
+
+def test_eval_hard_negatives(run, synth, capsys):
+    import random
+
+    from vlmkit.data.negatives import hard_negative
+
+    assert main(["eval", "hard-negatives", "--model", str(run), "--data", str(synth / "test.jsonl")]) == 0
+    result = _json(capsys)
+    assert set(result) == {"accuracy", "per_kind", "pairs", "n_images"} and set(result["per_kind"]) <= {"spatial", "swap"}
+    records = [json.loads(line) for line in (synth / "test.jsonl").read_text().splitlines()]
+    swaps = sum(hard_negative(text, random.Random(), ("swap",)) is not None for r in records for text in r["texts"])
+    assert result["pairs"]["swap"] == swaps > 0 and all(0 <= v <= 1 for v in result["per_kind"].values())
+    assert main(["eval", "hard-negatives", "--model", str(run), "--data", str(synth / "test.jsonl")]) == 0
+    assert _json(capsys) == result  # the negatives are seeded
+    assert main(["eval", "hard-negatives", "--model", str(run), "--data", str(synth / "test.jsonl"), "--kinds", "verbs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "verbs" in err

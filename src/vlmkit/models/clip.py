@@ -52,6 +52,23 @@ class CLIPTraining:
 
     local_loss: bool = True  # each rank scores its own rows against all gathered texts (OpenCLIP's --local-loss)
     label_smoothing: float = 0.0  # ALIGN uses 0.1
+    # NegCLIP: each caption's hard negative (vlmkit.data.negatives; kinds "spatial", "swap") as one more
+    # text its image must score lower. Empty: off.
+    hard_negatives: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        from vlmkit.data.negatives import validate_kinds
+
+        if isinstance(self.hard_negatives, str):
+            self.hard_negatives = (self.hard_negatives,)
+        if self.hard_negatives:
+            try:
+                self.hard_negatives = validate_kinds(self.hard_negatives)
+            except ValueError as error:
+                raise UserError(f"training.{error}") from None
+            if self.label_smoothing:
+                raise UserError("training.hard_negatives and training.label_smoothing cannot be combined "
+                                "(a caption without a negative leaves an empty column); drop one")
 
 
 @register_family
@@ -107,10 +124,14 @@ class CLIP(VLModel):
             loss, logits = unicl_loss(image, text, self.logit_scale, batch["labels"])
         else:
             options = self.training_options
+            negatives = self.encode_text(batch["negative_tokens"]) if "negative_tokens" in batch else None  # (B, D)
             loss, logits = contrastive_loss(
-                image, text, self.logit_scale, local_loss=options.local_loss, label_smoothing=options.label_smoothing
+                image, text, self.logit_scale, local_loss=options.local_loss, label_smoothing=options.label_smoothing,
+                negative_features=negatives, negative_mask=batch.get("has_negative"),
             )
         logs = detached_logs(loss=loss, i2t_acc=matching_accuracy(logits), logit_scale=self.logit_scale.exp())
+        if "negative_tokens" in batch:
+            logs.update(detached_logs(negative_acc=_beats_negative(image, text, negatives, batch["has_negative"])))
         if self.logit_bias is not None:
             logs.update(detached_logs(logit_bias=self.logit_bias))
         return ModelOutput(loss=loss, logs=logs)
@@ -125,8 +146,14 @@ class CLIP(VLModel):
         return batch
 
     def training_dataset(self, records: list[dict], transform, tokenizer, seed: int, caption: str = "random"):
-        """The image-caption dataset; with `loss: unicl` each batch also carries `labels` (B,) class ids."""
+        """The image-caption dataset; with `loss: unicl` each batch also carries `labels` (B,) class ids,
+        with `training.hard_negatives` `negative_tokens` (B, L) and `has_negative` (B,)."""
         dataset = super().training_dataset(records, transform, tokenizer, seed=seed, caption=caption)
+        kinds = self.training_options.hard_negatives
+        if kinds:
+            if self.config.loss != "contrastive":
+                raise UserError(f"training.hard_negatives needs the contrastive loss, not '{self.config.loss}'")
+            dataset = _HardNegativeDataset(dataset, kinds)
         return _LabelledDataset(dataset) if self.config.loss == "unicl" else dataset
 
     def after_optimizer_step(self) -> None:
@@ -134,17 +161,19 @@ class CLIP(VLModel):
             self.logit_scale.clamp_(0, self.config.max_logit_scale)
 
 
-class _LabelledDataset:
-    """Wraps an ImageTextDataset so `collate` adds UniCL's `labels` (B,): one id per distinct record
-    `label` (sorted, so every rank numbers them alike), and for a record without one an id of its own
-    (number of labels + its index), which makes it a positive of its own caption only."""
+@torch.no_grad()
+def _beats_negative(image, text, negatives, has_negative) -> torch.Tensor:
+    """How often an image scores its caption above the caption's hard negative (rows that have one)."""
+    image, text, negatives = (nn.functional.normalize(x, dim=-1) for x in (image, text, negatives))
+    wins = ((image * text).sum(-1) > (image * negatives).sum(-1))[has_negative]
+    return wins.float().mean() if wins.numel() else torch.tensor(float("nan"))
+
+
+class _DatasetWrapper:
+    """Wraps an ImageTextDataset, forwarding everything but `collate` (which subclasses extend)."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
-        names = sorted({str(record["label"]) for record in dataset.records if record.get("label") is not None})
-        ids = {name: number for number, name in enumerate(names)}
-        self.labels = [ids[str(record["label"])] if record.get("label") is not None else len(names) + index
-                       for index, record in enumerate(dataset.records)]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -159,6 +188,42 @@ class _LabelledDataset:
         if name.startswith("__") or "dataset" not in self.__dict__:  # unpickling in a loader worker
             raise AttributeError(name)
         return getattr(self.__dict__["dataset"], name)
+
+
+class _HardNegativeDataset(_DatasetWrapper):
+    """`collate` adds NegCLIP's `negative_tokens` (B, L), one hard negative of each sample's caption
+    (`vlmkit.data.negatives.hard_negative`, drawn from the sample's own seed and epoch, so a resumed
+    run draws the same ones), and `has_negative` (B,), False where none applies (its row of
+    `negative_tokens` is the empty text, masked out of the loss)."""
+
+    def __init__(self, dataset, kinds: tuple[str, ...]) -> None:
+        super().__init__(dataset)
+        self.kinds = kinds
+
+    def collate(self, samples):
+        from vlmkit.data.loader import task_rng
+        from vlmkit.data.negatives import hard_negative
+
+        batch = self.dataset.collate(samples)
+        negatives = [hard_negative(text, task_rng(self.dataset.seed, self.dataset.epoch, int(index)), self.kinds)
+                     for text, index in zip(batch["texts"], batch["indices"])]
+        batch["has_negative"] = torch.tensor([negative is not None for negative in negatives], dtype=torch.bool)  # (B,)
+        tokens = torch.as_tensor(self.dataset.tokenizer([negative or "" for negative in negatives] or [""]), dtype=torch.long)
+        batch["negative_tokens"] = tokens[:len(negatives)]  # (B, L)
+        return batch
+
+
+class _LabelledDataset(_DatasetWrapper):
+    """Wraps an ImageTextDataset so `collate` adds UniCL's `labels` (B,): one id per distinct record
+    `label` (sorted, so every rank numbers them alike), and for a record without one an id of its own
+    (number of labels + its index), which makes it a positive of its own caption only."""
+
+    def __init__(self, dataset) -> None:
+        super().__init__(dataset)
+        names = sorted({str(record["label"]) for record in dataset.records if record.get("label") is not None})
+        ids = {name: number for number, name in enumerate(names)}
+        self.labels = [ids[str(record["label"])] if record.get("label") is not None else len(names) + index
+                       for index, record in enumerate(dataset.records)]
 
     def collate(self, samples):
         batch = self.dataset.collate(samples)

@@ -103,12 +103,29 @@ def _reconstruction(args) -> dict:
     return evaluate_reconstruction(_model(args.model), _eval_records(args.data, "reconstruction"))
 
 
+def _hard_negatives_arguments(parser):
+    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                        help="hard negative kinds to score: spatial (a spatial word flipped), swap (two content "
+                             "words exchanged); default both")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the negatives (default 0)")
+
+
+def _hard_negatives(args) -> dict:
+    from vlmkit.tasks.hard_negatives import evaluate_hard_negatives
+
+    return evaluate_hard_negatives(_model(args.model), _eval_records(args.data, "hard negatives"), kinds=args.kinds,
+                                   seed=args.seed)
+
+
 _zeroshot.arguments = _zeroshot_arguments
+_hard_negatives.arguments = _hard_negatives_arguments
 _retrieval.arguments = _retrieval_arguments
 _linear_probe.arguments = _linear_probe_arguments
 _detection.arguments = _detection_arguments
 evaluation("zeroshot", "zero-shot classification with prompt ensembling")(_zeroshot)
 evaluation("retrieval", "image-text retrieval recall@1/5/10 both ways")(_retrieval)
+evaluation("hard-negatives", "how often an image scores its caption above the caption's hard negative "
+           "(ARO-style; 0.5 = bag of words)")(_hard_negatives)
 evaluation("linear-probe", "logistic regression on frozen image features")(_linear_probe)
 evaluation("detection", "box AP (pycocotools' numbers) on base and novel classes")(_detection)
 evaluation("reconstruction", "an autoencoder's reconstruction error (MSE, PSNR) on the images")(_reconstruction)
