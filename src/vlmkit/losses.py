@@ -90,10 +90,11 @@ def contrastive_loss(
     image_side = logits_per_image
     if negative_features is not None:
         negatives = gather_features(F.normalize(negative_features, dim=-1))  # (G, D)
-        mask = torch.ones(batch, dtype=torch.bool, device=negatives.device) if negative_mask is None else negative_mask
-        mask = gather_features(mask.to(negatives.dtype)[:, None])[:, 0] > 0  # (G,)
         images = all_images if _distributed() and not local_loss else image_features
-        negative_logits = (scale * images @ negatives.T).masked_fill(~mask, float("-inf"))  # (B or G, G)
+        negative_logits = scale * images @ negatives.T  # (B or G, G)
+        if negative_mask is not None:
+            has_negative = gather_features(negative_mask.to(negatives.dtype)[:, None])[:, 0] > 0  # (G,)
+            negative_logits = negative_logits.masked_fill(~has_negative, float("-inf"))
         image_side = torch.cat([logits_per_image, negative_logits], dim=1)  # (B, 2G): texts, then negatives
     loss = (
         F.cross_entropy(image_side, labels, label_smoothing=label_smoothing)

@@ -78,7 +78,7 @@ def hard_negative(text: str, rng: random.Random, kinds: Sequence[str] = KINDS) -
     order = list(kinds)
     rng.shuffle(order)
     for kind in order:
-        negative = _PERTURB[kind](words, text, rng)
-        if negative is not None and negative != text:
+        negative = _PERTURB[kind](words, text, rng)  # always differs from `text` when not None
+        if negative is not None:
             return negative
     return None
