@@ -190,6 +190,8 @@ def main() -> None:
     args.types = args.types.split(",")
     torch.manual_seed(args.seed)
     scratch = args.lm.startswith("scratch:")
+    if scratch and not args.tokenizer_from:
+        parser.error("a scratch LM takes its tokenizer and token ids from an lm run: add --tokenizer-from RUN")
     base = vlmkit.load(args.tokenizer_from if scratch else args.lm)
     lm, config = base.lm, base.config.lm
     if scratch:
