@@ -114,10 +114,12 @@ def load_split(path, meta: dict, args, limit: int | None = None) -> list[tuple[t
     with open(path) as lines:
         for line in lines:
             record = json.loads(line)
-            scene = scene_tokens(record["objects"], meta["colors"], meta["shapes"], args.tokens, args.positions, size, args.grid)
             questions = [(qa["question"], qa["answer"], qa["type"]) for qa in record.get("qa") or [] if qa["type"] in args.types]
             if "side" in args.types:
                 questions += [(question, answer, "side") for question, answer in side_questions(record["objects"], size)]
+            if not questions:
+                continue  # no scene tokens built for a record nothing is asked about
+            scene = scene_tokens(record["objects"], meta["colors"], meta["shapes"], args.tokens, args.positions, size, args.grid)
             items += [(scene, question, answer, kind) for question, answer, kind in questions]
             if limit and len(items) >= limit:
                 break
@@ -129,12 +131,13 @@ def candidate_key(question: str, kind: str) -> str:
     return f"side:{'x' if 'left or the right' in question else 'y'}" if kind == "side" else kind
 
 
-def answer_sets(items) -> dict[str, set[str]]:
-    """Every answer the test questions of each answer set have (relation: yes / no; side: the axis' two)."""
-    sets = collections.defaultdict(set)
+def answer_counts(items) -> dict[tuple[str, str], collections.Counter]:
+    """How often each answer occurs, per (type, answer set): an answer set is what a question chooses
+    from (relation: yes / no; side: the axis' two; colour, shape, count: every answer of its type)."""
+    counts = collections.defaultdict(collections.Counter)
     for _, question, answer, kind in items:
-        sets[candidate_key(question, kind)].add(answer)
-    return sets
+        counts[kind, candidate_key(question, kind)][answer] += 1
+    return counts
 
 
 class Probe:
@@ -216,7 +219,8 @@ def main() -> None:
         optimizer.step()
         losses.append(loss.item())
     lm.eval()
-    candidates = answer_sets(test)
+    counts = answer_counts(test)
+    candidates = {key: sorted(counter) for (_, key), counter in counts.items()}
     first_token = {answer: probe.tokenizer.encode(answer, add_special_tokens=False)[0] for names in candidates.values() for answer in names}
     for names in candidates.values():
         if len({first_token[name] for name in names}) < len(names):
@@ -228,15 +232,11 @@ def main() -> None:
             embeds, _, last = probe.inputs(chunk, with_answers=False)
             logits = lm(inputs_embeds=embeds)  # (B, T, V)
             for row, (_, question, answer, kind) in enumerate(chunk):
-                names = sorted(candidates[candidate_key(question, kind)])
+                names = candidates[candidate_key(question, kind)]
                 scores = logits[row, last[row], [first_token[name] for name in names]]
                 right[kind].append(names[int(scores.argmax())] == answer)
     # The majority answer per type: within each answer set (a side question's axis), its most frequent answer.
-    counts = collections.defaultdict(collections.Counter)
-    for _, question, answer, kind in test:
-        counts[candidate_key(question, kind)][answer] += 1
-    majority = {kind: sum(max(c.values()) for key, c in counts.items() if key.split(":")[0] == kind) / len(hits)
-                for kind, hits in right.items()}
+    majority = {kind: sum(max(c.values()) for (of, _), c in counts.items() if of == kind) / len(hits) for kind, hits in right.items()}
     window = max(1, args.steps // 10)
     print(json.dumps({
         "lm": args.lm, "tokens": args.tokens, "positions": args.positions, "grid": args.grid,
