@@ -161,6 +161,8 @@ def test_negclip_loss_adds_hard_negative_columns_to_the_image_side_only():
 
 
 def test_clip_family_trains_with_hard_negatives_drawn_per_sample():
+    import random
+
     import vlmkit
     from vlmkit.data.negatives import hard_negative
     from vlmkit.errors import UserError
@@ -193,4 +195,4 @@ def test_clip_family_trains_with_hard_negatives_drawn_per_sample():
     output = model(batch)
     output.loss.backward()
     assert torch.isfinite(output.loss) and 0 <= output.logs["negative_acc"] <= 1
-    assert hard_negative("a red star", __import__("random").Random(0), ("spatial",)) is None
+    assert hard_negative("a red star", random.Random(0), ("spatial",)) is None

@@ -50,7 +50,9 @@ def evaluate_hard_negatives(model, records: Sequence[dict], kinds: Sequence[str]
     positive = (images * texts[[column[t] for t in captions]]).sum(-1)  # (P,)
     negative = (images * texts[[column[t] for t in negatives]]).sum(-1)  # (P,)
     wins = (positive > negative).float()
-    kind_index = torch.tensor([kinds.index(kind) for kind in kind_of])
-    per_kind = {kind: round(wins[kind_index == k].mean().item(), 4) for k, kind in enumerate(kinds) if (kind_index == k).any()}
-    pairs = {kind: int((kind_index == k).sum()) for k, kind in enumerate(kinds) if (kind_index == k).any()}
+    per_kind, pairs = {}, {}
+    for kind in kinds:
+        of_kind = torch.tensor([of == kind for of in kind_of])  # (P,)
+        if of_kind.any():
+            per_kind[kind], pairs[kind] = round(wins[of_kind].mean().item(), 4), int(of_kind.sum())
     return {"accuracy": round(wins.mean().item(), 4), "per_kind": per_kind, "pairs": pairs, "n_images": len(used)}
