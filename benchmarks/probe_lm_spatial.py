@@ -15,6 +15,12 @@ only (everything else -100), as LLaVA's stage 2 trains the LM and the projector.
                     bins of 1/G of the image (`bins`), or not at all (`none`: with `grid`, as in a vision
                     tower whose patches carry no position, the LM's own positions along the sequence,
                     rotary or learned, are all it has).
+  --background      what a grid cell no object covers holds: its position features (`positions`, the
+                    default, as a vision tower's background patches carry its position embedding) or
+                    nothing at all (`zero`).
+  --layout          `scene-first` (the default, LLaVA's `<image>` before the question) or
+                    `question-first` (`[bos] question scene tokens answer [eos]`: the scene tokens can
+                    attend to the question).
 
 Question types: the records' own (`relation`: "is the A left of the B?" yes / no; `color`, `shape`,
 `count`, `yesno`), and `side`, a first-order position question derived from the boxes ("is the A on
@@ -24,7 +30,8 @@ the answer whose first token scores highest among the type's answers (yes / no; 
 two; every colour, shape or count the test answers hold); the majority answer per type is printed next to it.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_lm_spatial.py DATA RUN_OR_SCRATCH \
-        [--types relation,side] [--tokens objects|grid] [--positions bins|scalar|none] [--grid 8] [--steps 2000] [--lr 1e-3]
+        [--types relation,side] [--tokens objects|grid] [--positions bins|scalar|none] [--grid 8]
+        [--background positions|zero] [--layout scene-first|question-first] [--steps 2000] [--lr 1e-3]
 
 `RUN_OR_SCRATCH`: an `lm` run (`vlmkit train --recipe lm-tiny`), or `scratch:W,D,H` for a fresh
 Llama-style LM of width W, depth D and H heads on that run's tokenizer (`--tokenizer-from RUN`).
@@ -51,8 +58,9 @@ MARGIN = 8  # the side questions' distance from the centre line, px
 
 
 def scene_tokens(objects: list[dict], colors: list[str], shapes: list[str], tokens: str, positions: str, size: int,
-                 grid_size: int = 8) -> torch.Tensor:
-    """Oracle features of one scene: (4, F) object tokens or (G*G, F) grid tokens (G = `grid_size` cells a side)."""
+                 grid_size: int = 8, background: str = "positions") -> torch.Tensor:
+    """Oracle features of one scene: (4, F) object tokens or (G*G, F) grid tokens (G = `grid_size` cells
+    a side; `background="zero"`: the cells no object covers are all zeros, position included)."""
     cells, cell = grid_size, size / grid_size
     kinds = len(colors) + len(shapes)
     extra = {"none": 0, "scalar": 2, "bins": 2 * cells}[positions]
@@ -81,6 +89,8 @@ def scene_tokens(objects: list[dict], colors: list[str], shapes: list[str], toke
                         grid[row * cells + col, :kinds] = 0
                         grid[row * cells + col, colors.index(color)] = 1
                         grid[row * cells + col, len(colors) + shapes.index(shape)] = 1
+        if background == "zero":
+            grid[grid[:, :kinds].sum(dim=1) == 0] = 0
         return grid
     rows = torch.zeros(4, kinds + extra)
     for index, obj in enumerate(objects[:4]):
@@ -119,7 +129,8 @@ def load_split(path, meta: dict, args, limit: int | None = None) -> list[tuple[t
                 questions += [(question, answer, "side") for question, answer in side_questions(record["objects"], size)]
             if not questions:
                 continue  # no scene tokens built for a record nothing is asked about
-            scene = scene_tokens(record["objects"], meta["colors"], meta["shapes"], args.tokens, args.positions, size, args.grid)
+            scene = scene_tokens(record["objects"], meta["colors"], meta["shapes"], args.tokens, args.positions, size, args.grid,
+                                 args.background)
             items += [(scene, question, answer, kind) for question, answer, kind in questions]
             if limit and len(items) >= limit:
                 break
@@ -143,8 +154,8 @@ def answer_counts(items) -> dict[tuple[str, str], collections.Counter]:
 class Probe:
     """The LM, the scene projector and the sequence layout."""
 
-    def __init__(self, lm: DecoderLM, tokenizer, lm_config, features: int) -> None:
-        self.lm, self.tokenizer, self.config = lm, tokenizer, lm_config
+    def __init__(self, lm: DecoderLM, tokenizer, lm_config, features: int, question_first: bool = False) -> None:
+        self.lm, self.tokenizer, self.config, self.question_first = lm, tokenizer, lm_config, question_first
         width = lm_config.width
         self.projector = torch.nn.Sequential(torch.nn.Linear(features, width), torch.nn.GELU(), torch.nn.Linear(width, width))
 
@@ -152,9 +163,10 @@ class Probe:
         return list(self.lm.parameters()) + list(self.projector.parameters())
 
     def inputs(self, items, with_answers: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Input embeddings (B, 1 + S + L - 1, D) = [bos] scene question [answer eos], the targets
-        (B, same) with -100 but at the answer and end tokens' predicting positions, and each row's
-        index of its last question position (where the first answer token is predicted)."""
+        """Input embeddings (B, S + L, D) = [bos] scene question [answer eos] (`question_first`: [bos]
+        question scene [answer eos]), right-padded; the targets (B, S + L), -100 but at the answer and
+        end tokens' predicting positions; and each row's last prompt position (where the first answer
+        token is predicted)."""
         config = self.config
         rows = []
         for _, question, answer, _ in items:
@@ -171,7 +183,12 @@ class Probe:
             for offset, token in enumerate(answer_ids):  # answer token k sits at S + len(q) + k, predicted one before
                 targets[row, num_scene + len(question_ids) + offset - 1] = token
         text = self.lm.embed_tokens(ids)  # (B, L, D)
-        embeds = torch.cat([text[:, :1], self.projector(scenes), text[:, 1:]], dim=1)  # (B, 1 + S + L - 1, D)
+        scene = self.projector(scenes)  # (B, S, D)
+        if self.question_first:  # each row: its question, the scene, then its answer and padding
+            embeds = torch.stack([torch.cat([text[row, :len(question_ids)], scene[row], text[row, len(question_ids):]])
+                                  for row, (question_ids, _) in enumerate(rows)])
+        else:
+            embeds = torch.cat([text[:, :1], scene, text[:, 1:]], dim=1)
         return embeds, targets, [num_scene + len(question_ids) - 1 for question_ids, _ in rows]
 
 
@@ -184,6 +201,9 @@ def main() -> None:
     parser.add_argument("--tokens", choices=("objects", "grid"), default="objects")
     parser.add_argument("--positions", choices=("none", "scalar", "bins"), default="bins")
     parser.add_argument("--grid", type=int, default=8, help="grid cells per side (and position bins)")
+    parser.add_argument("--background", choices=("positions", "zero"), default="positions",
+                        help="what a grid cell no object covers holds")
+    parser.add_argument("--layout", choices=("scene-first", "question-first"), default="scene-first")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -204,7 +224,7 @@ def main() -> None:
     meta = json.loads(open(f"{args.data}/meta.json").read())
     train = load_split(f"{args.data}/train.jsonl", meta, args)
     test = load_split(f"{args.data}/test.jsonl", meta, args, limit=args.test_questions)
-    probe = Probe(lm, base.tokenizer, config, train[0][0].shape[1])
+    probe = Probe(lm, base.tokenizer, config, train[0][0].shape[1], question_first=args.layout == "question-first")
     optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.0)
     rng, losses, started = random.Random(args.seed), [], time.time()
     lm.train()
@@ -240,6 +260,7 @@ def main() -> None:
     window = max(1, args.steps // 10)
     print(json.dumps({
         "lm": args.lm, "tokens": args.tokens, "positions": args.positions, "grid": args.grid,
+        "background": args.background, "layout": args.layout,
         "types": args.types, "steps": args.steps, "lr": args.lr, "seed": args.seed,
         "accuracy": {kind: round(sum(hits) / len(hits), 3) for kind, hits in sorted(right.items())},
         "majority": {kind: round(value, 3) for kind, value in sorted(majority.items())},
