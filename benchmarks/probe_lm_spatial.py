@@ -215,6 +215,8 @@ def main() -> None:
     scratch = args.lm.startswith("scratch:")
     if scratch and not args.tokenizer_from:
         parser.error("a scratch LM takes its tokenizer and token ids from an lm run: add --tokenizer-from RUN")
+    if args.background != "positions" and args.tokens != "grid":
+        parser.error("--background says what an uncovered grid cell holds: it needs --tokens grid")
     base = vlmkit.load(args.tokenizer_from if scratch else args.lm)
     lm, config = base.lm, base.config.lm
     if scratch:
