@@ -25,13 +25,14 @@ only (everything else -100), as LLaVA's stage 2 trains the LM and the projector.
 Question types: the records' own (`relation`: "is the A left of the B?" yes / no; `color`, `shape`,
 `count`, `yesno`), and `side`, a first-order position question derived from the boxes ("is the A on
 the left or the right?" -> left / right, "is the A at the top or the bottom?", for every object of a
-several-object scene at least 8 px off the centre line). Accuracy on the test records is closed-set:
+several-object scene at least 8 px off the centre line; `--side-single` trains on them for one-object
+scenes too, where no other object competes: the test keeps several-object scenes). Accuracy on the test records is closed-set:
 the answer whose first token scores highest among the type's answers (yes / no; a side question's
 two; every colour, shape or count the test answers hold); the majority answer per type is printed next to it.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_lm_spatial.py DATA RUN_OR_SCRATCH \
         [--types relation,side] [--tokens objects|grid] [--positions bins|scalar|none] [--grid 8]
-        [--background positions|zero] [--layout scene-first|question-first] [--steps 2000] [--lr 1e-3]
+        [--background positions|zero] [--layout scene-first|question-first] [--side-single] [--steps 2000] [--lr 1e-3]
 
 `RUN_OR_SCRATCH`: an `lm` run (`vlmkit train --recipe lm-tiny`), or `scratch:W,D,H` for a fresh
 Llama-style LM of width W, depth D and H heads on that run's tokenizer (`--tokenizer-from RUN`).
@@ -102,9 +103,10 @@ def scene_tokens(objects: list[dict], colors: list[str], shapes: list[str], toke
     return rows
 
 
-def side_questions(objects: list[dict], size: int) -> list[tuple[str, str]]:
-    """First-order position questions about each object of a several-object scene, off the centre lines."""
-    if len(objects) < 2:
+def side_questions(objects: list[dict], size: int, single: bool = False) -> list[tuple[str, str]]:
+    """First-order position questions about each object of a several-object scene (`single`: of a
+    one-object scene too), off the centre lines."""
+    if len(objects) < (1 if single else 2):
         return []
     questions = []
     for obj in objects:
@@ -117,8 +119,10 @@ def side_questions(objects: list[dict], size: int) -> list[tuple[str, str]]:
     return questions
 
 
-def load_split(path, meta: dict, args, limit: int | None = None) -> list[tuple[torch.Tensor, str, str, str]]:
-    """(scene tokens, question, answer, type) of every wanted question of the split."""
+def load_split(path, meta: dict, args, limit: int | None = None,
+               single_side: bool = False) -> list[tuple[torch.Tensor, str, str, str]]:
+    """(scene tokens, question, answer, type) of every wanted question of the split (`single_side`:
+    side questions about one-object scenes too)."""
     size = meta["image_size"]
     items = []
     with open(path) as lines:
@@ -126,7 +130,7 @@ def load_split(path, meta: dict, args, limit: int | None = None) -> list[tuple[t
             record = json.loads(line)
             questions = [(qa["question"], qa["answer"], qa["type"]) for qa in record.get("qa") or [] if qa["type"] in args.types]
             if "side" in args.types:
-                questions += [(question, answer, "side") for question, answer in side_questions(record["objects"], size)]
+                questions += [(question, answer, "side") for question, answer in side_questions(record["objects"], size, single_side)]
             if not questions:
                 continue  # no scene tokens built for a record nothing is asked about
             scene = scene_tokens(record["objects"], meta["colors"], meta["shapes"], args.tokens, args.positions, size, args.grid,
@@ -204,6 +208,8 @@ def main() -> None:
     parser.add_argument("--background", choices=("positions", "zero"), default="positions",
                         help="what a grid cell no object covers holds")
     parser.add_argument("--layout", choices=("scene-first", "question-first"), default="scene-first")
+    parser.add_argument("--side-single", action="store_true",
+                        help="train on side questions about one-object scenes too (the test asks them of several-object scenes only)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -224,7 +230,7 @@ def main() -> None:
         config = dataclasses.replace(config, width=width, depth=depth, heads=heads, kv_heads=heads, mlp_hidden=width * 8 // 3)
         lm = DecoderLM.from_config(config)
     meta = json.loads(open(f"{args.data}/meta.json").read())
-    train = load_split(f"{args.data}/train.jsonl", meta, args)
+    train = load_split(f"{args.data}/train.jsonl", meta, args, single_side=args.side_single)
     test = load_split(f"{args.data}/test.jsonl", meta, args, limit=args.test_questions)
     probe = Probe(lm, base.tokenizer, config, train[0][0].shape[1], question_first=args.layout == "question-first")
     optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.0)
@@ -262,7 +268,7 @@ def main() -> None:
     window = max(1, args.steps // 10)
     print(json.dumps({
         "lm": args.lm, "tokens": args.tokens, "positions": args.positions, "grid": args.grid,
-        "background": args.background, "layout": args.layout,
+        "background": args.background, "layout": args.layout, "side_single": args.side_single,
         "types": args.types, "steps": args.steps, "lr": args.lr, "seed": args.seed,
         "accuracy": {kind: round(sum(hits) / len(hits), 3) for kind, hits in sorted(right.items())},
         "majority": {kind: round(value, 3) for kind, value in sorted(majority.items())},
