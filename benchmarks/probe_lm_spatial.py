@@ -26,13 +26,15 @@ Question types: the records' own (`relation`: "is the A left of the B?" yes / no
 `count`, `yesno`), and `side`, a first-order position question derived from the boxes ("is the A on
 the left or the right?" -> left / right, "is the A at the top or the bottom?", for every object of a
 several-object scene at least 8 px off the centre line; `--side-single` trains on them for one-object
-scenes too, where no other object competes: the test keeps several-object scenes). Accuracy on the test records is closed-set:
+scenes too, where no other object competes: the test keeps several-object scenes; `--curriculum N`: the
+first N steps train on the one-object scenes' questions alone, side questions included, then on the whole
+training set). Accuracy on the test records is closed-set:
 the answer whose first token scores highest among the type's answers (yes / no; a side question's
 two; every colour, shape or count the test answers hold); the majority answer per type is printed next to it.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_lm_spatial.py DATA RUN_OR_SCRATCH \
         [--types relation,side] [--tokens objects|grid] [--positions bins|scalar|none] [--grid 8]
-        [--background positions|zero] [--layout scene-first|question-first] [--side-single] [--steps 2000] [--lr 1e-3]
+        [--background positions|zero] [--layout scene-first|question-first] [--side-single] [--curriculum N] [--steps 2000] [--lr 1e-3]
 
 `RUN_OR_SCRATCH`: an `lm` run (`vlmkit train --recipe lm-tiny`), or `scratch:W,D,H` for a fresh
 Llama-style LM of width W, depth D and H heads on that run's tokenizer (`--tokenizer-from RUN`).
@@ -119,18 +121,20 @@ def side_questions(objects: list[dict], size: int, single: bool = False) -> list
     return questions
 
 
-def load_split(path, meta: dict, args, limit: int | None = None,
-               single_side: bool = False) -> list[tuple[torch.Tensor, str, str, str]]:
+def load_split(path, meta: dict, args, limit: int | None = None, single_side: bool = False,
+               one_object: bool = False) -> list[tuple[torch.Tensor, str, str, str]]:
     """(scene tokens, question, answer, type) of every wanted question of the split (`single_side`:
-    side questions about one-object scenes too)."""
+    side questions about one-object scenes too; `one_object`: the one-object scenes' questions only)."""
     size = meta["image_size"]
     items = []
     with open(path) as lines:
         for line in lines:
             record = json.loads(line)
+            if one_object and len(record["objects"]) != 1:
+                continue
             questions = [(qa["question"], qa["answer"], qa["type"]) for qa in record.get("qa") or [] if qa["type"] in args.types]
             if "side" in args.types:
-                questions += [(question, answer, "side") for question, answer in side_questions(record["objects"], size, single_side)]
+                questions += [(question, answer, "side") for question, answer in side_questions(record["objects"], size, single_side or one_object)]
             if not questions:
                 continue  # no scene tokens built for a record nothing is asked about
             scene = scene_tokens(record["objects"], meta["colors"], meta["shapes"], args.tokens, args.positions, size, args.grid,
@@ -210,6 +214,8 @@ def main() -> None:
     parser.add_argument("--layout", choices=("scene-first", "question-first"), default="scene-first")
     parser.add_argument("--side-single", action="store_true",
                         help="train on side questions about one-object scenes too (the test asks them of several-object scenes only)")
+    parser.add_argument("--curriculum", type=int, default=0, metavar="N",
+                        help="the first N steps train on the one-object scenes' questions only (side questions included), then on all")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -223,6 +229,8 @@ def main() -> None:
         parser.error("a scratch LM takes its tokenizer and token ids from an lm run: add --tokenizer-from RUN")
     if args.background != "positions" and args.tokens != "grid":
         parser.error("--background says what an uncovered grid cell holds: it needs --tokens grid")
+    if args.curriculum < 0:
+        parser.error(f"--curriculum is a number of steps (0 or more), got {args.curriculum}")
     base = vlmkit.load(args.tokenizer_from if scratch else args.lm)
     lm, config = base.lm, base.config.lm
     if scratch:
@@ -232,12 +240,17 @@ def main() -> None:
     meta = json.loads(open(f"{args.data}/meta.json").read())
     train = load_split(f"{args.data}/train.jsonl", meta, args, single_side=args.side_single)
     test = load_split(f"{args.data}/test.jsonl", meta, args, limit=args.test_questions)
+    warmup = load_split(f"{args.data}/train.jsonl", meta, args, one_object=True) if args.curriculum else []
+    if args.curriculum and len(warmup) < args.batch:
+        parser.error(f"--curriculum: the training split has {len(warmup)} questions about one-object scenes of these --types, "
+                     f"fewer than a batch of {args.batch}")
     probe = Probe(lm, base.tokenizer, config, train[0][0].shape[1], question_first=args.layout == "question-first")
     optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.0)
     rng, losses, started = random.Random(args.seed), [], time.time()
     lm.train()
     for step in tqdm(range(args.steps), desc="probe", file=sys.stderr):
-        embeds, targets, _ = probe.inputs(rng.sample(train, args.batch), with_answers=True)
+        pool = warmup if step < args.curriculum else train
+        embeds, targets, _ = probe.inputs(rng.sample(pool, args.batch), with_answers=True)
         if step == 0:  # the layout's own check: every target is the token the next position holds
             rows, positions = (targets != -100).nonzero(as_tuple=True)
             assert torch.equal(embeds[rows, positions + 1], lm.embed_tokens(targets[rows, positions])), "targets misaligned"
@@ -268,7 +281,7 @@ def main() -> None:
     window = max(1, args.steps // 10)
     print(json.dumps({
         "lm": args.lm, "tokens": args.tokens, "positions": args.positions, "grid": args.grid,
-        "background": args.background, "layout": args.layout, "side_single": args.side_single,
+        "background": args.background, "layout": args.layout, "side_single": args.side_single, "curriculum": args.curriculum,
         "types": args.types, "steps": args.steps, "lr": args.lr, "seed": args.seed,
         "accuracy": {kind: round(sum(hits) / len(hits), 3) for kind, hits in sorted(right.items())},
         "majority": {kind: round(value, 3) for kind, value in sorted(majority.items())},
