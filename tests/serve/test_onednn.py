@@ -50,12 +50,14 @@ def batches(sizes):  # image and text batches of these sizes, in this thread
 
 def work():  # a thread of its own, as the server's model thread (its own malloc arena)
     with torch.no_grad():
-        for name, onednn, first in (("off", False, 4), ("on", True, 44)):
+        phases = (("off", False, 4), ("on", True, 44))
+        beyond = max(first for *_, first in phases) + 40  # a batch size larger than any measured below
+        for name, onednn, first in phases:
             torch.backends.mkldnn.enabled = onednn
             # First-call allocations that are not per shape: small batches, and one larger than any measured
-            # below (MKL's GEMM keeps a work buffer sized by the largest matmul so far, ~1.4 MB on an AMD
-            # EPYC; a high-water mark, not memory per shape, which is what this measures).
-            batches(list(range(first - 3, first)) + [100])
+            # (MKL's GEMM keeps a work buffer sized by the largest matmul so far, ~1.4 MB on an AMD EPYC;
+            # a high-water mark, not memory per shape, which is what this measures).
+            batches([*range(first - 3, first), beyond])
             start = libc.mallinfo2().uordblks
             batches(range(first, first + 40))  # 80 batch shapes this process has not seen
             kept[name] = libc.mallinfo2().uordblks - start
