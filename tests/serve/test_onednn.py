@@ -24,8 +24,8 @@ from vlmkit.serve.onednn import onednn_pays, onednn_wanted
 def test_auto_keeps_onednn_only_for_models_that_are_faster_with_it(model_runs):
     vit, with_stem, cnn = (vlmkit.load(model_runs[family]) for family in ("blip", "clip", "vsepp"))
     assert not onednn_pays(vit)  # no convolution: its patchify is a matmul (layers.patch.PatchEmbedding), not timed
-    assert not onednn_pays(with_stem)  # clip-vit-tiny's conv stem: as fast without oneDNN (timed, ~1.0x)
-    assert onednn_pays(cnn)  # a ResNet tower: ~6x slower without it at 16 images
+    assert not onednn_pays(with_stem)  # align-tiny's conv stem: ~1.05x (0.9-1.3x by process), under 1.5x
+    assert onednn_pays(cnn)  # a ResNet tower: 6-12x slower without it at 16 images
     assert not onednn_wanted({"vit": vit, "clip": with_stem}, "auto") and onednn_wanted({"vit": vit, "cnn": cnn}, "auto")
     assert onednn_wanted({"vit": vit}, "on") and not onednn_wanted({"cnn": cnn}, "off")
     assert onednn_pays(vlmkit.load(model_runs["vild"]))  # convolutions outside its image tower (the RPN head): kept
