@@ -25,23 +25,15 @@ def one_process(name: str, pairs: int) -> dict:
     import torch
 
     import vlmkit
-    from vlmkit.serve.onednn import SPEEDUP_NEEDED, TIMED_PAIRS, onednn_pays
+    from vlmkit.serve.onednn import SPEEDUP_NEEDED, TIMED_PAIRS, onednn_pays, timed_pair
 
     torch.manual_seed(0)
     model = vlmkit.create_model(name).eval()
     tower, pixels = model.tower("image"), model.dummy_batch(16)["pixels"]  # (16, 3, H, W)
-    seconds = []  # [(with oneDNN, without)] per pair
     with torch.no_grad():
         torch.backends.mkldnn.enabled = True
         tower(pixels)  # oneDNN builds its primitives
-        for _ in range(pairs):
-            pair = []
-            for enabled in (True, False):
-                torch.backends.mkldnn.enabled = enabled
-                start = time.perf_counter()
-                tower(pixels)
-                pair.append(time.perf_counter() - start)
-            seconds.append(pair)
+        seconds = [timed_pair(tower, pixels) for _ in range(pairs)]  # [(with oneDNN, without)] per pair
     torch.backends.mkldnn.enabled = True
     start = time.perf_counter()
     chosen = onednn_pays(model)

@@ -36,6 +36,19 @@ def convolutions(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, CONVOLUTIONS) and not isinstance(m, PatchEmbedding)]
 
 
+def timed_pair(tower: nn.Module, pixels: torch.Tensor) -> tuple[float, float]:
+    """Seconds of one forward pass of `tower` on `pixels` with oneDNN, then of one without.
+
+    Leaves oneDNN off; gradients are the caller's to turn off."""
+    seconds = []
+    for enabled in (True, False):
+        torch.backends.mkldnn.enabled = enabled
+        start = time.perf_counter()
+        tower(pixels)
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
 def onednn_wanted(models: dict, choice: str) -> bool:
     """`on` / `off` as asked; `auto`: on if any loaded model `onednn_pays`."""
     if choice != "auto":
@@ -74,13 +87,8 @@ def onednn_pays(model: nn.Module, images: int = 16) -> bool:
             torch.backends.mkldnn.enabled = True
             tower(pixels)  # oneDNN builds its primitives; first-call allocations
             while len(ratios) < TIMED_PAIRS:
-                seconds = {}
-                for enabled in (True, False):
-                    torch.backends.mkldnn.enabled = enabled
-                    start = time.perf_counter()
-                    tower(pixels)
-                    seconds[enabled] = time.perf_counter() - start
-                ratios.append(seconds[False] / seconds[True])
+                with_onednn, without = timed_pair(tower, pixels)
+                ratios.append(without / with_onednn)
                 faster = sum(ratio >= SPEEDUP_NEEDED for ratio in ratios)
                 if len(ratios) == 1 and not 1.0 < ratios[0] < 2 * SPEEDUP_NEEDED:
                     break  # clear-cut at once
